@@ -1,0 +1,151 @@
+"""Public entry point ``burst_attn_func`` and its autograd function.
+
+The function validates its input on every rank, picks a *compute layout* (zigzag for causal attention,
+contiguous for sliding windows, the caller's layout otherwise), moves q/k/v there with one exchange when
+it differs from the caller's layout, runs the ring forward, and moves the output back. Backward mirrors
+it with the Burst pattern (Q, dO, lse, delta travel) or the ring pattern (K, V travel).
+Saved for backward: q, k, v, out (input dtype, compute layout) and lse (fp32). Nothing O(S^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .comm import GroupInfo, resolve_group
+from .cost import choose_backward
+from .layout import segments
+from .ops import kernel_module, resolve_kernel
+from .relayout import relayout
+from .schedules.ring import RingSetup, burst_backward, kv_ring_backward, ring_forward
+from .step_plan import RingPass, ring_passes
+from .validate import AttnArgs, validate
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """Resolved decisions of one call (identical on every rank)."""
+
+    setup: RingSetup
+    user_layout: str
+    compute_layout: str
+    backward: str  # "burst" or "ring"
+
+
+def choose_compute_layout(
+    user_layout: str, causal: bool, window: tuple[int, int], world: int, s_local: int
+) -> tuple[str, list[RingPass]]:
+    """Pick the layout the ring runs in, and its ring passes.
+
+    Windows run on contiguous shards (the ring then stops after about ``window / S_local`` hops);
+    causal attention runs zigzag (every hop costs the same) when ``S_local`` is even.
+    """
+
+    def passes(layout: str) -> list[RingPass]:
+        table = [segments(layout, r, world, s_local) for r in range(world)]
+        return ring_passes(table, causal, window)
+
+    if world == 1:
+        return user_layout, []
+    finite = window[0] >= 0 or (not causal and window[1] >= 0)
+    if finite:
+        contiguous = passes("contiguous")
+        if not (causal and s_local % 2 == 0 and sum(p.steps for p in contiguous) >= world - 1):
+            return "contiguous", contiguous
+    if causal and s_local % 2 == 0:
+        return "zigzag", passes("zigzag")
+    if causal:
+        return "contiguous", passes("contiguous")
+    return user_layout, passes(user_layout)
+
+
+def make_plan(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool) -> CallPlan:
+    """Resolve layout, ring passes, kernel and backward pattern for validated inputs."""
+    world, s_local = info.world, q.shape[1]
+    window = (int(a.window_size[0]), int(a.window_size[1]))
+    if a.causal and window[1] < 0:
+        window = (window[0], 0)
+    layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
+    table = [segments(layout, r, world, s_local) for r in range(world)]
+    kernel = kernel_module(resolve_kernel(a.kernel, q.device, q.dtype))
+    scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
+    setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic)
+    backward = a.backward
+    if backward == "auto":
+        backward = choose_backward(q.shape[2], k.shape[2], q.shape[3], q.element_size())
+    return CallPlan(setup, a.layout, layout, backward)
+
+
+class BurstAttnFunction(torch.autograd.Function):
+    """Autograd function: ring forward, Burst or ring backward, layout moves on both sides."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):  # type: ignore[override]
+        info, src, dst = plan.setup.info, plan.user_layout, plan.compute_layout
+        qc, kc, vc = (relayout(x.contiguous(), 1, src, dst, info) for x in (q, k, v))
+        out32, lse = ring_forward(qc, kc, vc, plan.setup)
+        out_c = out32.to(q.dtype)
+        ctx.save_for_backward(qc, kc, vc, out_c, lse)
+        ctx.plan = plan
+        out = relayout(out_c, 1, dst, src, info)
+        lse_user = relayout(lse.float(), 2, dst, src, info) if q.dtype != torch.float64 else relayout(lse, 2, dst, src, info)
+        ctx.mark_non_differentiable(lse_user)
+        return out, lse_user
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None):  # type: ignore[override]
+        plan: CallPlan = ctx.plan
+        info, src, dst = plan.setup.info, plan.user_layout, plan.compute_layout
+        qc, kc, vc, out_c, lse = ctx.saved_tensors
+        dout_c = relayout(dout.to(qc.dtype).contiguous(), 1, src, dst, info, "bwd_relayout")
+        delta = plan.setup.kernel.bwd_preprocess(out_c, dout_c)
+        run = burst_backward if plan.backward == "burst" else kv_ring_backward
+        dq, dk, dv = run(qc, kc, vc, dout_c, lse, delta, plan.setup)
+        grads = (relayout(g.to(qc.dtype), 1, dst, src, info, "bwd_relayout") for g in (dq, dk, dv))
+        return (*grads, None)
+
+
+def burst_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    group: object = None,
+    layout: str = "zigzag",
+    backward: str = "auto",
+    kernel: str = "auto",
+    return_lse: bool = False,
+    deterministic: bool = False,
+    check_inputs: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: ``[B, S_local, Hq, D]`` queries of this rank's tokens.
+        k, v: ``[B, S_local, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA without repeating K/V).
+        causal: causal mask by *global* positions.
+        softmax_scale: defaults to ``D ** -0.5``.
+        window_size: ``(left, right)`` sliding window as in flash-attn, ``-1`` unbounded. Out-of-reach
+            blocks and whole ring hops are skipped.
+        group: process group, DeepSpeed ``mpu``/topology object, or ``None`` (world; single process
+            when torch.distributed is not initialised).
+        layout: how the caller split the sequence, ``"contiguous"`` or ``"zigzag"``.
+        backward: ``"burst"`` (Q, dO, lse, delta and dQ travel), ``"ring"`` (K, V, dK, dV travel) or
+            ``"auto"`` (the one that sends fewer bytes for these head counts).
+        kernel: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, torch on CPU).
+        return_lse: also return the natural-log log-sum-exp ``[B, Hq, S_local]`` (fp32, not differentiable).
+        deterministic: bitwise-reproducible backward (no atomics in the kernels).
+        check_inputs: validate on every rank with one small all-gather (raises the same error everywhere).
+
+    Returns:
+        ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
+    """
+    info = resolve_group(group)
+    args = AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel, bool(return_lse))  # type: ignore[arg-type]
+    validate(q, k, v, args, info, collective=check_inputs)
+    plan = make_plan(q, k, args, info, deterministic)
+    out, lse = BurstAttnFunction.apply(q, k, v, plan)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,1 @@
+"""Ring schedules (no Triton, no direct torch.distributed): one file per schedule."""

@@ -1,0 +1,226 @@
+"""Flat ring schedule: forward (K/V travel), Burst backward (Q, dO, lse, delta travel; dQ one step behind)
+and ring backward (K, V travel; dK, dV one step behind).
+
+One engine, :func:`run_ring`, drives all three. A *payload* (list of tensors) is owned by every rank and
+moves along one or more :class:`~ds_burst.step_plan.RingPass` (forward and/or reverse hops). While step
+``c`` is computed, the payload for step ``c + 1`` is already in flight (double buffer). In the backward
+passes an *accumulator* (fp32 partial gradients of the travelling owner's tensors) follows its payload one
+step behind and, after the pass's last hop, goes straight back to its owner.
+
+Every rank walks the same step list, so sends and receives match on all ranks.
+No Triton and no direct ``torch.distributed`` calls here: kernels come from :mod:`ds_burst.ops`,
+messages go through :class:`ds_burst.comm.P2PBatch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from ..comm import GroupInfo, P2PBatch
+from ..layout import Segment
+from ..step_plan import RingPass, TileOp, mirror, pair_ops
+
+Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RingSetup:
+    """Everything a ring call needs besides the tensors."""
+
+    info: GroupInfo
+    seg_table: list[list[Segment]]  # compute-layout segments of every rank
+    passes: list[RingPass]  # forward-pass hops (K/V moving); the backward mirrors them for Q moving
+    causal: bool
+    window: tuple[int, int]
+    scale: float
+    kernel: ModuleType
+    deterministic: bool = False
+
+    def ops(self, q_owner: int, k_owner: int) -> list[TileOp]:
+        return pair_ops(self.seg_table[q_owner], self.seg_table[k_owner], self.causal, self.window)
+
+    def mask_args(self, op: TileOp) -> dict:
+        if op.masked:
+            return dict(q_offset=op.q_offset, k_offset=op.k_offset, causal=self.causal, window=self.window)
+        return dict(q_offset=0, k_offset=0, causal=False, window=(-1, -1))
+
+
+def run_ring(
+    info: GroupInfo,
+    phase: str,
+    passes: list[RingPass],
+    payload: Tensors,
+    compute_local: Callable[[], None],
+    compute_remote: Callable[[Tensors, int], Tensors | None],
+    acc_like: Tensors | None = None,
+    on_home: Callable[[Tensors], None] | None = None,
+) -> None:
+    """Drive ``payload`` around ``passes``; see the module docstring.
+
+    ``compute_remote(payload_of_owner, owner)`` returns the owner's partial accumulators (or ``None`` when
+    nothing travels back); ``acc_like`` gives the accumulators' shapes and dtypes; ``on_home(accs)``
+    receives this rank's own accumulators after each pass.
+    """
+    rank, world = info.rank, info.world
+    steps = [(p, t) for p in passes for t in range(1, p.steps + 1)]
+    with_acc = acc_like is not None and on_home is not None
+    cur: Tensors | None = None
+    acc_out: tuple[Tensors, int] | None = None  # (tensors, destination) produced by the previous step
+    for c in range(-1, len(steps) + 1):
+        batch = P2PBatch(info, phase)
+        # 1) payload for the next step, forwarded along its pass
+        nxt = None
+        if c + 1 < len(steps):
+            p, t = steps[c + 1]
+            to_send = payload if t == 1 else cur
+            nxt = [torch.empty_like(x) for x in payload]
+            for buf in nxt:
+                batch.recv(buf, (rank - p.direction) % world)
+            for x in to_send:
+                batch.send(x, (rank + p.direction) % world)
+        # 2) accumulators: send the previous step's, receive what this step adds to / what comes home
+        acc_in = home = None
+        if with_acc:
+            if acc_out is not None:
+                for x in acc_out[0]:
+                    batch.send(x, acc_out[1])
+            if 0 <= c < len(steps) and steps[c][1] >= 2:
+                p = steps[c][0]
+                acc_in = [torch.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
+                for buf in acc_in:
+                    batch.recv(buf, (rank - p.direction) % world)
+            if c >= 1 and steps[c - 1][1] == steps[c - 1][0].steps:
+                p = steps[c - 1][0]
+                home = [torch.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
+                for buf in home:
+                    batch.recv(buf, (rank + p.direction * p.steps) % world)
+        batch.commit()
+        # 3) compute
+        part = None
+        if c == -1:
+            compute_local()
+        elif c < len(steps):
+            p, t = steps[c]
+            owner = (rank - p.direction * t) % world
+            part = compute_remote(cur, owner)  # type: ignore[arg-type]
+        batch.wait()
+        if with_acc:
+            acc_out = None
+            if part is not None:
+                if acc_in is not None:
+                    for x, y in zip(part, acc_in):
+                        x.add_(y)
+                p, t = steps[c]
+                dest = (rank + p.direction) % world if t < p.steps else (rank - p.direction * t) % world
+                acc_out = (part, dest)
+            if home is not None:
+                on_home(home)  # type: ignore[misc]
+        cur = nxt
+
+
+def _empty_state(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s, h, d = q.shape
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(b, s, h, d, dtype=cdt, device=q.device)
+    lse = torch.full((b, h, s), -math.inf, dtype=cdt, device=q.device)
+    return out, lse
+
+
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the local queries over every rank's keys: ``(out fp32 [B,s,Hq,D], lse fp32 [B,Hq,s])``."""
+    out, lse = _empty_state(q)
+    me = setup.info.rank
+
+    def attend(kk: torch.Tensor, vv: torch.Tensor, owner: int) -> None:
+        for op in setup.ops(me, owner):
+            setup.kernel.fwd_step(
+                q[:, op.q0 : op.q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1],
+                out[:, op.q0 : op.q1], lse[:, :, op.q0 : op.q1], scale=setup.scale, **setup.mask_args(op),
+            )
+
+    def remote(payload: Tensors, owner: int) -> None:
+        attend(payload[0], payload[1], owner)
+
+    run_ring(setup.info, "fwd", setup.passes, [k, v], lambda: attend(k, v, me), remote)
+    return out, lse
+
+
+def _bwd_kwargs(setup: RingSetup, op: TileOp) -> dict:
+    kw = setup.mask_args(op)
+    if setup.deterministic and setup.kernel.__name__.endswith("triton_attn"):
+        kw["deterministic"] = True
+    return kw
+
+
+def burst_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+    delta: torch.Tensor, setup: RingSetup,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BurstAttention backward: K, V, dK, dV stay; Q, dO, lse, delta travel and dQ follows them home.
+
+    Returns fp32 ``dq, dk, dv`` for the local shard.
+    """
+    me = setup.info.rank
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+
+    def grads(qq, do, ll, dd, dq_buf, q_owner: int) -> None:
+        for op in setup.ops(q_owner, me):
+            setup.kernel.bwd_step(
+                qq[:, op.q0 : op.q1], k[:, op.k0 : op.k1], v[:, op.k0 : op.k1], do[:, op.q0 : op.q1],
+                ll[:, :, op.q0 : op.q1], dd[:, :, op.q0 : op.q1], dq_buf[:, op.q0 : op.q1],
+                dk[:, op.k0 : op.k1], dv[:, op.k0 : op.k1], scale=setup.scale, **_bwd_kwargs(setup, op),
+            )
+
+    def remote(payload: Tensors, owner: int) -> Tensors:
+        part = torch.zeros_like(dq)
+        grads(*payload, part, owner)
+        return [part]
+
+    def home(accs: Tensors) -> None:
+        dq.add_(accs[0])
+
+    run_ring(
+        setup.info, "bwd", mirror(setup.passes), [q, dout, lse, delta],
+        lambda: grads(q, dout, lse, delta, dq, me), remote, [dq], home,
+    )
+    return dq, dk, dv
+
+
+def kv_ring_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+    delta: torch.Tensor, setup: RingSetup,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RingAttention-style backward: Q, dO stay; K, V travel and dK, dV follow them home."""
+    me = setup.info.rank
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+
+    def grads(kk, vv, dk_buf, dv_buf, k_owner: int) -> None:
+        for op in setup.ops(me, k_owner):
+            setup.kernel.bwd_step(
+                q[:, op.q0 : op.q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1], dout[:, op.q0 : op.q1],
+                lse[:, :, op.q0 : op.q1], delta[:, :, op.q0 : op.q1], dq[:, op.q0 : op.q1],
+                dk_buf[:, op.k0 : op.k1], dv_buf[:, op.k0 : op.k1], scale=setup.scale, **_bwd_kwargs(setup, op),
+            )
+
+    def remote(payload: Tensors, owner: int) -> Tensors:
+        dk_part, dv_part = torch.zeros_like(dk), torch.zeros_like(dv)
+        grads(payload[0], payload[1], dk_part, dv_part, owner)
+        return [dk_part, dv_part]
+
+    def home(accs: Tensors) -> None:
+        dk.add_(accs[0])
+        dv.add_(accs[1])
+
+    run_ring(setup.info, "bwd", setup.passes, [k, v], lambda: grads(k, v, dk, dv, me), remote, [dk, dv], home)
+    return dq, dk, dv

@@ -1,0 +1,147 @@
+"""Input validation that raises the same clear error on every rank of the group, never a hang.
+
+Each rank checks its own arguments, then the ranks all-gather a short integer summary (shapes, dtype,
+options and an error flag). If any rank failed a local check, every rank raises that rank's error; if
+the summaries disagree (different ``S_local``, dtype, options ...), every rank raises a ``ValueError``
+naming the field and the values seen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .comm import GroupInfo, all_gather_ints, all_gather_objects
+from .layout import LAYOUTS
+from .ops import KERNELS
+
+BACKWARDS = ("auto", "burst", "ring")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
+
+
+@dataclass(frozen=True)
+class AttnArgs:
+    """The arguments of one ``burst_attn_func`` call that every rank must agree on."""
+
+    causal: bool
+    softmax_scale: float | None
+    window_size: tuple[int, int]
+    layout: str
+    backward: str
+    kernel: str
+    return_lse: bool
+
+
+def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) -> tuple[str, str] | None:
+    """This rank's first problem as ``(exception class name, message)``, or ``None``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return "TypeError", f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            return "ValueError", f"{name} must have 4 dims [B, S_local, H, D], got shape {tuple(t.shape)}"
+    if k.shape != v.shape:
+        return "ValueError", f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}"
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        return "ValueError", (
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, S_local and head dim "
+            "([B, S_local, Hq, D] and [B, S_local, Hkv, D])"
+        )
+    if q.shape[2] % k.shape[2]:
+        return "ValueError", f"Hq % Hkv != 0: {q.shape[2]} query heads and {k.shape[2]} key/value heads"
+    if q.shape[1] == 0 or q.shape[0] == 0 or q.shape[3] == 0 or k.shape[2] == 0:
+        return "ValueError", f"empty input: q shape {tuple(q.shape)}, k shape {tuple(k.shape)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "ValueError", f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.dtype not in _DTYPES:
+        return "TypeError", f"unsupported dtype {q.dtype}: expected one of {[str(d) for d in _DTYPES]}"
+    if not (q.device == k.device == v.device):
+        return "ValueError", f"q, k, v devices differ: {q.device}, {k.device}, {v.device}"
+    if a.layout not in LAYOUTS:
+        return "ValueError", f"unknown layout {a.layout!r}: expected one of {LAYOUTS}"
+    if a.backward not in BACKWARDS:
+        return "ValueError", f"unknown backward {a.backward!r}: expected one of {BACKWARDS}"
+    if a.kernel not in KERNELS:
+        return "ValueError", f"unknown kernel {a.kernel!r}: expected one of {KERNELS}"
+    w = a.window_size
+    if not (isinstance(w, (tuple, list)) and len(w) == 2 and all(isinstance(x, int) and x >= -1 for x in w)):
+        return "ValueError", f"window_size must be a pair of ints >= -1 (left, right), got {w!r}"
+    if a.causal and w[1] > 0:
+        return "ValueError", f"window_size right={w[1]} conflicts with causal=True (use right=0 or -1)"
+    if a.softmax_scale is not None and not (isinstance(a.softmax_scale, (int, float)) and a.softmax_scale > 0):
+        return "ValueError", f"softmax_scale must be a positive number or None, got {a.softmax_scale!r}"
+    if a.layout == "zigzag" and info.world > 1 and q.shape[1] % 2:
+        return "ValueError", (
+            f"zigzag layout needs S divisible by 2P: S_local={q.shape[1]} is odd (P={info.world})"
+        )
+    if a.kernel == "triton":
+        if q.dtype == torch.float64:
+            return "ValueError", "kernel='triton' does not support float64 inputs; use kernel='torch'"
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "ValueError", "kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 (or use kernel='torch')"
+    return None
+
+
+def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> dict[str, int]:
+    scale_bits = -1 if a.softmax_scale is None else int(round(float(a.softmax_scale) * 1e9))
+    return {
+        "batch": q.shape[0],
+        "S_local": q.shape[1],
+        "Hq": q.shape[2],
+        "Hkv": k.shape[2],
+        "head dim": q.shape[3],
+        "dtype": _DTYPES.index(q.dtype),
+        "device type": _DEVICE_TYPES.index(q.device.type) if q.device.type in _DEVICE_TYPES else 99,
+        "causal": int(a.causal),
+        "window left": a.window_size[0],
+        "window right": a.window_size[1],
+        "softmax_scale": scale_bits,
+        "layout": LAYOUTS.index(a.layout),
+        "backward": BACKWARDS.index(a.backward),
+        "kernel": KERNELS.index(a.kernel),
+        "return_lse": int(a.return_lse),
+    }
+
+
+_N_FIELDS = 15  # len(_summary(...))
+_EXC = {"TypeError": TypeError, "ValueError": ValueError}
+
+
+def validate(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, collective: bool = True) -> None:
+    """Raise the same ``ValueError``/``TypeError`` on every rank when any rank's input is bad."""
+    err = _local_error(q, k, v, a, info)
+    if info.world == 1 or not collective:
+        if err:
+            raise _EXC[err[0]](err[1])
+        return
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    if err is None:
+        summary = _summary(q, k, a)  # type: ignore[arg-type]
+        values = [0, *summary.values()]
+    else:
+        summary = {}
+        values = [1] + [0] * _N_FIELDS
+    rows = all_gather_ints(info, values, device)
+    if any(row[0] for row in rows):
+        errs = all_gather_objects(info, err)
+        r, (cls, msg) = next((r, e) for r, e in enumerate(errs) if e is not None)  # type: ignore[misc]
+        raise _EXC[cls](f"rank {r}: {msg}")
+    names = list(summary)
+    for i, name in enumerate(names, start=1):
+        seen = [row[i] for row in rows]
+        if len(set(seen)) > 1:
+            raise ValueError(f"{name} differs across the ranks of the sequence-parallel group: {_decode(name, seen)}")
+
+
+def _decode(name: str, seen: list[int]) -> str:
+    table = {"dtype": [str(d) for d in _DTYPES], "layout": list(LAYOUTS), "backward": list(BACKWARDS),
+             "kernel": list(KERNELS), "device type": list(_DEVICE_TYPES)}
+    if name in table:
+        return ", ".join(f"rank {r}: {table[name][x] if x < len(table[name]) else x}" for r, x in enumerate(seen))
+    if name == "softmax_scale":
+        return ", ".join(f"rank {r}: {'None' if x < 0 else x / 1e9}" for r, x in enumerate(seen))
+    return ", ".join(f"rank {r}: {x}" for r, x in enumerate(seen))

@@ -1,0 +1,70 @@
+"""Spawn real gloo ranks on this machine and collect each rank's return value (or exception)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = ("ok", fn(rank, world, *args))
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
+        result = ("error", (type(exc).__name__, str(exc), traceback.format_exc()))
+    with open(os.path.join(outdir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 300.0) -> list[tuple[str, object]]:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks.
+
+    Returns one ``("ok", value)`` or ``("error", (type, message, traceback))`` per rank. A rank that does
+    not finish within ``timeout`` seconds makes this raise ``TimeoutError`` (a hang is a failure).
+    """
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(
+            _worker, args=(world, _free_port(), outdir, fn, args), nprocs=world, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"distributed test did not finish within {timeout:.0f}s (hang?)")
+        results = []
+        for r in range(world):
+            with open(os.path.join(outdir, f"{r}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+def values(results: list[tuple[str, object]]) -> list:
+    """Return the per-rank values, raising if any rank failed."""
+    for r, (status, val) in enumerate(results):
+        if status != "ok":
+            raise AssertionError(f"rank {r} failed: {val[0]}: {val[1]}\n{val[2]}")  # type: ignore[index]
+    return [v for _, v in results]
