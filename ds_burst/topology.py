@@ -1,0 +1,223 @@
+"""Process groups for sequence parallelism, exposed as a DeepSpeed ``mpu``.
+
+``init_sequence_parallel(P)`` splits the world (``W = dp * P`` ranks) into
+
+* **sequence-parallel (SP) groups** of ``P`` consecutive ranks: ``[i*P, (i+1)*P)`` (the ring runs here;
+  consecutive ranks keep a group inside a node when ``P`` divides the GPUs per node);
+* **data-parallel (DP) groups**, orthogonal: ranks with the same SP rank, ``{j, j+P, j+2P, ...}``;
+* one **sequence-data-parallel** group of all ranks (ZeRO shards parameters and reduces gradients there);
+* **model-parallel** groups of size 1 (no tensor or pipeline parallelism).
+
+Every rank creates every group in the same order, as ``torch.distributed.new_group`` requires.
+
+The returned :class:`Topology` is what ``deepspeed.initialize(..., mpu=topology)`` expects. With it,
+DeepSpeed 0.19.8 reduces gradients over the sequence-data-parallel group and divides them by the
+data-parallel size only, i.e. gradients are **summed over the SP ranks** and averaged over DP replicas
+(``zero/stage3.py``: ``div_(world / sequence_parallel_size)``); :func:`ds_burst.model.sequence_parallel_loss`
+is written for that convention. The batch size DeepSpeed checks is ``micro * accumulation * dp``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+SCHEDULES = ("auto", "ring")
+LATER_SCHEDULES = ("double_ring", "ulysses_ring")
+
+_CURRENT: Topology | None = None
+
+
+def check_schedule(schedule: str) -> str:
+    """Return the concrete schedule for ``schedule`` (``auto`` is the flat ring), or raise ``ValueError``."""
+    if schedule in LATER_SCHEDULES:
+        raise ValueError(
+            f"schedule {schedule!r} is not available yet in this version of ds-burst; use 'ring' or 'auto' (flat ring)"
+        )
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: expected one of {SCHEDULES}")
+    return "ring"
+
+
+def detect_gpus_per_node(world_size: int) -> int:
+    """GPUs (ranks) per node: ``LOCAL_WORLD_SIZE`` if set (torchrun, the DeepSpeed launcher), else the
+    visible CUDA device count, else the world size (single node)."""
+    env = os.environ.get("LOCAL_WORLD_SIZE")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return min(torch.cuda.device_count(), world_size)
+    except Exception:  # noqa: BLE001 - detection only
+        pass
+    return world_size
+
+
+@dataclass
+class Topology:
+    """Sequence/data parallel groups of this rank; implements the DeepSpeed ``mpu`` interface.
+
+    Attributes:
+        sequence_parallel_size: ``P``, ranks per SP group.
+        data_parallel_size: ``dp = world // P``, SP groups (model replicas that see different data).
+        world_size, rank: of the default (world) group.
+        gpus_per_node: ranks per node (``LOCAL_WORLD_SIZE``), kept for topology-aware schedules.
+        schedule: the concrete ring schedule (``"ring"``).
+    """
+
+    sequence_parallel_size: int
+    data_parallel_size: int
+    world_size: int
+    rank: int
+    gpus_per_node: int
+    schedule: str
+    sp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    dp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    sdp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    mp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+
+    # -- ranks ---------------------------------------------------------------------------------
+    @property
+    def sp_rank(self) -> int:
+        """This rank's position in its SP group."""
+        return self.rank % self.sequence_parallel_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's SP group (its data-parallel replica)."""
+        return self.rank // self.sequence_parallel_size
+
+    def get_sequence_parallel_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's SP group."""
+        p = self.sequence_parallel_size
+        return list(range(self.dp_rank * p, (self.dp_rank + 1) * p))
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's DP group."""
+        return list(range(self.sp_rank, self.world_size, self.sequence_parallel_size))
+
+    # -- sequence parallel ---------------------------------------------------------------------
+    def get_sequence_parallel_group(self) -> dist.ProcessGroup:
+        return self.sp_group  # type: ignore[return-value]
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.sp_rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.sequence_parallel_size
+
+    # -- sequence x data parallel (ZeRO partitioning and gradient reduction) -------------------
+    def get_sequence_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.sdp_group  # type: ignore[return-value]
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.rank
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.world_size
+
+    # -- data parallel -------------------------------------------------------------------------
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dp_group  # type: ignore[return-value]
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.data_parallel_size
+
+    # -- model / tensor / pipeline parallel: none (each rank alone) -----------------------------
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.mp_group  # type: ignore[return-value]
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_src_rank(self) -> int:
+        return self.rank
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_src_rank = get_model_parallel_src_rank
+    get_pipe_parallel_group = get_model_parallel_group
+    get_pipe_parallel_rank = get_model_parallel_rank
+    get_pipe_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_group = get_model_parallel_group
+    get_pipeline_model_parallel_rank = get_model_parallel_rank
+    get_pipeline_model_parallel_world_size = get_model_parallel_world_size
+
+
+def init_sequence_parallel(
+    sequence_parallel_size: int, gpus_per_node: int | None = None, schedule: str = "auto"
+) -> Topology:
+    """Create the SP, DP, sequence-data-parallel and model-parallel groups; return the :class:`Topology`.
+
+    Call on every rank after ``deepspeed.init_distributed()`` (or ``torch.distributed.init_process_group``),
+    before ``deepspeed.initialize(..., mpu=topology)``.
+
+    Args:
+        sequence_parallel_size: ranks per sequence-parallel group; must divide the world size.
+        gpus_per_node: ranks per node; default ``LOCAL_WORLD_SIZE`` or the visible GPU count.
+        schedule: ``"auto"`` or ``"ring"`` (flat ring). ``"double_ring"`` and ``"ulysses_ring"`` are not
+            available yet and raise ``ValueError``.
+
+    Raises:
+        ValueError: bad size, size not dividing the world, or an unavailable schedule.
+        RuntimeError: torch.distributed is not initialised.
+    """
+    global _CURRENT
+    concrete = check_schedule(schedule)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "init_sequence_parallel needs torch.distributed: call deepspeed.init_distributed() first"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    p = sequence_parallel_size
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size!r}")
+    if world % p:
+        raise ValueError(
+            f"sequence_parallel_size={p} must divide the world size {world} (world = data_parallel x sequence_parallel)"
+        )
+    if gpus_per_node is None:
+        gpus_per_node = detect_gpus_per_node(world)
+    if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1:
+        raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+    dp = world // p
+    topo = Topology(p, dp, world, rank, gpus_per_node, concrete)
+    for i in range(dp):  # SP groups: consecutive ranks
+        ranks = list(range(i * p, (i + 1) * p))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            topo.sp_group = g
+    for j in range(p):  # DP groups: same SP rank
+        ranks = list(range(j, world, p))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            topo.dp_group = g
+    topo.sdp_group = dist.new_group(list(range(world)))
+    for r in range(world):  # model-parallel: each rank alone
+        g = dist.new_group([r])
+        if r == rank:
+            topo.mp_group = g
+    _CURRENT = topo
+    return topo
+
+
+def get_topology() -> Topology | None:
+    """The topology made by the last :func:`init_sequence_parallel` call in this process (or ``None``)."""
+    return _CURRENT
+
+
+def reset_topology() -> None:
+    """Forget the current topology (the process groups themselves are not destroyed)."""
+    global _CURRENT
+    _CURRENT = None
