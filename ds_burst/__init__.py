@@ -5,12 +5,35 @@ Public API::
     q_loc = ds_burst.shard_sequence(q, dim=1, group=None, layout="zigzag")
     out = ds_burst.burst_attn_func(q_loc, k_loc, v_loc, causal=True, group=None, layout="zigzag")
     full = ds_burst.gather_sequence(out, dim=1, group=None, layout="zigzag")
+
+DeepSpeed integration::
+
+    topo = ds_burst.init_sequence_parallel(8)            # SP/DP groups, a DeepSpeed mpu
+    attn = ds_burst.DistributedAttention(local_attn, topo.get_sequence_parallel_group())  # Ulysses drop-in
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=topo)
 """
 
 from .attention import burst_attn_func
 from .comm import comm_stats, reset_comm_stats
+from .config import BurstConfig
+from .deepspeed_layer import DistributedAttention, patch_deepspeed, unpatch_deepspeed
 from .relayout import gather_sequence, shard_sequence
+from .topology import Topology, get_topology, init_sequence_parallel
 
 __version__ = "0.1.0"
 
-__all__ = ["burst_attn_func", "shard_sequence", "gather_sequence", "comm_stats", "reset_comm_stats", "__version__"]
+__all__ = [
+    "burst_attn_func",
+    "shard_sequence",
+    "gather_sequence",
+    "comm_stats",
+    "reset_comm_stats",
+    "init_sequence_parallel",
+    "get_topology",
+    "Topology",
+    "BurstConfig",
+    "DistributedAttention",
+    "patch_deepspeed",
+    "unpatch_deepspeed",
+    "__version__",
+]

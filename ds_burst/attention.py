@@ -89,7 +89,7 @@ class BurstAttnFunction(torch.autograd.Function):
         ctx.save_for_backward(qc, kc, vc, out_c, lse)
         ctx.plan = plan
         out = relayout(out_c, 1, dst, src, info)
-        lse_user = relayout(lse.float(), 2, dst, src, info) if q.dtype != torch.float64 else relayout(lse, 2, dst, src, info)
+        lse_user = relayout(lse, 2, dst, src, info)  # fp32 (fp64 for fp64 inputs)
         ctx.mark_non_differentiable(lse_user)
         return out, lse_user
 

@@ -101,7 +101,8 @@ def ring_passes(seg_table: list[list[Segment]], causal: bool, window: tuple[int,
 
     ``seg_table[r]`` are rank ``r``'s segments. Offsets ``t = (i - j) mod P`` between query owner ``i`` and
     key owner ``j`` are covered by a forward pass of ``a >= t`` hops or a reverse pass of ``b >= P - t``
-    hops; the split minimising the number of steps (then total hops) wins.
+    hops. Passes run one after the other, so the split with the fewest hops in total wins, then the one
+    with a single pass (a plain one-way ring), then the shorter longest pass.
     """
     world = len(seg_table)
     need = set()
@@ -111,13 +112,13 @@ def ring_passes(seg_table: list[list[Segment]], causal: bool, window: tuple[int,
                 need.add((i - j) % world)
     if not need:
         return []
-    best: tuple[int, int, int, int] | None = None
+    best: tuple[int, int, int, int, int] | None = None
     for a in range(world):
         b = max((world - t for t in need if t > a), default=0)
-        key = (max(a, b), a + b, a, b)
+        key = (a + b, int(a > 0) + int(b > 0), max(a, b), b, a)
         if best is None or key < best:
             best = key
-    _, _, a, b = best  # type: ignore[misc]
+    *_, b, a = best  # type: ignore[misc]
     passes = []
     if a:
         passes.append(RingPass(+1, a))

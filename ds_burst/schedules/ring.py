@@ -131,7 +131,9 @@ def _empty_state(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local queries over every rank's keys: ``(out fp32 [B,s,Hq,D], lse fp32 [B,Hq,s])``."""
     out, lse = _empty_state(q)
     me = setup.info.rank
