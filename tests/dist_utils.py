@@ -20,12 +20,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:
+def _worker(rank: int, world: int, port: int, outdir: str, backend: str, fn: Callable, args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         result = ("ok", fn(rank, world, *args))
     except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
@@ -38,15 +40,18 @@ def _worker(rank: int, world: int, port: int, outdir: str, fn: Callable, args: t
         pass
 
 
-def run_ranks(fn: Callable, world: int, *args, timeout: float = 300.0) -> list[tuple[str, object]]:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks.
+def run_ranks(
+    fn: Callable, world: int, *args, timeout: float = 300.0, backend: str = "gloo"
+) -> list[tuple[str, object]]:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks (gloo on CPU, or nccl with one GPU each).
 
     Returns one ``("ok", value)`` or ``("error", (type, message, traceback))`` per rank. A rank that does
     not finish within ``timeout`` seconds makes this raise ``TimeoutError`` (a hang is a failure).
     """
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.start_processes(
-            _worker, args=(world, _free_port(), outdir, fn, args), nprocs=world, join=False, start_method="spawn"
+            _worker, args=(world, _free_port(), outdir, backend, fn, args), nprocs=world, join=False,
+            start_method="spawn",
         )
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=1.0):

@@ -86,7 +86,7 @@ def worker_float64(rank, world):
     return errs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _float64_results(world):
     return values(run_ranks(worker_float64, world, timeout=900))
 
@@ -101,7 +101,11 @@ def test_float64_matches_reference(world, case):
 
 # --------------------------------------------------------------------------------- low precision
 
-LOW_CASES = [("causal", "zigzag", "burst", HQ), ("causal_window", "contiguous", "ring", 2), ("full", "zigzag", "burst", 1)]
+LOW_CASES = [
+    ("causal", "zigzag", "burst", HQ),
+    ("causal_window", "contiguous", "ring", 2),
+    ("full", "zigzag", "burst", 1),
+]
 
 
 def _sdpa_single(q, k, v, do, causal, window):
@@ -264,7 +268,7 @@ def worker_bad_inputs(rank, world):
     return seen
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bad_results():
     return values(run_ranks(worker_bad_inputs, 2, timeout=300))
 

@@ -1,0 +1,95 @@
+"""Shared helpers of the benchmark scripts: FLOP counts, timing, table/JSON/plot output."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def attn_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, window: int = -1) -> float:
+    """Forward FLOPs of attention: ``4*B*H*S^2*D``, halved when causal (window: keys per query)."""
+    if window >= 0:
+        keys = min(seq, window + 1)
+        pairs = seq * keys - keys * (keys - 1) / 2
+        return 4.0 * batch * heads * pairs * head_dim
+    return 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 2, iters: int = 5) -> float:
+    """Median wall time of ``fn`` in ms, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def dist_time_ms(fn: Callable[[], object], warmup: int = 1, iters: int = 4) -> float:
+    """Median over iterations of the slowest rank's wall time (barrier before each), in ms."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor(times, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    vals = sorted(t.tolist())
+    return vals[len(vals) // 2]
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Print ``rows`` as a fixed-width table with ``columns``."""
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns), flush=True)
+
+
+def _fmt(x: object) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+    return str(x)
+
+
+def write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    """Write ``{"meta": meta, "rows": rows}`` to ``path`` (creating its folder)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def device_meta() -> dict:
+    """GPU name, count and library versions for the JSON header."""
+    meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+        meta["gpus"] = torch.cuda.device_count()
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return meta
