@@ -169,7 +169,8 @@ class DistributedAttention(torch.nn.Module):
             if found:
                 causal = bool(found[1])
             elif getattr(self.local_attn, "attn_mask_type", None) is not None:
-                causal = "causal" in str(getattr(self.local_attn.attn_mask_type, "name", self.local_attn.attn_mask_type))
+                mask_type = self.local_attn.attn_mask_type
+                causal = "causal" in str(getattr(mask_type, "name", mask_type))
         if causal is None:
             causal = True
             if not self._warned_causal:
