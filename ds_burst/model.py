@@ -1,0 +1,326 @@
+"""A small Llama-style decoder whose attention runs on sequence shards with BurstAttention.
+
+RMSNorm, rotary embeddings at **global** positions (``position_ids`` of the tokens this rank holds), SwiGLU
+MLP, grouped-query attention, optional sliding window, optional activation checkpointing per layer.
+``attention="burst"`` calls :func:`ds_burst.burst_attn_func` on the local shard over the sequence-parallel
+group; ``attention="local"`` runs plain full-sequence attention (SDPA) and is the SP=1 reference.
+
+The loss helper :func:`sequence_parallel_loss` returns the mean over all tokens of the full sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import burst_attn_func
+from .comm import GroupInfo, all_reduce_sum, resolve_group
+from .config import BurstConfig
+from .topology import get_topology
+
+
+@dataclass
+class ModelConfig:
+    """Shape of :class:`BurstLlama`. ``intermediate_size=None`` picks ``~8/3 * hidden`` rounded up to 64."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int | None = None
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"model.{name}: expected a positive integer, got {v!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model head_dim={self.head_dim} must be even (rotary embeddings)")
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model.sliding_window must be a positive int or null, got {self.sliding_window!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, rejecting unknown keys."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"model: unknown key(s) {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def num_params(self) -> int:
+        """Parameter count."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        assert self.intermediate_size is not None
+        per_layer = h * h * 2 + h * kv * 2 + 3 * h * self.intermediate_size + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs (forward + backward, no recomputation) per token at sequence length ``seq_len``:
+        ``6 * params`` plus causal attention ``6 * L * seq * Hq * D`` (halved again by a window)."""
+        ctx = seq_len if self.sliding_window is None else min(seq_len, 2 * self.sliding_window)
+        return 6.0 * self.num_params() + 6.0 * self.num_layers * ctx * self.num_heads * self.head_dim
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (computed in fp32)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[B, s, 1, head_dim]`` for (global) ``position_ids [B, s]``."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    ang = position_ids.float()[..., None] * inv
+    ang = torch.cat([ang, ang], dim=-1)[:, :, None, :]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of ``x [B, s, H, D]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """GQA self-attention; ``attention="burst"`` shards the sequence over the SP group."""
+
+    def __init__(self, cfg: ModelConfig, attention: str, group: Any, attn_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.attention = attention
+        self.group = group
+        self.attn_kwargs = dict(attn_kwargs)
+        w = cfg.sliding_window
+        self.window = (-1, -1) if w is None else (w - 1, 0)
+        if "window_size" in self.attn_kwargs:
+            self.window = tuple(self.attn_kwargs.pop("window_size"))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        d = self.cfg.head_dim
+        q = apply_rotary(self.q_proj(x).view(b, s, -1, d), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, s, -1, d), cos, sin)
+        v = self.v_proj(x).view(b, s, -1, d)
+        if self.attention == "burst":
+            group = self.group if self.group is not None else get_topology()
+            o = burst_attn_func(q, k, v, causal=True, window_size=self.window, group=group, **self.attn_kwargs)
+        else:
+            o = local_attention(q, k, v, self.window)
+        assert isinstance(o, torch.Tensor)
+        return self.o_proj(o.reshape(b, s, -1))
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Full-sequence causal attention (SDPA) of ``[B, S, H, D]`` tensors; GQA by repeating K/V."""
+    g = q.shape[2] // k.shape[2]
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
+    if g > 1:
+        k_, v_ = k_.repeat_interleave(g, dim=1), v_.repeat_interleave(g, dim=1)
+    if window[0] < 0:
+        o = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+    else:
+        n = q.shape[1]
+        i = torch.arange(n, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window[0])
+        o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+    return o.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.intermediate_size is not None
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + MLP block."""
+
+    def __init__(self, cfg: ModelConfig, attention: str, group: Any, attn_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg, attention, group, attn_kwargs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_norm(x))
+
+
+class BurstLlama(nn.Module):
+    """Llama-style causal LM over sequence shards.
+
+    Args:
+        cfg: model shape.
+        group: sequence-parallel group or :class:`~ds_burst.topology.Topology`; ``None`` uses the topology
+            of the last ``init_sequence_parallel`` call (or a single process).
+        attention: ``"burst"`` (sequence-parallel BurstAttention) or ``"local"`` (full-sequence SDPA; the
+            whole sequence must be on this rank).
+        burst: :class:`~ds_burst.config.BurstConfig` (its layout, backward, kernel, ... options), or ``None``.
+        activation_checkpointing: recompute each decoder layer in backward.
+        checkpoint_impl: ``"torch"`` (``torch.utils.checkpoint``, non-reentrant) or ``"deepspeed"``
+            (``deepspeed.checkpointing.checkpoint``).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        group: Any = None,
+        attention: str = "burst",
+        burst: BurstConfig | None = None,
+        activation_checkpointing: bool = False,
+        checkpoint_impl: str = "torch",
+    ) -> None:
+        super().__init__()
+        if attention not in ("burst", "local"):
+            raise ValueError(f"attention must be 'burst' or 'local', got {attention!r}")
+        if checkpoint_impl not in ("torch", "deepspeed"):
+            raise ValueError(f"checkpoint_impl must be 'torch' or 'deepspeed', got {checkpoint_impl!r}")
+        self.cfg = cfg
+        self.attention = attention
+        self.layout = burst.layout if burst is not None else "zigzag"
+        attn_kwargs = burst.attn_kwargs() if burst is not None else {"layout": self.layout}
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attention, group, attn_kwargs) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_impl = checkpoint_impl
+        self.apply(self._init)
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, s_local, vocab]`` for this rank's tokens ``input_ids [B, s_local]`` at global
+        ``position_ids`` (``[B, s_local]`` or ``[s_local]``)."""
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(input_ids.shape[0], -1)
+        x = self.embed(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = self._checkpoint(layer, x, cos, sin)
+            else:
+                x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def _checkpoint(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_impl == "deepspeed":
+            import deepspeed
+
+            return deepspeed.checkpointing.checkpoint(layer, x, cos, sin)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(layer, x, cos, sin, use_reentrant=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and accuracy over the whole (sharded) sequence
+
+
+def _sp_info(group: Any) -> GroupInfo:
+    """The SP group: ``group`` if given, else the current topology, else a single process (never WORLD)."""
+    if group is None:
+        group = get_topology()
+    if group is None:
+        return GroupInfo(None, 0, 1)
+    return resolve_group(group)
+
+
+def sequence_parallel_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group: Any = None,
+    ignore_index: int = -100,
+    sp_grads_averaged: bool = False,
+) -> torch.Tensor:
+    """Mean cross-entropy over all labelled tokens of the full sequence, from this rank's shard.
+
+    ``labels`` are already shifted (``labels[t]`` is the target of ``logits[t]``), sharded like ``logits``.
+    The returned value is the same on every rank of the SP group (the full-sequence mean, as SP=1 would
+    report). Its gradient on this rank is that of ``local_sum / global_count``; summed over the SP ranks
+    those give exactly the gradient of the full-sequence mean. DeepSpeed 0.19.8 with a sequence-parallel
+    ``mpu`` sums gradients over the SP ranks (and averages over data-parallel replicas), so that is
+    right as is. For a framework that *averages* over the SP ranks too, pass ``sp_grads_averaged=True``
+    (the gradient is then scaled by ``P``).
+    """
+    info = _sp_info(group)
+    flat = labels.reshape(-1)
+    ce = F.cross_entropy(logits.float().reshape(flat.numel(), -1), flat, ignore_index=ignore_index, reduction="sum")
+    count = (flat != ignore_index).sum().to(torch.float64)
+    total = all_reduce_sum(info, count) if info.world > 1 else count
+    local = ce / total.clamp(min=1).to(ce.dtype)
+    value = all_reduce_sum(info, local.detach()) if info.world > 1 else local.detach()
+    scaled = local * info.world if sp_grads_averaged else local
+    return scaled + (value - scaled).detach()
+
+
+@torch.no_grad()
+def sequence_parallel_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, group: Any = None, ignore_index: int = -100
+) -> tuple[int, int]:
+    """``(correct, total)`` argmax predictions over the labelled tokens of the full sequence."""
+    info = _sp_info(group)
+    mask = labels != ignore_index
+    correct = ((logits.argmax(-1) == labels) & mask).sum()
+    t = torch.stack([correct, mask.sum()]).to(torch.int64)
+    if info.world > 1:
+        t = all_reduce_sum(info, t.cpu() if _gloo(info) else t)
+    return int(t[0]), int(t[1])
+
+
+def _gloo(info: GroupInfo) -> bool:
+    import torch.distributed as dist
+
+    return "gloo" in str(dist.get_backend(info.group))
