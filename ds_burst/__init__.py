@@ -10,7 +10,7 @@ DeepSpeed integration::
 
     topo = ds_burst.init_sequence_parallel(8)            # SP/DP groups, a DeepSpeed mpu
     attn = ds_burst.DistributedAttention(local_attn, topo.get_sequence_parallel_group())  # Ulysses drop-in
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=topo)
+    engine, *_ = ds_burst.deepspeed_initialize(model, ds_config, topo)  # deepspeed.initialize(mpu=topo), ZeRO-3 safe
 """
 
 from .attention import burst_attn_func
@@ -18,7 +18,7 @@ from .comm import comm_stats, reset_comm_stats
 from .config import BurstConfig
 from .deepspeed_layer import DistributedAttention, patch_deepspeed, unpatch_deepspeed
 from .relayout import gather_sequence, shard_sequence
-from .topology import Topology, get_topology, init_sequence_parallel
+from .topology import Topology, deepspeed_initialize, get_topology, init_sequence_parallel
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "init_sequence_parallel",
     "get_topology",
     "Topology",
+    "deepspeed_initialize",
     "BurstConfig",
     "DistributedAttention",
     "patch_deepspeed",

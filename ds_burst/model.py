@@ -290,10 +290,10 @@ def sequence_parallel_loss(
     ``labels`` are already shifted (``labels[t]`` is the target of ``logits[t]``), sharded like ``logits``.
     The returned value is the same on every rank of the SP group (the full-sequence mean, as SP=1 would
     report). Its gradient on this rank is that of ``local_sum / global_count``; summed over the SP ranks
-    those give exactly the gradient of the full-sequence mean. DeepSpeed 0.19.8 with a sequence-parallel
-    ``mpu`` sums gradients over the SP ranks (and averages over data-parallel replicas), so that is
-    right as is. For a framework that *averages* over the SP ranks too, pass ``sp_grads_averaged=True``
-    (the gradient is then scaled by ``P``).
+    those give exactly the gradient of the full-sequence mean. Whether the engine then *sums* or
+    *averages* the gradients over the SP ranks depends on the DeepSpeed code path (see
+    :func:`sp_grads_averaged`); pass ``sp_grads_averaged=True`` when it averages (the gradient is then
+    scaled by ``P``, so the average is the true gradient).
     """
     info = _sp_info(group)
     flat = labels.reshape(-1)
@@ -304,6 +304,19 @@ def sequence_parallel_loss(
     value = all_reduce_sum(info, local.detach()) if info.world > 1 else local.detach()
     scaled = local * info.world if sp_grads_averaged else local
     return scaled + (value - scaled).detach()
+
+
+def sp_grads_averaged(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed (0.19.8) *averages* gradients over the sequence-parallel ranks for this config.
+
+    With a sequence-parallel ``mpu`` DeepSpeed reduces gradients over all ``dp * sp`` ranks. ZeRO-3 with
+    ``reduce_scatter`` (the default) pre-divides by ``dp * sp`` (``reduce_scatter_coalesced``): an
+    average over the SP ranks. Every other path (no ZeRO, ZeRO-1/2, ZeRO-3 with ``"reduce_scatter":
+    false``) divides by ``dp`` only: a sum over the SP ranks. ``tests/test_deepspeed_train.py`` checks
+    both against SP=1 gradients.
+    """
+    zero = ds_config.get("zero_optimization", {}) or {}
+    return int(zero.get("stage", 0)) == 3 and bool(zero.get("reduce_scatter", True))
 
 
 @torch.no_grad()

@@ -53,7 +53,8 @@ class TrainConfig:
     output_dir: str = "runs/default"
     save_interval: int = 0  # steps between checkpoints (0: only at the end when save_final)
     save_final: bool = False
-    resume: bool = False  # continue from the latest checkpoint in <output_dir>/checkpoints
+    resume: bool | str = False  # true: latest checkpoint in <output_dir>/checkpoints; or a checkpoint directory
+    resume_tag: str | None = None  # checkpoint tag to load (default: the one named in <dir>/latest)
     eval_batches: int = 2  # held-out batches evaluated at the end (retrieval accuracy)
     peak_tflops: float | None = None  # per-device peak for MFU; None: 989 on H100/H200 (bf16 dense), else no MFU
     progress_bar: bool = True
@@ -198,7 +199,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ds_burst
     from ds_burst.config import BurstConfig
     from ds_burst.data import RetrievalTask, TokenFile, make_batch, sample_indices
-    from ds_burst.model import BurstLlama, ModelConfig, sequence_parallel_accuracy, sequence_parallel_loss
+    from ds_burst.model import (
+        BurstLlama,
+        ModelConfig,
+        sequence_parallel_accuracy,
+        sequence_parallel_loss,
+        sp_grads_averaged,
+    )
 
     burst = BurstConfig.from_ds_config(ds_config)
     ds_config.pop("burst_attention", None)  # DeepSpeed would ignore it; keep its printout short
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     init_ctx: Any = contextlib.nullcontext()
     if stage == 3 and tc.zero_init:
-        init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config,
+        init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topo,
                                        data_parallel_group=topo.get_sequence_data_parallel_group())
     if tc.checkpoint_impl == "deepspeed" and tc.activation_checkpointing:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
@@ -248,8 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with init_ctx:
         model = BurstLlama(mcfg, group=topo, attention=attention, burst=burst,
                            activation_checkpointing=tc.activation_checkpointing, checkpoint_impl=tc.checkpoint_impl)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                           mpu=topo)
+    engine, _, _, _ = ds_burst.deepspeed_initialize(model, ds_config, topo)
+    averaged = sp_grads_averaged(ds_config)
 
     # -- data -------------------------------------------------------------------------------
     data_cfg = dict(tc.data)
@@ -270,11 +277,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- resume -----------------------------------------------------------------------------
     ckpt_dir = os.path.join(tc.output_dir, "checkpoints")
     start = 0
-    if tc.resume and os.path.exists(os.path.join(ckpt_dir, "latest")):
-        _, client = engine.load_checkpoint(ckpt_dir)
+    load_dir = tc.resume if isinstance(tc.resume, str) else ckpt_dir
+    if tc.resume and (tc.resume_tag or os.path.exists(os.path.join(load_dir, "latest"))):
+        path, client = engine.load_checkpoint(load_dir, tag=tc.resume_tag)
+        if path is None:
+            raise FileNotFoundError(f"could not load checkpoint {tc.resume_tag or 'latest'} from {load_dir}")
         start = int(client["step"])
-        say(f"resumed from {ckpt_dir} at step {start}")
+        say(f"resumed from {path} at step {start}")
     elif tc.resume:
+        if isinstance(tc.resume, str):
+            raise FileNotFoundError(f"train.resume={tc.resume!r}: no 'latest' file there; set train.resume_tag")
         say(f"resume requested but no checkpoint in {ckpt_dir}; starting from scratch")
 
     # -- logging ----------------------------------------------------------------------------
@@ -299,8 +311,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              dir=tc.wandb.dir or tc.output_dir, mode=mode, config=full_config,
                              resume="allow" if tc.resume else None)
     metrics_path = os.path.join(tc.output_dir, "metrics.jsonl")
-    if is_main and start == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    if is_main and os.path.exists(metrics_path):  # keep only the history before the (re)start step
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
 
     bar = None
     if is_main and tc.progress_bar:
@@ -319,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for micro in range(gas):
             b = batch(step, micro)
             logits = engine(b["input_ids"], b["position_ids"])
-            loss = sequence_parallel_loss(logits, b["labels"], topo)
+            loss = sequence_parallel_loss(logits, b["labels"], topo, sp_grads_averaged=averaged)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())

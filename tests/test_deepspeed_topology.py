@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_ranks, values
 
+from dist_utils import run_ranks, values
 from ds_burst.config import BurstConfig
 from ds_burst.topology import check_schedule, init_sequence_parallel
 
