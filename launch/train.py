@@ -148,9 +148,9 @@ def wandb_mode(cfg: WandbConfig) -> tuple[str, str]:
     """``(mode, reason)``: offline when no credentials are found and WANDB_MODE is unset."""
     if cfg.mode != "auto":
         return cfg.mode, f"train.wandb.mode={cfg.mode}"
-    if os.environ.get("WANDB_MODE"):
+    if os.environ.get("WANDB_MODE"):  # an explicit choice wins
         return os.environ["WANDB_MODE"], "WANDB_MODE is set"
-    netrc = os.path.expanduser("~/.netrc")
+    netrc = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     has_netrc = os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
     if os.environ.get("WANDB_API_KEY") or has_netrc:
         return "online", "credentials found"
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     mode, why = wandb_mode(tc.wandb)
     if tc.wandb.enabled or ds_config.get("wandb", {}).get("enabled"):
-        os.environ.setdefault("WANDB_MODE", mode)
+        if not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

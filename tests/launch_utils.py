@@ -18,11 +18,17 @@ def free_port() -> int:
 
 
 def deepspeed_launch(num_ranks: int, script: str, args: list[str], timeout: float = 300.0,
-                     env: dict[str, str] | None = None) -> str:
-    """``deepspeed --num_gpus N script args``; returns the combined output, raises with its tail on failure."""
+                     env: dict[str, str | None] | None = None) -> str:
+    """``deepspeed --num_gpus N script args``; returns the combined output, raises with its tail on failure.
+    ``env`` entries set (or, with value ``None``, remove) environment variables."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
            "--master_port", str(free_port()), script, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for k, v in (env or {}).items():
+        if v is None:
+            full_env.pop(k, None)
+        else:
+            full_env[k] = v
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

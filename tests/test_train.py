@@ -1,0 +1,169 @@
+"""launch/train.py end to end on 2 CPU ranks (shortened cpu_tiny config), exact resume, and the pieces it uses
+(model, data, config handling) in a single process."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from launch_utils import REPO, deepspeed_launch
+
+from ds_burst.config import BurstConfig
+from ds_burst.data import RetrievalTask, TokenFile, make_batch, sample_indices, shard_batch_local, write_token_file
+from ds_burst.layout import global_index
+from ds_burst.model import BurstLlama, ModelConfig, sequence_parallel_accuracy, sequence_parallel_loss
+
+SHORT = ["train_micro_batch_size_per_gpu=4", "train.seq_len=256", "train.steps=16", "train.save_interval=8",
+         "train.log_interval=4", "train.progress_bar=false", "train.eval_batches=1",
+         "scheduler.params.warmup_num_steps=2"]
+# no wandb credentials: the script must choose offline mode by itself
+NO_WANDB_ENV: dict[str, str | None] = {"WANDB_MODE": None, "WANDB_API_KEY": None, "NETRC": "/nonexistent/netrc"}
+
+
+def _metrics(d) -> list[dict]:
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    a, b = str(base / "a"), str(base / "b")
+    env_clean = dict(NO_WANDB_ENV)
+    log_a = deepspeed_launch(2, "launch/train.py", ["--config", "configs/cpu_tiny.json", "--override", *SHORT,
+                                                    f"train.output_dir={a}"], timeout=300, env=env_clean)
+    log_b = deepspeed_launch(2, "launch/train.py", ["--config", "configs/cpu_tiny.json", "--override", *SHORT,
+                                                    f"train.output_dir={b}", f"train.resume={a}/checkpoints",
+                                                    "train.resume_tag=step_8"], timeout=300, env=env_clean)
+    return {"a": a, "b": b, "log_a": log_a, "log_b": log_b}
+
+
+def test_loss_falls_and_summary(runs):
+    m = _metrics(runs["a"])
+    assert [r["step"] for r in m] == list(range(1, 17))
+    first, last = (sum(r["loss"] for r in part) / 4 for part in (m[:4], m[-4:]))
+    assert last < first - 0.25, [r["loss"] for r in m]
+    for r in m:
+        assert r["tokens_per_s"] > 0 and r["attn_comm_bytes"] > 0 and r["peak_mem_gib"] > 0
+    with open(os.path.join(runs["a"], "summary.json")) as f:
+        s = json.load(f)
+    assert s["steps_run"] == 16 and s["world_size"] == 2 and s["sequence_parallel_size"] == 2
+    assert 0.0 <= s["eval_retrieval_acc"] <= 1.0
+    assert "[train] summary:" in runs["log_a"]
+
+
+def test_wandb_offline_run_written(runs):
+    assert "wandb mode offline" in runs["log_a"]
+    offline = glob.glob(os.path.join(runs["a"], "wandb", "offline-run-*"))
+    assert offline, os.listdir(runs["a"])
+    assert glob.glob(os.path.join(offline[0], "*.wandb"))
+
+
+def test_resume_gives_identical_losses(runs):
+    a, b = _metrics(runs["a"]), _metrics(runs["b"])
+    assert "resumed from" in runs["log_b"]
+    assert [r["step"] for r in b] == list(range(9, 17))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a[8:]]
+    assert [r["lr"] for r in b] == [r["lr"] for r in a[8:]]
+
+
+def test_help_is_accurate():
+    out = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    for flag in ("--config", "--override", "--print-config", "KEY=VALUE"):
+        assert flag in out.stdout
+
+
+def test_config_loading_and_overrides(tmp_path):
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import train as train_script
+    finally:
+        sys.path.pop(0)
+    ds, tc = train_script.load_config(str(REPO / "configs/cpu_tiny.json"),
+                                      ["train.steps=3", "burst_attention.backward=ring", "train.wandb.enabled=false"])
+    assert tc.steps == 3 and not tc.wandb.enabled and ds["burst_attention"]["backward"] == "ring"
+    assert BurstConfig.from_ds_config(ds).sequence_parallel_size == 2
+    with pytest.raises(ValueError, match="unknown key"):
+        train_script.load_config(str(REPO / "configs/cpu_tiny.json"), ["train.stepz=3"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        train_script.load_config(str(REPO / "configs/cpu_tiny.json"), ["train.steps"])
+    for name in ("h200_llama8b_128k.json", "multinode_template.json"):
+        ds, tc = train_script.load_config(str(REPO / "configs" / name), [])
+        BurstConfig.from_ds_config(ds)
+        ModelConfig.from_dict(tc.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# single-process pieces
+
+
+def test_model_burst_world1_equals_local():
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, sliding_window=20)
+    torch.manual_seed(0)
+    m_local = BurstLlama(cfg, attention="local")
+    m_burst = BurstLlama(cfg, attention="burst")
+    m_burst.load_state_dict(m_local.state_dict())
+    ids = torch.randint(0, 64, (2, 48))
+    pos = torch.arange(48)
+    a, b = m_local(ids, pos), m_burst(ids, pos)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    labels = torch.randint(0, 64, (2, 48))
+    loss = sequence_parallel_loss(a, labels)
+    ref = torch.nn.functional.cross_entropy(a.reshape(-1, 64), labels.reshape(-1))
+    assert torch.allclose(loss, ref)
+    correct, total = sequence_parallel_accuracy(a, labels)
+    assert total == 96 and 0 <= correct <= 96
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown key"):
+        ModelConfig.from_dict({"hidden": 3})
+    assert ModelConfig().num_params() == sum(p.numel() for p in BurstLlama(ModelConfig(), attention="local")
+                                             .parameters())
+
+
+def test_retrieval_task_and_sharding():
+    task = RetrievalTask(seq_len=256, vocab_size=128, num_pairs=8, num_queries=16, num_keys=8, num_values=8)
+    ids, labels = task.sample(3)
+    ids2, _ = task.sample(3)
+    assert torch.equal(ids, ids2) and not torch.equal(ids, task.sample(4)[0])
+    answers = (labels != -100).nonzero().flatten()
+    assert len(answers) == 16
+    for p in answers:  # the answer follows its key, and that key-value pair is stored earlier
+        assert labels[p] == ids[p + 1]
+        stored = [(ids[i + 1], ids[i + 2]) for i in range(p - 2) if ids[i] == 1]
+        assert (ids[p], ids[p + 1]) in stored
+    with pytest.raises(ValueError, match="vocab_size"):
+        RetrievalTask(seq_len=256, vocab_size=40, num_keys=8, num_values=8)
+    full = torch.stack([ids, ids])
+    for layout in ("contiguous", "zigzag"):
+        parts = [shard_batch_local(full, full, r, 4, layout) for r in range(4)]
+        for r, p in enumerate(parts):
+            assert p["position_ids"][0].tolist() == global_index(layout, r, 4, 256)
+            assert torch.equal(p["input_ids"], full[:, p["position_ids"][0]])
+    b = make_batch(task, sample_indices(1, 0, 1, 1, 2, 2), 1, 2, "zigzag")
+    assert b["input_ids"].shape == (2, 128) and b["position_ids"][0, 0] == 64
+    assert sample_indices(1, 0, 1, 1, 2, 2) == [6, 7]
+
+
+def test_token_file(tmp_path):
+    path = tmp_path / "t.bin"
+    write_token_file(path, np.arange(1000) % 50000, dtype="uint16")
+    tf = TokenFile(path, seq_len=16)
+    x, y = tf.sample(2)
+    assert x.tolist() == list(range(32, 48)) and y.tolist() == list(range(33, 49))
+    path32 = tmp_path / "t.u32.bin"
+    write_token_file(path32, np.arange(100) + 70000, dtype="uint32")
+    assert TokenFile(path32, seq_len=8).sample(0)[0][0] == 70000
+    with pytest.raises(ValueError, match="fewer than"):
+        TokenFile(path32, seq_len=200)
