@@ -208,9 +208,11 @@ def _ref_bwd(c: Case, q, k, v, dout, lse, delta, dq, dk, dv, scale: float):
 @pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_bwd_step_matches_reference(case: Case, dtype: torch.dtype, deterministic: bool) -> None:
+def test_bwd_step_matches_reference(case: Case, dtype: torch.dtype, deterministic: bool,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     if not deterministic and dtype != torch.float32 and not HAS_CUDA:
         pytest.skip("atomic dQ path covered in fp32 on CPU (interpreter time)")
+    monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", True)  # exercise the atomic dQ kernel path
     g = _gen(2000 + CASES.index(case))
     q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(case, dtype, g)
     scale = case.d**-0.5
@@ -238,6 +240,7 @@ SWEEP_MASKS = [
 def test_offset_sweep(causal: bool, window: tuple[int, int], block_m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many q/k offset differences (all residues that matter for 16-wide tiles): catches off-by-one errors in
     the masked / mask-free tile ranges. Small shapes, fp32, forward and both backward modes."""
+    monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", True)
     if ta.INTERPRET:
         monkeypatch.setitem(ta._INTERPRET_BLOCKS, "BLOCK_M", block_m)
     scale = 0.3
@@ -392,7 +395,7 @@ GPU_CASES = [
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=repr)
-def test_gpu_large(case: Case, dtype: torch.dtype) -> None:
+def test_gpu_large(case: Case, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     g = _gen(3000 + GPU_CASES.index(case))
     q, k, v = _qkv(case, dtype, g)
     out, lse = _state(case, g)
@@ -407,7 +410,8 @@ def test_gpu_large(case: Case, dtype: torch.dtype) -> None:
     rdq, rdk, rdv = _ref_bwd(case, q, k, v, dout, lse, delta, dq, dk, dv, scale)
     dq0, dk0, dv0 = dq.double(), dk.double(), dv.double()
     runs = []
-    for det in (True, True, False):
+    for det, atomic in ((True, False), (True, False), (False, True)):
+        monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", atomic)
         a, b_, c_ = dq.clone(), dk.clone(), dv.clone()
         ta.bwd_step(q, k, v, dout, lse, delta, a, b_, c_, scale=scale, deterministic=det, **case.mask_kw())
         for x, x0, r in ((a, dq0, rdq), (b_, dk0, rdk), (c_, dv0, rdv)):
@@ -445,11 +449,9 @@ def _bench_case(s: int, causal: bool, heads: int, d: int, dtype: torch.dtype) ->
     fwd()
     t_f = triton.testing.do_bench(fwd, warmup=50, rep=300)
     rows = [("fwd", t_f, flop)]
-    for det in (False, True):
-        bwd(det)
-        t_b = triton.testing.do_bench(partial(bwd, det), warmup=50, rep=300)
-        name = "bwd-det" if det else "bwd-atomic"
-        rows += [(name, t_b, 2.5 * flop), ("fwd+" + name, t_f + t_b, 3.5 * flop)]
+    bwd(False)
+    t_b = triton.testing.do_bench(partial(bwd, False), warmup=50, rep=300)
+    rows += [("bwd", t_b, 2.5 * flop), ("fwd+bwd", t_f + t_b, 3.5 * flop)]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     for be, nm in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "fa2")):
         try:
