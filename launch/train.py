@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topo,
                                        data_parallel_group=topo.get_sequence_data_parallel_group())
     if tc.checkpoint_impl == "deepspeed" and tc.activation_checkpointing:
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+        deepspeed.checkpointing.configure(topo, deepspeed_config=ds_config)
     attention = "burst" if burst.enabled else "local"
     if attention == "local" and topo.sequence_parallel_size > 1:
         raise ValueError("burst_attention.enabled=false needs sequence_parallel_size=1")

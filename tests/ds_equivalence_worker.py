@@ -1,5 +1,5 @@
 """Launched by tests/test_deepspeed_train.py with ``deepspeed --num_gpus N``: trains the built-in model a few
-steps under ZeRO-3 (activation checkpointing off, then on) and saves, on rank 0, the loss and the full
+steps under ZeRO-3 (activation checkpointing off, torch, deepspeed) and saves, on rank 0, the loss and the full
 gradient of every parameter at every step. SP=1 runs use plain full-sequence attention ("local").
 """
 
@@ -25,11 +25,12 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
-def run(topo, data: TokenFile, mbs: int, steps: int, ckpt: bool, layout: str, zero: dict) -> dict:
+def run(topo, data: TokenFile, mbs: int, steps: int, ckpt: str, layout: str, zero: dict) -> dict:
+    """``ckpt``: "off", "torch" or "deepspeed" activation checkpointing."""
     torch.manual_seed(0)
     attention = "burst" if topo.sequence_parallel_size > 1 else "local"
     model = BurstLlama(MODEL, group=topo, attention=attention, burst=BurstConfig(layout=layout),
-                       activation_checkpointing=ckpt)
+                       activation_checkpointing=ckpt != "off", checkpoint_impl="torch" if ckpt == "off" else ckpt)
     config = {
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": 1,
@@ -38,6 +39,8 @@ def run(topo, data: TokenFile, mbs: int, steps: int, ckpt: bool, layout: str, ze
         "zero_optimization": zero,
         "steps_per_print": 10**9,
     }
+    if ckpt == "deepspeed":
+        deepspeed.checkpointing.configure(topo, deepspeed_config=config)
     engine, *_ = ds_burst.deepspeed_initialize(model, config, topo)
     losses, grads = [], []
     for step in range(steps):
@@ -73,7 +76,8 @@ def main() -> None:
     topo = ds_burst.init_sequence_parallel(args.sp)
     data = TokenFile(args.data, args.seq_len)
     zero = json.loads(args.zero)
-    result = {f"ckpt={ckpt}": run(topo, data, args.mbs, args.steps, ckpt, args.layout, zero) for ckpt in (False, True)}
+    result = {f"ckpt={c}": run(topo, data, args.mbs, args.steps, c, args.layout, zero)
+              for c in ("off", "torch", "deepspeed")}
     result["world"] = dist.get_world_size()
     if dist.get_rank() == 0:
         torch.save(result, args.out + ".tmp")
