@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import GroupInfo, resolve_group
+from .comm import GroupInfo, NodeGroups, resolve_group
 from .cost import choose_backward
 from .layout import segments
 from .ops import kernel_module, resolve_kernel
@@ -60,17 +60,23 @@ def choose_compute_layout(
     return user_layout, passes(user_layout)
 
 
-def make_plan(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool) -> CallPlan:
-    """Resolve layout, ring passes, kernel and backward pattern for validated inputs."""
+def make_plan(
+    q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
+    node_groups: NodeGroups | None = None,
+) -> CallPlan:
+    """Resolve layout, ring passes, schedule, kernel and backward pattern for validated inputs."""
     world, s_local = info.world, q.shape[1]
     window = (int(a.window_size[0]), int(a.window_size[1]))
     if a.causal and window[1] < 0:
         window = (window[0], 0)
     layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
+    # The double ring visits every block; sliding windows keep the flat ring, which stops early.
+    finite = window[0] >= 0 or (not a.causal and window[1] >= 0)
+    nodes = node_groups if (a.schedule == "double_ring" and not finite and world > 1) else None
     table = [segments(layout, r, world, s_local) for r in range(world)]
     kernel = kernel_module(resolve_kernel(a.kernel, q.device, q.dtype))
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
-    setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic)
+    setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes)
     backward = a.backward
     if backward == "auto":
         backward = choose_backward(q.shape[2], k.shape[2], q.shape[3], q.element_size())
@@ -120,6 +126,7 @@ def burst_attn_func(
     return_lse: bool = False,
     deterministic: bool = False,
     check_inputs: bool = True,
+    schedule: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -139,13 +146,24 @@ def burst_attn_func(
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, S_local]`` (fp32, not differentiable).
         deterministic: bitwise-reproducible backward (no atomics in the kernels).
         check_inputs: validate on every rank with one small all-gather (raises the same error everywhere).
+        schedule: ``"ring"`` (flat), ``"double_ring"`` (needs ``group`` to be the topology from
+            :func:`ds_burst.init_sequence_parallel`; a group inside one node runs the flat ring) or
+            ``"auto"``; ``None`` takes the topology's schedule (flat ring for a plain process group).
+            Sliding windows always use the flat ring, which stops early.
 
     Returns:
         ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
     """
     info = resolve_group(group)
-    args = AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel, bool(return_lse))  # type: ignore[arg-type]
+    node_groups = getattr(group, "node_groups", None)
+    sched = schedule if schedule is not None else getattr(group, "schedule", "ring")
+    if sched == "auto":
+        sched = getattr(group, "schedule", "ring")
+    if sched == "double_ring" and node_groups is None and hasattr(group, "schedule"):
+        sched = "ring"  # a topology inside one node: the double ring is the flat ring
+    args = AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel,  # type: ignore[arg-type]
+                    bool(return_lse), sched, node_groups is not None)
     validate(q, k, v, args, info, collective=check_inputs)
-    plan = make_plan(q, k, args, info, deterministic)
+    plan = make_plan(q, k, args, info, deterministic, node_groups)
     out, lse = BurstAttnFunction.apply(q, k, v, plan)
     return (out, lse) if return_lse else out

@@ -35,6 +35,21 @@ class GroupInfo:
         return dist.get_global_rank(self.group, group_rank)
 
 
+@dataclass(frozen=True)
+class NodeGroups:
+    """The sequence-parallel group seen as ``nodes`` nodes of ``per_node`` consecutive ranks.
+
+    ``intra`` holds this rank's node (NVLink); ``inter`` the ranks with the same local index on every
+    node (one InfiniBand rail). Group rank ``r`` of the SP group is node ``r // per_node``, local index
+    ``r % per_node``.
+    """
+
+    nodes: int
+    per_node: int
+    intra: GroupInfo
+    inter: GroupInfo
+
+
 def resolve_group(group: object) -> GroupInfo:
     """Accept ``None`` (world, or a single process when torch.distributed is not initialised), a
     ``ProcessGroup``, or any object with ``get_sequence_parallel_group()`` (a DeepSpeed ``mpu``)."""

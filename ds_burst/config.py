@@ -37,8 +37,8 @@ class BurstConfig:
         enabled: use BurstAttention (``False`` keeps the model's own attention; useful for A/B runs).
         sequence_parallel_size: ranks per sequence-parallel group (``P``); ``world = dp * P``.
             Taken from DeepSpeed's top-level ``"sequence_parallel_size"`` when present.
-        schedule: ring schedule, ``"auto"`` (= ``"ring"`` for now) or ``"ring"``. ``"double_ring"`` and
-            ``"ulysses_ring"`` are planned and rejected for now.
+        schedule: ``"auto"`` (the double ring when the SP group spans whole nodes, else the flat ring),
+            ``"ring"`` or ``"double_ring"``. ``"ulysses_ring"`` is planned and rejected for now.
         layout: how the data loader shards each sequence, ``"zigzag"`` (balanced causal ring, no exchange)
             or ``"contiguous"`` (what Ulysses loaders produce; attention then rebalances internally with
             one exchange of half of q/k/v). The drop-in ``DistributedAttention`` always receives contiguous
@@ -77,7 +77,8 @@ class BurstConfig:
         _check(_is_int(sp) and sp >= 1, "sequence_parallel_size", sp, "a positive integer")
         if self.schedule in LATER_SCHEDULES:
             raise ValueError(
-                f"{SECTION}.schedule: {self.schedule!r} is not available yet in this version; use 'ring' or 'auto'"
+                f"{SECTION}.schedule: {self.schedule!r} is not available yet in this version; "
+                "use 'ring', 'double_ring' or 'auto'"
             )
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
         _check(self.layout in LAYOUTS, "layout", self.layout, f"one of {LAYOUTS}")

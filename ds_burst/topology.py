@@ -25,20 +25,38 @@ from typing import Any
 
 import torch.distributed as dist
 
-SCHEDULES = ("auto", "ring")
-LATER_SCHEDULES = ("double_ring", "ulysses_ring")
+from .comm import GroupInfo, NodeGroups
+
+SCHEDULES = ("auto", "ring", "double_ring")
+LATER_SCHEDULES = ("ulysses_ring",)
 
 _CURRENT: Topology | None = None
 
 
-def check_schedule(schedule: str) -> str:
-    """Return the concrete schedule for ``schedule`` (``auto`` is the flat ring), or raise ``ValueError``."""
+def check_schedule(schedule: str, sequence_parallel_size: int = 1, gpus_per_node: int = 1) -> str:
+    """Return the concrete schedule for ``schedule``, or raise ``ValueError``.
+
+    ``auto`` is the double ring when the SP group spans several whole nodes, else the flat ring (the cost
+    model, ``python -m ds_burst.plan``, predicts the double ring faster across nodes and both equal inside
+    one). ``double_ring`` inside a single node is the flat ring.
+    """
     if schedule in LATER_SCHEDULES:
         raise ValueError(
-            f"schedule {schedule!r} is not available yet in this version of ds-burst; use 'ring' or 'auto' (flat ring)"
+            f"schedule {schedule!r} is not available yet in this version of ds-burst; use 'ring', 'double_ring' "
+            "or 'auto'"
         )
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: expected one of {SCHEDULES}")
+    p, gpn = sequence_parallel_size, gpus_per_node
+    spans_nodes = p > gpn
+    aligned = p % gpn == 0
+    if schedule == "double_ring" and spans_nodes and not aligned:
+        raise ValueError(
+            f"schedule 'double_ring' needs whole nodes in a sequence-parallel group: sequence_parallel_size={p} "
+            f"is not a multiple of gpus_per_node={gpn}"
+        )
+    if schedule in ("auto", "double_ring") and spans_nodes and aligned:
+        return "double_ring"
     return "ring"
 
 
@@ -66,8 +84,9 @@ class Topology:
         sequence_parallel_size: ``P``, ranks per SP group.
         data_parallel_size: ``dp = world // P``, SP groups (model replicas that see different data).
         world_size, rank: of the default (world) group.
-        gpus_per_node: ranks per node (``LOCAL_WORLD_SIZE``), kept for topology-aware schedules.
-        schedule: the concrete ring schedule (``"ring"``).
+        gpus_per_node: ranks per node (``LOCAL_WORLD_SIZE``); ``gpus_per_node=2`` on 4 ranks acts as 2 nodes.
+        schedule: the concrete schedule, ``"ring"`` or ``"double_ring"``.
+        node_groups: for the double ring, this rank's intra-node and inter-node subgroups of its SP group.
     """
 
     sequence_parallel_size: int
@@ -80,6 +99,7 @@ class Topology:
     dp_group: dist.ProcessGroup | None = field(repr=False, default=None)
     sdp_group: dist.ProcessGroup | None = field(repr=False, default=None)
     mp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    node_groups: NodeGroups | None = field(repr=False, default=None)
 
     # -- ranks ---------------------------------------------------------------------------------
     @property
@@ -167,15 +187,16 @@ def init_sequence_parallel(
     Args:
         sequence_parallel_size: ranks per sequence-parallel group; must divide the world size.
         gpus_per_node: ranks per node; default ``LOCAL_WORLD_SIZE`` or the visible GPU count.
-        schedule: ``"auto"`` or ``"ring"`` (flat ring). ``"double_ring"`` and ``"ulysses_ring"`` are not
-            available yet and raise ``ValueError``.
+        schedule: ``"auto"``, ``"ring"`` (flat) or ``"double_ring"`` (intra-node ring, one inter-node hop per
+            node-cycle; needs ``sequence_parallel_size`` to be a multiple of ``gpus_per_node``).
+            ``"ulysses_ring"`` is not available yet and raises ``ValueError``.
 
     Raises:
         ValueError: bad size, size not dividing the world, or an unavailable schedule.
         RuntimeError: torch.distributed is not initialised.
     """
     global _CURRENT
-    concrete = check_schedule(schedule)
+    check_schedule(schedule)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "init_sequence_parallel needs torch.distributed: call deepspeed.init_distributed() first"
@@ -193,6 +214,7 @@ def init_sequence_parallel(
     if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1:
         raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
     dp = world // p
+    concrete = check_schedule(schedule, p, gpus_per_node)
     topo = Topology(p, dp, world, rank, gpus_per_node, concrete)
     for i in range(dp):  # SP groups: consecutive ranks
         ranks = list(range(i * p, (i + 1) * p))
@@ -204,6 +226,8 @@ def init_sequence_parallel(
         g = dist.new_group(ranks)
         if rank in ranks:
             topo.dp_group = g
+    if concrete == "double_ring":  # node subgroups of every SP group, created in the same order everywhere
+        topo.node_groups = _node_groups(rank, world, p, gpus_per_node)
     topo.sdp_group = dist.new_group(list(range(world)))
     for r in range(world):  # model-parallel: each rank alone
         g = dist.new_group([r])
@@ -211,6 +235,25 @@ def init_sequence_parallel(
             topo.mp_group = g
     _CURRENT = topo
     return topo
+
+
+def _node_groups(rank: int, world: int, p: int, per_node: int) -> NodeGroups:
+    """Intra-node and inter-node subgroups of each SP group (``p`` a multiple of ``per_node``)."""
+    n_nodes = p // per_node
+    intra = inter = None
+    for start in range(0, world, p):
+        for k in range(n_nodes):
+            ranks = list(range(start + k * per_node, start + (k + 1) * per_node))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                intra = GroupInfo(g, ranks.index(rank), per_node)
+        for j in range(per_node):
+            ranks = list(range(start + j, start + p, per_node))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                inter = GroupInfo(g, ranks.index(rank), n_nodes)
+    assert intra is not None and inter is not None
+    return NodeGroups(n_nodes, per_node, intra, inter)
 
 
 def get_topology() -> Topology | None:

@@ -18,6 +18,7 @@ from .layout import LAYOUTS
 from .ops import KERNELS
 
 BACKWARDS = ("auto", "burst", "ring")
+SCHEDULES = ("auto", "ring", "double_ring")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
 
@@ -33,6 +34,8 @@ class AttnArgs:
     backward: str
     kernel: str
     return_lse: bool
+    schedule: str = "ring"
+    has_node_groups: bool = False
 
 
 def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) -> tuple[str, str] | None:
@@ -67,6 +70,13 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
         return "ValueError", f"unknown backward {a.backward!r}: expected one of {BACKWARDS}"
     if a.kernel not in KERNELS:
         return "ValueError", f"unknown kernel {a.kernel!r}: expected one of {KERNELS}"
+    if a.schedule not in SCHEDULES:
+        return "ValueError", f"unknown schedule {a.schedule!r}: expected one of {SCHEDULES}"
+    if a.schedule == "double_ring" and info.world > 1 and not a.has_node_groups:
+        return "ValueError", (
+            "schedule='double_ring' needs group=<topology from ds_burst.init_sequence_parallel(...)> whose "
+            "sequence-parallel group spans whole nodes"
+        )
     w = a.window_size
     if not (isinstance(w, (tuple, list)) and len(w) == 2 and all(isinstance(x, int) and x >= -1 for x in w)):
         return "ValueError", f"window_size must be a pair of ints >= -1 (left, right), got {w!r}"
@@ -104,10 +114,11 @@ def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> dict[str, int]:
         "backward": BACKWARDS.index(a.backward),
         "kernel": KERNELS.index(a.kernel),
         "return_lse": int(a.return_lse),
+        "schedule": SCHEDULES.index(a.schedule),
     }
 
 
-_N_FIELDS = 15  # len(_summary(...))
+_N_FIELDS = 16  # len(_summary(...))
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 
 
@@ -139,6 +150,7 @@ def validate(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, coll
 
 def _decode(name: str, seen: list[int]) -> str:
     table = {"dtype": [str(d) for d in _DTYPES], "layout": list(LAYOUTS), "backward": list(BACKWARDS),
+             "schedule": list(SCHEDULES),
              "kernel": list(KERNELS), "device type": list(_DEVICE_TYPES)}
     if name in table:
         return ", ".join(f"rank {r}: {table[name][x] if x < len(table[name]) else x}" for r, x in enumerate(seen))

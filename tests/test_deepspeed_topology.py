@@ -20,7 +20,7 @@ def _topology_worker(rank: int, world: int) -> dict:
     except ValueError as e:
         out["bad_size"] = str(e)
     try:
-        init_sequence_parallel(2, schedule="double_ring")
+        init_sequence_parallel(2, schedule="ulysses_ring")
     except ValueError as e:
         out["bad_schedule"] = str(e)
     topo = init_sequence_parallel(2, gpus_per_node=4)
@@ -59,6 +59,10 @@ def test_topology_groups_four_ranks():
 
 def test_schedule_names():
     assert check_schedule("auto") == "ring" and check_schedule("ring") == "ring"
+    assert check_schedule("auto", 8, 4) == "double_ring" and check_schedule("double_ring", 4, 8) == "ring"
+    assert check_schedule("ring", 8, 4) == "ring"
+    with pytest.raises(ValueError, match="whole nodes"):
+        check_schedule("double_ring", 6, 4)
     with pytest.raises(ValueError, match="not available yet"):
         check_schedule("ulysses_ring")
     with pytest.raises(ValueError, match="unknown schedule"):
@@ -90,7 +94,7 @@ def test_config_defaults_and_top_level_sp(tmp_path):
         ({"layout": "striped"}, "burst_attention.layout"),
         ({"backward": "fast"}, "burst_attention.backward"),
         ({"kernel": "cuda"}, "burst_attention.kernel"),
-        ({"schedule": "double_ring"}, "not available yet"),
+        ({"schedule": "ulysses_ring"}, "not available yet"),
         ({"schedule": "tree"}, "burst_attention.schedule"),
         ({"enabled": "yes"}, "burst_attention.enabled"),
         ({"gpus_per_node": 0}, "burst_attention.gpus_per_node"),

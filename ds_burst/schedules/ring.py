@@ -1,5 +1,6 @@
-"""Flat ring schedule: forward (K/V travel), Burst backward (Q, dO, lse, delta travel; dQ one step behind)
-and ring backward (K, V travel; dK, dV one step behind).
+"""The ring computations and the flat ring: forward (K/V travel), Burst backward (Q, dO, lse, delta
+travel; dQ one step behind) and ring backward (K, V travel; dK, dV one step behind). :func:`drive` sends
+them over the flat ring (:func:`run_ring`, here) or the double ring (:mod:`.double_ring`).
 
 One engine, :func:`run_ring`, drives all three. A *payload* (list of tensors) is owned by every rank and
 moves along one or more :class:`~ds_burst.step_plan.RingPass` (forward and/or reverse hops). While step
@@ -21,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from ..comm import GroupInfo, P2PBatch
+from ..comm import GroupInfo, NodeGroups, P2PBatch
 from ..layout import Segment
 from ..step_plan import RingPass, TileOp, mirror, pair_ops
 
@@ -40,6 +41,7 @@ class RingSetup:
     scale: float
     kernel: ModuleType
     deterministic: bool = False
+    nodes: NodeGroups | None = None  # set: run the double ring over these nodes instead of the flat ring
 
     def ops(self, q_owner: int, k_owner: int) -> list[TileOp]:
         return pair_ops(self.seg_table[q_owner], self.seg_table[k_owner], self.causal, self.window)
@@ -123,6 +125,29 @@ def run_ring(
         cur = nxt
 
 
+def drive(
+    setup: RingSetup,
+    phase: str,
+    mirrored: bool,
+    payload: Tensors,
+    compute_local: Callable[[], None],
+    compute_remote: Callable[[Tensors, int], Tensors | None],
+    acc_like: Tensors | None = None,
+    on_home: Callable[[Tensors], None] | None = None,
+) -> None:
+    """Move ``payload`` with the setup's schedule: the flat ring (its passes, mirrored when the query side
+    travels) or the double ring (directions reversed when mirrored)."""
+    if setup.nodes is not None:
+        from .double_ring import run_double_ring
+
+        direction = -1 if mirrored else +1
+        run_double_ring(setup.info, setup.nodes, phase, direction, payload, compute_local, compute_remote,
+                        acc_like, on_home)
+        return
+    passes = mirror(setup.passes) if mirrored else setup.passes
+    run_ring(setup.info, phase, passes, payload, compute_local, compute_remote, acc_like, on_home)
+
+
 def _empty_state(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, s, h, d = q.shape
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -148,7 +173,7 @@ def ring_forward(
     def remote(payload: Tensors, owner: int) -> None:
         attend(payload[0], payload[1], owner)
 
-    run_ring(setup.info, "fwd", setup.passes, [k, v], lambda: attend(k, v, me), remote)
+    drive(setup, "fwd", False, [k, v], lambda: attend(k, v, me), remote)
     return out, lse
 
 
@@ -189,10 +214,7 @@ def burst_backward(
     def home(accs: Tensors) -> None:
         dq.add_(accs[0])
 
-    run_ring(
-        setup.info, "bwd", mirror(setup.passes), [q, dout, lse, delta],
-        lambda: grads(q, dout, lse, delta, dq, me), remote, [dq], home,
-    )
+    drive(setup, "bwd", True, [q, dout, lse, delta], lambda: grads(q, dout, lse, delta, dq, me), remote, [dq], home)
     return dq, dk, dv
 
 
@@ -224,5 +246,5 @@ def kv_ring_backward(
         dk.add_(accs[0])
         dv.add_(accs[1])
 
-    run_ring(setup.info, "bwd", setup.passes, [k, v], lambda: grads(k, v, dk, dv, me), remote, [dk, dv], home)
+    drive(setup, "bwd", False, [k, v], lambda: grads(k, v, dk, dv, me), remote, [dk, dv], home)
     return dq, dk, dv
