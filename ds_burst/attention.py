@@ -18,6 +18,7 @@ from .cost import choose_backward
 from .layout import segments
 from .ops import kernel_module, resolve_kernel
 from .relayout import relayout
+from .schedules import ulysses_ring as uly
 from .schedules.ring import RingSetup, burst_backward, kv_ring_backward, ring_forward
 from .step_plan import RingPass, ring_passes
 from .validate import AttnArgs, validate
@@ -27,10 +28,12 @@ from .validate import AttnArgs, validate
 class CallPlan:
     """Resolved decisions of one call (identical on every rank)."""
 
-    setup: RingSetup
+    setup: RingSetup  # the ring; over the inter-node group for ulysses_ring
+    info: GroupInfo  # the sequence-parallel group (layout moves)
     user_layout: str
     compute_layout: str
     backward: str  # "burst" or "ring"
+    ulysses: uly.UlyssesSpec | None = None  # set: all-to-all over heads inside the node first
 
 
 def choose_compute_layout(
@@ -70,17 +73,31 @@ def make_plan(
     if a.causal and window[1] < 0:
         window = (window[0], 0)
     layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
-    # The double ring visits every block; sliding windows keep the flat ring, which stops early.
+    # Topology-aware schedules visit every block; sliding windows keep the flat ring, which stops early.
     finite = window[0] >= 0 or (not a.causal and window[1] >= 0)
-    nodes = node_groups if (a.schedule == "double_ring" and not finite and world > 1) else None
-    table = [segments(layout, r, world, s_local) for r in range(world)]
+    topo_aware = node_groups is not None and not finite and world > 1
     kernel = kernel_module(resolve_kernel(a.kernel, q.device, q.dtype))
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
-    setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes)
+    hq, hkv = q.shape[2], k.shape[2]
+    spec = None
+    if topo_aware and a.schedule == "ulysses_ring":
+        assert node_groups is not None
+        n_nodes, per_node = node_groups.nodes, node_groups.per_node
+        spec = uly.UlyssesSpec(node_groups.intra, layout, uly.kv_repeat(hkv, per_node))
+        hkv = hkv * spec.kv_repeat // per_node
+        hq = hq // per_node
+        table = [segments(layout, n, n_nodes, s_local * per_node) for n in range(n_nodes)]
+        ring_info = node_groups.inter
+        setup = RingSetup(ring_info, table, ring_passes(table, a.causal, window), a.causal, window, scale, kernel,
+                          deterministic)
+    else:
+        nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
+        table = [segments(layout, r, world, s_local) for r in range(world)]
+        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes)
     backward = a.backward
     if backward == "auto":
-        backward = choose_backward(q.shape[2], k.shape[2], q.shape[3], q.element_size())
-    return CallPlan(setup, a.layout, layout, backward)
+        backward = choose_backward(hq, hkv, q.shape[3], q.element_size())
+    return CallPlan(setup, info, a.layout, layout, backward, spec)
 
 
 class BurstAttnFunction(torch.autograd.Function):
@@ -88,12 +105,17 @@ class BurstAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):  # type: ignore[override]
-        info, src, dst = plan.setup.info, plan.user_layout, plan.compute_layout
+        info, src, dst, spec = plan.info, plan.user_layout, plan.compute_layout, plan.ulysses
         qc, kc, vc = (relayout(x.contiguous(), 1, src, dst, info) for x in (q, k, v))
+        if spec is not None:  # heads to the node's ranks, all the node's tokens to each
+            qc = uly.to_node(qc, spec, "a2a")
+            kc, vc = (uly.to_node(uly.repeat_kv(x, spec.kv_repeat), spec, "a2a") for x in (kc, vc))
         out32, lse = ring_forward(qc, kc, vc, plan.setup)
         out_c = out32.to(q.dtype)
         ctx.save_for_backward(qc, kc, vc, out_c, lse)
         ctx.plan = plan
+        if spec is not None:
+            out_c, lse = uly.from_node(out_c, spec, "a2a"), uly.lse_to_shard(lse, spec, "a2a")
         out = relayout(out_c, 1, dst, src, info)
         lse_user = relayout(lse, 2, dst, src, info)  # fp32 (fp64 for fp64 inputs)
         ctx.mark_non_differentiable(lse_user)
@@ -102,13 +124,21 @@ class BurstAttnFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None):  # type: ignore[override]
         plan: CallPlan = ctx.plan
-        info, src, dst = plan.setup.info, plan.user_layout, plan.compute_layout
+        info, src, dst, spec = plan.info, plan.user_layout, plan.compute_layout, plan.ulysses
         qc, kc, vc, out_c, lse = ctx.saved_tensors
         dout_c = relayout(dout.to(qc.dtype).contiguous(), 1, src, dst, info, "bwd_relayout")
+        if spec is not None:
+            dout_c = uly.to_node(dout_c, spec, "bwd_a2a")
         delta = plan.setup.kernel.bwd_preprocess(out_c, dout_c)
         run = burst_backward if plan.backward == "burst" else kv_ring_backward
         dq, dk, dv = run(qc, kc, vc, dout_c, lse, delta, plan.setup)
-        grads = (relayout(g.to(qc.dtype), 1, dst, src, info, "bwd_relayout") for g in (dq, dk, dv))
+        dq = dq.to(qc.dtype)
+        if spec is not None:  # replicated KV heads: sum their copies in fp32 before rounding
+            dq = uly.from_node(dq, spec, "bwd_a2a")
+            acc = qc.dtype if spec.kv_repeat == 1 else dk.dtype
+            dk, dv = (uly.sum_repeated(uly.from_node(g.to(acc), spec, "bwd_a2a"), spec.kv_repeat) for g in (dk, dv))
+        dk, dv = dk.to(qc.dtype), dv.to(qc.dtype)
+        grads = (relayout(g, 1, dst, src, info, "bwd_relayout") for g in (dq, dk, dv))
         return (*grads, None)
 
 
@@ -146,9 +176,10 @@ def burst_attn_func(
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, S_local]`` (fp32, not differentiable).
         deterministic: bitwise-reproducible backward (no atomics in the kernels).
         check_inputs: validate on every rank with one small all-gather (raises the same error everywhere).
-        schedule: ``"ring"`` (flat), ``"double_ring"`` (needs ``group`` to be the topology from
-            :func:`ds_burst.init_sequence_parallel`; a group inside one node runs the flat ring) or
-            ``"auto"``; ``None`` takes the topology's schedule (flat ring for a plain process group).
+        schedule: ``"ring"`` (flat), ``"double_ring"`` or ``"ulysses_ring"`` (both need ``group`` to be the
+            topology from :func:`ds_burst.init_sequence_parallel` made with that schedule; a double ring
+            inside one node is the flat ring) or ``"auto"``; ``None`` takes the topology's schedule (flat
+            ring for a plain process group).
             Sliding windows always use the flat ring, which stops early.
 
     Returns:
@@ -161,8 +192,11 @@ def burst_attn_func(
         sched = getattr(group, "schedule", "ring")
     if sched == "double_ring" and node_groups is None and hasattr(group, "schedule"):
         sched = "ring"  # a topology inside one node: the double ring is the flat ring
+    if sched == "ulysses_ring" and node_groups is None and hasattr(group, "schedule"):
+        sched = "ring"  # not made for ulysses_ring: no node subgroups
     args = AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel,  # type: ignore[arg-type]
-                    bool(return_lse), sched, node_groups is not None)
+                    bool(return_lse), sched, node_groups is not None,
+                    node_groups.per_node if node_groups is not None else 0)
     validate(q, k, v, args, info, collective=check_inputs)
     plan = make_plan(q, k, args, info, deterministic, node_groups)
     out, lse = BurstAttnFunction.apply(q, k, v, plan)

@@ -168,6 +168,17 @@ def exchange(info: GroupInfo, phase: str, sends: list[tuple[torch.Tensor, int]],
 # Collectives used for validation and gathering
 
 
+def all_to_all(info: GroupInfo, send: torch.Tensor, phase: str) -> torch.Tensor:
+    """All-to-all of a contiguous ``[world, ...]`` tensor: slice ``i`` goes to rank ``i``; returns the
+    ``[world, ...]`` tensor whose slice ``j`` came from rank ``j``."""
+    if info.world == 1:
+        return send
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=info.group)
+    COUNTER.add(phase, send.numel() * send.element_size() * (info.world - 1) // info.world)
+    return recv
+
+
 def all_gather_ints(info: GroupInfo, values: list[int], device: torch.device) -> list[list[int]]:
     """All-gather a short list of integers (same length on every rank)."""
     if info.world == 1:

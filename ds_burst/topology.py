@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from .comm import GroupInfo, NodeGroups
 
-SCHEDULES = ("auto", "ring", "double_ring")
-LATER_SCHEDULES = ("ulysses_ring",)
+SCHEDULES = ("auto", "ring", "double_ring", "ulysses_ring")
+LATER_SCHEDULES: tuple[str, ...] = ()
 
 _CURRENT: Topology | None = None
 
@@ -50,11 +50,13 @@ def check_schedule(schedule: str, sequence_parallel_size: int = 1, gpus_per_node
     p, gpn = sequence_parallel_size, gpus_per_node
     spans_nodes = p > gpn
     aligned = p % gpn == 0
-    if schedule == "double_ring" and spans_nodes and not aligned:
+    if schedule in ("double_ring", "ulysses_ring") and spans_nodes and not aligned:
         raise ValueError(
-            f"schedule 'double_ring' needs whole nodes in a sequence-parallel group: sequence_parallel_size={p} "
+            f"schedule {schedule!r} needs whole nodes in a sequence-parallel group: sequence_parallel_size={p} "
             f"is not a multiple of gpus_per_node={gpn}"
         )
+    if schedule == "ulysses_ring":
+        return "ulysses_ring"
     if schedule in ("auto", "double_ring") and spans_nodes and aligned:
         return "double_ring"
     return "ring"
@@ -187,9 +189,10 @@ def init_sequence_parallel(
     Args:
         sequence_parallel_size: ranks per sequence-parallel group; must divide the world size.
         gpus_per_node: ranks per node; default ``LOCAL_WORLD_SIZE`` or the visible GPU count.
-        schedule: ``"auto"``, ``"ring"`` (flat) or ``"double_ring"`` (intra-node ring, one inter-node hop per
-            node-cycle; needs ``sequence_parallel_size`` to be a multiple of ``gpus_per_node``).
-            ``"ulysses_ring"`` is not available yet and raises ``ValueError``.
+        schedule: ``"auto"``, ``"ring"`` (flat), ``"double_ring"`` (intra-node ring, one inter-node hop per
+            node-cycle) or ``"ulysses_ring"`` (all-to-all over heads inside the node, ring across nodes);
+            the last two need ``sequence_parallel_size`` to be a multiple of ``gpus_per_node`` when the
+            group spans nodes.
 
     Raises:
         ValueError: bad size, size not dividing the world, or an unavailable schedule.
@@ -226,8 +229,8 @@ def init_sequence_parallel(
         g = dist.new_group(ranks)
         if rank in ranks:
             topo.dp_group = g
-    if concrete == "double_ring":  # node subgroups of every SP group, created in the same order everywhere
-        topo.node_groups = _node_groups(rank, world, p, gpus_per_node)
+    if concrete in ("double_ring", "ulysses_ring"):  # node subgroups of every SP group, same order everywhere
+        topo.node_groups = _node_groups(rank, world, p, min(gpus_per_node, p))
     topo.sdp_group = dist.new_group(list(range(world)))
     for r in range(world):  # model-parallel: each rank alone
         g = dist.new_group([r])

@@ -18,7 +18,7 @@ from .layout import LAYOUTS
 from .ops import KERNELS
 
 BACKWARDS = ("auto", "burst", "ring")
-SCHEDULES = ("auto", "ring", "double_ring")
+SCHEDULES = ("auto", "ring", "double_ring", "ulysses_ring")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
 
@@ -36,6 +36,7 @@ class AttnArgs:
     return_lse: bool
     schedule: str = "ring"
     has_node_groups: bool = False
+    per_node: int = 0  # ranks per node of the topology's node groups (0: none)
 
 
 def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) -> tuple[str, str] | None:
@@ -72,11 +73,17 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
         return "ValueError", f"unknown kernel {a.kernel!r}: expected one of {KERNELS}"
     if a.schedule not in SCHEDULES:
         return "ValueError", f"unknown schedule {a.schedule!r}: expected one of {SCHEDULES}"
-    if a.schedule == "double_ring" and info.world > 1 and not a.has_node_groups:
+    if a.schedule in ("double_ring", "ulysses_ring") and info.world > 1 and not a.has_node_groups:
         return "ValueError", (
-            "schedule='double_ring' needs group=<topology from ds_burst.init_sequence_parallel(...)> whose "
-            "sequence-parallel group spans whole nodes"
+            f"schedule={a.schedule!r} needs group=<topology from ds_burst.init_sequence_parallel(..., "
+            f"schedule={a.schedule!r})> whose sequence-parallel group spans whole nodes"
         )
+    if a.schedule == "ulysses_ring" and a.per_node:
+        from .schedules.ulysses_ring import check_heads
+
+        problem = check_heads(q.shape[2], k.shape[2], a.per_node)
+        if problem:
+            return "ValueError", problem
     w = a.window_size
     if not (isinstance(w, (tuple, list)) and len(w) == 2 and all(isinstance(x, int) and x >= -1 for x in w)):
         return "ValueError", f"window_size must be a pair of ints >= -1 (left, right), got {w!r}"

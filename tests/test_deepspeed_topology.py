@@ -20,7 +20,7 @@ def _topology_worker(rank: int, world: int) -> dict:
     except ValueError as e:
         out["bad_size"] = str(e)
     try:
-        init_sequence_parallel(2, schedule="ulysses_ring")
+        init_sequence_parallel(4, gpus_per_node=3, schedule="double_ring")
     except ValueError as e:
         out["bad_schedule"] = str(e)
     topo = init_sequence_parallel(2, gpus_per_node=4)
@@ -47,7 +47,7 @@ def test_topology_groups_four_ranks():
     res = values(run_ranks(_topology_worker, 4, timeout=120))
     for r, o in enumerate(res):
         assert "must divide the world size 4" in o["bad_size"]
-        assert "not available yet" in o["bad_schedule"]
+        assert "whole nodes" in o["bad_schedule"]
         assert o["sp"] == (r % 2, 2) and o["dp"] == (r // 2, 2)
         assert o["sdp"] == (r, 4) and o["mp"] == (0, 1)
         assert o["sp_members"] == o["sp_ranks"] == [r - r % 2, r - r % 2 + 1]
@@ -63,8 +63,7 @@ def test_schedule_names():
     assert check_schedule("ring", 8, 4) == "ring"
     with pytest.raises(ValueError, match="whole nodes"):
         check_schedule("double_ring", 6, 4)
-    with pytest.raises(ValueError, match="not available yet"):
-        check_schedule("ulysses_ring")
+    assert check_schedule("ulysses_ring", 8, 4) == "ulysses_ring"
     with pytest.raises(ValueError, match="unknown schedule"):
         check_schedule("tree")
 
@@ -94,7 +93,6 @@ def test_config_defaults_and_top_level_sp(tmp_path):
         ({"layout": "striped"}, "burst_attention.layout"),
         ({"backward": "fast"}, "burst_attention.backward"),
         ({"kernel": "cuda"}, "burst_attention.kernel"),
-        ({"schedule": "ulysses_ring"}, "not available yet"),
         ({"schedule": "tree"}, "burst_attention.schedule"),
         ({"enabled": "yes"}, "burst_attention.enabled"),
         ({"gpus_per_node": 0}, "burst_attention.gpus_per_node"),
