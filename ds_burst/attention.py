@@ -17,6 +17,7 @@ from .comm import GroupInfo, NodeGroups, resolve_group
 from .cost import choose_backward
 from .layout import segments
 from .ops import kernel_module, resolve_kernel
+from .plan import choose_schedule
 from .relayout import relayout
 from .schedules import ulysses_ring as uly
 from .schedules.ring import RingSetup, burst_backward, kv_ring_backward, ring_forward
@@ -142,6 +143,23 @@ class BurstAttnFunction(torch.autograd.Function):
         return (*grads, None)
 
 
+def _auto_schedule(q: object, k: object, causal: bool, window: object, info: GroupInfo,
+                   node_groups: NodeGroups | None) -> str:
+    """``schedule="auto"``: the cost model's pick across nodes, the flat ring otherwise (and for windows)."""
+    if node_groups is None or not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
+        return "ring"  # bad input is reported by validation, the same on every rank
+    if q.dim() != 4 or k.dim() != 4 or not isinstance(window, (tuple, list)) or len(window) != 2:
+        return "ring"
+    left, right = window
+    if left >= 0 or (not causal and right >= 0):
+        return "ring"  # sliding windows: the flat ring stops early
+    sched = choose_schedule(q.shape[1] * info.world, node_groups.nodes, node_groups.per_node, q.shape[2],
+                            k.shape[2], q.shape[3], q.element_size(), bool(causal))
+    if sched == "ulysses_ring" and uly.check_heads(q.shape[2], k.shape[2], node_groups.per_node):
+        return "double_ring"
+    return sched
+
+
 def burst_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,7 +207,7 @@ def burst_attn_func(
     node_groups = getattr(group, "node_groups", None)
     sched = schedule if schedule is not None else getattr(group, "schedule", "ring")
     if sched == "auto":
-        sched = getattr(group, "schedule", "ring")
+        sched = _auto_schedule(q, k, causal, window_size, info, node_groups)
     if sched == "double_ring" and node_groups is None and hasattr(group, "schedule"):
         sched = "ring"  # a topology inside one node: the double ring is the flat ring
     if sched == "ulysses_ring" and node_groups is None and hasattr(group, "schedule"):

@@ -16,12 +16,14 @@ Per ring step a rank computes one tile pair and moves one block; the step takes 
 Backward patterns: ``burst`` (Q, dO, lse, delta and the fp32 dQ travel) and ``ring`` (K, V and fp32
 dK, dV travel); bytes from :mod:`ds_burst.cost`. Defaults are H200 figures measured in this project
 (``docs/BENCHMARKS.md``) and 400 Gb/s InfiniBand per GPU; every figure can be overridden.
-Only ``ring`` is implemented as a schedule today; the others are predictions.
+``ulysses`` is only a comparison; the other three are ds-burst schedules (``schedule="auto"`` picks among
+them with :func:`choose_schedule`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import asdict, dataclass
 
@@ -173,7 +175,7 @@ def _ulysses(p: Problem, hw: Hardware) -> Prediction | None:
     return Prediction("ulysses", "-", f * 1e3, b * 1e3, comm * 1e3, "DeepSpeed-Ulysses with the same local kernel")
 
 
-IMPLEMENTED = ("ring",)
+IMPLEMENTED = ("ring", "double_ring", "ulysses_ring")
 
 
 def choose(p: Problem, hw: Hardware = Hardware(), implemented_only: bool = True) -> Prediction:
@@ -182,6 +184,16 @@ def choose(p: Problem, hw: Hardware = Hardware(), implemented_only: bool = True)
     if implemented_only:
         cands = [x for x in cands if x.schedule in IMPLEMENTED]
     return min(cands, key=lambda x: x.total_ms)
+
+
+@functools.lru_cache(maxsize=256)
+def choose_schedule(seq: int, nodes: int, gpus_per_node: int, heads: int, kv_heads: int, head_dim: int,
+                    elem_bytes: int, causal: bool) -> str:
+    """The schedule ``schedule="auto"`` runs for one attention call (same answer on every rank)."""
+    if nodes <= 1 or seq % (2 * nodes * gpus_per_node) or heads % kv_heads:
+        return "ring"
+    prob = Problem(seq, nodes, gpus_per_node, heads, kv_heads, head_dim, 1, elem_bytes, causal)
+    return choose(prob).schedule
 
 
 def format_table(preds: list[Prediction]) -> str:

@@ -36,9 +36,9 @@ _CURRENT: Topology | None = None
 def check_schedule(schedule: str, sequence_parallel_size: int = 1, gpus_per_node: int = 1) -> str:
     """Return the concrete schedule for ``schedule``, or raise ``ValueError``.
 
-    ``auto`` is the double ring when the SP group spans several whole nodes, else the flat ring (the cost
-    model, ``python -m ds_burst.plan``, predicts the double ring faster across nodes and both equal inside
-    one). ``double_ring`` inside a single node is the flat ring.
+    ``auto`` keeps the choice open when the SP group spans several whole nodes (each attention call then
+    takes the cost model's pick for its shapes, :func:`ds_burst.plan.choose_schedule`) and is the flat ring
+    inside one node. ``double_ring`` inside a single node is the flat ring.
     """
     if schedule in LATER_SCHEDULES:
         raise ValueError(
@@ -58,7 +58,7 @@ def check_schedule(schedule: str, sequence_parallel_size: int = 1, gpus_per_node
     if schedule == "ulysses_ring":
         return "ulysses_ring"
     if schedule in ("auto", "double_ring") and spans_nodes and aligned:
-        return "double_ring"
+        return schedule
     return "ring"
 
 
@@ -87,7 +87,8 @@ class Topology:
         data_parallel_size: ``dp = world // P``, SP groups (model replicas that see different data).
         world_size, rank: of the default (world) group.
         gpus_per_node: ranks per node (``LOCAL_WORLD_SIZE``); ``gpus_per_node=2`` on 4 ranks acts as 2 nodes.
-        schedule: the concrete schedule, ``"ring"`` or ``"double_ring"``.
+        schedule: ``"ring"``, ``"double_ring"``, ``"ulysses_ring"`` or ``"auto"`` (several nodes: chosen per
+            call by the cost model).
         node_groups: for the double ring, this rank's intra-node and inter-node subgroups of its SP group.
     """
 
@@ -229,7 +230,7 @@ def init_sequence_parallel(
         g = dist.new_group(ranks)
         if rank in ranks:
             topo.dp_group = g
-    if concrete in ("double_ring", "ulysses_ring"):  # node subgroups of every SP group, same order everywhere
+    if concrete in ("auto", "double_ring", "ulysses_ring"):  # node subgroups of every SP group, same order
         topo.node_groups = _node_groups(rank, world, p, min(gpus_per_node, p))
     topo.sdp_group = dist.new_group(list(range(world)))
     for r in range(world):  # model-parallel: each rank alone

