@@ -20,7 +20,7 @@ from .ops import kernel_module, resolve_kernel
 from .plan import choose_schedule
 from .relayout import relayout
 from .schedules import ulysses_ring as uly
-from .schedules.ring import RingSetup, burst_backward, kv_ring_backward, ring_forward
+from .schedules.ring import RingSetup, burst_backward, kv_ring_backward, needs_out, ring_forward
 from .step_plan import RingPass, ring_passes
 from .validate import AttnArgs, validate
 
@@ -97,7 +97,8 @@ def make_plan(
         setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes)
     backward = a.backward
     if backward == "auto":
-        backward = choose_backward(hq, hkv, q.shape[3], q.element_size())
+        # kernels whose backward needs the output (fused SDPA ops) keep Q, dO and O at home
+        backward = "ring" if needs_out(kernel) else choose_backward(hq, hkv, q.shape[3], q.element_size())
     return CallPlan(setup, info, a.layout, layout, backward, spec)
 
 
@@ -131,8 +132,10 @@ class BurstAttnFunction(torch.autograd.Function):
         if spec is not None:
             dout_c = uly.to_node(dout_c, spec, "bwd_a2a")
         delta = plan.setup.kernel.bwd_preprocess(out_c, dout_c)
-        run = burst_backward if plan.backward == "burst" else kv_ring_backward
-        dq, dk, dv = run(qc, kc, vc, dout_c, lse, delta, plan.setup)
+        if plan.backward == "burst":
+            dq, dk, dv = burst_backward(qc, kc, vc, dout_c, lse, delta, plan.setup)
+        else:
+            dq, dk, dv = kv_ring_backward(qc, kc, vc, dout_c, lse, delta, plan.setup, out_c)
         dq = dq.to(qc.dtype)
         if spec is not None:  # replicated KV heads: sum their copies in fp32 before rounding
             dq = uly.from_node(dq, spec, "bwd_a2a")
@@ -190,7 +193,9 @@ def burst_attn_func(
         layout: how the caller split the sequence, ``"contiguous"`` or ``"zigzag"``.
         backward: ``"burst"`` (Q, dO, lse, delta and dQ travel), ``"ring"`` (K, V, dK, dV travel) or
             ``"auto"`` (the one that sends fewer bytes for these head counts).
-        kernel: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, torch on CPU).
+        kernel: ``"torch"``, ``"triton"``, ``"sdpa"`` (torch's fused cuDNN/flash ops per tile where the mask
+            allows, per-block outputs rounded to the input dtype; uses the ring backward) or ``"auto"``
+            (Triton on CUDA, torch on CPU).
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, S_local]`` (fp32, not differentiable).
         deterministic: bitwise-reproducible backward (no atomics in the kernels).
         check_inputs: validate on every rank with one small all-gather (raises the same error everywhere).

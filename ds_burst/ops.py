@@ -1,7 +1,8 @@
 """Local kernel selection: which implementation of the per-block tiles a call uses.
 
 Every implementation exposes ``fwd_step``, ``bwd_preprocess`` and ``bwd_step`` with the contract of
-:mod:`ds_burst.kernels.reference` (the pure-PyTorch tiles).
+:mod:`ds_burst.kernels.reference` (the pure-PyTorch tiles). A kernel whose module sets ``BWD_NEEDS_OUT``
+also takes the final output of the queries as ``bwd_step(..., out=...)``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "sdpa")
 
 
 def check_kernel(name: str) -> None:
@@ -31,13 +32,20 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def kernel_module(name: str) -> ModuleType:
-    """The module implementing concrete kernel ``name`` (``torch`` or ``triton``)."""
+    """The module implementing concrete kernel ``name`` (``torch``, ``triton`` or ``sdpa``).
+
+    ``sdpa`` runs each tile on torch's fused attention ops (cuDNN, FlashAttention; the CPU flash op) where
+    the mask is expressible and falls back per tile otherwise; its backward needs the output (``BWD_NEEDS_OUT``),
+    so it runs with the K/V-travelling backward.
+    """
     if name == "torch":
         return importlib.import_module("ds_burst.kernels.reference")
     if name == "triton":
         if not _triton_available():
             raise ValueError("kernel='triton' needs the triton package (pip install triton)")
         return importlib.import_module("ds_burst.kernels.triton_attn")
+    if name == "sdpa":
+        return importlib.import_module("ds_burst.kernels.sdpa_attn")
     raise ValueError(f"unknown kernel {name!r}")
 
 

@@ -95,6 +95,8 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
         return "ValueError", (
             f"zigzag layout needs S divisible by 2P: S_local={q.shape[1]} is odd (P={info.world})"
         )
+    if a.kernel == "sdpa" and a.backward == "burst":
+        return "ValueError", "kernel='sdpa' needs the output in its backward: use backward='ring' or 'auto'"
     if a.kernel == "triton":
         if q.dtype == torch.float64:
             return "ValueError", "kernel='triton' does not support float64 inputs; use kernel='torch'"

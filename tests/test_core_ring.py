@@ -302,3 +302,39 @@ def worker_repeat(rank, world):
 
 def test_repeated_runs_are_bitwise_identical():
     assert all(values(run_ranks(worker_repeat, 3, timeout=300)))
+
+
+# --------------------------------------------------------------------------------- other local kernels
+
+KERNEL_CASES = [
+    # (causal, window, layout, backward, hkv)
+    (True, (-1, -1), "zigzag", "auto", 2),
+    (False, (-1, -1), "contiguous", "ring", 1),
+    (True, (5, 0), "contiguous", "auto", 2),
+    (False, (3, 2), "zigzag", "ring", 2),
+]
+
+
+def worker_kernels(rank, world, kernel):
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels on CPU tensors (set before triton is imported)
+    dtype = torch.float32 if kernel == "triton" else torch.float64
+    errs = []
+    for idx, (causal, window, layout, backward, hkv) in enumerate(KERNEL_CASES):
+        g = torch.Generator().manual_seed(idx)
+        s = 8 * world
+        q, k, v, do = (torch.randn(1, s, h, 16, generator=g, dtype=torch.float64) for h in (2, hkv, hkv, 2))
+        got = _run_case(q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), causal, window, layout, backward,
+                        kernel=kernel)
+        ref = _reference(q, k, v, do, causal, window)
+        errs.append(max(_rel(a, b) for a, b in zip(got, ref)))
+    return errs
+
+
+@pytest.mark.parametrize("kernel,tol", [("triton", 1e-5), ("sdpa", 1e-10)])
+def test_ring_with_other_kernels(kernel, tol):
+    """The whole ring on gloo ranks with the Triton tiles (interpreter, fp32) and the fused-op tiles (fp64)."""
+    for rank_errs in values(run_ranks(worker_kernels, 2, kernel, timeout=600)):
+        for case, err in zip(KERNEL_CASES, rank_errs):
+            assert err < tol, (case, err)

@@ -234,6 +234,8 @@ def test_return_lse_matches_reference():
         (dict(causal=True, window_size=(4, 2)), ValueError, "conflicts with causal"),
         (dict(window_size=(4,)), ValueError, "window_size"),
         (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
+        (dict(kernel="sdpa", backward="burst"), ValueError, "kernel='sdpa' needs the output"),
+        (dict(schedule="spiral"), ValueError, "unknown schedule"),
     ],
 )
 def test_bad_arguments_single_process(kwargs, exc, match):

@@ -179,9 +179,14 @@ def ring_forward(
 
 def _bwd_kwargs(setup: RingSetup, op: TileOp) -> dict:
     kw = setup.mask_args(op)
-    if setup.deterministic and setup.kernel.__name__.endswith("triton_attn"):
+    if setup.deterministic and not setup.kernel.__name__.endswith("reference"):
         kw["deterministic"] = True
     return kw
+
+
+def needs_out(kernel: ModuleType) -> bool:
+    """Whether the kernel's backward takes the output instead of only ``delta`` (fused SDPA ops)."""
+    return bool(getattr(kernel, "BWD_NEEDS_OUT", False))
 
 
 def burst_backward(
@@ -220,9 +225,13 @@ def burst_backward(
 
 def kv_ring_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-    delta: torch.Tensor, setup: RingSetup,
+    delta: torch.Tensor, setup: RingSetup, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RingAttention-style backward: Q, dO stay; K, V travel and dK, dV follow them home."""
+    """RingAttention-style backward: Q, dO stay; K, V travel and dK, dV follow them home.
+
+    ``out`` (local output, input dtype) is passed to kernels that need it (``BWD_NEEDS_OUT``).
+    """
+    pass_out = out is not None and needs_out(setup.kernel)
     me = setup.info.rank
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -235,6 +244,7 @@ def kv_ring_backward(
                 q[:, op.q0 : op.q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1], dout[:, op.q0 : op.q1],
                 lse[:, :, op.q0 : op.q1], delta[:, :, op.q0 : op.q1], dq[:, op.q0 : op.q1],
                 dk_buf[:, op.k0 : op.k1], dv_buf[:, op.k0 : op.k1], scale=setup.scale, **_bwd_kwargs(setup, op),
+                **({"out": out[:, op.q0 : op.q1]} if pass_out else {}),  # type: ignore[index]
             )
 
     def remote(payload: Tensors, owner: int) -> Tensors:
