@@ -189,6 +189,12 @@ def needs_out(kernel: ModuleType) -> bool:
     return bool(getattr(kernel, "BWD_NEEDS_OUT", False))
 
 
+def _grad_accumulators(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+    """Zeroed fp32 (fp64 for fp64 inputs) gradient buffers shaped like q, k, v."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+
+
 def burst_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
     delta: torch.Tensor, setup: RingSetup,
@@ -198,10 +204,7 @@ def burst_backward(
     Returns fp32 ``dq, dk, dv`` for the local shard.
     """
     me = setup.info.rank
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dq, dk, dv = _grad_accumulators(q, k, v)
 
     def grads(qq, do, ll, dd, dq_buf, q_owner: int) -> None:
         for op in setup.ops(q_owner, me):
@@ -233,10 +236,7 @@ def kv_ring_backward(
     """
     pass_out = out is not None and needs_out(setup.kernel)
     me = setup.info.rank
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dq, dk, dv = _grad_accumulators(q, k, v)
 
     def grads(kk, vv, dk_buf, dv_buf, k_owner: int) -> None:
         for op in setup.ops(me, k_owner):
