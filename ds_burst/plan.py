@@ -176,6 +176,8 @@ def _ulysses(p: Problem, hw: Hardware) -> Prediction | None:
 
 
 IMPLEMENTED = ("ring", "double_ring", "ulysses_ring")
+# On equal predictions prefer the topology-aware schedules (robust to a misestimated inter-node link).
+_PREFERENCE = {"double_ring": 0, "ulysses_ring": 1, "ring": 2}
 
 
 def choose(p: Problem, hw: Hardware = Hardware(), implemented_only: bool = True) -> Prediction:
@@ -183,7 +185,7 @@ def choose(p: Problem, hw: Hardware = Hardware(), implemented_only: bool = True)
     cands = [x for x in predict(p, hw) if x.schedule != "ulysses"]
     if implemented_only:
         cands = [x for x in cands if x.schedule in IMPLEMENTED]
-    return min(cands, key=lambda x: x.total_ms)
+    return min(cands, key=lambda x: (x.total_ms, _PREFERENCE.get(x.schedule, 3)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -194,6 +196,26 @@ def choose_schedule(seq: int, nodes: int, gpus_per_node: int, heads: int, kv_hea
         return "ring"
     prob = Problem(seq, nodes, gpus_per_node, heads, kv_heads, head_dim, 1, elem_bytes, causal)
     return choose(prob).schedule
+
+
+def schedule_report(schedule: str, seq: int, sequence_parallel_size: int, gpus_per_node: int, heads: int,
+                    kv_heads: int, head_dim: int, elem_bytes: int = 2, causal: bool = True) -> str:
+    """What a training run logs at start: the predictions for its attention shape and the schedule used."""
+    p = sequence_parallel_size
+    nodes = p // gpus_per_node if p > gpus_per_node and p % gpus_per_node == 0 else 1
+    per_node = p // nodes
+    if p == 1:
+        return "schedule: none (sequence_parallel_size=1)"
+    prob = Problem(seq, nodes, per_node, heads, kv_heads, head_dim, 1, elem_bytes, causal)
+    try:
+        table = format_table(predict(prob))
+    except ValueError as exc:
+        return f"schedule: {schedule} (no cost-model prediction: {exc})"
+    used = schedule
+    if schedule == "auto":
+        used = f"auto -> {choose_schedule(seq, nodes, per_node, heads, kv_heads, head_dim, elem_bytes, causal)}"
+    return (f"cost model for S={seq}, {nodes} node(s) x {per_node} rank(s), Hq={heads}, Hkv={kv_heads}, D={head_dim}:"
+            f"\n{table}\nschedule: {used}")
 
 
 def format_table(preds: list[Prediction]) -> str:

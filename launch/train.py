@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sequence_parallel_loss,
         sp_grads_averaged,
     )
+    from ds_burst.plan import schedule_report
 
     burst = BurstConfig.from_ds_config(ds_config)
     ds_config.pop("burst_attention", None)  # DeepSpeed would ignore it; keep its printout short
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- model ------------------------------------------------------------------------------
     mcfg = ModelConfig.from_dict(tc.model)
+    say(schedule_report(topo.schedule, tc.seq_len, topo.sequence_parallel_size, topo.gpus_per_node, mcfg.num_heads,
+                        mcfg.num_kv_heads, mcfg.head_dim, 2 if device.type == "cuda" else 4))
     torch.manual_seed(tc.seed)
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     init_ctx: Any = contextlib.nullcontext()

@@ -48,7 +48,7 @@ def test_command_line_prints_table_and_choice():
     out = subprocess.run([sys.executable, "-m", "ds_burst.plan", "--seq", "1048576", "--nodes", "4",
                           "--gpus-per-node", "8", "--heads", "32", "--kv-heads", "8", "--head-dim", "128"],
                          capture_output=True, text=True, check=True).stdout
-    assert "double_ring" in out and "choice: schedule=ring" in out
+    assert "ulysses_ring" in out and "choice: schedule=double_ring" in out
 
 
 def test_auto_schedule_choice():
