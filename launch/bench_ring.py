@@ -4,7 +4,8 @@
 
 Every method runs in the same launch on the same GPUs, bf16, B=1, causal, Hq=32, D=128:
 
-* ``ds-burst-<kernel>``: ``burst_attn_func`` on zigzag shards (flat ring, backward "auto");
+* ``ds-burst-<kernel>[-<schedule>]``: ``burst_attn_func`` on zigzag shards (backward "auto"), flat ring or
+  the ``--schedules`` given, over ``--gpus-per-node`` ranks per (simulated) node;
 * ``ulysses-cudnn`` / ``ulysses-flash``: DeepSpeed's ``DistributedAttention`` with SDPA as local attention;
 * ``torch-cp``: ``torch.distributed.tensor.experimental.context_parallel`` (ring, SDPA flash), MHA only.
 
@@ -61,15 +62,19 @@ def check(world: int, kernel: str, s: int = 8192, h: int = 8, hkv: int = 8, d: i
     return res
 
 
-def make_methods(world: int, kernels: list[str]):
+def make_methods(world: int, kernels: list[str], schedules: list[str], gpus_per_node: int | None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import ds_burst
 
     methods = {}
-    for kern in kernels:
-        methods[f"ds-burst-{kern}"] = lambda q, k, v, kern=kern: ds_burst.burst_attn_func(
-            q, k, v, causal=True, layout="zigzag", kernel=kern)
+    for sched in schedules:
+        # every rank creates every topology's groups in the same order
+        topo = ds_burst.init_sequence_parallel(world, gpus_per_node=gpus_per_node, schedule=sched)
+        for kern in kernels:
+            name = f"ds-burst-{kern}" + ("" if sched == "ring" else f"-{sched}")
+            methods[name] = lambda q, k, v, kern=kern, topo=topo: ds_burst.burst_attn_func(
+                q, k, v, causal=True, layout="zigzag", kernel=kern, group=topo)
 
     def ulysses(backend):
         from deepspeed.sequence.layer import DistributedAttention
@@ -130,6 +135,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kernels", nargs="+", default=["triton"], help="ds-burst local kernels to run")
+    ap.add_argument("--schedules", nargs="+", default=["ring"],
+                    help="ds-burst schedules: ring, double_ring, ulysses_ring, auto")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="ranks per (simulated) node for the topology-aware schedules, e.g. 2 on 4 GPUs = 2x2")
     ap.add_argument("--torch-kernel-max-seq", type=int, default=32768, help="largest S for kernel=torch")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--check", action="store_true", help="bf16 correctness check against float64 first")
@@ -148,7 +157,7 @@ def main() -> None:
             res = check(world, kern)
             for key, (ours, single) in res.items():
                 _log(f"CHECK kernel={kern} {key}: ds-burst bf16 rel err {ours:.2e}, single-GPU SDPA bf16 {single:.2e}")
-    methods = make_methods(world, args.kernels)
+    methods = make_methods(world, args.kernels, args.schedules, args.gpus_per_node)
     if args.no_peers:
         methods = {k: v for k, v in methods.items() if k.startswith("ds-burst")}
     rows = []

@@ -37,7 +37,8 @@ for spec in "$@"; do
       grep -v "^{" "$OUT/kernels_long.log" | tail -10 ;;
     ring)
       timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_ring.py --out "$OUT/ring.json" --check \
-        --kernels triton torch --seqs 32768 131072 262144 --kv-heads 32 8 >"$OUT/ring.log" 2>&1
+        --kernels triton torch --seqs 32768 131072 262144 --kv-heads 32 8 \
+        --schedules ring double_ring ulysses_ring --gpus-per-node $(( ngpu > 1 ? ngpu / 2 : 1 )) >"$OUT/ring.log" 2>&1
       grep -E "CHECK|^method|^ds-burst|^ulysses|^torch-cp|Error|error" "$OUT/ring.log" | tail -45 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
