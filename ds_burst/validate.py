@@ -127,7 +127,7 @@ def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> dict[str, int]:
     }
 
 
-_N_FIELDS = 16  # len(_summary(...))
+_N_FIELDS = 16  # len(_summary(...)); the all-gathered row is the error flag plus these
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 
 
