@@ -127,6 +127,36 @@ def _time_method(fn, q, k, v, do, iters: int) -> dict:
     return {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Forward+backward time against S, one panel per KV-head count, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    kv = sorted({r["Hkv"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(kv), figsize=(5 * len(kv), 3.8), squeeze=False)
+    for ax, hkv in zip(axes[0], kv):
+        for m in methods:
+            pts = sorted((r["S"], r["fwdbwd_ms"]) for r in rows if r["method"] == m and r["Hkv"] == hkv
+                         and "fwdbwd_ms" in r)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=colors[m])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"P={rows[0]['P']}, Hq={rows[0]['Hq']}, Hkv={hkv}, causal bf16")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("fwd+bwd ms (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/ring.json")
@@ -199,6 +229,7 @@ def main() -> None:
                 "peak_gib", "speedup_vs_ulysses-cudnn", "speedup_vs_torch-cp", "error"]
         print_table(rows, cols)
         write_json(args.out, device_meta() | {"command": " ".join(sys.argv), "world": world}, rows)
+        plot(rows, os.path.splitext(args.out)[0] + ".png")
     dist.barrier()
     dist.destroy_process_group()
 
