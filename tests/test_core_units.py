@@ -258,3 +258,14 @@ def test_bad_tensors_single_process():
         ds_burst.burst_attn_func(q[:, :0], q[:, :0], q[:, :0])
     with pytest.raises(ValueError, match="devices differ"):
         ds_burst.burst_attn_func(q, q.to("meta"), q)
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(2, 4, 11, 8, dtype=torch.float64, generator=g)  # [B, H, S, D]
+    q = base.transpose(1, 2)  # [B, S, H, D] view, not contiguous
+    kv = torch.randn(2, 11, 2, 16, dtype=torch.float64, generator=g)[..., ::2]  # strided last dim
+    assert not q.is_contiguous() and not kv.is_contiguous()
+    out = ds_burst.burst_attn_func(q, kv, kv, causal=True)
+    ref, _ = R.naive_attention(q.contiguous(), kv.contiguous(), kv.contiguous(), causal=True)
+    assert (out - ref).abs().max().item() < 1e-12
