@@ -229,6 +229,8 @@ def _bad_case(rank, name):
         q, k, v = q[:, :0], k[:, :0], v[:, :0]
     elif name == "not_a_tensor":
         k = "keys"
+    elif name == "schedule_needs_topology":
+        kw["schedule"] = "double_ring"
     return q, k, v, kw
 
 
@@ -248,6 +250,7 @@ BAD = {
     "causal_differs": (ValueError, "causal differs"),
     "empty": (ValueError, "empty input"),
     "not_a_tensor": (TypeError, "must be a torch.Tensor"),
+    "schedule_needs_topology": (ValueError, "needs group=<topology"),
 }
 
 

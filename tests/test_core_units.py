@@ -269,3 +269,13 @@ def test_non_contiguous_inputs():
     out = ds_burst.burst_attn_func(q, kv, kv, causal=True)
     ref, _ = R.naive_attention(q.contiguous(), kv.contiguous(), kv.contiguous(), causal=True)
     assert (out - ref).abs().max().item() < 1e-12
+
+
+def test_triton_kernel_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ds_burst.burst_attn_func(q, q, q, kernel="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="float64"):
+        ds_burst.burst_attn_func(q.double(), q.double(), q.double(), kernel="triton")

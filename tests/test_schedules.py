@@ -53,6 +53,13 @@ def worker_schedule(rank, world, per_node, schedule):
     topo = ds_burst.init_sequence_parallel(world, gpus_per_node=per_node, schedule=schedule)
     assert topo.schedule == schedule and topo.node_groups is not None
     errs = {}
+    if schedule == "ulysses_ring":  # heads that cannot be split over the node: a clear error on every rank
+        bad = torch.randn(1, 4, per_node + 1, 8)
+        try:
+            ds_burst.burst_attn_func(bad, bad, bad, group=topo)
+            errs["bad_heads"] = ""
+        except ValueError as exc:
+            errs["bad_heads"] = str(exc)
     for idx, (mask, layout, backward, hkv) in enumerate(CASES[schedule]):
         g = torch.Generator().manual_seed(idx)
         s = 4 * world
@@ -79,6 +86,12 @@ def _results(nodes: int, per_node: int, schedule: str):
 
 
 PARAMS = [(sched, shape, case) for sched in CASES for shape in NODE_SHAPES for case in CASES[sched]]
+
+
+@pytest.mark.parametrize("shape", NODE_SHAPES, ids=str)
+def test_ulysses_ring_rejects_heads_it_cannot_split(shape):
+    for rank_errs in _results(*shape, "ulysses_ring"):
+        assert "needs Hq divisible by the GPUs per node" in rank_errs["bad_heads"]
 
 
 @pytest.mark.parametrize("schedule,shape,case", PARAMS, ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple)
