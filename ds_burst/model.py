@@ -21,6 +21,7 @@ from torch import nn
 from .attention import burst_attn_func
 from .comm import GroupInfo, all_reduce_sum, resolve_group
 from .config import BurstConfig
+from .memory import chunked_lm_head_loss, tiled_mlp
 from .topology import get_topology
 
 
@@ -39,6 +40,9 @@ class ModelConfig:
     sliding_window: int | None = None
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # memory options (ds_burst.memory); they change memory use, not results
+    lm_head_chunk_tokens: int | None = None  # chunked LM head + loss over this many positions at a time
+    mlp_tiles: int = 1  # > 1: run each MLP over this many sequence tiles, recomputed in backward
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -55,6 +59,12 @@ class ModelConfig:
             self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window must be a positive int or null, got {self.sliding_window!r}")
+        c = self.lm_head_chunk_tokens
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"model.lm_head_chunk_tokens: expected a positive integer or null, got {c!r}")
+        t = self.mlp_tiles
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"model.mlp_tiles: expected a positive integer (1: off), got {t!r}")
 
     @property
     def head_dim(self) -> int:
@@ -188,10 +198,12 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, attention, group, attn_kwargs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
+        self.mlp_tiles = cfg.mlp_tiles
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), cos, sin)
-        return x + self.mlp(self.post_norm(x))
+        h = self.post_norm(x)
+        return x + (tiled_mlp(self.mlp, h, self.mlp_tiles) if self.mlp_tiles > 1 else self.mlp(h))
 
 
 class BurstLlama(nn.Module):
@@ -224,6 +236,7 @@ class BurstLlama(nn.Module):
         if checkpoint_impl not in ("torch", "deepspeed"):
             raise ValueError(f"checkpoint_impl must be 'torch' or 'deepspeed', got {checkpoint_impl!r}")
         self.cfg = cfg
+        self.group = group
         self.attention = attention
         self.layout = burst.layout if burst is not None else "zigzag"
         attn_kwargs = burst.attn_kwargs() if burst is not None else {"layout": self.layout}
@@ -241,9 +254,22 @@ class BurstLlama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        sp_grads_averaged: bool = False,
+    ) -> torch.Tensor:
         """Logits ``[B, s_local, vocab]`` for this rank's tokens ``input_ids [B, s_local]`` at global
-        ``position_ids`` (``[B, s_local]`` or ``[s_local]``)."""
+        ``position_ids`` (``[B, s_local]`` or ``[s_local]``).
+
+        With ``labels`` (shifted, sharded like ``input_ids``) it returns instead the loss of
+        :func:`sequence_parallel_loss` over the model's SP group; with ``cfg.lm_head_chunk_tokens`` set that
+        loss comes from :func:`ds_burst.memory.chunked_lm_head_loss` and the ``[B, s_local, vocab]`` logits
+        are never materialised (same value and gradients).
+        """
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(input_ids.shape[0], -1)
         x = self.embed(input_ids)
@@ -253,7 +279,13 @@ class BurstLlama(nn.Module):
                 x = self._checkpoint(layer, x, cos, sin)
             else:
                 x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)
+        if labels is None:
+            return self.lm_head(h)
+        if self.cfg.lm_head_chunk_tokens is None:
+            return sequence_parallel_loss(self.lm_head(h), labels, self.group, ignore_index, sp_grads_averaged)
+        ce, count = chunked_lm_head_loss(h, self.lm_head, labels, self.cfg.lm_head_chunk_tokens, ignore_index)
+        return sequence_parallel_loss_from_sum(ce, count, self.group, sp_grads_averaged)
 
     def _checkpoint(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_impl == "deepspeed":
@@ -295,10 +327,20 @@ def sequence_parallel_loss(
     :func:`sp_grads_averaged`); pass ``sp_grads_averaged=True`` when it averages (the gradient is then
     scaled by ``P``, so the average is the true gradient).
     """
-    info = _sp_info(group)
     flat = labels.reshape(-1)
-    ce = F.cross_entropy(logits.float().reshape(flat.numel(), -1), flat, ignore_index=ignore_index, reduction="sum")
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 softmax; fp64 stays fp64
+    ce = F.cross_entropy(logits.reshape(flat.numel(), -1), flat, ignore_index=ignore_index, reduction="sum")
     count = (flat != ignore_index).sum().to(torch.float64)
+    return sequence_parallel_loss_from_sum(ce, count, group, sp_grads_averaged)
+
+
+def sequence_parallel_loss_from_sum(
+    ce_sum: torch.Tensor, count: torch.Tensor, group: Any = None, sp_grads_averaged: bool = False
+) -> torch.Tensor:
+    """:func:`sequence_parallel_loss` from this rank's summed token loss ``ce_sum`` and labelled-token
+    ``count`` (e.g. from :func:`ds_burst.memory.chunked_lm_head_loss`): same value and gradients."""
+    info = _sp_info(group)
+    ce = ce_sum
     total = all_reduce_sum(info, count) if info.world > 1 else count
     local = ce / total.clamp(min=1).to(ce.dtype)
     value = all_reduce_sum(info, local.detach()) if info.world > 1 else local.detach()

@@ -337,13 +337,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss_sum, correct, total = 0.0, 0, 0
         for micro in range(gas):
             b = batch(step, micro)
-            logits = engine(b["input_ids"], b["position_ids"])
-            loss = sequence_parallel_loss(logits, b["labels"], topo, sp_grads_averaged=averaged)
+            if mcfg.lm_head_chunk_tokens is not None:  # chunked LM head: no logits, no train accuracy
+                loss = engine(b["input_ids"], b["position_ids"], b["labels"], sp_grads_averaged=averaged)
+            else:
+                logits = engine(b["input_ids"], b["position_ids"])
+                loss = sequence_parallel_loss(logits, b["labels"], topo, sp_grads_averaged=averaged)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
-            c, n = sequence_parallel_accuracy(logits, b["labels"], topo)
-            correct, total = correct + c, total + n
+            if mcfg.lm_head_chunk_tokens is None:
+                c, n = sequence_parallel_accuracy(logits, b["labels"], topo)
+                correct, total = correct + c, total + n
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -1,0 +1,273 @@
+"""ds_burst.memory: the chunked LM-head loss and the tiled MLP give the same loss and gradients as the plain
+computation (float64, tight tolerance), at unit and model level, and the chunked loss never holds [B, s, V]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dist_utils import run_ranks
+from ds_burst.memory import chunked_lm_head_loss, tiled_mlp
+from ds_burst.model import MLP, BurstLlama, ModelConfig, sequence_parallel_loss
+
+RTOL = 1e-10
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> None:
+    scale = max(float(b.abs().max()), 1e-30)
+    err = float((a - b).abs().max())
+    assert err <= rtol * scale, f"max abs err {err:.3e} vs scale {scale:.3e}"
+
+
+def _labels(b: int, s: int, v: int, gen: torch.Generator) -> torch.Tensor:
+    lab = torch.randint(0, v, (b, s), generator=gen)
+    lab[torch.rand(b, s, generator=gen) < 0.3] = -100
+    lab[0, :3] = -100
+    return lab
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked LM head + loss
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 13, 100])
+@pytest.mark.parametrize("as_module", [False, True])
+def test_chunked_loss_matches_full(chunk, as_module):
+    gen = torch.Generator().manual_seed(chunk)
+    b, s, h, v = 2, 13, 10, 37
+    hidden = torch.randn(b, s, h, dtype=torch.float64, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(h, v, bias=False).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, h, dtype=torch.float64, generator=gen))
+    labels = _labels(b, s, v, gen)
+    go = torch.tensor(0.7, dtype=torch.float64)
+
+    ref = F.cross_entropy(F.linear(hidden, head.weight).reshape(-1, v), labels.reshape(-1), reduction="sum")
+    gh_ref, gw_ref = torch.autograd.grad(ref, (hidden, head.weight), go)
+
+    total, count = chunked_lm_head_loss(hidden, head if as_module else head.weight, labels, chunk)
+    assert count.dtype == torch.float64 and int(count) == int((labels != -100).sum())
+    assert not count.requires_grad
+    _close(total.detach(), ref.detach())
+    if as_module:  # the module's parameter gradients accumulate into .grad through a nested backward
+        total.backward(go)
+        gh, gw = hidden.grad, head.weight.grad
+    else:
+        gh, gw = torch.autograd.grad(total, (hidden, head.weight), go)
+    _close(gh, gh_ref)
+    _close(gw, gw_ref)
+
+    mean, _ = chunked_lm_head_loss(hidden, head.weight, labels, chunk, reduction="mean")
+    _close(mean.detach(), (ref / (labels != -100).sum()).detach())
+
+
+def test_chunked_loss_plugs_into_sequence_parallel_loss():
+    from ds_burst.model import sequence_parallel_loss_from_sum
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 11, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(29, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = _labels(3, 11, 29, gen)
+    for averaged in (False, True):
+        ref = sequence_parallel_loss(F.linear(hidden, w), labels, sp_grads_averaged=averaged)
+        g_ref = torch.autograd.grad(ref, (hidden, w))
+        ce, count = chunked_lm_head_loss(hidden, w, labels, 4)
+        got = sequence_parallel_loss_from_sum(ce, count, sp_grads_averaged=averaged)
+        _close(got.detach(), ref.detach())
+        for a, b in zip(torch.autograd.grad(got, (hidden, w)), g_ref):
+            _close(a, b)
+
+
+def test_chunked_loss_all_ignored_and_validation():
+    hidden = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.full((1, 5), -100)
+    total, count = chunked_lm_head_loss(hidden, w, labels, 2)
+    assert float(total.detach()) == 0.0 and float(count) == 0.0
+    total.backward()
+    assert torch.all(hidden.grad == 0) and torch.all(w.grad == 0)
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            chunked_lm_head_loss(hidden, w, labels, bad)
+    with pytest.raises(ValueError, match="reduction"):
+        chunked_lm_head_loss(hidden, w, labels, 2, reduction="none")
+    with pytest.raises(ValueError, match="labels"):
+        chunked_lm_head_loss(hidden, w, labels[:, :4], 2)
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("as_module", [False, True])
+def test_chunked_loss_never_materialises_full_logits(as_module):
+    b, s, h, v, chunk = 2, 64, 8, 50, 8
+    hidden = torch.randn(b, s, h, requires_grad=True)
+    head = torch.nn.Linear(h, v, bias=False)
+    labels = torch.randint(0, v, (b, s))
+    rec = _ShapeRecorder()
+    with rec:
+        total, _ = chunked_lm_head_loss(hidden, head if as_module else head.weight, labels, chunk)
+        total.backward()
+    # the largest tensor is one chunk's logits (or the [V, H] weight gradient / [B, s, H] hidden gradient)
+    bound = max(b * chunk * v, v * h, b * s * h)
+    assert rec.max_numel <= bound < b * s * v
+    # the plain path does create [B, s, V]
+    rec = _ShapeRecorder()
+    with rec:
+        F.cross_entropy(head(hidden).reshape(-1, v), labels.reshape(-1)).backward()
+    assert rec.max_numel >= b * s * v
+
+
+# ---------------------------------------------------------------------------------------------
+# tiled MLP
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 5, 40])
+def test_tiled_mlp_matches_plain(tiles):
+    torch.manual_seed(tiles)
+    cfg = ModelConfig(hidden_size=12, num_heads=2, num_kv_heads=1, intermediate_size=20)
+    mlp = MLP(cfg).double()
+    x = torch.randn(2, 17, 12, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(2, 17, 12, dtype=torch.float64)
+    params = list(mlp.parameters())
+    ref = mlp(x)
+    g_ref = torch.autograd.grad(ref, [x, *params], go)
+    out = tiled_mlp(mlp, x, tiles)
+    _close(out.detach(), ref.detach())
+    # parameter grads accumulate (into .grad, on top of what is there) over the tiles
+    for p in params:
+        p.grad = torch.ones_like(p)
+    out.backward(go)
+    _close(x.grad, g_ref[0])
+    for p, g in zip(params, g_ref[1:]):
+        _close(p.grad, g + 1)
+
+
+def test_tiled_mlp_saves_only_input_and_validates():
+    mlp = MLP(ModelConfig(hidden_size=8, num_heads=2, num_kv_heads=1, intermediate_size=64))
+    x = torch.randn(1, 32, 8, requires_grad=True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = tiled_mlp(mlp, x, 4)
+    assert sizes == [x.numel()]  # only x is kept for backward, nothing of [B, s, intermediate]
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in mlp.parameters())
+    with torch.no_grad():
+        _close(tiled_mlp(mlp, x, 4), mlp(x), 1e-6)
+    for bad in (0, 1.5, False):
+        with pytest.raises(ValueError, match="tiles"):
+            tiled_mlp(mlp, x, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# model level
+
+
+def _model_pair(cfg_kwargs: dict, attention: str = "local", group=None, burst=None):
+    base = dict(vocab_size=61, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=24)
+    base.update(cfg_kwargs.pop("base", {}))
+    torch.manual_seed(0)
+    ref = BurstLlama(ModelConfig(**base), attention=attention, group=group, burst=burst).double()
+    feat = BurstLlama(ModelConfig(**base, **cfg_kwargs), attention=attention, group=group, burst=burst).double()
+    feat.load_state_dict(ref.state_dict())
+    return ref, feat
+
+
+def _loss_and_grads(model, ids, pos, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, pos, labels, **kw)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("features", [
+    {"lm_head_chunk_tokens": 5},
+    {"mlp_tiles": 3},
+    {"lm_head_chunk_tokens": 64, "mlp_tiles": 4},
+    {"lm_head_chunk_tokens": 7, "mlp_tiles": 2, "base": {"tie_embeddings": True}},
+])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_features_same_loss_and_grads(features, checkpointing):
+    ref, feat = _model_pair(dict(features))
+    ref.activation_checkpointing = feat.activation_checkpointing = checkpointing
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (2, 23), generator=gen)
+    labels = _labels(2, 23, 61, gen)
+    pos = torch.arange(23)
+    loss_ref, g_ref = _loss_and_grads(ref, ids, pos, labels)
+    # the labels path without the features is exactly sequence_parallel_loss on the logits
+    _close(loss_ref, sequence_parallel_loss(ref(ids, pos), labels).detach())
+    loss, g = _loss_and_grads(feat, ids, pos, labels, sp_grads_averaged=False)
+    _close(loss, loss_ref)
+    assert g.keys() == g_ref.keys()
+    for n in g_ref:
+        _close(g[n], g_ref[n])
+    # logits (no labels) are unaffected by the options
+    with torch.no_grad():
+        _close(feat(ids, pos), ref(ids, pos))
+
+
+def test_model_config_memory_options_validation():
+    ModelConfig(lm_head_chunk_tokens=None, mlp_tiles=1)
+    ModelConfig.from_dict({"lm_head_chunk_tokens": 1024, "mlp_tiles": 8})
+    for bad in (0, -3, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="lm_head_chunk_tokens"):
+            ModelConfig(lm_head_chunk_tokens=bad)
+        with pytest.raises(ValueError, match="mlp_tiles"):
+            ModelConfig(mlp_tiles=bad)
+
+
+def _two_rank_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from ds_burst.config import BurstConfig
+    from ds_burst.data import shard_batch_local
+
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 61, (1, 32), generator=gen)
+    labels = _labels(1, 32, 61, gen)
+    labels[:, 16:] = -100  # rank 1 (contiguous layout) holds fewer labelled tokens
+    labels[0, 20] = 7
+    shard = shard_batch_local(ids, labels, rank, world, "contiguous")
+    out = {}
+    for averaged in (False, True):
+        ref, feat = _model_pair({"lm_head_chunk_tokens": 5, "mlp_tiles": 3}, attention="burst",
+                                group=dist.group.WORLD, burst=BurstConfig(layout="contiguous"))
+        args = (shard["input_ids"], shard["position_ids"], shard["labels"])
+        loss_ref, g_ref = _loss_and_grads(ref, *args, sp_grads_averaged=averaged)
+        loss, g = _loss_and_grads(feat, *args, sp_grads_averaged=averaged)
+        out[averaged] = (loss_ref, loss, g_ref, g)
+    return out
+
+
+def test_model_features_two_ranks():
+    results = run_ranks(_two_rank_worker, 2, timeout=120)
+    for status, val in results:
+        assert status == "ok", val
+    for averaged in (False, True):
+        losses = []
+        for _, val in results:
+            loss_ref, loss, g_ref, g = val[averaged]
+            _close(loss, loss_ref)
+            for n in g_ref:
+                _close(g[n], g_ref[n])
+            losses.append(float(loss))
+        assert losses[0] == pytest.approx(losses[1], rel=1e-12)  # the full-sequence mean on every rank
