@@ -189,6 +189,21 @@ def needs_out(kernel: ModuleType) -> bool:
     return bool(getattr(kernel, "BWD_NEEDS_OUT", False))
 
 
+def _bwd_tiles(
+    setup: RingSetup, ops: list[TileOp], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> None:
+    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)``."""
+    for op in ops:
+        qs, ks = slice(op.q0, op.q1), slice(op.k0, op.k1)
+        extra = {} if out is None else {"out": out[:, qs]}
+        setup.kernel.bwd_step(
+            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], delta[:, :, qs], dq[:, qs], dk[:, ks],
+            dv[:, ks], scale=setup.scale, **_bwd_kwargs(setup, op), **extra,
+        )
+
+
 def _grad_accumulators(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
     """Zeroed fp32 (fp64 for fp64 inputs) gradient buffers shaped like q, k, v."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -207,12 +222,7 @@ def burst_backward(
     dq, dk, dv = _grad_accumulators(q, k, v)
 
     def grads(qq, do, ll, dd, dq_buf, q_owner: int) -> None:
-        for op in setup.ops(q_owner, me):
-            setup.kernel.bwd_step(
-                qq[:, op.q0 : op.q1], k[:, op.k0 : op.k1], v[:, op.k0 : op.k1], do[:, op.q0 : op.q1],
-                ll[:, :, op.q0 : op.q1], dd[:, :, op.q0 : op.q1], dq_buf[:, op.q0 : op.q1],
-                dk[:, op.k0 : op.k1], dv[:, op.k0 : op.k1], scale=setup.scale, **_bwd_kwargs(setup, op),
-            )
+        _bwd_tiles(setup, setup.ops(q_owner, me), qq, k, v, do, ll, dd, dq_buf, dk, dv)
 
     def remote(payload: Tensors, owner: int) -> Tensors:
         part = torch.zeros_like(dq)
@@ -239,13 +249,8 @@ def kv_ring_backward(
     dq, dk, dv = _grad_accumulators(q, k, v)
 
     def grads(kk, vv, dk_buf, dv_buf, k_owner: int) -> None:
-        for op in setup.ops(me, k_owner):
-            setup.kernel.bwd_step(
-                q[:, op.q0 : op.q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1], dout[:, op.q0 : op.q1],
-                lse[:, :, op.q0 : op.q1], delta[:, :, op.q0 : op.q1], dq[:, op.q0 : op.q1],
-                dk_buf[:, op.k0 : op.k1], dv_buf[:, op.k0 : op.k1], scale=setup.scale, **_bwd_kwargs(setup, op),
-                **({"out": out[:, op.q0 : op.q1]} if pass_out else {}),  # type: ignore[index]
-            )
+        _bwd_tiles(setup, setup.ops(me, k_owner), q, kk, vv, dout, lse, delta, dq, dk_buf, dv_buf,
+                   out if pass_out else None)
 
     def remote(payload: Tensors, owner: int) -> Tensors:
         dk_part, dv_part = torch.zeros_like(dk), torch.zeros_like(dv)
