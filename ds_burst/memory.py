@@ -189,3 +189,92 @@ def tiled_mlp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiles
         return fn(x)
     params = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, nn.Module) else []
     return _TiledMLP.apply(fn, x, tiles, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory estimator
+
+GIB = float(1 << 30)
+
+
+def estimate_memory(
+    cfg: Any,
+    seq_len: int,
+    sp: int = 1,
+    zero_stage: int = 0,
+    dp: int = 1,
+    dtype_bytes: int = 2,
+    activation_checkpointing: bool = False,
+    micro_batch: int = 1,
+    lm_head_chunk_tokens: int | None = None,
+    mlp_tiles: int = 1,
+) -> dict[str, float]:
+    """Per-GPU memory of training :class:`ds_burst.model.BurstLlama` (``cfg``: its ``ModelConfig``), in GiB.
+
+    ``lm_head_chunk_tokens`` / ``mlp_tiles`` default to off here (pass ``cfg.lm_head_chunk_tokens`` /
+    ``cfg.mlp_tiles`` to use the model's settings). Each rank holds ``n = micro_batch * seq_len / sp`` tokens;
+    ``N = dp * sp`` ranks share ZeRO partitions (DeepSpeed partitions over the sequence-data-parallel group).
+    With ``P`` parameters, ``b = dtype_bytes``, ``H`` hidden, ``I`` intermediate, ``V`` vocab, ``nh`` heads,
+    ``D`` head dim, ``L`` layers:
+
+    * ``params = P*b / (N if stage 3 else 1)``; ``grads = P*b / (N if stage >= 2 else 1)``;
+      ``optimizer = P*k / (N if stage >= 1 else 1)`` with Adam ``k = 8`` (m, v) in fp32 and ``k = 12``
+      (fp32 master, m, v) for 16-bit training.
+    * ``activations`` (tensors saved for backward; counted exactly for fp32 and ``attention="local"`` by
+      ``tests/test_memory.py``): per token, per layer ``10H + nh + 2 + 4I`` elements (``4I``: the SwiGLU
+      gate, up, silu and product; with ``mlp_tiles > 1`` only ``x`` is saved, which is already counted), or
+      ``H`` (the layer input) under activation checkpointing; outside the layers ``3H + 2D + 3`` (final norm,
+      rotary tables) plus ``V`` fp32 log-probabilities unless the LM head is chunked. Elements count
+      ``b`` bytes each except the fp32 log-probabilities (4 bytes).
+    * ``logits_peak``: transient LM-head working set ``T*V*(b + 8)`` (the logits, their fp32 softmax and its
+      gradient) with ``T = n`` or ``T = micro_batch * lm_head_chunk_tokens`` when chunked.
+    * ``recompute_peak``: transient re-forward of one layer under checkpointing (its full activations,
+      ``10H + nh + 2 + 4I/mlp_tiles`` per token), and with ``mlp_tiles > 1`` one tile's ``4I*n/mlp_tiles``.
+    * ``attn_buffers``: the ring's K/V receive buffers (double-buffered), ``2 * 2*n*Hkv*D*b`` when ``sp > 1``.
+
+    Not counted: the allocator's fragmentation, communication buckets, ZeRO-3's gathered-parameter working
+    set, kernel workspaces; with ``attention="burst"`` the saved attention tensors differ a little (no GQA
+    repeat, fp32 lse) and 16-bit RMSNorm keeps an fp32 copy of its input (about ``2H`` elements more per
+    layer in bf16).
+    """
+    for name, v in (("seq_len", seq_len), ("sp", sp), ("dp", dp), ("dtype_bytes", dtype_bytes),
+                    ("micro_batch", micro_batch), ("mlp_tiles", mlp_tiles)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {zero_stage!r}")
+    c = lm_head_chunk_tokens
+    if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+        raise ValueError(f"lm_head_chunk_tokens: expected a positive integer or None, got {c!r}")
+    if seq_len % sp:
+        raise ValueError(f"seq_len={seq_len} is not divisible by sp={sp}")
+    b = dtype_bytes
+    n_ranks = dp * sp
+    p = cfg.num_params()
+    h, i, v, nh, d, layers = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_heads,
+                              cfg.head_dim, cfg.num_layers)
+    n = micro_batch * seq_len // sp
+    k_opt = 8 if b >= 4 else 12
+    out = {
+        "params": p * b / (n_ranks if zero_stage == 3 else 1),
+        "grads": p * b / (n_ranks if zero_stage >= 2 else 1),
+        "optimizer": p * k_opt / (n_ranks if zero_stage >= 1 else 1),
+    }
+    layer_full = 10 * h + nh + 2 + (4 * i if mlp_tiles == 1 else 0)
+    per_layer = h if activation_checkpointing else layer_full
+    act = n * (layers * per_layer + 3 * h + 2 * d + 3) * b
+    if c is None:
+        act += n * v * 4
+    out["activations"] = act
+    t = n if c is None else micro_batch * min(c, seq_len // sp)
+    out["logits_peak"] = t * v * (b + 8)
+    rec = 0.0
+    if activation_checkpointing:
+        rec += n * (10 * h + nh + 2 + 4 * i / mlp_tiles) * b
+    elif mlp_tiles > 1:
+        rec += n * 4 * i / mlp_tiles * b
+    out["recompute_peak"] = rec
+    out["attn_buffers"] = 2 * 2 * n * cfg.num_kv_heads * d * b if sp > 1 else 0.0
+    out = {k: val / GIB for k, val in out.items()}
+    out["total"] = sum(out.values())
+    return out

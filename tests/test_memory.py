@@ -271,3 +271,76 @@ def test_model_features_two_ranks():
                 _close(g[n], g_ref[n])
             losses.append(float(loss))
         assert losses[0] == pytest.approx(losses[1], rel=1e-12)  # the full-sequence mean on every rank
+
+
+# ---------------------------------------------------------------------------------------------
+# memory estimator
+
+
+def _saved_activation_bytes(model, ids, pos, labels) -> int:
+    """Bytes of the distinct storages saved for backward by the forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, pos, labels)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("opts", [
+    {},
+    {"lm_head_chunk_tokens": 16},
+    {"mlp_tiles": 4},
+    {"lm_head_chunk_tokens": 32, "mlp_tiles": 2, "ckpt": True},
+    {"ckpt": True, "batch": 2},
+])
+def test_estimate_memory_activations_match_saved_tensors(opts):
+    from ds_burst.memory import GIB, estimate_memory
+
+    opts = dict(opts)
+    ckpt, batch = opts.pop("ckpt", False), opts.pop("batch", 1)
+    cfg = ModelConfig(vocab_size=300, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
+                      intermediate_size=80, **opts)
+    model = BurstLlama(cfg, attention="local", activation_checkpointing=ckpt)
+    s = 96
+    ids = torch.randint(0, 300, (batch, s))
+    measured = _saved_activation_bytes(model, ids, torch.arange(s), ids)
+    est = estimate_memory(cfg, s, dtype_bytes=4, activation_checkpointing=ckpt, micro_batch=batch,
+                          lm_head_chunk_tokens=cfg.lm_head_chunk_tokens, mlp_tiles=cfg.mlp_tiles)
+    # fp32 and local attention: the formula is exact up to a few scalars
+    assert abs(est["activations"] * GIB - measured) <= 0.01 * measured, (est["activations"] * GIB, measured)
+
+
+def test_estimate_memory_consistency():
+    from ds_burst.memory import estimate_memory
+
+    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      intermediate_size=14336)
+    base = estimate_memory(cfg, 131072, sp=8, zero_stage=3, dp=1, dtype_bytes=2, activation_checkpointing=True)
+    assert base["total"] == pytest.approx(sum(v for k, v in base.items() if k != "total"))
+    # ZeRO stages shrink params / grads / optimizer in turn
+    st = [estimate_memory(cfg, 131072, sp=8, zero_stage=z) for z in range(4)]
+    assert st[0]["optimizer"] > st[1]["optimizer"] and st[1]["grads"] > st[2]["grads"]
+    assert st[2]["params"] > st[3]["params"] and st[3]["params"] == pytest.approx(st[0]["params"] / 8)
+    # more SP ranks: fewer tokens per rank, less activation memory (exactly proportional)
+    a4 = estimate_memory(cfg, 131072, sp=4, zero_stage=3, activation_checkpointing=True)
+    assert a4["activations"] == pytest.approx(2 * base["activations"])
+    # the features only ever reduce memory; checkpointing reduces the saved activations
+    chunked = estimate_memory(cfg, 131072, sp=8, zero_stage=3, activation_checkpointing=True,
+                              lm_head_chunk_tokens=4096)
+    assert chunked["logits_peak"] < base["logits_peak"] and chunked["activations"] < base["activations"]
+    no_ckpt = estimate_memory(cfg, 131072, sp=8, zero_stage=3)
+    tiled = estimate_memory(cfg, 131072, sp=8, zero_stage=3, mlp_tiles=8)
+    assert base["activations"] < tiled["activations"] < no_ckpt["activations"]
+    assert tiled["total"] < no_ckpt["total"] and chunked["total"] < base["total"]
+    # longer sequences cost more
+    assert estimate_memory(cfg, 262144, sp=8, zero_stage=3)["total"] > no_ckpt["total"]
+    for bad in ({"sp": 0}, {"zero_stage": 4}, {"mlp_tiles": 0}, {"lm_head_chunk_tokens": 0}, {"sp": 3}):
+        with pytest.raises(ValueError):
+            estimate_memory(cfg, 131072, **bad)
