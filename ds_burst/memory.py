@@ -30,9 +30,10 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 def _set_grad_ready(params: Sequence[torch.Tensor], ready: bool) -> None:
+    # DeepSpeed ZeRO (stage 1/2 and 3) reduces a parameter's gradient from its accumulation hook only when
+    # this flag is unset or true: clear it for all but the last tile so the gradient is reduced once, complete.
     for p in params:
-        if hasattr(p, "ds_id"):  # a ZeRO-3 parameter
-            p.ds_grad_is_ready = ready
+        p.ds_grad_is_ready = ready
 
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
