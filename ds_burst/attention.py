@@ -17,7 +17,6 @@ from .comm import GroupInfo, NodeGroups, resolve_group
 from .cost import choose_backward
 from .layout import segments
 from .ops import kernel_module, resolve_kernel
-from .plan import choose_schedule
 from .relayout import relayout
 from .schedules import ulysses_ring as uly
 from .schedules.ring import RingSetup, burst_backward, kv_ring_backward, needs_out, ring_forward
@@ -156,6 +155,8 @@ def _auto_schedule(q: object, k: object, causal: bool, window: object, info: Gro
     left, right = window
     if left >= 0 or (not causal and right >= 0):
         return "ring"  # sliding windows: the flat ring stops early
+    from .plan import choose_schedule  # lazily: keeps `python -m ds_burst.plan` free of a runpy warning
+
     sched = choose_schedule(q.shape[1] * info.world, node_groups.nodes, node_groups.per_node, q.shape[2],
                             k.shape[2], q.shape[3], q.element_size(), bool(causal))
     if sched == "ulysses_ring" and uly.check_heads(q.shape[2], k.shape[2], node_groups.per_node):

@@ -228,6 +228,24 @@ def format_table(preds: list[Prediction]) -> str:
     return "\n".join(lines)
 
 
+def _memory_report(args: argparse.Namespace) -> str:
+    """``--memory``: :func:`ds_burst.memory.estimate_memory` for the model and parallel layout given."""
+    from .memory import estimate_memory
+    from .model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.heads * args.head_dim, num_layers=args.layers,
+                      num_heads=args.heads, num_kv_heads=args.kv_heads or args.heads,
+                      intermediate_size=args.intermediate)
+    sp = args.nodes * args.gpus_per_node
+    est = estimate_memory(cfg, args.seq, sp=sp, zero_stage=args.zero_stage, dp=args.dp, dtype_bytes=args.elem_bytes,
+                          activation_checkpointing=args.checkpointing, micro_batch=args.batch,
+                          lm_head_chunk_tokens=args.lm_head_chunk, mlp_tiles=args.mlp_tiles)
+    lines = [f"memory per GPU (GiB): S={args.seq}, SP={sp}, DP={args.dp}, ZeRO-{args.zero_stage}, "
+             f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
+    lines += [f"  {k:20s} {v:10.2f}" for k, v in est.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the prediction table and the choice."""
     ap = argparse.ArgumentParser(prog="python -m ds_burst.plan", description=__doc__,
@@ -244,8 +262,21 @@ def main(argv: list[str] | None = None) -> None:
     for f in Hardware.__dataclass_fields__.values():
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default, help=f"default {f.default}")
     ap.add_argument("--all", action="store_true", help="choose among predicted schedules too, not only implemented")
+    mem = ap.add_argument_group("memory estimate (--memory): per-GPU GiB of training the built-in Llama-style model")
+    mem.add_argument("--memory", action="store_true", help="print the memory estimate instead of the time table")
+    mem.add_argument("--layers", type=int, default=32)
+    mem.add_argument("--vocab", type=int, default=128256)
+    mem.add_argument("--intermediate", type=int, default=None, help="MLP width (default ~8/3 hidden)")
+    mem.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
+    mem.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    mem.add_argument("--lm-head-chunk", type=int, default=None, help="chunked LM head + loss, tokens per chunk")
+    mem.add_argument("--mlp-tiles", type=int, default=1, help="sequence tiles of the MLP (1: off)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
+    if args.memory:
+        print(_memory_report(args))
+        return
     prob = Problem(args.seq, args.nodes, args.gpus_per_node, args.heads, args.kv_heads or args.heads,
                    args.head_dim, args.batch, args.elem_bytes, not args.non_causal)
     hw = Hardware(**{k: getattr(args, k) for k in Hardware.__dataclass_fields__})

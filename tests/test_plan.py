@@ -56,3 +56,10 @@ def test_auto_schedule_choice():
 
     assert choose_schedule(131072, 1, 8, 32, 8, 128, 2, True) == "ring"  # one node
     assert choose_schedule(131072, 4, 8, 32, 8, 128, 2, True) in ("double_ring", "ulysses_ring")
+
+
+def test_memory_command_line():
+    out = subprocess.run([sys.executable, "-m", "ds_burst.plan", "--memory", "--seq", "131072", "--nodes", "1",
+                          "--gpus-per-node", "2", "--heads", "32", "--kv-heads", "8", "--head-dim", "128",
+                          "--checkpointing", "--lm-head-chunk", "4096"], capture_output=True, text=True, check=True)
+    assert "ZeRO-3" in out.stdout and "total" in out.stdout and out.stderr == ""
