@@ -15,6 +15,7 @@ import torch
 
 from .comm import GroupInfo, NodeGroups, resolve_group
 from .cost import choose_backward
+from .kernels.mask import window_is_finite
 from .layout import segments
 from .ops import kernel_module, resolve_kernel
 from .relayout import relayout
@@ -51,8 +52,7 @@ def choose_compute_layout(
 
     if world == 1:
         return user_layout, []
-    finite = window[0] >= 0 or (not causal and window[1] >= 0)
-    if finite:
+    if window_is_finite(causal, window):
         contiguous = passes("contiguous")
         if not (causal and s_local % 2 == 0 and sum(p.steps for p in contiguous) >= world - 1):
             return "contiguous", contiguous
@@ -74,8 +74,7 @@ def make_plan(
         window = (window[0], 0)
     layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
     # Topology-aware schedules visit every block; sliding windows keep the flat ring, which stops early.
-    finite = window[0] >= 0 or (not a.causal and window[1] >= 0)
-    topo_aware = node_groups is not None and not finite and world > 1
+    topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1
     kernel = kernel_module(resolve_kernel(a.kernel, q.device, q.dtype))
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
     hq, hkv = q.shape[2], k.shape[2]
@@ -152,8 +151,7 @@ def _auto_schedule(q: object, k: object, causal: bool, window: object, info: Gro
         return "ring"  # bad input is reported by validation, the same on every rank
     if q.dim() != 4 or k.dim() != 4 or not isinstance(window, (tuple, list)) or len(window) != 2:
         return "ring"
-    left, right = window
-    if left >= 0 or (not causal and right >= 0):
+    if window_is_finite(causal, tuple(window)):  # type: ignore[arg-type]
         return "ring"  # sliding windows: the flat ring stops early
     from .plan import choose_schedule  # lazily: keeps `python -m ds_burst.plan` free of a runpy warning
 

@@ -37,6 +37,11 @@ def window_bounds(causal: bool, window: tuple[int, int]) -> tuple[float, float]:
     return lo, hi
 
 
+def window_is_finite(causal: bool, window: tuple[int, int]) -> bool:
+    """Whether a query sees a bounded range of keys (a sliding window), so distant blocks are skipped."""
+    return window[0] >= 0 or (not causal and window[1] >= 0)
+
+
 def classify_block(
     q_start: int, q_len: int, k_start: int, k_len: int, causal: bool, window: tuple[int, int] = (-1, -1)
 ) -> BlockKind:

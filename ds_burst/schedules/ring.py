@@ -104,6 +104,7 @@ def run_ring(
         batch.commit()
         # 3) compute
         part = None
+        owner = rank
         if c == -1:
             compute_local()
         elif c < len(steps):
@@ -118,8 +119,7 @@ def run_ring(
                     for x, y in zip(part, acc_in):
                         x.add_(y)
                 p, t = steps[c]
-                dest = (rank + p.direction) % world if t < p.steps else (rank - p.direction * t) % world
-                acc_out = (part, dest)
+                acc_out = (part, (rank + p.direction) % world if t < p.steps else owner)
             if home is not None:
                 on_home(home)  # type: ignore[misc]
         cur = nxt
