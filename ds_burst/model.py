@@ -3,7 +3,9 @@
 RMSNorm, rotary embeddings at **global** positions (``position_ids`` of the tokens this rank holds), SwiGLU
 MLP, grouped-query attention, optional sliding window, optional activation checkpointing per layer.
 ``attention="burst"`` calls :func:`ds_burst.burst_attn_func` on the local shard over the sequence-parallel
-group; ``attention="local"`` runs plain full-sequence attention (SDPA) and is the SP=1 reference.
+group; ``attention="ulysses"`` runs DeepSpeed-Ulysses (``deepspeed.sequence.layer.DistributedAttention``: an
+all-to-all over heads, full-sequence SDPA, cuDNN first on GPUs) on contiguous shards, the peer to compare with;
+``attention="local"`` runs plain full-sequence attention (SDPA) and is the SP=1 reference.
 
 The loss helper :func:`sequence_parallel_loss` returns the mean over all tokens of the full sequence.
 """
@@ -153,6 +155,8 @@ class Attention(nn.Module):
         if self.attention == "burst":
             group = self.group if self.group is not None else get_topology()
             o = burst_attn_func(q, k, v, causal=True, window_size=self.window, group=group, **self.attn_kwargs)
+        elif self.attention == "ulysses":
+            o = ulysses_attention(q, k, v, self.group if self.group is not None else get_topology(), self.window)
         else:
             o = local_attention(q, k, v, self.window)
         assert isinstance(o, torch.Tensor)
@@ -160,19 +164,68 @@ class Attention(nn.Module):
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    """Full-sequence causal attention (SDPA) of ``[B, S, H, D]`` tensors; GQA by repeating K/V."""
+    """Full-sequence causal attention (SDPA) of ``[B, S, H, D]`` tensors; GQA by repeating K/V.
+
+    On CUDA the SDPA backends are tried cuDNN first, then FlashAttention, memory-efficient, math.
+    """
     g = q.shape[2] // k.shape[2]
     q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
     if g > 1:
         k_, v_ = k_.repeat_interleave(g, dim=1), v_.repeat_interleave(g, dim=1)
-    if window[0] < 0:
-        o = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
-    else:
-        n = q.shape[1]
-        i = torch.arange(n, device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window[0])
-        o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+    with _sdpa_priority(q.device):
+        if window[0] < 0:
+            o = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+        else:
+            n = q.shape[1]
+            i = torch.arange(n, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window[0])
+            o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
     return o.transpose(1, 2)
+
+
+def _sdpa_priority(device: torch.device) -> Any:
+    """SDPA backend order for :func:`local_attention`: cuDNN first on CUDA; the default elsewhere."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+_ULYSSES: dict[tuple[int, tuple[int, int]], Any] = {}
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any,
+                      window: tuple[int, int]) -> torch.Tensor:
+    """DeepSpeed-Ulysses attention of contiguous shards ``[B, s_local, H, D]`` over the SP group.
+
+    DeepSpeed's ``DistributedAttention`` moves heads to ranks with an all-to-all, runs
+    :func:`local_attention` on the whole sequence and moves back; it needs ``Hq`` and ``Hkv`` divisible by P.
+    """
+    info = resolve_group(group)
+    if q.shape[2] % info.world or k.shape[2] % info.world:
+        raise ValueError(f"attention='ulysses' needs query heads ({q.shape[2]}) and key/value heads ({k.shape[2]}) "
+                         f"divisible by the sequence-parallel size {info.world}; use attention='burst'")
+    if info.world == 1:
+        return local_attention(q, k, v, window)
+    key = (id(info.group), window)
+    if key not in _ULYSSES:
+        import deepspeed
+        import deepspeed.comm as ds_comm
+        from deepspeed.sequence.layer import DistributedAttention
+
+        if not ds_comm.is_initialized():  # DeepSpeed's all-to-all runs on its comm layer over the same world
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+
+        def local(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return local_attention(qq, kk, vv, window)
+
+        _ULYSSES[key] = DistributedAttention(local, info.group, scatter_idx=2, gather_idx=1)
+    return _ULYSSES[key](q, k, v, batch_dim_idx=0)
 
 
 class MLP(nn.Module):
@@ -213,8 +266,9 @@ class BurstLlama(nn.Module):
         cfg: model shape.
         group: sequence-parallel group or :class:`~ds_burst.topology.Topology`; ``None`` uses the topology
             of the last ``init_sequence_parallel`` call (or a single process).
-        attention: ``"burst"`` (sequence-parallel BurstAttention) or ``"local"`` (full-sequence SDPA; the
-            whole sequence must be on this rank).
+        attention: ``"burst"`` (sequence-parallel BurstAttention), ``"ulysses"`` (DeepSpeed-Ulysses over the
+            same group, contiguous shards; heads divisible by P) or ``"local"`` (full-sequence SDPA; the whole
+            sequence must be on this rank).
         burst: :class:`~ds_burst.config.BurstConfig` (its layout, backward, kernel, ... options), or ``None``.
         activation_checkpointing: recompute each decoder layer in backward.
         checkpoint_impl: ``"torch"`` (``torch.utils.checkpoint``, non-reentrant) or ``"deepspeed"``
@@ -231,8 +285,8 @@ class BurstLlama(nn.Module):
         checkpoint_impl: str = "torch",
     ) -> None:
         super().__init__()
-        if attention not in ("burst", "local"):
-            raise ValueError(f"attention must be 'burst' or 'local', got {attention!r}")
+        if attention not in ("burst", "ulysses", "local"):
+            raise ValueError(f"attention must be 'burst', 'ulysses' or 'local', got {attention!r}")
         if checkpoint_impl not in ("torch", "deepspeed"):
             raise ValueError(f"checkpoint_impl must be 'torch' or 'deepspeed', got {checkpoint_impl!r}")
         self.cfg = cfg

@@ -221,3 +221,57 @@ def test_option_resolution_single_process():
     assert o["causal"] is True and o["softmax_scale"] == 0.25 and o["window_size"] == (7, 0)
     o = DistributedAttention(m, None).resolve_options((), {"is_causal": True, "sliding_window": 2})
     assert o["causal"] is True and o["window_size"] == (1, 0) and o["layout"] == "contiguous"
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in model's attention="ulysses" (the peer the training runs compare with)
+
+
+def _model_attention_worker(rank: int, world: int) -> dict:
+    from ds_burst.model import BurstLlama, ModelConfig
+    from ds_burst.relayout import shard_sequence
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    ref = BurstLlama(cfg, attention="local").double()
+    n = 24
+    ids = torch.randint(0, 50, (2, n))
+    pos = torch.arange(n)
+    full = ref(ids, pos)
+    full.sum().backward()
+    errs = {}
+    for attention in ("ulysses", "burst"):
+        from ds_burst.config import BurstConfig
+
+        burst = BurstConfig(layout="contiguous", kernel="torch")
+        m = BurstLlama(cfg, attention=attention, burst=burst).double()
+        m.load_state_dict(ref.state_dict())
+        ids_l, pos_l = (shard_sequence(x, -1, None, "contiguous") for x in (ids, pos))
+        out = m(ids_l, pos_l)
+        want = shard_sequence(full.detach(), 1, None, "contiguous")
+        out.backward(torch.ones_like(out))
+        errs[attention] = ((out - want).norm() / want.norm()).item()
+        g = torch.cat([p.grad.flatten() for p in m.parameters()])
+        torch.distributed.all_reduce(g)  # each rank holds its tokens' share of every gradient
+        gref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+        errs[attention + "_grad"] = ((g - gref).norm() / gref.norm()).item()
+    return errs
+
+
+def test_model_ulysses_and_burst_match_full_sequence():
+    """BurstLlama(attention='ulysses') and ('burst') on 2 ranks equal the full-sequence model in float64."""
+    for errs in values(run_ranks(_model_attention_worker, 2, timeout=180)):
+        assert all(e < 1e-10 for e in errs.values()), errs
+
+
+def test_model_ulysses_rejects_heads_it_cannot_split():
+    from ds_burst.model import ulysses_attention
+
+    q = torch.zeros(1, 4, 3, 8)
+    k = torch.zeros(1, 4, 1, 8)
+
+    class FakeGroup:
+        pass
+
+    with pytest.raises((ValueError, TypeError)):
+        ulysses_attention(q, k, k, FakeGroup(), (-1, -1))
