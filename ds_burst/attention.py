@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import GroupInfo, NodeGroups, resolve_group
+from .comm import GroupInfo, NodeGroups, all_gather_ints, resolve_group
 from .cost import choose_backward
 from .kernels.mask import window_is_finite
 from .layout import segments
@@ -35,6 +35,7 @@ class CallPlan:
     compute_layout: str
     backward: str  # "burst" or "ring"
     ulysses: uly.UlyssesSpec | None = None  # set: all-to-all over heads inside the node first
+    check_finite: bool = False  # backward: raise on every rank when any rank's dO holds NaN/Inf
 
 
 def choose_compute_layout(
@@ -75,7 +76,13 @@ def make_plan(
     layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
     # Topology-aware schedules visit every block; sliding windows keep the flat ring, which stops early.
     topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1
-    kernel = kernel_module(resolve_kernel(a.kernel, q.device, q.dtype))
+    if a.kernel == "auto" and q.device.type == "cuda":  # measured once per shape, rank 0's pick everywhere
+        from .kernel_choice import choose
+
+        kernel_name = choose(q, k, a.causal, window_is_finite(a.causal, window), a.backward, deterministic, info)
+    else:
+        kernel_name = resolve_kernel(a.kernel, q.device, q.dtype)
+    kernel = kernel_module(kernel_name)
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
     hq, hkv = q.shape[2], k.shape[2]
     spec = None
@@ -97,7 +104,7 @@ def make_plan(
     if backward == "auto":
         # kernels whose backward needs the output (fused SDPA ops) keep Q, dO and O at home
         backward = "ring" if needs_out(kernel) else choose_backward(hq, hkv, q.shape[3], q.element_size())
-    return CallPlan(setup, info, a.layout, layout, backward, spec)
+    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite)
 
 
 class BurstAttnFunction(torch.autograd.Function):
@@ -126,6 +133,8 @@ class BurstAttnFunction(torch.autograd.Function):
         plan: CallPlan = ctx.plan
         info, src, dst, spec = plan.info, plan.user_layout, plan.compute_layout, plan.ulysses
         qc, kc, vc, out_c, lse = ctx.saved_tensors
+        if plan.check_finite:
+            check_finite_grad(dout, info)
         dout_c = relayout(dout.to(qc.dtype).contiguous(), 1, src, dst, info, "bwd_relayout")
         if spec is not None:
             dout_c = uly.to_node(dout_c, spec, "bwd_a2a")
@@ -142,6 +151,16 @@ class BurstAttnFunction(torch.autograd.Function):
         dk, dv = dk.to(qc.dtype), dv.to(qc.dtype)
         grads = (relayout(g, 1, dst, src, info, "bwd_relayout") for g in (dq, dk, dv))
         return (*grads, None)
+
+
+def check_finite_grad(dout: torch.Tensor, info: GroupInfo) -> None:
+    """Raise the same ``ValueError`` on every rank when any rank's output gradient holds NaN/Inf."""
+    bad = int((~torch.isfinite(dout)).sum())
+    rows = all_gather_ints(info, [bad], dout.device)
+    for r, (n,) in enumerate(rows):
+        if n:
+            raise ValueError(f"rank {r}: the output gradient of attention contains {n} NaN/Inf values "
+                             "(check_finite=True)")
 
 
 def _auto_schedule(q: object, k: object, causal: bool, window: object, info: GroupInfo,
@@ -177,6 +196,7 @@ def burst_attn_func(
     deterministic: bool = False,
     check_inputs: bool = True,
     schedule: str | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -194,7 +214,8 @@ def burst_attn_func(
             ``"auto"`` (the one that sends fewer bytes for these head counts).
         kernel: ``"torch"``, ``"triton"``, ``"sdpa"`` (torch's fused cuDNN/flash ops per tile where the mask
             allows, per-block outputs rounded to the input dtype; uses the ring backward) or ``"auto"``
-            (Triton on CUDA, torch on CPU).
+            (on CUDA the faster of Triton and sdpa for this shape, measured on first use, cached and agreed
+            across ranks: :mod:`ds_burst.kernel_choice`; torch on CPU).
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, S_local]`` (fp32, not differentiable).
         deterministic: bitwise-reproducible backward (no atomics in the kernels).
         check_inputs: validate on every rank with one small all-gather (raises the same error everywhere).
@@ -203,6 +224,8 @@ def burst_attn_func(
             inside one node is the flat ring) or ``"auto"``; ``None`` takes the topology's schedule (flat
             ring for a plain process group).
             Sliding windows always use the flat ring, which stops early.
+        check_finite: raise ``ValueError`` on every rank when any rank's q, k or v (forward) or output
+            gradient (backward) holds NaN/Inf, naming the rank and tensor (implies the collective check).
 
     Returns:
         ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
@@ -218,8 +241,8 @@ def burst_attn_func(
         sched = "ring"  # not made for ulysses_ring: no node subgroups
     args = AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel,  # type: ignore[arg-type]
                     bool(return_lse), sched, node_groups is not None,
-                    node_groups.per_node if node_groups is not None else 0)
-    validate(q, k, v, args, info, collective=check_inputs)
+                    node_groups.per_node if node_groups is not None else 0, bool(check_finite))
+    validate(q, k, v, args, info, collective=check_inputs or bool(check_finite))
     plan = make_plan(q, k, args, info, deterministic, node_groups)
     out, lse = BurstAttnFunction.apply(q, k, v, plan)
     return (out, lse) if return_lse else out

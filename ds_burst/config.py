@@ -45,10 +45,13 @@ class BurstConfig:
             shards and ignores this field.
         backward: ``"auto"`` (fewer bytes for the head counts), ``"burst"`` (Q, dO, lse, delta travel) or
             ``"ring"`` (K, V, dK, dV travel).
-        kernel: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``.
+        kernel: ``"auto"`` (on CUDA the faster of Triton and sdpa per shape, measured once and cached; torch
+            on CPU), ``"triton"``, ``"sdpa"`` or ``"torch"``.
         gpus_per_node: ranks per node; ``None`` detects ``LOCAL_WORLD_SIZE``.
         deterministic: bitwise-reproducible backward (no atomics).
         check_inputs: validate every call on every rank (one small all-gather per call).
+        check_finite: also raise on every rank when q, k, v (forward) or the output gradient (backward)
+            hold NaN/Inf on any rank (one more read of the inputs; a small all-gather in backward).
         window_size: ``[left, right]`` sliding window for every layer, ``None`` = take it from the model.
         patch_deepspeed: make ``deepspeed.sequence.layer.DistributedAttention`` resolve to ds-burst's.
     """
@@ -62,6 +65,7 @@ class BurstConfig:
     gpus_per_node: int | None = None
     deterministic: bool = False
     check_inputs: bool = True
+    check_finite: bool = False
     window_size: tuple[int, int] | None = None
     patch_deepspeed: bool = False
 
@@ -71,7 +75,7 @@ class BurstConfig:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
-        for name in ("enabled", "deterministic", "check_inputs", "patch_deepspeed"):
+        for name in ("enabled", "deterministic", "check_inputs", "check_finite", "patch_deepspeed"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
         sp = self.sequence_parallel_size
         _check(_is_int(sp) and sp >= 1, "sequence_parallel_size", sp, "a positive integer")
@@ -143,6 +147,7 @@ class BurstConfig:
             "kernel": self.kernel,
             "deterministic": self.deterministic,
             "check_inputs": self.check_inputs,
+            "check_finite": self.check_finite,
         }
         if self.window_size is not None:
             kw["window_size"] = self.window_size

@@ -29,7 +29,7 @@ from .layout import check_layout, global_index
 log = logging.getLogger(__name__)
 
 BURST_OPTIONS = ("causal", "softmax_scale", "window_size", "layout", "backward", "kernel", "deterministic",
-                 "check_inputs")
+                 "check_inputs", "check_finite")
 _CAUSAL_KEYS = ("causal", "is_causal")
 _SCALE_KEYS = ("softmax_scale", "scale", "scaling")
 _WINDOW_KEYS = ("window_size", "sliding_window")
@@ -83,7 +83,7 @@ class DistributedAttention(torch.nn.Module):
         num_kv_heads: optional KV head count; checked against the key tensor when given.
         **burst_options: ``causal``, ``softmax_scale``, ``window_size``, ``layout`` (how the shards were cut:
             ``"contiguous"``, the Ulysses default, or ``"zigzag"``), ``backward``, ``kernel``,
-            ``deterministic``, ``check_inputs`` (see :func:`ds_burst.burst_attn_func`).
+            ``deterministic``, ``check_inputs``, ``check_finite`` (see :func:`ds_burst.burst_attn_func`).
     """
 
     def __init__(

@@ -76,11 +76,12 @@ def burst_attention_forward(
 
 def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:
     """Register ``attn_implementation="burst"`` with transformers. ``layout`` must match :func:`shard_batch`;
-    ``burst_options`` (``backward``, ``kernel``, ``deterministic``, ``check_inputs``) go to every call."""
+    ``burst_options`` (``backward``, ``kernel``, ``deterministic``, ``check_inputs``, ``check_finite``) go to
+    every call."""
     from transformers import AttentionInterface
 
     check_layout(layout)
-    allowed = {"backward", "kernel", "deterministic", "check_inputs"}
+    allowed = {"backward", "kernel", "deterministic", "check_inputs", "check_finite"}
     unknown = sorted(set(burst_options) - allowed)
     if unknown:
         raise ValueError(f"unknown burst option(s) {unknown}; allowed: {sorted(allowed)}")

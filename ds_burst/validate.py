@@ -37,6 +37,7 @@ class AttnArgs:
     schedule: str = "ring"
     has_node_groups: bool = False
     per_node: int = 0  # ranks per node of the topology's node groups (0: none)
+    check_finite: bool = False  # q, k, v must not hold NaN/Inf
 
 
 def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) -> tuple[str, str] | None:
@@ -97,6 +98,11 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
         )
     if a.kernel == "sdpa" and a.backward == "burst":
         return "ValueError", "kernel='sdpa' needs the output in its backward: use backward='ring' or 'auto'"
+    if a.check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return "ValueError", f"{name} contains {bad} NaN/Inf values (check_finite=True)"
     if a.kernel == "triton":
         if q.dtype == torch.float64:
             return "ValueError", "kernel='triton' does not support float64 inputs; use kernel='torch'"
@@ -124,10 +130,11 @@ def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> dict[str, int]:
         "kernel": KERNELS.index(a.kernel),
         "return_lse": int(a.return_lse),
         "schedule": SCHEDULES.index(a.schedule),
+        "check_finite": int(a.check_finite),
     }
 
 
-_N_FIELDS = 16  # len(_summary(...)); the all-gathered row is the error flag plus these
+_N_FIELDS = 17  # len(_summary(...)); the all-gathered row is the error flag plus these
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 
 

@@ -231,6 +231,16 @@ def _bad_case(rank, name):
         k = "keys"
     elif name == "schedule_needs_topology":
         kw["schedule"] = "double_ring"
+    elif name == "nan_on_one_rank":
+        kw["check_finite"] = True
+        if rank == 1:
+            k = k.clone()
+            k[0, 1, 0, 3] = float("nan")
+    elif name == "inf_on_one_rank_no_collective":
+        kw.update(check_finite=True, check_inputs=False)  # check_finite still checks on every rank
+        if rank == 0:
+            q = q.clone()
+            q[0, 0, 0, 0] = float("inf")
     return q, k, v, kw
 
 
@@ -251,6 +261,8 @@ BAD = {
     "empty": (ValueError, "empty input"),
     "not_a_tensor": (TypeError, "must be a torch.Tensor"),
     "schedule_needs_topology": (ValueError, "needs group=<topology"),
+    "nan_on_one_rank": (ValueError, "rank 1: k contains 1 NaN/Inf"),
+    "inf_on_one_rank_no_collective": (ValueError, "rank 0: q contains 1 NaN/Inf"),
 }
 
 
@@ -283,6 +295,27 @@ def test_bad_input_raises_on_every_rank(name):
         kind, msg = seen[name]
         assert kind == exc.__name__, (rank, kind, msg)
         assert match in msg, (rank, msg)
+
+
+def worker_nonfinite_grad(rank, world):
+    import ds_burst
+
+    q, k, v, kw = _bad_case(rank, "none")
+    q.requires_grad_()
+    out = ds_burst.burst_attn_func(q, k, v, check_finite=True, **kw)
+    dout = torch.ones_like(out)
+    if rank == 1:
+        dout[0, 0, 0, 0] = float("nan")
+    try:
+        out.backward(dout)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_nonfinite_output_gradient_raises_on_every_rank():
+    for msg in values(run_ranks(worker_nonfinite_grad, 2, timeout=120)):
+        assert "rank 1: the output gradient of attention contains 1 NaN/Inf" in msg, msg
 
 
 # --------------------------------------------------------------------------------- determinism
