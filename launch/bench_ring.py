@@ -62,6 +62,9 @@ def check(world: int, kernel: str, s: int = 8192, h: int = 8, hkv: int = 8, d: i
     return res
 
 
+PEERS = ("ulysses-cudnn", "ulysses-flash", "torch-cp")
+
+
 def make_methods(world: int, kernels: list[str], schedules: list[str], gpus_per_node: int | None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -173,6 +176,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--check", action="store_true", help="bf16 correctness check against float64 first")
     ap.add_argument("--no-peers", action="store_true", help="only ds-burst")
+    ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS),
+                    help="peers to run next to ds-burst (torch-cp runs only when Hkv == Hq)")
     args = ap.parse_args()
 
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -188,8 +193,8 @@ def main() -> None:
             for key, (ours, single) in res.items():
                 _log(f"CHECK kernel={kern} {key}: ds-burst bf16 rel err {ours:.2e}, single-GPU SDPA bf16 {single:.2e}")
     methods = make_methods(world, args.kernels, args.schedules, args.gpus_per_node)
-    if args.no_peers:
-        methods = {k: v for k, v in methods.items() if k.startswith("ds-burst")}
+    peers = [] if args.no_peers else args.peers
+    methods = {k: v for k, v in methods.items() if k.startswith("ds-burst") or k in peers}
     rows = []
     h, d = args.heads, args.head_dim
     for s in args.seqs:
@@ -200,7 +205,7 @@ def main() -> None:
                     for _ in range(2))
             do = torch.randn_like(q)
             todo = list(methods.items())
-            if hkv == h and not args.no_peers:
+            if hkv == h and "torch-cp" in peers:
                 todo.append(("torch-cp", None))
             for name, fn in todo:
                 if name == "ds-burst-torch" and s > args.torch_kernel_max_seq:

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
-#   bash launch/gpu_session.sh STAGE[:SECONDS] ...     stages: env tests kernels kernels_long ring
+#   bash launch/gpu_session.sh STAGE[:SECONDS] ...
+# Stages: env tests ring ring_sched ring_long kernels train_burst train_ulysses memory calibrate.
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export DS_BURST_TRITON_AUTOTUNE=${DS_BURST_TRITON_AUTOTUNE:-0}
+export DS_BURST_TRITON_AUTOTUNE=${DS_BURST_TRITON_AUTOTUNE:-0} WANDB_MODE=offline
 OUT=${OUT:-results}
-mkdir -p "$OUT"
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+export DS_BURST_KERNEL_CACHE=$OUT/kernel_choice.json
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     || exit 1
@@ -14,8 +16,24 @@ fi
 # No package index there: make `ds_burst.kernels` importable from the checkout itself (setup.py maps it).
 [ -e ds_burst/kernels ] || ln -s ../kernels ds_burst/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}:/tmp/site
+export PATH=/tmp/site/bin:$PATH
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "autotune=$DS_BURST_TRITON_AUTOTUNE gpus=$ngpu"
+ring() {  # ring benchmark on every GPU: ring <name> <args...>
+  local name=$1; shift
+  timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_ring.py --out "$OUT/$name.json" "$@" \
+    >"$OUT/$name.log" 2>&1
+  echo "rc=$?"
+  grep -E "CHECK|^method|^ds-burst|^ulysses|^torch-cp|Error|error" "$OUT/$name.log" | tail -40
+}
+train() {  # train <name> <overrides...>
+  local name=$1; shift
+  timeout "$limit" python3 -m deepspeed.launcher.runner --num_gpus "$ngpu" launch/train.py \
+    --config "${TRAIN_CONFIG:-configs/h200x2_llama_128k.json}" "train.output_dir=$OUT/$name" "$@" \
+    >"$OUT/$name.log" 2>&1
+  echo "rc=$?"
+  grep -vE "^\[|Warning|warn" "$OUT/$name.log" | tail -25
+}
 for spec in "$@"; do
   stage=${spec%%:*}
   limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
@@ -25,22 +43,35 @@ for spec in "$@"; do
       timeout "$limit" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' ;;
     tests)
-      timeout "$limit" python3 -m pytest -q -m gpu tests -v --durations=10 >"$OUT/gpu_tests.log" 2>&1
-      grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -25 ;;
+      timeout "$limit" python3 -m pytest -q -m gpu -v --durations=15 tests/test_gpu_ring.py \
+        tests/test_gpu_schedules.py tests/test_sdpa_kernel.py >"$OUT/gpu_tests.log" 2>&1
+      grep -E "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/gpu_tests.log" | tail -40 ;;
+    tests_triton)
+      timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_triton_kernels.py >"$OUT/gpu_tests_triton.log" 2>&1
+      grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_triton.log" | tail -20 ;;
+    ring)  # flat ring, both fast kernels, against every peer, 128K and 256K
+      ring ring --check --kernels triton sdpa --schedules ring --seqs 131072 262144 --kv-heads 32 8 ;;
+    ring_sched)  # topology-aware schedules (2 GPUs = 2 nodes x 1 GPU)
+      ring ring_sched --no-peers --kernels triton sdpa --schedules double_ring ulysses_ring --gpus-per-node 1 \
+        --seqs 131072 262144 --kv-heads 32 8 ;;
+    ring_long)  # 512K and 1M: the flat ring against Ulysses with cuDNN
+      ring ring_long --kernels sdpa triton --schedules ring --peers ulysses-cudnn --seqs 524288 1048576 \
+        --kv-heads 8 --iters 1 ;;
     kernels)
-      timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels.json" --seqs 8192 32768 \
-        --iters 3 >"$OUT/kernels.log" 2>&1
-      grep -v "^{" "$OUT/kernels.log" | tail -22 ;;
-    kernels_long)
-      timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels_long.json" --seqs 131072 \
-        --head-dims 128 --iters 3 >"$OUT/kernels_long.log" 2>&1
-      grep -v "^{" "$OUT/kernels_long.log" | tail -10 ;;
-    ring)
-      timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_ring.py --out "$OUT/ring.json" --check \
-        --kernels triton torch --seqs 32768 131072 262144 --kv-heads 32 8 \
-        --schedules ring double_ring ulysses_ring --gpus-per-node $(( ngpu > 1 ? ngpu / 2 : 1 )) >"$OUT/ring.log" 2>&1
-      grep -E "CHECK|^method|^ds-burst|^ulysses|^torch-cp|Error|error" "$OUT/ring.log" | tail -45 ;;
+      timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels.json" --seqs 8192 32768 131072 \
+        --head-dims 64 128 --iters 2 >"$OUT/kernels.log" 2>&1
+      grep -v "^{" "$OUT/kernels.log" | tail -40 ;;
+    train_burst) train train_burst ;;
+    train_ulysses) train train_ulysses train.attention=ulysses ;;
+    memory)
+      timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_memory.py --out "$OUT/memory.json" \
+        >"$OUT/memory.log" 2>&1
+      echo "rc=$?"; tail -30 "$OUT/memory.log" ;;
+    calibrate)
+      timeout "$limit" torchrun --nproc_per_node "$ngpu" -m ds_burst.plan calibrate --out "$OUT/calibration.json" \
+        >"$OUT/calibrate.log" 2>&1
+      echo "rc=$?"; tail -15 "$OUT/calibrate.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
-  echo "=== stage $stage done rc=$? ($(date -u +%H:%M:%S))"
+  echo "=== stage $stage done ($(date -u +%H:%M:%S))"
 done
