@@ -6,10 +6,22 @@ overlapping the compute issued next), and ``wait()`` before touching the receive
 
 Every rank of a group must issue the same sequence of batches; the schedules guarantee that by
 deriving every send and receive from the same step list on all ranks.
+
+Waiting is bounded: on CPU process groups (gloo) ``wait()`` gives up after the ds-burst communication
+timeout (``DS_BURST_COMM_TIMEOUT`` seconds, default 300, or :func:`set_comm_timeout`) and raises a
+``RuntimeError`` naming the phase, the step and the peer ranks, so a rank that fails or hangs mid-ring
+does not leave its peers blocked for the process group's timeout. On NCCL the timeout is off unless set
+explicitly (a bounded wait blocks the CPU until the transfer is done; NCCL's own watchdog covers the rest).
+A failed peer that *exits* is reported by gloo at once as a closed connection; that error is re-raised
+with the same context. After either error the process group is unusable: let the process exit.
 """
 
 from __future__ import annotations
 
+import datetime
+import math
+import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -107,18 +119,77 @@ def reset_comm_stats() -> None:
 # Batched P2P
 
 
+COMM_TIMEOUT_ENV = "DS_BURST_COMM_TIMEOUT"
+DEFAULT_CPU_COMM_TIMEOUT = 300.0
+_UNSET = object()
+_timeout_override: object = _UNSET
+
+
+def set_comm_timeout(seconds: float | None | object = _UNSET) -> None:
+    """Set the ds-burst communication timeout for P2P waits, in seconds, for every backend.
+
+    ``None`` (or ``0``) waits without a bound (the process group's own timeout still applies); calling it
+    without an argument restores the default: ``DS_BURST_COMM_TIMEOUT`` if set, else 300 s on CPU process
+    groups (gloo) and no bound on NCCL.
+    """
+    global _timeout_override
+    if seconds is not _UNSET and seconds is not None:
+        seconds = _check_timeout(seconds, "set_comm_timeout")
+    _timeout_override = seconds
+
+
+def _check_timeout(value: object, where: str) -> float | None:
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a number of seconds (0 or 'none' for no bound), got {value!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"{where}: expected a finite number of seconds >= 0, got {value!r}")
+    return t if t > 0 else None
+
+
+def comm_timeout(info: GroupInfo | None = None) -> float | None:
+    """The timeout (seconds, ``None`` = unbounded) that :meth:`P2PBatch.wait` uses on ``info``'s group."""
+    if _timeout_override is not _UNSET:
+        return _timeout_override  # type: ignore[return-value]
+    raw = os.environ.get(COMM_TIMEOUT_ENV, "").strip()
+    if raw:
+        if raw.lower() in ("none", "off", "inf"):
+            return None
+        return _check_timeout(raw, COMM_TIMEOUT_ENV)
+    if info is None or info.group is None or _is_cpu_backend(info):
+        return DEFAULT_CPU_COMM_TIMEOUT
+    return None
+
+
+def _is_cpu_backend(info: GroupInfo) -> bool:
+    try:
+        backend = str(dist.get_backend(info.group))
+    except (RuntimeError, ValueError):
+        return False
+    return "nccl" not in backend
+
+
+class CommTimeoutError(RuntimeError):
+    """A P2P wait exceeded the ds-burst communication timeout (the peer failed, hangs or is far behind)."""
+
+
 class P2PBatch:
     """Queue sends/receives for one step, then ``commit()`` and later ``wait()``.
 
     Messages between one pair of ranks are matched in queue order (NCCL) and by tag (gloo); callers
-    queue them in the same canonical order on both sides.
+    queue them in the same canonical order on both sides. ``step`` (optional) is only used in error
+    messages.
     """
 
-    def __init__(self, info: GroupInfo, phase: str) -> None:
+    def __init__(self, info: GroupInfo, phase: str, step: int | None = None) -> None:
         self.info = info
         self.phase = phase
+        self.step = step
         self._ops: list[dist.P2POp] = []
+        self._desc: list[str] = []
         self._reqs: list = []
+        self._req_desc: list[str] = []
         self._tags: dict[tuple[str, int], int] = defaultdict(int)
 
     def _tag(self, kind: str, peer: int) -> int:
@@ -126,11 +197,16 @@ class P2PBatch:
         self._tags[(kind, peer)] += 1
         return n
 
+    @staticmethod
+    def _what(tensor: torch.Tensor) -> str:
+        return f"{str(tensor.dtype).replace('torch.', '')}{list(tensor.shape)}"
+
     def send(self, tensor: torch.Tensor, to_rank: int) -> None:
         """Queue sending a contiguous ``tensor`` to group rank ``to_rank``."""
         assert tensor.is_contiguous()
         tag = self._tag("s", to_rank)
         self._ops.append(dist.P2POp(dist.isend, tensor, self.info.global_rank(to_rank), self.info.group, tag))
+        self._desc.append(f"send of {self._what(tensor)} to rank {to_rank}")
         COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
 
     def recv(self, tensor: torch.Tensor, from_rank: int) -> None:
@@ -138,19 +214,60 @@ class P2PBatch:
         assert tensor.is_contiguous()
         tag = self._tag("r", from_rank)
         self._ops.append(dist.P2POp(dist.irecv, tensor, self.info.global_rank(from_rank), self.info.group, tag))
+        self._desc.append(f"receive of {self._what(tensor)} from rank {from_rank}")
 
     def commit(self) -> P2PBatch:
         """Start every queued operation."""
         if self._ops:
-            self._reqs = dist.batch_isend_irecv(self._ops)
-            self._ops = []
+            try:
+                self._reqs = list(dist.batch_isend_irecv(self._ops))
+            except RuntimeError as exc:  # gloo: a peer that already closed its connection
+                msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                raise RuntimeError(f"{self._where()}: starting {'; '.join(self._desc)} failed: {msg}") from exc
+            # one request per operation (gloo); a coalesced backend (NCCL) may return one for the batch
+            self._req_desc = (self._desc if len(self._reqs) == len(self._desc)
+                              else ["; ".join(self._desc)] * len(self._reqs))
+            self._ops, self._desc = [], []
         return self
 
+    def _where(self) -> str:
+        step = f", step {self.step}" if self.step is not None else ""
+        return f"ds-burst rank {self.info.rank} (phase {self.phase!r}{step}, group of {self.info.world})"
+
     def wait(self) -> None:
-        """Block (the current stream, for NCCL) until every started operation finished."""
-        for req in self._reqs:
-            req.wait()
-        self._reqs = []
+        """Block (the current stream, for NCCL) until every started operation finished.
+
+        Raises :class:`CommTimeoutError` when the operations do not finish within :func:`comm_timeout`
+        and ``RuntimeError`` (naming the phase, step and peer) when the backend reports a failed peer.
+        """
+        reqs, descs = self._reqs, self._req_desc
+        self._reqs, self._req_desc = [], []
+        timeout = comm_timeout(self.info) if reqs else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cpu = self.info.group is None or _is_cpu_backend(self.info)
+        for req, desc in zip(reqs, descs):
+            try:
+                if deadline is None:
+                    req.wait()
+                elif cpu:
+                    left = max(deadline - time.monotonic(), 1e-3)
+                    req.wait(timeout=datetime.timedelta(seconds=left))
+                else:
+                    while not req.is_completed():
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("not completed")
+                        time.sleep(1e-4)
+                    req.wait()
+            except (RuntimeError, TimeoutError) as exc:
+                msg = str(exc)
+                if timeout is not None and ("Timed out" in msg or isinstance(exc, TimeoutError)):
+                    raise CommTimeoutError(
+                        f"{self._where()}: {desc} did not complete within the ds-burst communication timeout "
+                        f"of {timeout:g}s; that peer failed, hangs or is far behind (set {COMM_TIMEOUT_ENV} "
+                        f"to change the bound)"
+                    ) from exc
+                raise RuntimeError(f"{self._where()}: {desc} failed: {msg.splitlines()[0] if msg else exc!r}") \
+                    from exc
 
 
 def exchange(info: GroupInfo, phase: str, sends: list[tuple[torch.Tensor, int]],
