@@ -5,6 +5,9 @@ contiguous for sliding windows, the caller's layout otherwise), moves q/k/v ther
 it differs from the caller's layout, runs the ring forward, and moves the output back. Backward mirrors
 it with the Burst pattern (Q, dO, lse, delta travel) or the ring pattern (K, V travel).
 Saved for backward: q, k, v, out (input dtype, compute layout) and lse (fp32). Nothing O(S^2).
+Inside a selective-checkpointing region (:mod:`ds_burst.selective`) the re-run in backward reuses the output
+and lse kept from the first run instead of running the ring forward again (all of it or the early half).
+Scratch buffers of the ring come from :mod:`ds_burst.pool`; outputs and gradients are always fresh tensors.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from .cost import choose_backward
 from .kernels.mask import window_is_finite
 from .layout import segments
 from .ops import kernel_module, resolve_kernel
+from .pool import buffer_pool
 from .relayout import relayout
 from .schedules import ulysses_ring as uly
 from .schedules.ring import RingSetup, burst_backward, kv_ring_backward, needs_out, ring_forward
+from .selective import active_keep
 from .step_plan import RingPass, ring_passes
 from .validate import AttnArgs, validate
 
@@ -117,8 +122,7 @@ class BurstAttnFunction(torch.autograd.Function):
         if spec is not None:  # heads to the node's ranks, all the node's tokens to each
             qc = uly.to_node(qc, spec, "a2a")
             kc, vc = (uly.to_node(uly.repeat_kv(x, spec.kv_repeat), spec, "a2a") for x in (kc, vc))
-        out32, lse = ring_forward(qc, kc, vc, plan.setup)
-        out_c = out32.to(q.dtype)
+        out_c, lse = _forward_with_keep(qc, kc, vc, plan.setup, q.dtype)
         ctx.save_for_backward(qc, kc, vc, out_c, lse)
         ctx.plan = plan
         if spec is not None:
@@ -143,7 +147,9 @@ class BurstAttnFunction(torch.autograd.Function):
             dq, dk, dv = burst_backward(qc, kc, vc, dout_c, lse, delta, plan.setup)
         else:
             dq, dk, dv = kv_ring_backward(qc, kc, vc, dout_c, lse, delta, plan.setup, out_c)
-        dq = dq.to(qc.dtype)
+        pool = buffer_pool()  # the accumulators may be pooled: fresh tensors from here on
+        acc = qc.dtype if spec is None or spec.kv_repeat == 1 else dk.dtype
+        dq, dk, dv = pool.export(dq, qc.dtype), pool.export(dk, acc), pool.export(dv, acc)
         if spec is not None:  # replicated KV heads: sum their copies in fp32 before rounding
             dq = uly.from_node(dq, spec, "bwd_a2a")
             acc = qc.dtype if spec.kv_repeat == 1 else dk.dtype
@@ -151,6 +157,27 @@ class BurstAttnFunction(torch.autograd.Function):
         dk, dv = dk.to(qc.dtype), dv.to(qc.dtype)
         grads = (relayout(g, 1, dst, src, info, "bwd_relayout") for g in (dq, dk, dv))
         return (*grads, None)
+
+
+def _forward_with_keep(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, setup: RingSetup,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring forward in the compute layout, or its kept result inside a selective-checkpointing region
+    (:mod:`ds_burst.selective`): the first run records, the re-run reuses what was kept and computes only
+    the rows that were not kept."""
+    keep = active_keep()
+    kept = keep.replay(tuple(qc.shape)) if keep is not None else None
+    pool = buffer_pool()
+    if kept is None:
+        out32, lse = ring_forward(qc, kc, vc, setup)
+        out_c = pool.export(out32, dtype)
+        if keep is not None and keep.recording:
+            keep.record(tuple(qc.shape), out_c, lse)
+        return out_c, lse
+    out_k, lse_k = kept.fetch()
+    if kept.start == 0:
+        return out_k, lse_k
+    out32, lse = ring_forward(qc, kc, vc, setup, rows=kept.start)
+    return torch.cat([pool.export(out32, dtype), out_k], 1), torch.cat([lse, lse_k], 2)
 
 
 def check_finite_grad(dout: torch.Tensor, info: GroupInfo) -> None:

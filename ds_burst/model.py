@@ -24,6 +24,7 @@ from .attention import burst_attn_func
 from .comm import GroupInfo, all_reduce_sum, resolve_group
 from .config import BurstConfig
 from .memory import chunked_lm_head_loss, tiled_mlp
+from .selective import KEEP_TOKENS, ActivationOffload, AttentionKeep, region
 from .topology import get_topology
 
 
@@ -45,6 +46,10 @@ class ModelConfig:
     # memory options (ds_burst.memory); they change memory use, not results
     lm_head_chunk_tokens: int | None = None  # chunked LM head + loss over this many positions at a time
     mlp_tiles: int = 1  # > 1: run each MLP over this many sequence tiles, recomputed in backward
+    # under activation checkpointing (ds_burst.selective); same results, less recompute or less device memory
+    keep_attention_layers: float = 0.0  # fraction of layers whose attention output + lse are kept for the re-run
+    keep_attention_tokens: str = "all"  # "all" (re-run skips the ring forward) or "half" (later half kept)
+    offload_checkpoints: bool = False  # layer inputs kept by checkpointing (and kept attention) go to host memory
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -67,6 +72,20 @@ class ModelConfig:
         t = self.mlp_tiles
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"model.mlp_tiles: expected a positive integer (1: off), got {t!r}")
+        f = self.keep_attention_layers
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"model.keep_attention_layers: expected a fraction in [0, 1], got {f!r}")
+        if self.keep_attention_tokens not in KEEP_TOKENS:
+            raise ValueError(f"model.keep_attention_tokens: expected one of {list(KEEP_TOKENS)}, "
+                             f"got {self.keep_attention_tokens!r}")
+        if not isinstance(self.offload_checkpoints, bool):
+            raise ValueError(f"model.offload_checkpoints: expected true or false, got {self.offload_checkpoints!r}")
+
+    def keeps_attention(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` keeps its attention output under activation checkpointing
+        (``keep_attention_layers`` of the layers, spread evenly: layer ``i`` when ``floor((i+1) f) > floor(i f)``)."""
+        f = float(self.keep_attention_layers)
+        return math.floor((layer + 1) * f + 1e-9) > math.floor(layer * f + 1e-9)
 
     @property
     def head_dim(self) -> int:
@@ -270,7 +289,10 @@ class BurstLlama(nn.Module):
             same group, contiguous shards; heads divisible by P) or ``"local"`` (full-sequence SDPA; the whole
             sequence must be on this rank).
         burst: :class:`~ds_burst.config.BurstConfig` (its layout, backward, kernel, ... options), or ``None``.
-        activation_checkpointing: recompute each decoder layer in backward.
+        activation_checkpointing: recompute each decoder layer in backward. With it, ``cfg.keep_attention_layers``
+            / ``keep_attention_tokens`` keep attention outputs for the re-run (selective checkpointing, burst
+            attention only) and ``cfg.offload_checkpoints`` moves the kept layer inputs to host memory
+            (:mod:`ds_burst.selective`).
         checkpoint_impl: ``"torch"`` (``torch.utils.checkpoint``, non-reentrant) or ``"deepspeed"``
             (``deepspeed.checkpointing.checkpoint``).
     """
@@ -300,6 +322,8 @@ class BurstLlama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if cfg.keep_attention_layers and attention != "burst":
+            raise ValueError(f"model.keep_attention_layers needs attention='burst' (got attention={attention!r})")
         self.activation_checkpointing = activation_checkpointing
         self.checkpoint_impl = checkpoint_impl
         self.apply(self._init)
@@ -328,11 +352,19 @@ class BurstLlama(nn.Module):
             position_ids = position_ids[None].expand(input_ids.shape[0], -1)
         x = self.embed(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = self._checkpoint(layer, x, cos, sin)
-            else:
+        ckpt = self.activation_checkpointing and self.training
+        offload = ActivationOffload() if ckpt and self.cfg.offload_checkpoints and torch.is_grad_enabled() else None
+        for i, layer in enumerate(self.layers):
+            if not ckpt:
                 x = layer(x, cos, sin)
+                continue
+            keep = None
+            if self.attention == "burst" and self.cfg.keeps_attention(i):
+                keep = AttentionKeep(self.cfg.keep_attention_tokens, offload is not None)
+            fn = layer if keep is None and offload is None else region(layer, keep, offload, i)
+            x_in, x = x, self._checkpoint(fn, x, cos, sin)
+            if offload is not None:
+                offload.add(x_in, keep)
         h = self.norm(x)
         if labels is None:
             return self.lm_head(h)
@@ -341,7 +373,7 @@ class BurstLlama(nn.Module):
         ce, count = chunked_lm_head_loss(h, self.lm_head, labels, self.cfg.lm_head_chunk_tokens, ignore_index)
         return sequence_parallel_loss_from_sum(ce, count, self.group, sp_grads_averaged)
 
-    def _checkpoint(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _checkpoint(self, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_impl == "deepspeed":
             import deepspeed
 

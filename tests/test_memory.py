@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_utils import run_ranks
+from dist_utils import run_ranks, values
 from ds_burst.memory import chunked_lm_head_loss, tiled_mlp
 from ds_burst.model import MLP, BurstLlama, ModelConfig, sequence_parallel_loss
 
@@ -344,3 +344,218 @@ def test_estimate_memory_consistency():
     for bad in ({"sp": 0}, {"zero_stage": 4}, {"mlp_tiles": 0}, {"lm_head_chunk_tokens": 0}, {"sp": 3}):
         with pytest.raises(ValueError):
             estimate_memory(cfg, 131072, **bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# buffer pool (ds_burst.pool)
+
+
+def _attn_calls(rank: int, world: int, group, schedule: str | None) -> list[tuple]:
+    """Outputs and gradients of burst attention for several dtypes / backward patterns, on fixed inputs."""
+    import ds_burst
+
+    res = []
+    for dtype, backward, hq, hkv in ((torch.float32, "burst", 4, 2), (torch.bfloat16, "ring", 4, 2),
+                                     (torch.bfloat16, "burst", 2, 2)):
+        gen = torch.Generator().manual_seed(7)
+        full = [torch.randn(1, 8 * world, h, 8, generator=gen) for h in (hq, hkv, hkv, hq)]
+        q, k, v, do = (ds_burst.shard_sequence(t, 1, group).to(dtype) for t in full)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = ds_burst.burst_attn_func(q, k, v, causal=True, group=group, backward=backward, schedule=schedule)
+        out.backward(do)
+        res.append((out.detach(), q.grad, k.grad, v.grad))
+    return res
+
+
+def _pool_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    import ds_burst
+    from ds_burst.pool import _POOL, buffer_pool_stats, release_buffers, set_buffer_pool
+
+    groups = {"ring": (dist.group.WORLD, None),
+              "double_ring": (ds_burst.init_sequence_parallel(4, gpus_per_node=2, schedule="double_ring"), None)}
+    out = {}
+    for name, (group, sched) in groups.items():
+        set_buffer_pool(False)
+        plain = _attn_calls(rank, world, group, sched)
+        set_buffer_pool(True)
+        release_buffers()
+        first = _attn_calls(rank, world, group, sched)
+        warm = _attn_calls(rank, world, group, sched)  # the mix of shapes settles the best-fit choice
+        s1, blocks1 = buffer_pool_stats(), _POOL.blocks()
+        second = _attn_calls(rank, world, group, sched)  # must not overwrite what the first call returned
+        s2, blocks2 = buffer_pool_stats(), _POOL.blocks()
+        second = [tuple(a for a in call) for call in second]
+        assert all(torch.equal(a, b) for x, y in zip(first, warm) for a, b in zip(x, y))
+        owned = any(_POOL.owns(t) for call in first + second for t in call)
+        same = all(torch.equal(a, b) and a.dtype == b.dtype for x, y, z in zip(plain, first, second)
+                   for a, b, c in zip(x, y, z) for a, b in ((a, b), (a, c)))
+        out[name] = dict(same=same, owned=owned, s1=s1, s2=s2, blocks_same=blocks1 == blocks2,
+                         in_use=any(u for _, _, u in blocks2), n_blocks=len(blocks2))
+    # a model over several layers and steps: pooled equals unpooled bit for bit
+    out["model"] = [_model_steps(rank, world, pooled) for pooled in (False, True)]
+    set_buffer_pool(None)
+    return out
+
+
+def test_buffer_pool_reuses_storage_and_is_bitwise_identical():
+    """Flat ring and double ring (2 nodes x 2) on 4 gloo ranks: pooled calls equal unpooled ones bitwise and,
+    once warm, reuse the same storages without allocating."""
+    for rank, res in enumerate(values(run_ranks(_pool_worker, 4, timeout=180))):
+        plain, pooled = res.pop("model")
+        for (la, ga), (lb, gb) in zip(plain, pooled):
+            assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+        for name, r in res.items():
+            assert r["same"], (rank, name)  # pooled results equal the unpooled ones bit for bit
+            assert not r["owned"], (rank, name)  # outputs and gradients never live in pooled blocks
+            assert r["n_blocks"] > 0 and not r["in_use"], (rank, name, r)  # all blocks back after the calls
+            # warm-up allocates; the repeated calls only reuse the same storages
+            assert r["s1"]["allocated"] > 0 and r["s2"]["allocated"] == r["s1"]["allocated"], (rank, name, r)
+            assert r["s2"]["reused"] > r["s1"]["reused"] and r["blocks_same"], (rank, name, r)
+
+
+def test_buffer_pool_unit():
+    from ds_burst.pool import BufferPool, set_buffer_pool
+
+    pool = BufferPool()
+    a = pool.take((3, 5), torch.float32, "cpu")
+    ptr = a.data_ptr()
+    assert pool.owns(a) and a.shape == (3, 5)
+    pool.give(a, None, torch.zeros(2))  # foreign tensors and None are ignored
+    b = pool.zeros((15,), torch.float32, "cpu")  # same bytes: the same block, zeroed
+    assert b.data_ptr() == ptr and torch.all(b == 0)
+    c = pool.take((4, 4), torch.bfloat16, "cpu")  # a new block while b is in use
+    assert c.data_ptr() != ptr and pool.stats()["allocated"] == 2
+    kept = pool.export(b, torch.float32)  # a copy the caller may keep; b goes back
+    assert not pool.owns(b) and kept.data_ptr() != ptr
+    pool.give(c)
+    assert pool.take((1000,), torch.float32, "cpu").data_ptr() not in (ptr, c.data_ptr())  # too small: new
+    assert pool.release() > 0
+    with pytest.raises(TypeError):
+        set_buffer_pool("yes")
+
+
+def _model_steps(rank: int, world: int, pooled: bool) -> list:
+    import torch.distributed as dist
+
+    from ds_burst.config import BurstConfig
+    from ds_burst.data import shard_batch_local
+    from ds_burst.pool import set_buffer_pool
+
+    set_buffer_pool(pooled)
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=61, hidden_size=16, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=24)
+    model = BurstLlama(cfg, group=dist.group.WORLD, attention="burst", burst=BurstConfig(layout="zigzag")).bfloat16()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(3):
+        ids = torch.randint(0, 61, (1, 32), generator=gen)
+        shard = shard_batch_local(ids, _labels(1, 32, 61, gen), rank, world, "zigzag")
+        loss = model(shard["input_ids"], shard["position_ids"], shard["labels"])
+        opt.zero_grad()
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# selective checkpointing and offload (ds_burst.selective)
+
+SELECTIVE_VARIANTS = {  # name: (checkpoint_impl, ModelConfig memory options)
+    "plain": ("torch", {}),
+    "keep_all": ("torch", {"keep_attention_layers": 1.0}),
+    "keep_half": ("torch", {"keep_attention_layers": 1.0, "keep_attention_tokens": "half"}),
+    "keep_some": ("torch", {"keep_attention_layers": 0.5}),  # 1 of 3 layers
+    "offload": ("torch", {"offload_checkpoints": True}),
+    "ds_plain": ("deepspeed", {}),
+    "ds_keep_half_offload": ("deepspeed", {"keep_attention_layers": 1.0, "keep_attention_tokens": "half",
+                                           "offload_checkpoints": True}),
+    "ds_keep_all_offload": ("deepspeed", {"keep_attention_layers": 1.0, "offload_checkpoints": True}),
+}
+
+
+def _counting_fwd_kernel() -> list[int]:
+    """Count the forward attention work (query rows x keys per kernel call) of the torch kernel."""
+    from ds_burst.ops import kernel_module
+
+    mod = kernel_module("torch")
+    work = [0]
+    orig = mod.fwd_step
+
+    def counting(q, k, v, *args, **kwargs):
+        work[0] += q.shape[0] * q.shape[1] * k.shape[1]
+        return orig(q, k, v, *args, **kwargs)
+
+    mod.fwd_step = counting
+    return work
+
+
+def _selective_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from ds_burst import comm_stats, reset_comm_stats
+    from ds_burst.config import BurstConfig
+    from ds_burst.data import shard_batch_local
+    from ds_burst.selective import reset_selective_stats, selective_stats
+
+    work = _counting_fwd_kernel()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 61, (1, 32), generator=gen)
+    shard = shard_batch_local(ids, _labels(1, 32, 61, gen), rank, world, "zigzag")
+    args = (shard["input_ids"], shard["position_ids"], shard["labels"])
+    base = dict(vocab_size=61, hidden_size=16, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=24)
+    torch.manual_seed(0)
+    state = BurstLlama(ModelConfig(**base)).double().state_dict()
+    out = {}
+    for name, (impl, opts) in [("forward_only", ("torch", {})), *SELECTIVE_VARIANTS.items()]:
+        model = BurstLlama(ModelConfig(**base, **opts), group=dist.group.WORLD, burst=BurstConfig(layout="zigzag"),
+                           activation_checkpointing=name != "forward_only", checkpoint_impl=impl).double()
+        model.load_state_dict(state)
+        work[0] = 0
+        reset_comm_stats()
+        reset_selective_stats()
+        if name == "forward_only":
+            with torch.no_grad():
+                model(*args)
+            out[name] = {"work": work[0], "fwd_bytes": comm_stats().get("fwd", 0)}
+            continue
+        loss = model(*args)
+        fwd_work = work[0]
+        loss.backward()
+        out[name] = {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()},
+                     "work": work[0], "fwd_work": fwd_work, "fwd_bytes": comm_stats().get("fwd", 0),
+                     "stats": selective_stats()}
+    return out
+
+
+def test_selective_checkpointing_and_offload_same_grads_less_recompute():
+    """2 gloo ranks, float64, ring attention, 3 layers: every variant gives plain checkpointing's loss and
+    gradients; the counted attention-forward work and bytes show the kept outputs were used."""
+    for rank, res in enumerate(values(run_ranks(_selective_worker, 2, timeout=180))):
+        w1, b1 = res["forward_only"]["work"], res["forward_only"]["fwd_bytes"]
+        ref = res["plain"]
+        for name, r in res.items():
+            if name == "forward_only":
+                continue
+            _close(r["loss"], ref["loss"])
+            for n in ref["grads"]:
+                _close(r["grads"][n], ref["grads"][n])
+            assert r["fwd_work"] == w1, (rank, name)  # the first forward is unchanged
+        for name in ("plain", "offload", "ds_plain"):  # plain checkpointing re-runs the whole ring forward
+            assert res[name]["work"] == 2 * w1 and res[name]["fwd_bytes"] == 2 * b1, (rank, name)
+            assert res[name]["stats"]["replayed"] == 0
+        for name in ("keep_all", "ds_keep_all_offload"):  # no ring forward in the re-run at all
+            assert res[name]["work"] == w1 and res[name]["fwd_bytes"] == b1, (rank, name)
+            assert res[name]["stats"]["recorded"] == res[name]["stats"]["replayed"] == 3
+        for name in ("keep_half", "ds_keep_half_offload"):  # the re-run computes the early half's rows only
+            r = res[name]
+            assert w1 < r["work"] <= 1.45 * w1 and r["fwd_bytes"] == 2 * b1, (rank, name, r["work"], w1)
+            assert r["stats"]["replayed"] == 3 and r["stats"]["replayed_rows"] == 3 * 16 // 2 // 2 * 2
+        some = res["keep_some"]
+        assert some["work"] == w1 + 2 * w1 // 3 and some["stats"]["replayed"] == 1, (rank, some["work"], w1)
+        for name in ("offload", "ds_keep_half_offload", "ds_keep_all_offload"):
+            st = res[name]["stats"]
+            assert st["offloaded_bytes"] > 0 and st["restored_bytes"] == st["offloaded_bytes"], (rank, name, st)

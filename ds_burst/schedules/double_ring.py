@@ -14,6 +14,10 @@ rank ``(n, l)`` computes on the block owned by ``(n - d*c, l - d*u)``:
 Accumulators (dQ in the Burst backward, dK/dV in the ring backward) follow their block one step behind on
 the intra-node ring; after a cycle's last step each goes straight home to its owner over the group's own
 communicator (not the intra or inter one), where it is added.
+
+Receive buffers and sent partials come from and go back to :func:`ds_burst.pool.buffer_pool` as in
+:func:`.ring.run_ring`: a cycle's block after the inter-node wait that ends the cycle, an intra-node block after
+its step's waits, partials after the waits of the step that sent them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ..comm import GroupInfo, NodeGroups, P2PBatch
+from ..pool import buffer_pool
 
 Tensors = list[torch.Tensor]
 
@@ -50,8 +55,10 @@ def run_double_ring(
         """Rank holding this rank's own block at step (c, L-1)."""
         return ((node + d * c) % n_nodes) * per_node + (local - d) % per_node
 
+    pool = buffer_pool()
+
     def new_bufs(like: Tensors) -> Tensors:
-        return [torch.empty_like(x) for x in like]
+        return [pool.empty_like(x) for x in like]
 
     cycle_payload = payload
     acc_out: tuple[Tensors, str, int] | None = None  # (tensors, "intra" | "home", destination rank)
@@ -77,9 +84,11 @@ def run_double_ring(
                 for x in cur:
                     intra.send(x, (local + d) % per_node)
             acc_in = home = None
+            sent_acc: Tensors = []
             if with_acc:
                 if acc_out is not None:
                     tensors, kind, dest = acc_out
+                    sent_acc = tensors
                     for x in tensors:
                         (intra if kind == "intra" else home_batch).send(x, dest)
                 if u >= 1 and not (c == 0 and u == 1):  # the holder of (c, u-1) computed a partial
@@ -99,6 +108,7 @@ def run_double_ring(
                 part = compute_remote(cur, owner(c, u))
             intra.wait()
             home_batch.wait()
+            pool.give(*sent_acc, *(cur if u > 0 else []))  # at u == 0 cur is the cycle's block (inter send)
             if with_acc:
                 acc_out = None
                 if part is not None:
@@ -111,10 +121,15 @@ def run_double_ring(
                         acc_out = (part, "home", owner(c, u))
                 if home is not None:
                     on_home(home)  # type: ignore[misc]
+                pool.give(*(acc_in or []), *(home or []))
             cur = nxt  # type: ignore[assignment]
         if inter is not None:
             inter.wait()
+            if c > 0:
+                pool.give(*cycle_payload)
             cycle_payload = next_cycle
+        elif c > 0:
+            pool.give(*cycle_payload)
     if with_acc and acc_out is not None:  # the last step's accumulators go home
         home_batch = P2PBatch(info, phase)
         home = new_bufs(acc_like)  # type: ignore[arg-type]
@@ -124,3 +139,4 @@ def run_double_ring(
             home_batch.send(x, acc_out[2])
         home_batch.commit().wait()
         on_home(home)  # type: ignore[misc]
+        pool.give(*home, *acc_out[0])

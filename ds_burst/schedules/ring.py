@@ -24,6 +24,7 @@ import torch
 
 from ..comm import GroupInfo, NodeGroups, P2PBatch
 from ..layout import Segment
+from ..pool import buffer_pool
 from ..step_plan import RingPass, TileOp, mirror, pair_ops
 
 Tensors = list[torch.Tensor]
@@ -66,9 +67,14 @@ def run_ring(
 
     ``compute_remote(payload_of_owner, owner)`` returns the owner's partial accumulators (or ``None`` when
     nothing travels back); ``acc_like`` gives the accumulators' shapes and dtypes; ``on_home(accs)``
-    receives this rank's own accumulators after each pass.
+    receives this rank's own accumulators after each pass (and must not keep them).
+
+    Receive buffers come from :func:`ds_burst.pool.buffer_pool` and go back after the wait that ends their
+    last transfer and the compute that read them; partials returned by ``compute_remote`` that came from the
+    pool go back once they have been sent.
     """
     rank, world = info.rank, info.world
+    pool = buffer_pool()
     steps = [(p, t) for p in passes for t in range(1, p.steps + 1)]
     with_acc = acc_like is not None and on_home is not None
     cur: Tensors | None = None
@@ -80,25 +86,25 @@ def run_ring(
         if c + 1 < len(steps):
             p, t = steps[c + 1]
             to_send = payload if t == 1 else cur
-            nxt = [torch.empty_like(x) for x in payload]
+            nxt = [pool.empty_like(x) for x in payload]
             for buf in nxt:
                 batch.recv(buf, (rank - p.direction) % world)
-            for x in to_send:
+            for x in to_send:  # type: ignore[union-attr]
                 batch.send(x, (rank + p.direction) % world)
         # 2) accumulators: send the previous step's, receive what this step adds to / what comes home
         acc_in = home = None
+        sent_acc = acc_out[0] if (with_acc and acc_out is not None) else []
         if with_acc:
-            if acc_out is not None:
-                for x in acc_out[0]:
-                    batch.send(x, acc_out[1])
+            for x in sent_acc:
+                batch.send(x, acc_out[1])  # type: ignore[index]
             if 0 <= c < len(steps) and steps[c][1] >= 2:
                 p = steps[c][0]
-                acc_in = [torch.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
+                acc_in = [pool.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
                 for buf in acc_in:
                     batch.recv(buf, (rank - p.direction) % world)
             if c >= 1 and steps[c - 1][1] == steps[c - 1][0].steps:
                 p = steps[c - 1][0]
-                home = [torch.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
+                home = [pool.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
                 for buf in home:
                     batch.recv(buf, (rank + p.direction * p.steps) % world)
         batch.commit()
@@ -112,6 +118,7 @@ def run_ring(
             owner = (rank - p.direction * t) % world
             part = compute_remote(cur, owner)  # type: ignore[arg-type]
         batch.wait()
+        pool.give(*sent_acc, *(cur or []))  # sent / computed on and forwarded: done with them
         if with_acc:
             acc_out = None
             if part is not None:
@@ -122,6 +129,7 @@ def run_ring(
                 acc_out = (part, (rank + p.direction) % world if t < p.steps else owner)
             if home is not None:
                 on_home(home)  # type: ignore[misc]
+            pool.give(*(acc_in or []), *(home or []))
         cur = nxt
 
 
@@ -148,26 +156,40 @@ def drive(
     run_ring(setup.info, phase, passes, payload, compute_local, compute_remote, acc_like, on_home)
 
 
-def _empty_state(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    b, s, h, d = q.shape
+def _empty_state(q: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed output accumulator (pooled for 16-bit inputs, where the caller's ``.to`` copies it) and a fresh
+    ``-inf`` lse (it is saved for backward) for the first ``rows`` queries."""
+    b, _, h, d = q.shape
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(b, s, h, d, dtype=cdt, device=q.device)
-    lse = torch.full((b, h, s), -math.inf, dtype=cdt, device=q.device)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        out = buffer_pool().zeros((b, rows, h, d), cdt, q.device)
+    else:
+        out = torch.zeros(b, rows, h, d, dtype=cdt, device=q.device)
+    lse = torch.full((b, h, rows), -math.inf, dtype=cdt, device=q.device)
     return out, lse
 
 
 def ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup, rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the local queries over every rank's keys: ``(out fp32 [B,s,Hq,D], lse fp32 [B,Hq,s])``."""
-    out, lse = _empty_state(q)
+    """Attention of the local queries over every rank's keys: ``(out fp32 [B,s,Hq,D], lse fp32 [B,Hq,s])``.
+
+    ``rows``: only the first ``rows`` local queries (``[B, rows, ...]`` results); K and V still travel the
+    whole ring (every rank walks the same steps), but tiles of the other queries are skipped. ``out`` may come
+    from :func:`ds_burst.pool.buffer_pool` (16-bit inputs): convert it with ``BufferPool.export``.
+    """
+    n = q.shape[1] if rows is None else rows
+    out, lse = _empty_state(q, n)
     me = setup.info.rank
 
     def attend(kk: torch.Tensor, vv: torch.Tensor, owner: int) -> None:
         for op in setup.ops(me, owner):
+            q1 = min(op.q1, n)  # clipping the end keeps q_offset (the first query's position) valid
+            if op.q0 >= q1:
+                continue
             setup.kernel.fwd_step(
-                q[:, op.q0 : op.q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1],
-                out[:, op.q0 : op.q1], lse[:, :, op.q0 : op.q1], scale=setup.scale, **setup.mask_args(op),
+                q[:, op.q0 : q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1],
+                out[:, op.q0 : q1], lse[:, :, op.q0 : q1], scale=setup.scale, **setup.mask_args(op),
             )
 
     def remote(payload: Tensors, owner: int) -> None:
@@ -205,9 +227,11 @@ def _bwd_tiles(
 
 
 def _grad_accumulators(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
-    """Zeroed fp32 (fp64 for fp64 inputs) gradient buffers shaped like q, k, v."""
+    """Zeroed fp32 (fp64 for fp64 inputs) gradient buffers shaped like q, k, v, from the buffer pool (the caller
+    converts them with ``BufferPool.export``)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+    pool = buffer_pool()
+    return [pool.zeros(x.shape, acc, x.device) for x in (q, k, v)]
 
 
 def burst_backward(
@@ -216,7 +240,7 @@ def burst_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BurstAttention backward: K, V, dK, dV stay; Q, dO, lse, delta travel and dQ follows them home.
 
-    Returns fp32 ``dq, dk, dv`` for the local shard.
+    Returns fp32 ``dq, dk, dv`` for the local shard (pooled: convert them with ``BufferPool.export``).
     """
     me = setup.info.rank
     dq, dk, dv = _grad_accumulators(q, k, v)
@@ -225,7 +249,7 @@ def burst_backward(
         _bwd_tiles(setup, setup.ops(q_owner, me), qq, k, v, do, ll, dd, dq_buf, dk, dv)
 
     def remote(payload: Tensors, owner: int) -> Tensors:
-        part = torch.zeros_like(dq)
+        part = buffer_pool().zeros_like(dq)
         grads(*payload, part, owner)
         return [part]
 
@@ -242,7 +266,8 @@ def kv_ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RingAttention-style backward: Q, dO stay; K, V travel and dK, dV follow them home.
 
-    ``out`` (local output, input dtype) is passed to kernels that need it (``BWD_NEEDS_OUT``).
+    ``out`` (local output, input dtype) is passed to kernels that need it (``BWD_NEEDS_OUT``). Returns fp32
+    ``dq, dk, dv`` (pooled: convert them with ``BufferPool.export``).
     """
     pass_out = out is not None and needs_out(setup.kernel)
     me = setup.info.rank
@@ -253,7 +278,8 @@ def kv_ring_backward(
                    out if pass_out else None)
 
     def remote(payload: Tensors, owner: int) -> Tensors:
-        dk_part, dv_part = torch.zeros_like(dk), torch.zeros_like(dv)
+        pool = buffer_pool()
+        dk_part, dv_part = pool.zeros_like(dk), pool.zeros_like(dv)
         grads(payload[0], payload[1], dk_part, dv_part, owner)
         return [dk_part, dv_part]
 
