@@ -55,7 +55,7 @@ for spec in "$@"; do
       ring ring_sched --no-peers --kernels triton sdpa --schedules double_ring ulysses_ring --gpus-per-node 1 \
         --seqs 131072 262144 --kv-heads 32 8 ;;
     ring_long)  # 512K and 1M: the flat ring against Ulysses with cuDNN
-      ring ring_long --kernels sdpa triton --schedules ring --peers ulysses-cudnn --seqs 524288 1048576 \
+      ring ring_long --kernels sdpa --schedules ring --peers ulysses-cudnn --seqs 524288 1048576 \
         --kv-heads 8 --iters 1 ;;
     kernels)
       timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels.json" --seqs 8192 32768 131072 \
