@@ -11,18 +11,21 @@ raises inside the forward or the backward ring while the other ranks sit in P2P 
 
 Each peer reports how long it took from the call to its error; docs/RELIABILITY.md quotes the numbers.
 A slow but healthy rank (1 s stall per tile, timeout 5 s) must not trip the timeout and the output must
-still match the float64 reference.
+still match the float64 reference. On 2 GPUs (marked ``gpu``) the same failure on NCCL with an explicit
+5 s timeout must raise ``CommTimeoutError`` on the peer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from dist_utils import run_ranks
+from dist_utils import _free_port, run_ranks
 
 WORLD = 3
 FAIL_RANK = 1
@@ -220,3 +223,67 @@ def test_comm_timeout_settings(monkeypatch):
         set_comm_timeout()
     monkeypatch.setenv(COMM_TIMEOUT_ENV, "4")
     assert comm_timeout(single) == 4.0
+
+
+# ---------------------------------------------------------------------------------------------
+# NCCL (GPU machines): the ds-burst timeout is off by default there; set explicitly it must bound the wait too.
+
+
+def _nccl_worker(rank: int, world: int, port: int, ending: str, out_dir: str) -> None:
+    """Own spawn target: NCCL operations left posted by the failure can make process-group teardown hang,
+    so every rank writes its result and leaves with ``os._exit``."""
+    import torch.distributed as dist
+
+    import ds_burst
+    from ds_burst.comm import set_comm_timeout
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    set_comm_timeout(NCCL_TIMEOUT)
+    if rank == FAIL_RANK:
+        def boom() -> None:
+            raise ValueError("injected failure in fwd_step")
+
+        _patch_kernel("fwd_step", 1, boom)
+    q, k, v = (ds_burst.shard_sequence(x.cuda().float(), 1, layout="zigzag") for x in _inputs(world))
+    t0 = time.monotonic()
+    res = {"type": None, "msg": "", "elapsed": 0.0}
+    try:
+        out = ds_burst.burst_attn_func(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal=True,
+                                       kernel="torch", backward="burst")
+        out.sum().backward()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        res = {"type": type(exc).__name__, "msg": str(exc), "elapsed": time.monotonic() - t0}
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+    if rank == FAIL_RANK and ending == "stuck":  # alive and silent until the peers gave up
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(os.listdir(out_dir)) < world:
+            time.sleep(0.1)
+    os._exit(0)
+
+
+NCCL_TIMEOUT = 5.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("ending", ["exit", "stuck"])
+def test_nccl_explicit_timeout_bounds_the_wait(ending, tmp_path):
+    world = 2
+    ctx = mp.start_processes(_nccl_worker, args=(world, _free_port(), ending, str(tmp_path)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    for p in ctx.processes:
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+    alive = [p for p in ctx.processes if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank did not finish within 240 s (hang)"
+    res = [json.load(open(tmp_path / f"{r}.json")) for r in range(world)]
+    assert res[FAIL_RANK]["type"] == "ValueError", res
+    peer = res[0]
+    assert peer["type"] == "CommTimeoutError" and "ds-burst rank 0 (phase '" in peer["msg"], peer
+    assert NCCL_TIMEOUT * 0.9 <= peer["elapsed"] <= 3 * NCCL_TIMEOUT + 20.0, peer
+    print(f"\n[reliability] nccl/{ending}: rank 0 raised after {peer['elapsed']:.2f}s: {peer['msg'][:160]}")
