@@ -560,7 +560,9 @@ def validate_bench(path: str, hw: Hardware = Hardware(), kernel_bench: str | Non
             if method.startswith("ds-burst-"):
                 kernel, _, sched = method[len("ds-burst-"):].partition("-")
                 if kernel_bench:
-                    rhw = replace(hw, **rates_from_kernel_bench(kernel_bench, f"ds-burst-{kernel}", prob.head_dim))
+                    # the sdpa tiles are the cuDNN fused ops: their rates are the cuDNN rows of the benchmark
+                    bench_method = "sdpa-cudnn" if kernel == "sdpa" else f"ds-burst-{kernel}"
+                    rhw = replace(hw, **rates_from_kernel_bench(kernel_bench, bench_method, prob.head_dim))
                 elif kernel == hw_kernel:
                     rhw = hw
                 else:
