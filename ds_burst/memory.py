@@ -209,11 +209,16 @@ def estimate_memory(
     micro_batch: int = 1,
     lm_head_chunk_tokens: int | None = None,
     mlp_tiles: int = 1,
+    keep_attention_layers: float = 0.0,
+    keep_attention_tokens: str = "all",
+    offload_checkpoints: bool = False,
+    backward: str = "auto",
 ) -> dict[str, float]:
     """Per-GPU memory of training :class:`ds_burst.model.BurstLlama` (``cfg``: its ``ModelConfig``), in GiB.
 
-    ``lm_head_chunk_tokens`` / ``mlp_tiles`` default to off here (pass ``cfg.lm_head_chunk_tokens`` /
-    ``cfg.mlp_tiles`` to use the model's settings). Each rank holds ``n = micro_batch * seq_len / sp`` tokens;
+    ``lm_head_chunk_tokens`` / ``mlp_tiles`` / ``keep_attention_layers`` / ``keep_attention_tokens`` /
+    ``offload_checkpoints`` default to off here (pass the ``cfg`` fields of the same names to use the model's
+    settings; :func:`estimate_model_memory` does). Each rank holds ``n = micro_batch * seq_len / sp`` tokens;
     ``N = dp * sp`` ranks share ZeRO partitions (DeepSpeed partitions over the sequence-data-parallel group).
     With ``P`` parameters, ``b = dtype_bytes``, ``H`` hidden, ``I`` intermediate, ``V`` vocab, ``nh`` heads,
     ``D`` head dim, ``L`` layers:
@@ -231,7 +236,20 @@ def estimate_memory(
       gradient) with ``T = n`` or ``T = micro_batch * lm_head_chunk_tokens`` when chunked.
     * ``recompute_peak``: transient re-forward of one layer under checkpointing (its full activations,
       ``10H + nh + 2 + 4I/mlp_tiles`` per token), and with ``mlp_tiles > 1`` one tile's ``4I*n/mlp_tiles``.
-    * ``attn_buffers``: the ring's K/V receive buffers (double-buffered), ``2 * 2*n*Hkv*D*b`` when ``sp > 1``.
+    * ``kept_attention`` (selective checkpointing, ``ds_burst.selective``; only with activation checkpointing):
+      the attention output and lse kept for the re-run, ``n*nh*(D*b + 4)`` per kept layer (half of it with
+      ``keep_attention_tokens="half"``), for ``keep_attention_layers`` of the ``L`` layers (as
+      ``ModelConfig.keeps_attention`` picks them); 0 on the GPU with ``offload_checkpoints``.
+    * ``offload_checkpoints`` (with checkpointing): the layer inputs live in host memory; the GPU holds at
+      most two at a time (the one re-run and the one being fetched), and the reported ``host_offload`` entry
+      (host bytes: all layer inputs and kept attention) is **not** part of ``total``.
+    * ``attn_buffers``: the ring's working set, held by the buffer pool (``ds_burst.pool``) between calls:
+      the larger of the forward's (K/V receive buffers, double-buffered, ``4*n*Hkv*D*b``, plus the fp32 output
+      accumulator ``4*n*nh*D`` for 16-bit inputs) and the backward's. Burst backward: travelling
+      q, dO, lse, delta double-buffered ``2*n*nh*(2*D*b + 8)``, three fp32 dQ partials (computed, in flight,
+      received) and the one coming home ``16*n*nh*D``; ring backward: K/V double-buffered ``4*n*Hkv*D*b``,
+      fp32 dK/dV partials ``32*n*Hkv*D``; both plus the fp32 dq/dk/dv accumulators ``4*n*(nh + 2*Hkv)*D``.
+      ``backward="auto"`` picks the pattern as :func:`ds_burst.cost.choose_backward` does. 0 when ``sp == 1``.
 
     Not counted: the allocator's fragmentation, communication buckets, ZeRO-3's gathered-parameter working
     set, kernel workspaces; with ``attention="burst"`` the saved attention tensors differ a little (no GQA
@@ -249,6 +267,13 @@ def estimate_memory(
         raise ValueError(f"lm_head_chunk_tokens: expected a positive integer or None, got {c!r}")
     if seq_len % sp:
         raise ValueError(f"seq_len={seq_len} is not divisible by sp={sp}")
+    f = keep_attention_layers
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+        raise ValueError(f"keep_attention_layers: expected a fraction in [0, 1], got {f!r}")
+    if keep_attention_tokens not in ("all", "half"):
+        raise ValueError(f"keep_attention_tokens: expected 'all' or 'half', got {keep_attention_tokens!r}")
+    if backward not in ("auto", "burst", "ring"):
+        raise ValueError(f"backward: expected 'auto', 'burst' or 'ring', got {backward!r}")
     b = dtype_bytes
     n_ranks = dp * sp
     p = cfg.num_params()
@@ -262,8 +287,12 @@ def estimate_memory(
         "optimizer": p * k_opt / (n_ranks if zero_stage >= 1 else 1),
     }
     layer_full = 10 * h + nh + 2 + (4 * i if mlp_tiles == 1 else 0)
-    per_layer = h if activation_checkpointing else layer_full
-    act = n * (layers * per_layer + 3 * h + 2 * d + 3) * b
+    offload = bool(offload_checkpoints) and activation_checkpointing
+    if activation_checkpointing:
+        act = n * (min(layers, 2) if offload else layers) * h * b
+    else:
+        act = n * layers * layer_full * b
+    act += n * (3 * h + 2 * d + 3) * b
     if c is None:
         act += n * v * 4
     out["activations"] = act
@@ -275,7 +304,45 @@ def estimate_memory(
     elif mlp_tiles > 1:
         rec += n * 4 * i / mlp_tiles * b
     out["recompute_peak"] = rec
-    out["attn_buffers"] = 2 * 2 * n * cfg.num_kv_heads * d * b if sp > 1 else 0.0
+    out["attn_buffers"] = attention_buffer_bytes(n, nh, cfg.num_kv_heads, d, b, backward) if sp > 1 else 0.0
+    kept = 0.0
+    host = n * layers * h * b if offload else 0.0
+    if activation_checkpointing:
+        n_keep = sum(math.floor((j + 1) * f + 1e-9) > math.floor(j * f + 1e-9) for j in range(layers))
+        kept = n_keep * n * nh * (d * b + 4) * (0.5 if keep_attention_tokens == "half" else 1.0)
+    if offload:
+        host += kept
+        kept = 0.0
+    out["kept_attention"] = kept
     out = {k: val / GIB for k, val in out.items()}
     out["total"] = sum(out.values())
+    if offload:
+        out["host_offload"] = host / GIB
     return out
+
+
+def attention_buffer_bytes(tokens: int, hq: int, hkv: int, head_dim: int, dtype_bytes: int,
+                           backward: str = "auto") -> float:
+    """Scratch bytes of one burst attention call on ``tokens`` local tokens (the ring's receive buffers and
+    fp32 accumulators, see :func:`estimate_memory`'s ``attn_buffers``): the larger of forward and backward."""
+    from .cost import choose_backward
+
+    n, d, b = tokens, head_dim, dtype_bytes
+    fwd = 4 * n * hkv * d * b + (4 * n * hq * d if b < 4 else 0)
+    pattern = choose_backward(hq, hkv, d, b) if backward == "auto" else backward
+    if pattern == "burst":
+        bwd = 2 * n * hq * (2 * d * b + 8) + 16 * n * hq * d
+    else:
+        bwd = 4 * n * hkv * d * b + 32 * n * hkv * d
+    bwd += 4 * n * (hq + 2 * hkv) * d
+    return float(max(fwd, bwd))
+
+
+def estimate_model_memory(cfg: Any, seq_len: int, **kwargs: Any) -> dict[str, float]:
+    """:func:`estimate_memory` with the memory options taken from ``cfg`` (a ``ModelConfig``):
+    ``lm_head_chunk_tokens``, ``mlp_tiles``, ``keep_attention_layers``, ``keep_attention_tokens``,
+    ``offload_checkpoints``; other arguments as :func:`estimate_memory`'s (keywords)."""
+    opts = {name: getattr(cfg, name) for name in ("lm_head_chunk_tokens", "mlp_tiles", "keep_attention_layers",
+                                                  "keep_attention_tokens", "offload_checkpoints")
+            if hasattr(cfg, name)}
+    return estimate_memory(cfg, seq_len, **{**opts, **kwargs})

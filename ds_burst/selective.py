@@ -37,11 +37,13 @@ import torch
 
 KEEP_TOKENS = ("all", "half")
 
-_STATS = {"recorded": 0, "replayed": 0, "replayed_rows": 0, "offloaded_bytes": 0, "restored_bytes": 0}
+_STATS = {"recorded": 0, "kept_bytes": 0, "replayed": 0, "replayed_rows": 0, "offloaded_bytes": 0,
+          "restored_bytes": 0}
 
 
 def selective_stats() -> dict[str, int]:
-    """Counters since :func:`reset_selective_stats`: attention calls ``recorded``, ``replayed`` (re-runs that
+    """Counters since :func:`reset_selective_stats`: attention calls ``recorded`` (and the ``kept_bytes`` of
+    their outputs and lse), ``replayed`` (re-runs that
     used kept results), ``replayed_rows`` (query rows whose attention the re-runs did not recompute), bytes
     ``offloaded`` to and ``restored`` from host memory."""
     return dict(_STATS)
@@ -211,6 +213,7 @@ class AttentionKeep:
             out, lse = out[:, start:].clone(), lse[:, :, start:].clone()
         self.entries.append(_Kept(start, tuple(qshape), out.detach(), lse.detach(), self.offload))
         _STATS["recorded"] += 1
+        _STATS["kept_bytes"] += out.numel() * out.element_size() + lse.numel() * lse.element_size()
 
     def replay(self, qshape: tuple[int, ...]) -> _Kept | None:
         """The next kept entry for a re-run (consumed), or ``None`` to compute normally."""
