@@ -670,3 +670,32 @@ def test_estimate_memory_kept_and_offloaded_bytes_match_the_model(opts):
     else:
         assert "host_offload" not in est and est["kept_attention"] * GIB == st["kept_bytes"] > 0
     assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k not in ("total", "host_offload")))
+
+
+def _bench_memory_worker(rank: int, world: int, out: str) -> list:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch"))
+    import bench_memory
+
+    args = bench_memory.parse_args(["--cpu", "--seq", "64", "--no-peers", "--warmup", "0", "--out", out,
+                                    "--variants", "ckpt", "keep_half_offload", "no_pool"])
+    return bench_memory.run(args)
+
+
+def test_bench_memory_cpu_mode(tmp_path):
+    """launch/bench_memory.py's CPU mode on 2 gloo ranks: every part runs, the variants agree on the loss,
+    and rank 0 writes the JSON with the predictions."""
+    import json
+
+    out = str(tmp_path / "memory.json")
+    rows = values(run_ranks(_bench_memory_worker, 2, out, timeout=180))[0]
+    assert [r["method"] for r in rows] == ["ds-burst", "ds-burst-no-pool", "ckpt", "keep_half_offload", "no_pool"]
+    assert all("error" not in r for r in rows), rows
+    model = [r for r in rows if r["part"] == "model"]
+    assert all(r["loss_rel_diff"] < 1e-6 and r["predicted_gib"] > 0 for r in model)
+    assert model[1]["predicted_host_gib"] > 0 == model[0]["predicted_host_gib"]
+    with open(out) as f:
+        data = json.load(f)
+    assert data["meta"]["world"] == 2 and len(data["rows"]) == len(rows)
