@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
-# Stages: env tests ring ring_sched ring_long kernels train_burst train_ulysses memory calibrate.
+# Stages: env tests tests_triton ring ring_sched ring_long kernels equiv train_burst train_ulysses memory calibrate.
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -61,6 +61,16 @@ for spec in "$@"; do
       timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels.json" --seqs 8192 32768 131072 \
         --head-dims 64 128 --iters 2 >"$OUT/kernels.log" 2>&1
       grep -v "^{" "$OUT/kernels.log" | tail -40 ;;
+    equiv)  # ZeRO-3 bf16: SP=2 on 2 GPUs against SP=1 on 1 GPU, 3 steps, checkpointing off/torch/deepspeed
+      python3 -c "import numpy as np; from ds_burst.data import write_token_file; \
+write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1024, size=1 << 16))"
+      for sp in 1 2; do
+        timeout "$limit" python3 -m deepspeed.launcher.runner --num_gpus $sp tests/ds_equivalence_worker.py --gpu \
+          --sp $sp --mbs 2 --seq-len 8192 --data "$OUT/equiv_tokens.bin" --out "$OUT/equiv_sp$sp.pt" \
+          >"$OUT/equiv_sp$sp.log" 2>&1; echo "sp=$sp rc=$?"
+      done
+      python3 tests/ds_equivalence_worker.py --compare "$OUT/equiv_sp1.pt" "$OUT/equiv_sp2.pt" | tee "$OUT/equiv.txt"
+      rm -f "$OUT"/equiv_sp*.pt "$OUT/equiv_tokens.bin" ;;
     train_burst) train train_burst ;;
     train_ulysses) train train_ulysses train.attention=ulysses ;;
     memory)
