@@ -73,10 +73,13 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       rm -f "$OUT"/equiv_sp*.pt "$OUT/equiv_tokens.bin" ;;
     train_burst) train train_burst ;;
     train_ulysses) train train_ulysses train.attention=ulysses ;;
-    memory)
+    memory)  # 128K: every memory option; 512K: the main ones (Llama-8B-shaped layers, 2 of them)
       timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_memory.py --out "$OUT/memory.json" \
-        >"$OUT/memory.log" 2>&1
-      echo "rc=$?"; tail -30 "$OUT/memory.log" ;;
+        --seq 131072 --layers 2 >"$OUT/memory.log" 2>&1
+      echo "rc=$?"; grep -v "^W1\|^\[" "$OUT/memory.log" | tail -25
+      timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_memory.py --out "$OUT/memory_512k.json" \
+        --seq 524288 --layers 2 --variants ckpt keep_half offload >"$OUT/memory_512k.log" 2>&1
+      echo "rc=$?"; grep -v "^W1\|^\[" "$OUT/memory_512k.log" | tail -15 ;;
     calibrate)
       timeout "$limit" torchrun --nproc_per_node "$ngpu" -m ds_burst.plan calibrate --out "$OUT/calibration.json" \
         >"$OUT/calibrate.log" 2>&1
