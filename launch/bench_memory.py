@@ -6,7 +6,8 @@
 All ranks form one sequence-parallel group (P = world size), B = 1, causal, zigzag shards, bf16 on GPUs.
 
 (a) **Attention alone**, forward + backward of q, k, v ``[1, S/P, H, D]``: ds-burst (``burst_attn_func``, the
-    buffer pool on and off) against DeepSpeed-Ulysses (``DistributedAttention`` with SDPA, cuDNN first). The
+    buffer pool on and off) against DeepSpeed-Ulysses (``DistributedAttention`` with SDPA, cuDNN first, GQA
+    without repeating K/V; needs ``Hq`` and ``Hkv`` divisible by P). The
     figure is the peak allocated above what the inputs and the output gradient already take; ds-burst's
     prediction is the pool's working set (``ds_burst.memory.attention_buffer_bytes``) plus the kept output,
     lse and delta and the three input gradients.
@@ -82,8 +83,10 @@ class Meter:
 
 
 def _attention_methods(kernel: str, with_ulysses: bool) -> dict:
+    import torch.nn.functional as F
+
     import ds_burst
-    from ds_burst.model import local_attention
+    from ds_burst.model import _sdpa_priority
 
     methods = {"ds-burst": lambda q, k, v: ds_burst.burst_attn_func(q, k, v, causal=True, kernel=kernel)}
     if with_ulysses:
@@ -96,8 +99,11 @@ def _attention_methods(kernel: str, with_ulysses: bool) -> dict:
         if not ds_comm.is_initialized():  # DistributedAttention's all-to-all runs on DeepSpeed's comm layer
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
 
-        def local(q, k, v, *args, **kwargs):  # SDPA, cuDNN first on CUDA (GQA by repeating K/V)
-            return local_attention(q, k, v, (-1, -1))
+        def local(q, k, v, *args, **kwargs):  # SDPA, cuDNN first on CUDA, GQA without repeating K/V
+            with _sdpa_priority(q.device):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      is_causal=True, enable_gqa=k.shape[2] != q.shape[2]
+                                                      ).transpose(1, 2)
 
         attn = DistributedAttention(local, dist.group.WORLD, scatter_idx=2, gather_idx=1)
         methods["ulysses-sdpa"] = lambda q, k, v: attn(q, k, v, batch_dim_idx=0)
