@@ -46,6 +46,7 @@ class TrainConfig:
     steps: int = 100
     seed: int = 1234
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    attention: str = "burst"  # "burst" (ds-burst ring), "ulysses" (DeepSpeed-Ulysses), "local" (SP=1 only)
     activation_checkpointing: bool = False
     checkpoint_impl: str = "torch"  # "torch" (non-reentrant torch.utils.checkpoint) or "deepspeed"
     zero_init: bool = True  # build the model under deepspeed.zero.Init when ZeRO stage is 3
@@ -73,6 +74,8 @@ class TrainConfig:
         cfg = cls(**d, wandb=WandbConfig(**w))
         if cfg.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.precision: expected auto, bf16 or fp32, got {cfg.precision!r}")
+        if cfg.attention not in ("burst", "ulysses", "local"):
+            raise ValueError(f"train.attention: expected burst, ulysses or local, got {cfg.attention!r}")
         if cfg.checkpoint_impl not in ("torch", "deepspeed"):
             raise ValueError(f"train.checkpoint_impl: expected torch or deepspeed, got {cfg.checkpoint_impl!r}")
         if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
@@ -253,9 +256,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        data_parallel_group=topo.get_sequence_data_parallel_group())
     if tc.checkpoint_impl == "deepspeed" and tc.activation_checkpointing:
         deepspeed.checkpointing.configure(topo, deepspeed_config=ds_config)
-    attention = "burst" if burst.enabled else "local"
+    attention = tc.attention if (tc.attention != "burst" or burst.enabled) else "local"
     if attention == "local" and topo.sequence_parallel_size > 1:
-        raise ValueError("burst_attention.enabled=false needs sequence_parallel_size=1")
+        raise ValueError(f"attention 'local' (train.attention=local or burst_attention.enabled=false) needs "
+                         f"sequence_parallel_size=1, got {topo.sequence_parallel_size}; use train.attention=burst "
+                         "or ulysses")
+    if attention == "ulysses" and burst.patch_deepspeed:
+        raise ValueError("train.attention=ulysses with burst_attention.patch_deepspeed=true would run ds-burst "
+                         "under DeepSpeed's DistributedAttention name; set patch_deepspeed=false")
     with init_ctx:
         model = BurstLlama(mcfg, group=topo, attention=attention, burst=burst,
                            activation_checkpointing=tc.activation_checkpointing, checkpoint_impl=tc.checkpoint_impl)
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = TokenFile(data_cfg.pop("path"), tc.seq_len, **data_cfg)
     else:
         raise ValueError(f"train.data.type: expected 'retrieval' or 'tokens', got {kind!r}")
-    layout = burst.layout if attention == "burst" else "contiguous"
+    layout = burst.layout if attention == "burst" else "contiguous"  # Ulysses takes contiguous shards
 
     def batch(step: int, micro: int, offset: int = 0) -> dict[str, torch.Tensor]:
         idx = sample_indices(step, micro, gas, topo.dp_rank, topo.data_parallel_size, mbs)
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if is_main:
         say(f"world {world} = dp {topo.data_parallel_size} x sp {topo.sequence_parallel_size}, device {device}, "
             f"{'bf16' if use_bf16 else 'fp32'}, ZeRO stage {stage}, model {mcfg.num_params() / 1e6:.2f}M params, "
-            f"seq_len {tc.seq_len}, {tokens_per_step} tokens/step, layout {layout}")
+            f"seq_len {tc.seq_len}, {tokens_per_step} tokens/step, attention {attention}, layout {layout}")
         if tc.wandb.enabled:
             import wandb
 
@@ -332,11 +340,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     engine.train()
     for step in range(start, tc.steps):
+        t_data = time.perf_counter()
+        micro_batches = [batch(step, micro) for micro in range(gas)]  # built before the timed part
+        t_data = time.perf_counter() - t_data
         ds_burst.reset_comm_stats()
         t0 = time.perf_counter()
-        loss_sum, correct, total = 0.0, 0, 0
-        for micro in range(gas):
-            b = batch(step, micro)
+        loss_sum, correct, total, far_c, far_n = 0.0, 0, 0, 0, 0
+        for b in micro_batches:
             if mcfg.lm_head_chunk_tokens is not None:  # chunked LM head: no logits, no train accuracy
                 loss = engine(b["input_ids"], b["position_ids"], b["labels"], sp_grads_averaged=averaged)
             else:
@@ -348,10 +358,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if mcfg.lm_head_chunk_tokens is None:
                 c, n = sequence_parallel_accuracy(logits, b["labels"], topo)
                 correct, total = correct + c, total + n
+                if "far_labels" in b:
+                    c, n = sequence_parallel_accuracy(logits, b["far_labels"], topo)
+                    far_c, far_n = far_c + c, far_n + n
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        stats = torch.tensor([loss_sum / gas, correct, total], dtype=torch.float64)
+        stats = torch.tensor([loss_sum / gas, correct, total, far_c, far_n], dtype=torch.float64)
         if topo.data_parallel_size > 1:
             stats = stats.to(device) if "nccl" in str(dist.get_backend(dp_group)) else stats
             dist.all_reduce(stats, group=dp_group)
@@ -365,10 +378,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "loss": float(stats[0]),
             "lr": float(engine.get_lr()[0]),
             "retrieval_acc": float(stats[1] / stats[2]) if stats[2] > 0 else float("nan"),
+            "retrieval_acc_far": float(stats[3] / stats[4]) if stats[4] > 0 else float("nan"),
             "tokens_per_s": tps,
             "tflops_per_gpu": tflops,
             "mfu": tflops / peak if peak else None,
             "step_time_s": dt,
+            "data_time_s": t_data,
             "attn_comm_bytes": comm,
             "peak_mem_gib": peak_memory_gib(device),
         }
@@ -379,12 +394,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if run is not None:
                 run.log({k: v for k, v in rec.items() if v is not None and k != "step"}, step=step + 1)
             if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['retrieval_acc']:.2f}", tok_s=f"{tps:.0f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", far_acc=f"{rec['retrieval_acc_far']:.2f}",
+                                tok_s=f"{tps:.0f}")
                 bar.update(1)
             if (step + 1) % tc.log_interval == 0 or step + 1 == tc.steps:
+                mfu = f" MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
                 msg = (f"step {step + 1}/{tc.steps} loss {rec['loss']:.4f} acc {rec['retrieval_acc']:.3f} "
-                       f"lr {rec['lr']:.2e} {tps:.0f} tok/s {tflops:.3f} TFLOP/s/GPU "
-                       f"mem {rec['peak_mem_gib']:.2f} GiB comm {comm / 2**20:.1f} MiB")
+                       f"far {rec['retrieval_acc_far']:.3f} lr {rec['lr']:.2e} {dt:.2f} s {tps:.0f} tok/s "
+                       f"{tflops:.3f} TFLOP/s/GPU{mfu} mem {rec['peak_mem_gib']:.2f} GiB comm {comm / 2**20:.1f} MiB")
                 if bar is not None:
                     bar.write(f"[train] {msg}")
                 else:
@@ -397,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- final eval and summary -------------------------------------------------------------
     engine.eval()
-    ev_loss, ev_c, ev_n = 0.0, 0, 0
+    ev_loss, ev_c, ev_n, ev_fc, ev_fn = 0.0, 0, 0, 0, 0
     with torch.no_grad():
         for i in range(tc.eval_batches):
             b = batch(i, 0, offset=10**9)  # samples never used in training
@@ -405,7 +422,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ev_loss += float(sequence_parallel_loss(logits, b["labels"], topo))
             c, n = sequence_parallel_accuracy(logits, b["labels"], topo)
             ev_c, ev_n = ev_c + c, ev_n + n
-    timed = history[1:] if len(history) > 1 else history
+            if "far_labels" in b:
+                c, n = sequence_parallel_accuracy(logits, b["far_labels"], topo)
+                ev_fc, ev_fn = ev_fc + c, ev_fn + n
+            del logits
+    timed = history[1:] if len(history) > 1 else history  # the first step includes compilation and warm-up
+    peak_mem = torch.tensor([max((r["peak_mem_gib"] for r in history), default=0.0)], dtype=torch.float64)
+    peak_mem = peak_mem.to(device)
+    dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+    mean = lambda key: sum(r[key] for r in timed) / max(1, len(timed))  # noqa: E731
     summary = {
         "steps_run": len(history),
         "first_loss": history[0]["loss"] if history else None,
@@ -413,20 +438,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mean_loss_last10": sum(r["loss"] for r in history[-10:]) / max(1, len(history[-10:])),
         "eval_loss": ev_loss / max(1, tc.eval_batches),
         "eval_retrieval_acc": ev_c / ev_n if ev_n else None,
+        "eval_retrieval_acc_far": ev_fc / ev_fn if ev_fn else None,
+        "eval_far_answers": ev_fn,
+        "chance_acc": getattr(source, "chance_accuracy", None),
         "chance_loss": getattr(source, "chance_loss", None),
-        "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / max(1, len(timed)),
-        "tflops_per_gpu": sum(r["tflops_per_gpu"] for r in timed) / max(1, len(timed)),
-        "mfu": (sum(r["tflops_per_gpu"] for r in timed) / max(1, len(timed)) / peak) if peak else None,
-        "peak_mem_gib": max((r["peak_mem_gib"] for r in history), default=None),
+        "tokens_per_s": mean("tokens_per_s") if history else None,
+        "tflops_per_gpu": mean("tflops_per_gpu") if history else None,
+        "mfu": mean("tflops_per_gpu") / peak if peak and history else None,
+        "step_time_s": mean("step_time_s") if history else None,
+        "first_step_time_s": history[0]["step_time_s"] if history else None,
+        "timed_steps": len(timed),
+        "peak_mem_gib": float(peak_mem[0]) if history else None,
         "attn_comm_bytes_per_step": history[-1]["attn_comm_bytes"] if history else None,
+        "attention": attention,
+        "layout": layout,
+        "model_params": mcfg.num_params(),
+        "flops_per_token": flops_per_token,
+        "tokens_per_step": tokens_per_step,
         "world_size": world,
         "sequence_parallel_size": topo.sequence_parallel_size,
         "seq_len": tc.seq_len,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     if is_main:
         with open(os.path.join(tc.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         say("summary: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
+        if summary["eval_retrieval_acc_far"] is not None:
+            say(f"retrieval accuracy on held-out answers whose fact is on another SP rank: "
+                f"{summary['eval_retrieval_acc_far']:.3f} over {ev_fn} answers (chance {summary['chance_acc']:.3f}); "
+                f"all answers: {summary['eval_retrieval_acc']:.3f}")
+        if summary["tokens_per_s"] is not None:
+            mfu_txt = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
+            say(f"throughput over steps {len(history) - len(timed) + 1}-{len(history)}: "
+                f"{summary['tokens_per_s']:.0f} tokens/s, "
+                f"{summary['tflops_per_gpu']:.2f} TFLOP/s per GPU{mfu_txt}, {summary['step_time_s']:.3f} s/step; "
+                f"peak memory {summary['peak_mem_gib']:.2f} GiB (max over ranks); "
+                f"summary in {os.path.join(tc.output_dir, 'summary.json')}")
         if run is not None:
             run.summary.update({k: v for k, v in summary.items() if v is not None})
             run.finish()

@@ -15,7 +15,15 @@ import torch
 from launch_utils import REPO, deepspeed_launch
 
 from ds_burst.config import BurstConfig
-from ds_burst.data import RetrievalTask, TokenFile, make_batch, sample_indices, shard_batch_local, write_token_file
+from ds_burst.data import (
+    RetrievalTask,
+    TokenFile,
+    far_labels,
+    make_batch,
+    sample_indices,
+    shard_batch_local,
+    write_token_file,
+)
 from ds_burst.layout import global_index
 from ds_burst.model import BurstLlama, ModelConfig, sequence_parallel_accuracy, sequence_parallel_loss
 
@@ -133,18 +141,28 @@ def test_model_config_validation():
 
 
 def test_retrieval_task_and_sharding():
-    task = RetrievalTask(seq_len=256, vocab_size=128, num_pairs=8, num_queries=16, num_keys=8, num_values=8)
+    task = RetrievalTask(seq_len=256, vocab_size=128, num_pairs=8, num_queries=16, num_keys=8, num_values=8, copies=4)
     ids, labels = task.sample(3)
     ids2, _ = task.sample(3)
     assert torch.equal(ids, ids2) and not torch.equal(ids, task.sample(4)[0])
     answers = (labels != -100).nonzero().flatten()
-    assert len(answers) == 16
-    for p in answers:  # the answer follows its key, and that key-value pair is stored earlier
-        assert labels[p] == ids[p + 1]
-        stored = [(ids[i + 1], ids[i + 2]) for i in range(p - 2) if ids[i] == 1]
-        assert (ids[p], ids[p + 1]) in stored
+    assert len(answers) == 16 and int(answers.min()) >= 128
+    src = task.sources(3)
+    p0 = 1 + 8 + 8  # first pair token: (key k, value v) is p0 + k * 8 + v
+    for p in answers:  # the question is a key; its fact (one pair token, repeated) is stored in the first half
+        a, b = src[p].tolist()
+        k, v = int(ids[p]) - 1, int(labels[p]) - 9
+        assert b - a == 4 and b <= 128 and ids[a:b].tolist() == [p0 + k * 8 + v] * 4
+    far = far_labels(labels, src, "contiguous", 2)
+    assert torch.equal(far, labels)  # contiguous over 2 ranks: every fact is on the other rank
+    far = far_labels(labels, src, "zigzag", 2)  # zigzag: rank 0 holds [0, 64) + [192, 256)
+    for p in answers:
+        a = int(src[p, 0])
+        assert (far[p] != -100) == ((int(p) < 192) == (a < 64))
     with pytest.raises(ValueError, match="vocab_size"):
         RetrievalTask(seq_len=256, vocab_size=40, num_keys=8, num_values=8)
+    with pytest.raises(ValueError, match="first half"):
+        RetrievalTask(seq_len=64, vocab_size=128, num_pairs=8, copies=8)
     full = torch.stack([ids, ids])
     for layout in ("contiguous", "zigzag"):
         parts = [shard_batch_local(full, full, r, 4, layout) for r in range(4)]
@@ -152,7 +170,7 @@ def test_retrieval_task_and_sharding():
             assert p["position_ids"][0].tolist() == global_index(layout, r, 4, 256)
             assert torch.equal(p["input_ids"], full[:, p["position_ids"][0]])
     b = make_batch(task, sample_indices(1, 0, 1, 1, 2, 2), 1, 2, "zigzag")
-    assert b["input_ids"].shape == (2, 128) and b["position_ids"][0, 0] == 64
+    assert b["input_ids"].shape == (2, 128) and b["position_ids"][0, 0] == 64 and b["far_labels"].shape == (2, 128)
     assert sample_indices(1, 0, 1, 1, 2, 2) == [6, 7]
 
 
