@@ -62,8 +62,22 @@ def test_loss_falls_and_summary(runs):
     with open(os.path.join(runs["a"], "summary.json")) as f:
         s = json.load(f)
     assert s["steps_run"] == 16 and s["world_size"] == 2 and s["sequence_parallel_size"] == 2
-    assert 0.0 <= s["eval_retrieval_acc"] <= 1.0
-    assert "[train] summary:" in runs["log_a"]
+    assert 0.0 <= s["eval_retrieval_acc"] <= 1.0 and 0.0 <= s["eval_retrieval_acc_far"] <= 1.0
+    assert s["eval_far_answers"] > 0 and s["chance_acc"] == 0.125 and s["attention"] == "burst"
+    assert s["timed_steps"] == 15 and s["step_time_s"] > 0 and s["peak_mem_gib"] > 0
+    assert "[train] summary:" in runs["log_a"] and "(chance 0.125)" in runs["log_a"]
+
+
+def test_ulysses_attention_same_first_loss(runs, tmp_path):
+    """train.attention=ulysses (DeepSpeed-Ulysses, contiguous shards) starts from the loss of the burst run."""
+    out = str(tmp_path / "u")
+    log = deepspeed_launch(2, "launch/train.py", ["--config", "configs/cpu_tiny.json", "--override", *SHORT,
+                                                  "train.steps=1", "train.save_interval=0", "train.attention=ulysses",
+                                                  "train.wandb.enabled=false", f"train.output_dir={out}"],
+                           timeout=300)
+    assert "attention ulysses, layout contiguous" in log
+    u, a = _metrics(out)[0]["loss"], _metrics(runs["a"])[0]["loss"]
+    assert abs(u - a) <= 1e-5 * abs(a), (u, a)
 
 
 def test_wandb_offline_run_written(runs):
@@ -101,12 +115,17 @@ def test_config_loading_and_overrides(tmp_path):
     assert BurstConfig.from_ds_config(ds).sequence_parallel_size == 2
     with pytest.raises(ValueError, match="unknown key"):
         train_script.load_config(str(REPO / "configs/cpu_tiny.json"), ["train.stepz=3"])
+    with pytest.raises(ValueError, match="train.attention"):
+        train_script.load_config(str(REPO / "configs/cpu_tiny.json"), ["train.attention=ring"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         train_script.load_config(str(REPO / "configs/cpu_tiny.json"), ["train.steps"])
-    for name in ("h200_llama8b_128k.json", "multinode_template.json"):
+    for name in ("h200x2_llama_128k.json", "h200_llama8b_128k.json", "multinode_template.json"):
         ds, tc = train_script.load_config(str(REPO / "configs" / name), [])
         BurstConfig.from_ds_config(ds)
-        ModelConfig.from_dict(tc.model)
+        mcfg = ModelConfig.from_dict(tc.model)
+        data = dict(tc.data)
+        if data.pop("type") == "retrieval":
+            RetrievalTask(tc.seq_len, mcfg.vocab_size, **data)
 
 
 # ---------------------------------------------------------------------------------------------
