@@ -9,11 +9,12 @@ deriving every send and receive from the same step list on all ranks.
 
 Waiting is bounded: on CPU process groups (gloo) ``wait()`` gives up after the ds-burst communication
 timeout (``DS_BURST_COMM_TIMEOUT`` seconds, default 300, or :func:`set_comm_timeout`) and raises a
-``RuntimeError`` naming the phase, the step and the peer ranks, so a rank that fails or hangs mid-ring
-does not leave its peers blocked for the process group's timeout. On NCCL the timeout is off unless set
-explicitly (a bounded wait blocks the CPU until the transfer is done; NCCL's own watchdog covers the rest).
-A failed peer that *exits* is reported by gloo at once as a closed connection; that error is re-raised
-with the same context. After either error the process group is unusable: let the process exit.
+``RuntimeError`` naming the phase, the peer ranks and (when the caller passes it) the ring step, so a
+rank that fails or hangs mid-ring does not leave its peers blocked for the process group's timeout. On
+NCCL the timeout is off unless set explicitly (a bounded wait blocks the CPU until the transfer is done;
+NCCL's own watchdog covers the rest). A failed peer that *exits* is reported by gloo at once as a closed
+connection; that error is re-raised with the same context. After either error the process group is
+unusable: let the process exit.
 """
 
 from __future__ import annotations
