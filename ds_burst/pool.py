@@ -20,8 +20,10 @@ Safety rules the schedules follow:
   between calls, which is the point.
 
 Call :func:`release_buffers` when training ends (or before a phase that needs the memory back) to drop the
-free blocks. ``DS_BURST_BUFFER_POOL=0`` in the environment, or :func:`set_buffer_pool(False)
-<set_buffer_pool>`, turns the pool off (plain ``torch.empty`` per call, the same results bit for bit).
+free blocks. The pool is **off by default** (plain ``torch.empty`` per call through the caching allocator,
+the same results bit for bit): on 2 H200 its held blocks raised a checkpointed training step's peak memory
+(21.2 -> 23.9 GiB at 128K, docs/BENCHMARKS.md). ``DS_BURST_BUFFER_POOL=1`` in the environment, or
+:func:`set_buffer_pool(True) <set_buffer_pool>`, turns it on.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ _enabled: bool | None = None
 
 def set_buffer_pool(enabled: bool | None) -> None:
     """Turn the ring buffer pool on or off for later calls (``None``: back to ``DS_BURST_BUFFER_POOL``,
-    default on). Turning it off releases its free blocks."""
+    default off). Turning it off releases its free blocks."""
     global _enabled
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"set_buffer_pool: expected True, False or None, got {enabled!r}")
@@ -181,7 +183,7 @@ def buffer_pool_enabled() -> bool:
     """Whether attention calls take their scratch buffers from the pool."""
     if _enabled is not None:
         return _enabled
-    return os.environ.get(POOL_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return os.environ.get(POOL_ENV, "0").strip().lower() not in ("0", "false", "off", "no", "")
 
 
 def buffer_pool() -> BufferPool:

@@ -29,7 +29,7 @@ ring() {  # ring benchmark on every GPU: ring <name> <args...>
 train() {  # train <name> <overrides...>
   local name=$1; shift
   timeout "$limit" python3 -m deepspeed.launcher.runner --num_gpus "$ngpu" launch/train.py \
-    --config "${TRAIN_CONFIG:-configs/h200x2_llama_128k.json}" "train.output_dir=$OUT/$name" "$@" \
+    --config "${TRAIN_CONFIG:-configs/h200x2_llama_128k.json}" --override "train.output_dir=$OUT/$name" "$@" \
     >"$OUT/$name.log" 2>&1
   echo "rc=$?"
   grep -vE "^\[|Warning|warn" "$OUT/$name.log" | tail -25
