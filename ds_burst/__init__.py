@@ -14,7 +14,7 @@ DeepSpeed integration::
 """
 
 from .attention import burst_attn_func
-from .comm import comm_stats, reset_comm_stats
+from .comm import CommTimeoutError, comm_stats, reset_comm_stats, set_comm_timeout
 from .config import BurstConfig
 from .deepspeed_layer import DistributedAttention, patch_deepspeed, unpatch_deepspeed
 from .relayout import gather_sequence, shard_sequence
@@ -28,6 +28,8 @@ __all__ = [
     "gather_sequence",
     "comm_stats",
     "reset_comm_stats",
+    "set_comm_timeout",
+    "CommTimeoutError",
     "init_sequence_parallel",
     "get_topology",
     "Topology",

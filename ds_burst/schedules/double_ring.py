@@ -65,7 +65,7 @@ def run_double_ring(
     for c in range(n_nodes):
         inter = None
         if c + 1 < n_nodes:
-            inter = P2PBatch(nodes.inter, phase)
+            inter = P2PBatch(nodes.inter, phase, step=(c + 1) * per_node)
             next_cycle = new_bufs(payload)
             for buf in next_cycle:
                 inter.recv(buf, (node - d) % n_nodes)
@@ -74,8 +74,8 @@ def run_double_ring(
             inter.commit()
         cur = cycle_payload
         for u in range(per_node):
-            intra = P2PBatch(nodes.intra, phase)
-            home_batch = P2PBatch(info, phase)
+            intra = P2PBatch(nodes.intra, phase, step=c * per_node + u + 1)
+            home_batch = P2PBatch(info, phase, step=c * per_node + u + 1)
             nxt = None
             if u + 1 < per_node:
                 nxt = new_bufs(payload)
@@ -131,7 +131,7 @@ def run_double_ring(
         elif c > 0:
             pool.give(*cycle_payload)
     if with_acc and acc_out is not None:  # the last step's accumulators go home
-        home_batch = P2PBatch(info, phase)
+        home_batch = P2PBatch(info, phase, step=n_nodes * per_node)
         home = new_bufs(acc_like)  # type: ignore[arg-type]
         for buf in home:
             home_batch.recv(buf, home_source(n_nodes - 1))

@@ -80,7 +80,7 @@ def run_ring(
     cur: Tensors | None = None
     acc_out: tuple[Tensors, int] | None = None  # (tensors, destination) produced by the previous step
     for c in range(-1, len(steps) + 1):
-        batch = P2PBatch(info, phase)
+        batch = P2PBatch(info, phase, step=c + 1)  # errors name the step whose payload is in flight
         # 1) payload for the next step, forwarded along its pass
         nxt = None
         if c + 1 < len(steps):
