@@ -160,6 +160,36 @@ def wandb_mode(cfg: WandbConfig) -> tuple[str, str]:
     return "offline", "no WANDB_API_KEY and no wandb login found"
 
 
+def rss_mib() -> float:
+    """This process's resident set size in MiB (``/proc/self/statm``; 0 where it does not exist)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def save_checkpoint(engine: Any, ckpt_dir: str, tag: str, client_state: dict[str, Any], is_main: bool) -> None:
+    """Save a DeepSpeed checkpoint so that ``latest`` only ever names a complete one.
+
+    DeepSpeed's own ``latest`` is written by rank 0 after its own files only; here every rank finishes its
+    files (``save_checkpoint`` ends with a barrier), then rank 0 replaces ``latest`` atomically (write, fsync,
+    rename), and the ranks meet again. A rank killed mid-save leaves ``latest`` on the previous tag.
+    """
+    import torch.distributed as dist
+
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if is_main:
+        tmp = os.path.join(ckpt_dir, "latest.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(ckpt_dir, "latest"))
+    dist.barrier()
+
+
 def peak_memory_gib(device: Any) -> float:
     """Peak memory of this process: CUDA max allocated, or the CPU max resident set size."""
     import torch
@@ -386,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "data_time_s": t_data,
             "attn_comm_bytes": comm,
             "peak_mem_gib": peak_memory_gib(device),
+            "rss_mib": rss_mib(),
         }
         history.append(rec)
         if is_main:
@@ -407,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else:
                     say(msg)
         if tc.save_interval and (step + 1) % tc.save_interval == 0 or (tc.save_final and step + 1 == tc.steps):
-            engine.save_checkpoint(ckpt_dir, tag=f"step_{step + 1}", client_state={"step": step + 1})
+            save_checkpoint(engine, ckpt_dir, f"step_{step + 1}", {"step": step + 1}, is_main)
             say(f"saved checkpoint {ckpt_dir}/step_{step + 1}")
     if bar is not None:
         bar.close()

@@ -134,6 +134,57 @@ def worker_low_precision(rank, world):
     return res
 
 
+def _rounding_kernel():
+    """The PyTorch tiles, but rounding the carried output to bf16 after every ring step: the defect that makes
+    errors grow with the ring size (what ds-burst avoids by carrying fp32 state)."""
+    import types
+
+    from ds_burst.kernels import reference
+
+    def fwd_step(q, k, v, out, lse, **kw):
+        reference.fwd_step(q, k, v, out, lse, **kw)
+        out.copy_(out.to(torch.bfloat16))
+
+    return types.SimpleNamespace(fwd_step=fwd_step, bwd_preprocess=reference.bwd_preprocess,
+                                 bwd_step=reference.bwd_step)
+
+
+def worker_bf16_large_ring(rank, world):
+    """bf16 at P=8: ds-burst's error against float64, single-process SDPA's, and a per-step-rounding ring's;
+    plus the floor: the exact output rounded once to bf16."""
+    import ds_burst.attention as attention
+
+    res = {}
+    for idx, mask in enumerate(("causal", "full")):
+        q, k, v, do = _inputs(world, 50 + idx, HQ, 64, torch.bfloat16, batch=1, per_rank=64)
+        causal, window = _resolve_mask(mask, q.shape[1] // world)
+        ref = _reference(q, k, v, do, causal, window)
+        single = _sdpa_single(q, k, v, do, causal, window)
+        got = _run_case(q, k, v, do, causal, window, "zigzag", "burst")
+        original = attention.kernel_module
+        attention.kernel_module = lambda name: _rounding_kernel()
+        try:
+            bad = _run_case(q, k, v, do, causal, window, "zigzag", "burst")
+        finally:
+            attention.kernel_module = original
+        res[mask] = {"errs": [(_rel(a, r), _rel(b, r)) for a, b, r in zip(got, single, ref)],
+                     "floor": _rel(ref[0].to(torch.bfloat16), ref[0]), "ours_out": _rel(got[0], ref[0]),
+                     "bad_out": _rel(bad[0], ref[0])}
+    return res
+
+
+def test_bf16_at_p8_within_2x_and_per_step_rounding_is_caught():
+    """P=8, bf16: every gathered tensor within 2x of single-process SDPA's error, and the output within 1.2x of
+    the floor (the exact output rounded once to bf16) -- which a ring that rounds its partial output to bf16
+    after each step fails (measured: ~1.4x the floor), so this check catches per-step rounding."""
+    for rank_res in values(run_ranks(worker_bf16_large_ring, 8, timeout=600)):
+        for mask, r in rank_res.items():
+            for name, (ours, single) in zip(["out", "dq", "dk", "dv"], r["errs"]):
+                assert ours <= 2 * single, (mask, name, ours, single)
+            assert r["ours_out"] <= 1.2 * r["floor"], (mask, r)
+            assert r["bad_out"] > 1.2 * r["floor"], (mask, r)  # the check is sensitive to the defect
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_precision_within_2x_of_single_process(world):
     for rank_res in values(run_ranks(worker_low_precision, world, timeout=600)):
