@@ -217,6 +217,7 @@ def init_sequence_parallel(
         gpus_per_node = detect_gpus_per_node(world)
     if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1:
         raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+    _check_agreement(world, rank, p, gpus_per_node, schedule)
     dp = world // p
     concrete = check_schedule(schedule, p, gpus_per_node)
     topo = Topology(p, dp, world, rank, gpus_per_node, concrete)
@@ -239,6 +240,34 @@ def init_sequence_parallel(
             topo.mp_group = g
     _CURRENT = topo
     return topo
+
+
+def _check_agreement(world: int, rank: int, p: int, gpus_per_node: int, schedule: str) -> None:
+    """Raise the same ``ValueError`` on every rank when the ranks disagree on the settings or when a declared
+    node (``gpus_per_node`` consecutive ranks) spans more than one host. Several declared nodes on one host
+    (simulated nodes) are allowed."""
+    import socket
+
+    mine = (p, gpus_per_node, schedule, socket.gethostname())
+    rows: list[tuple[int, int, str, str]] = [mine] * world
+    if world > 1:
+        gathered: list[object] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        rows = gathered  # type: ignore[assignment]
+    for i, name in enumerate(("sequence_parallel_size", "gpus_per_node", "schedule")):
+        seen = [row[i] for row in rows]
+        if len(set(seen)) > 1:
+            raise ValueError(f"init_sequence_parallel: {name} differs across ranks: "
+                             + ", ".join(f"rank {r}: {x}" for r, x in enumerate(seen)))
+    if world % gpus_per_node and gpus_per_node < world:
+        raise ValueError(f"init_sequence_parallel: gpus_per_node={gpus_per_node} does not divide the world size "
+                         f"{world}: the ranks cannot form whole nodes")
+    for start in range(0, world, gpus_per_node):
+        hosts = {rows[r][3] for r in range(start, min(start + gpus_per_node, world))}
+        if len(hosts) > 1:
+            raise ValueError(f"init_sequence_parallel: gpus_per_node={gpus_per_node} puts ranks {start}.."
+                             f"{min(start + gpus_per_node, world) - 1} in one node, but they run on hosts "
+                             f"{sorted(hosts)}; pass the real GPUs per node (LOCAL_WORLD_SIZE)")
 
 
 def _node_groups(rank: int, world: int, p: int, per_node: int) -> NodeGroups:

@@ -23,6 +23,22 @@ def _topology_worker(rank: int, world: int) -> dict:
         init_sequence_parallel(4, gpus_per_node=3, schedule="double_ring")
     except ValueError as e:
         out["bad_schedule"] = str(e)
+    try:  # ranks disagree on the node size
+        init_sequence_parallel(2, gpus_per_node=2 if rank < 2 else 4)
+    except ValueError as e:
+        out["bad_agree"] = str(e)
+    import socket
+
+    real = socket.gethostname
+    socket.gethostname = lambda: "host-a" if rank < 2 else "host-b"  # two hosts of 2 ranks
+    try:
+        try:  # a declared node of 4 ranks spans both hosts
+            init_sequence_parallel(2, gpus_per_node=4)
+        except ValueError as e:
+            out["bad_hosts"] = str(e)
+        out["hosts_ok"] = init_sequence_parallel(4, gpus_per_node=2, schedule="double_ring").schedule
+    finally:
+        socket.gethostname = real
     topo = init_sequence_parallel(2, gpus_per_node=4)
     out["sp"] = (topo.get_sequence_parallel_rank(), topo.get_sequence_parallel_world_size())
     out["dp"] = (topo.get_data_parallel_rank(), topo.get_data_parallel_world_size())
@@ -48,6 +64,9 @@ def test_topology_groups_four_ranks():
     for r, o in enumerate(res):
         assert "must divide the world size 4" in o["bad_size"]
         assert "whole nodes" in o["bad_schedule"]
+        assert "gpus_per_node differs across ranks: rank 0: 2, rank 1: 2, rank 2: 4, rank 3: 4" in o["bad_agree"]
+        assert "ranks 0..3 in one node, but they run on hosts ['host-a', 'host-b']" in o["bad_hosts"]
+        assert o["hosts_ok"] == "double_ring"  # nodes that match the hosts are fine
         assert o["sp"] == (r % 2, 2) and o["dp"] == (r // 2, 2)
         assert o["sdp"] == (r, 4) and o["mp"] == (0, 1)
         assert o["sp_members"] == o["sp_ranks"] == [r - r % 2, r - r % 2 + 1]
