@@ -29,7 +29,7 @@ import torch
 from .comm import GroupInfo, all_gather_ints
 from .ops import KERNELS, kernel_module
 
-_MEMORY: dict[str, str] = {}
+_MEMORY: dict[tuple[str, object], str] = {}
 Timer = Callable[[str, tuple[int, int, int, int, int], torch.dtype, torch.device, bool], float]
 
 
@@ -152,7 +152,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, causal: bool, window_finite: bool, 
         return names[0]
     key = f"{shape_key(q, k, causal, info.world)}|{'+'.join(names)}"
     # in memory per group as well: a miss (and its all-gather) happens on the same call on every member
-    mem_key = f"{key}|ranks{','.join(str(info.global_rank(r)) for r in range(info.world))}"
+    mem_key = (key, info.group)
     if mem_key not in _MEMORY:
         entry = _load().get(key)
         if not (isinstance(entry, dict) and entry.get("kernel") in names):

@@ -173,13 +173,12 @@ def save_checkpoint(engine: Any, ckpt_dir: str, tag: str, client_state: dict[str
     """Save a DeepSpeed checkpoint so that ``latest`` only ever names a complete one.
 
     DeepSpeed's own ``latest`` is written by rank 0 after its own files only; here every rank finishes its
-    files (``save_checkpoint`` ends with a barrier), then rank 0 replaces ``latest`` atomically (write, fsync,
-    rename), and the ranks meet again. A rank killed mid-save leaves ``latest`` on the previous tag.
+    files (``save_checkpoint`` ends with a barrier of all ranks), then rank 0 replaces ``latest`` atomically
+    (write, fsync, rename), and the ranks meet again. A rank killed mid-save leaves ``latest`` on the previous tag.
     """
     import torch.distributed as dist
 
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()
     if is_main:
         tmp = os.path.join(ckpt_dir, "latest.tmp")
         with open(tmp, "w") as f:
