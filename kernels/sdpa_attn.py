@@ -45,6 +45,11 @@ state has no key yet (``lse = -inf``) take ``o_blk`` as is. In the backward ``P`
 input dtype for the matmuls (as in FlashAttention) and ``delta`` is recomputed by the op from ``dO`` and the
 input-dtype ``out``.
 
+**Memory.** A backward call with more than :data:`BWD_ROWS` query rows (``DS_BURST_SDPA_BWD_ROWS``, default
+16384) runs in row chunks, each chunk's mask derived from its own query offset as above: the ops' temporaries (dQ,
+its fp32 accumulator, head-major copies) then scale with the chunk, not the block. Partial gradients are added to
+the fp32 accumulators in place, without an fp32 copy of the partial on CUDA.
+
 **Backward with global statistics.** Given the *global* ``lse`` and ``O`` of the queries, the fused backward of a
 block computes ``P = exp(S - lse)`` (the block's columns of the global softmax), ``dV = P^T dO``,
 ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K * scale``, ``dK = dS^T Q * scale`` - exactly the block's
@@ -90,6 +95,10 @@ CPU_BACKENDS: tuple[str, ...] = ("cpu_flash",)
 SPLIT_OFFSET_DIAGONALS = True
 #: Use ``triton_attn`` (when importable and it supports the inputs) rather than the reference as the CUDA fallback.
 FALLBACK_TRITON = True
+#: Backward blocks with more query rows than this run in row chunks of at most this many rows (``0``: never).
+#: The fused ops' temporaries (dQ and its fp32 accumulator, dO/O in head-major layout) grow with the rows of a
+#: call, so chunking bounds them; the dK/dV partials of the chunks are summed into the fp32 accumulators.
+BWD_ROWS = int(os.environ.get("DS_BURST_SDPA_BWD_ROWS", "16384"))
 SELF_CHECK = os.environ.get("DS_BURST_SDPA_SELFCHECK", "1") not in ("", "0")
 
 #: Calls per path, e.g. ``STATS[("fwd", "cudnn")]``, ``STATS[("bwd", "fallback:reference")]`` (for tests/profiling).
@@ -515,6 +524,13 @@ def bwd_step(
     if out.shape != q.shape:
         raise ValueError(f"out must have the shape of q {tuple(q.shape)}, got {tuple(out.shape)}")
     sq, sk = q.shape[1], k.shape[1]
+    if 0 < BWD_ROWS < sq:  # bound the ops' per-call temporaries: run the rows in chunks
+        for r0 in range(0, sq, BWD_ROWS):
+            r = slice(r0, min(sq, r0 + BWD_ROWS))
+            bwd_step(q[:, r], k, v, dout[:, r], lse[:, :, r], delta[:, :, r], dq[:, r], dk, dv, scale=scale,
+                     q_offset=q_offset + r0, k_offset=k_offset, causal=causal, window=window, out=out[:, r],
+                     deterministic=deterministic, block_k=block_k)
+        return
     pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
     if pieces is None:
         _fallback_bwd(q, k, v, dout, lse, delta, dq, dk, dv, scale, q_offset, k_offset, causal, window,
@@ -534,9 +550,9 @@ def bwd_step(
             except RuntimeError as exc:
                 _record_failure(key, exc)
                 continue
-            dq[:, q0:q1] += g_q.to(dq.dtype)
-            dk[:, k0:k1] += g_k.to(dk.dtype)
-            dv[:, k0:k1] += g_v.to(dv.dtype)
+            dq[:, q0:q1].add_(g_q)  # mixed-dtype in-place add: no fp32 copy of the partial on CUDA
+            dk[:, k0:k1].add_(g_k)
+            dv[:, k0:k1].add_(g_v)
             STATS[("bwd", backend)] += 1
             break
         else:

@@ -237,6 +237,15 @@ def test_bwd_over_key_blocks(c: Case) -> None:
     _check_bwd(c, torch.bfloat16, 3, seed=1)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 13])
+@pytest.mark.parametrize("c", [CASES[0], CASES[1], CASES[3], CASES[4], CASES[6], CASES[7], CASES[10]], ids=repr)
+def test_bwd_row_chunks(c: Case, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row-chunked backward calls (BWD_ROWS < Sq): each chunk's mask comes from its own query offset."""
+    monkeypatch.setattr(sa, "BWD_ROWS", rows)
+    _check_bwd(c, torch.float64, 1, seed=rows)
+    _check_bwd(c, torch.float32, 2, seed=rows)
+
+
 def test_bwd_needs_out() -> None:
     assert sa.BWD_NEEDS_OUT is True
     c = CASES[0]
