@@ -213,6 +213,7 @@ def estimate_memory(
     keep_attention_tokens: str = "all",
     offload_checkpoints: bool = False,
     backward: str = "auto",
+    offload_optimizer: bool = False,
 ) -> dict[str, float]:
     """Per-GPU memory of training :class:`ds_burst.model.BurstLlama` (``cfg``: its ``ModelConfig``), in GiB.
 
@@ -226,6 +227,9 @@ def estimate_memory(
     * ``params = P*b / (N if stage 3 else 1)``; ``grads = P*b / (N if stage >= 2 else 1)``;
       ``optimizer = P*k / (N if stage >= 1 else 1)`` with Adam ``k = 8`` (m, v) in fp32 and ``k = 12``
       (fp32 master, m, v) for 16-bit training.
+    * ``offload_optimizer`` (ZeRO ``offload_optimizer: {"device": "cpu"}``): the optimizer states and the fp32
+      gradient partitions live in host memory, so ``optimizer = grads = 0`` on the GPU; the host bytes
+      (``optimizer`` plus ``4P / N`` fp32 gradients) are reported as ``host_optimizer``, not part of ``total``.
     * ``activations`` (tensors saved for backward; counted exactly for fp32 and ``attention="local"`` by
       ``tests/test_memory.py``): per token, per layer ``10H + nh + 2 + 4I`` elements (``4I``: the SwiGLU
       gate, up, silu and product; with ``mlp_tiles > 1`` only ``x`` is saved, which is already counted), or
@@ -250,6 +254,11 @@ def estimate_memory(
       received) and the one coming home ``16*n*nh*D``; ring backward: K/V double-buffered ``4*n*Hkv*D*b``,
       fp32 dK/dV partials ``32*n*Hkv*D``; both plus the fp32 dq/dk/dv accumulators ``4*n*(nh + 2*Hkv)*D``.
       ``backward="auto"`` picks the pattern as :func:`ds_burst.cost.choose_backward` does. 0 when ``sp == 1``.
+
+    ``total`` is the persistent terms (``params``, ``grads``, ``optimizer``, ``activations``,
+    ``kept_attention``) plus the larger of two transient phases that never overlap in time: the LM head and
+    loss (``logits_peak``) and one layer's re-forward and backward (``recompute_peak + attn_buffers``; the
+    attention scratch is freed after each call, the buffer pool being off by default).
 
     Not counted: the allocator's fragmentation, communication buckets, ZeRO-3's gathered-parameter working
     set, kernel workspaces; with ``attention="burst"`` the saved attention tensors differ a little (no GQA
@@ -314,10 +323,17 @@ def estimate_memory(
         host += kept
         kept = 0.0
     out["kept_attention"] = kept
+    host_opt = 0.0
+    if offload_optimizer:
+        host_opt = out["optimizer"] + p * 4 / (n_ranks if zero_stage >= 2 else 1)
+        out["optimizer"] = out["grads"] = 0.0
     out = {k: val / GIB for k, val in out.items()}
-    out["total"] = sum(out.values())
+    transient = max(out["logits_peak"], out["recompute_peak"] + out["attn_buffers"])
+    out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "activations", "kept_attention")) + transient
     if offload:
         out["host_offload"] = host / GIB
+    if offload_optimizer:
+        out["host_optimizer"] = host_opt / GIB
     return out
 
 

@@ -317,7 +317,9 @@ def _memory_report(args: argparse.Namespace) -> str:
     sp = args.nodes * args.gpus_per_node
     est = estimate_memory(cfg, args.seq, sp=sp, zero_stage=args.zero_stage, dp=args.dp, dtype_bytes=args.elem_bytes,
                           activation_checkpointing=args.checkpointing, micro_batch=args.batch,
-                          lm_head_chunk_tokens=args.lm_head_chunk, mlp_tiles=args.mlp_tiles)
+                          lm_head_chunk_tokens=args.lm_head_chunk, mlp_tiles=args.mlp_tiles,
+                          keep_attention_layers=args.keep_attention, offload_checkpoints=args.offload_checkpoints,
+                          offload_optimizer=args.offload_optimizer)
     lines = [f"memory per GPU (GiB): S={args.seq}, SP={sp}, DP={args.dp}, ZeRO-{args.zero_stage}, "
              f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
     lines += [f"  {k:20s} {v:10.2f}" for k, v in est.items()]
@@ -754,6 +756,11 @@ def main(argv: list[str] | None = None) -> None:
     mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     mem.add_argument("--lm-head-chunk", type=int, default=None, help="chunked LM head + loss, tokens per chunk")
     mem.add_argument("--mlp-tiles", type=int, default=1, help="sequence tiles of the MLP (1: off)")
+    mem.add_argument("--keep-attention", type=float, default=0.0,
+                     help="fraction of layers keeping attention output + lse under checkpointing")
+    mem.add_argument("--offload-checkpoints", action="store_true", help="checkpointed layer inputs in host memory")
+    mem.add_argument("--offload-optimizer", action="store_true",
+                     help="ZeRO optimizer states and fp32 gradients in host memory")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     if args.memory:

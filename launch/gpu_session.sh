@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
-# Stages: env tests tests_triton ring ring_sched ring_long kernels equiv train_burst train_ulysses memory calibrate.
+# Stages: env tests tests_triton ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
+# memory calibrate.
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -71,6 +72,23 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       done
       python3 tests/ds_equivalence_worker.py --compare "$OUT/equiv_sp1.pt" "$OUT/equiv_sp2.pt" | tee "$OUT/equiv.txt"
       rm -f "$OUT"/equiv_sp*.pt "$OUT/equiv_tokens.bin" ;;
+    attn_mem)  # attention alone, forward+backward peak: ds-burst (auto; Triton at 128K) against Ulysses
+      for s in 131072 524288; do
+        timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_memory.py --out "$OUT/attn_mem_$s.json" \
+          --seq $s --skip-model >"$OUT/attn_mem_$s.log" 2>&1; echo "S=$s rc=$?"
+        grep -E "^attention" "$OUT/attn_mem_$s.log" | tail -4
+      done
+      timeout "$limit" torchrun --nproc_per_node "$ngpu" launch/bench_memory.py --out "$OUT/attn_mem_triton.json" \
+        --seq 131072 --skip-model --kernel triton --no-peers >"$OUT/attn_mem_triton.log" 2>&1; echo "triton rc=$?"
+      grep -E "^attention" "$OUT/attn_mem_triton.log" | tail -3 ;;
+    llama8b)  # whole Llama-8B-shaped training jobs, ZeRO-3 + optimizer offload: RUNS="ds-burst:128K ..." STEPS=2
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "$limit" python3 launch/bench_train_memory.py \
+        --config configs/h200x2_llama8b.json --gpus "$ngpu" --runs ${RUNS:-ds-burst:128K ulysses:128K} \
+        --steps "${STEPS:-2}" --timeout "${JOB_TIMEOUT:-420}" --workdir "$OUT/llama8b" \
+        --out "$OUT/${NAME:-llama8b}.json" >"$OUT/${NAME:-llama8b}.log" 2>&1
+      echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/${NAME:-llama8b}.log" | tail -12
+      for f in "$OUT"/llama8b/*/log.txt; do echo "--- $f"; grep -E "\[train\] (step|summary)|Error" "$f" | tail -3
+      done ;;
     train_burst) train train_burst ;;
     train_ulysses) train train_ulysses train.attention=ulysses ;;
     memory)  # 128K: every memory option; 512K: the main ones (Llama-8B-shaped layers, 2 of them)

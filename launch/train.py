@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
         "mean_loss_last10": sum(r["loss"] for r in history[-10:]) / max(1, len(history[-10:])),
-        "eval_loss": ev_loss / max(1, tc.eval_batches),
+        "eval_loss": ev_loss / tc.eval_batches if tc.eval_batches else None,
         "eval_retrieval_acc": ev_c / ev_n if ev_n else None,
         "eval_retrieval_acc_far": ev_fc / ev_fn if ev_fn else None,
         "eval_far_answers": ev_fn,

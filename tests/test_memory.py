@@ -317,13 +317,18 @@ def test_estimate_memory_activations_match_saved_tensors(opts):
     assert abs(est["activations"] * GIB - measured) <= 0.01 * measured, (est["activations"] * GIB, measured)
 
 
+def _persistent_plus_transient(est: dict) -> float:
+    persistent = sum(est[k] for k in ("params", "grads", "optimizer", "activations", "kept_attention"))
+    return persistent + max(est["logits_peak"], est["recompute_peak"] + est["attn_buffers"])
+
+
 def test_estimate_memory_consistency():
-    from ds_burst.memory import estimate_memory
+    from ds_burst.memory import GIB, estimate_memory
 
     cfg = ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                       intermediate_size=14336)
     base = estimate_memory(cfg, 131072, sp=8, zero_stage=3, dp=1, dtype_bytes=2, activation_checkpointing=True)
-    assert base["total"] == pytest.approx(sum(v for k, v in base.items() if k != "total"))
+    assert base["total"] == pytest.approx(_persistent_plus_transient(base))
     # ZeRO stages shrink params / grads / optimizer in turn
     st = [estimate_memory(cfg, 131072, sp=8, zero_stage=z) for z in range(4)]
     assert st[0]["optimizer"] > st[1]["optimizer"] and st[1]["grads"] > st[2]["grads"]
@@ -339,6 +344,11 @@ def test_estimate_memory_consistency():
     tiled = estimate_memory(cfg, 131072, sp=8, zero_stage=3, mlp_tiles=8)
     assert base["activations"] < tiled["activations"] < no_ckpt["activations"]
     assert tiled["total"] < no_ckpt["total"] and chunked["total"] < base["total"]
+    # optimizer offload: states and fp32 gradients go to the host, the rest is unchanged
+    off = estimate_memory(cfg, 131072, sp=8, zero_stage=3, activation_checkpointing=True, offload_optimizer=True)
+    assert off["optimizer"] == off["grads"] == 0.0
+    assert off["host_optimizer"] == pytest.approx(base["optimizer"] + cfg.num_params() * 4 / 8 / GIB)
+    assert off["total"] == pytest.approx(base["total"] - base["optimizer"] - base["grads"])
     # longer sequences cost more
     assert estimate_memory(cfg, 262144, sp=8, zero_stage=3)["total"] > no_ckpt["total"]
     for bad in ({"sp": 0}, {"zero_stage": 4}, {"mlp_tiles": 0}, {"lm_head_chunk_tokens": 0}, {"sp": 3}):
@@ -669,7 +679,7 @@ def test_estimate_memory_kept_and_offloaded_bytes_match_the_model(opts):
         assert st["restored_bytes"] == st["offloaded_bytes"]
     else:
         assert "host_offload" not in est and est["kept_attention"] * GIB == st["kept_bytes"] > 0
-    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k not in ("total", "host_offload")))
+    assert est["total"] == pytest.approx(_persistent_plus_transient(est))
 
 
 def _bench_memory_worker(rank: int, world: int, out: str) -> list:
