@@ -84,10 +84,10 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
     llama8b)  # whole Llama-8B-shaped training jobs, ZeRO-3 + optimizer offload: RUNS="ds-burst:128K ..." STEPS=2
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "$limit" python3 launch/bench_train_memory.py \
         --config configs/h200x2_llama8b.json --gpus "$ngpu" --runs ${RUNS:-ds-burst:128K ulysses:128K} \
-        --steps "${STEPS:-2}" --timeout "${JOB_TIMEOUT:-420}" --workdir "$OUT/llama8b" \
+        --steps "${STEPS:-2}" --timeout "${JOB_TIMEOUT:-420}" --workdir "${WORKDIR:-$OUT/llama8b}" \
         --out "$OUT/${NAME:-llama8b}.json" >"$OUT/${NAME:-llama8b}.log" 2>&1
       echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/${NAME:-llama8b}.log" | tail -12
-      for f in "$OUT"/llama8b/*/log.txt; do echo "--- $f"; grep -E "\[train\] (step|summary)|Error" "$f" | tail -3
+      for f in "${WORKDIR:-$OUT/llama8b}"/*/log.txt; do echo "--- $f"; grep -E "\[train\] (step|summary)|Error" "$f" | tail -3
       done ;;
     train_burst) train train_burst ;;
     train_ulysses) train train_ulysses train.attention=ulysses ;;
