@@ -32,7 +32,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import print_table, write_json  # noqa: E402
+from bench_common import device_meta, print_table, write_json  # noqa: E402
+from train import apply_overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("ds-burst", "ulysses", "ulysses-plain", "ds-burst-plain")
@@ -58,11 +59,11 @@ def overrides(method: str, seq: int, sp: int, tile_tokens: int, steps: int, out_
           f"train.wandb.name={method}-{seq}"]
     if method.endswith("-plain"):
         ov += ["train.model.lm_head_chunk_tokens=null", "train.model.mlp_tiles=1",
-               "train.model.keep_attention_layers=0.0", "train.model.offload_checkpoints=false"]
+               "train.model.offload_checkpoints=false"]
     else:
         ov.append(f"train.model.mlp_tiles={max(1, math.ceil(seq / sp / tile_tokens))}")
-    if method.startswith("ulysses"):
-        ov.append("train.model.keep_attention_layers=0.0")  # selective checkpointing is burst-only
+    if method.endswith("-plain") or method.startswith("ulysses"):  # selective checkpointing is burst-only
+        ov.append("train.model.keep_attention_layers=0.0")
     return ov
 
 
@@ -71,21 +72,14 @@ def estimate(config: dict, ov: list[str], sp: int) -> dict | None:
     from ds_burst.memory import estimate_model_memory
     from ds_burst.model import ModelConfig
 
-    model = dict(config["train"]["model"])
-    seq = config["train"]["seq_len"]
-    for item in ov:
-        key, val = item.split("=", 1)
-        if key.startswith("train.model."):
-            model[key.rsplit(".", 1)[1]] = json.loads(val)
-        elif key == "train.model":
-            model = json.loads(val)
-        elif key == "train.seq_len":
-            seq = int(val)
-    zero = config.get("zero_optimization", {}) or {}
+    full = apply_overrides(config, ov)  # the job's config, as launch/train.py resolves it
+    train = full["train"]
+    zero = full.get("zero_optimization", {}) or {}
     off = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
     try:
-        return estimate_model_memory(ModelConfig.from_dict(model), seq, sp=sp, zero_stage=int(zero.get("stage", 0)),
-                                     activation_checkpointing=bool(config["train"].get("activation_checkpointing")),
+        return estimate_model_memory(ModelConfig.from_dict(train["model"]), train["seq_len"], sp=sp,
+                                     zero_stage=int(zero.get("stage", 0)),
+                                     activation_checkpointing=bool(train.get("activation_checkpointing")),
                                      offload_optimizer=off)
     except ValueError:
         return None
@@ -207,8 +201,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
     except ImportError:
         pass
-    from bench_common import device_meta
-
     meta = device_meta() | {"command": " ".join(sys.argv), "config": config, "gpu_memory_gib": capacity}
     rows: list[dict] = []
     for m, s in args.runs:
