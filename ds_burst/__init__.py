@@ -13,12 +13,13 @@ DeepSpeed integration::
     engine, *_ = ds_burst.deepspeed_initialize(model, ds_config, topo)  # deepspeed.initialize(mpu=topo), ZeRO-3 safe
 """
 
-from .attention import burst_attn_func
-from .comm import CommTimeoutError, comm_stats, reset_comm_stats, set_comm_timeout
-from .config import BurstConfig
-from .deepspeed_layer import DistributedAttention, patch_deepspeed, unpatch_deepspeed
-from .relayout import gather_sequence, shard_sequence
-from .topology import Topology, deepspeed_initialize, get_topology, init_sequence_parallel
+from ds_burst.attention.api import burst_attn_func
+from ds_burst.attention.config import BurstConfig
+from ds_burst.dist.comm import CommTimeoutError, comm_stats, reset_comm_stats, set_comm_timeout
+from ds_burst.dist.relayout import gather_sequence, shard_sequence
+from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
+from ds_burst.integrations.deepspeed import DistributedAttention, patch_deepspeed, unpatch_deepspeed
+from ds_burst.integrations.zero import deepspeed_initialize
 
 __version__ = "0.1.0"
 

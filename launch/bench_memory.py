@@ -1,4 +1,4 @@
-"""Peak memory per GPU of ds-burst's memory options, against ``ds_burst.memory``'s estimate.
+"""Peak memory per GPU of ds-burst's memory options, against ``ds_burst.training.memory``'s estimate.
 
     torchrun --nproc_per_node 2 launch/bench_memory.py --seq 131072 --layers 2 --out results/memory.json
     torchrun --nproc_per_node 2 launch/bench_memory.py --cpu --out /tmp/memory_cpu.json   # tiny CPU run (gloo)
@@ -9,7 +9,7 @@ All ranks form one sequence-parallel group (P = world size), B = 1, causal, zigz
     buffer pool on and off) against DeepSpeed-Ulysses (``DistributedAttention`` with SDPA, cuDNN first, GQA
     without repeating K/V; needs ``Hq`` and ``Hkv`` divisible by P). The
     figure is the peak allocated above what the inputs and the output gradient already take; ds-burst's
-    prediction is the pool's working set (``ds_burst.memory.attention_buffer_bytes``) plus the kept output,
+    prediction is the pool's working set (``ds_burst.training.memory.attention_buffer_bytes``) plus the kept output,
     lse and delta and the three input gradients.
 (b) **One training step** (forward + backward, no optimizer) of ``BurstLlama`` with a Llama-3-8B-shaped config
     (``--layers`` cuts the depth), plain PyTorch (no DeepSpeed; parameters and gradients replicated), under
@@ -86,7 +86,7 @@ def _attention_methods(kernel: str, with_ulysses: bool) -> dict:
     import torch.nn.functional as F
 
     import ds_burst
-    from ds_burst.model import _sdpa_priority
+    from ds_burst.training.model import _sdpa_priority
 
     methods = {"ds-burst": lambda q, k, v: ds_burst.burst_attn_func(q, k, v, causal=True, kernel=kernel)}
     if with_ulysses:
@@ -112,8 +112,8 @@ def _attention_methods(kernel: str, with_ulysses: bool) -> dict:
 
 def bench_attention(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """(a): peak memory of attention forward + backward per method."""
-    from ds_burst.memory import attention_buffer_bytes
-    from ds_burst.pool import release_buffers, set_buffer_pool
+    from ds_burst.ring.pool import release_buffers, set_buffer_pool
+    from ds_burst.training.memory import attention_buffer_bytes
 
     world = dist.get_world_size()
     n, h, hkv, d = args.seq // world, args.heads, args.kv_heads, args.head_dim
@@ -158,12 +158,12 @@ def bench_attention(args: argparse.Namespace, device: torch.device, dtype: torch
 
 def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """(b): peak memory of one training step per variant, with estimate_memory's prediction."""
-    from ds_burst.config import BurstConfig
-    from ds_burst.data import shard_batch_local
-    from ds_burst.memory import estimate_model_memory
-    from ds_burst.model import BurstLlama, ModelConfig
-    from ds_burst.pool import release_buffers, set_buffer_pool
-    from ds_burst.selective import release_host_buffers
+    from ds_burst.attention.config import BurstConfig
+    from ds_burst.attention.selective import release_host_buffers
+    from ds_burst.ring.pool import release_buffers, set_buffer_pool
+    from ds_burst.training.data import shard_batch_local
+    from ds_burst.training.memory import estimate_model_memory
+    from ds_burst.training.model import BurstLlama, ModelConfig
 
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden or args.heads * args.head_dim,

@@ -63,7 +63,7 @@ for spec in "$@"; do
         --head-dims 64 128 --iters 2 >"$OUT/kernels.log" 2>&1
       grep -v "^{" "$OUT/kernels.log" | tail -40 ;;
     equiv)  # ZeRO-3 bf16: SP=2 on 2 GPUs against SP=1 on 1 GPU, 3 steps, checkpointing off/torch/deepspeed
-      python3 -c "import numpy as np; from ds_burst.data import write_token_file; \
+      python3 -c "import numpy as np; from ds_burst.training.data import write_token_file; \
 write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1024, size=1 << 16))"
       for sp in 1 2; do
         timeout "$limit" python3 -m deepspeed.launcher.runner --num_gpus $sp tests/ds_equivalence_worker.py --gpu \

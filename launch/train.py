@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 launch/train.py --config configs/cpu_tiny.json [--override train.steps=50 ...]
 
 One JSON file holds the DeepSpeed config (ZeRO, optimizer, scheduler, batch sizes, top-level
-"sequence_parallel_size"), the "burst_attention" section (ds_burst.config.BurstConfig) and a "train"
+"sequence_parallel_size"), the "burst_attention" section (ds_burst.attention.config.BurstConfig) and a "train"
 section (model, data, steps, sequence length, precision, logging, checkpoints); docs/TRAINING.md
 documents every key. The "train" section is removed before the config reaches DeepSpeed.
 """
@@ -40,7 +40,7 @@ class WandbConfig:
 class TrainConfig:
     """The "train" section."""
 
-    model: dict[str, Any] = field(default_factory=dict)  # ds_burst.model.ModelConfig fields
+    model: dict[str, Any] = field(default_factory=dict)  # ds_burst.training.model.ModelConfig fields
     data: dict[str, Any] = field(default_factory=lambda: {"type": "retrieval"})
     seq_len: int = 2048
     steps: int = 100
@@ -230,16 +230,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch.distributed as dist
 
     import ds_burst
-    from ds_burst.config import BurstConfig
-    from ds_burst.data import RetrievalTask, TokenFile, make_batch, sample_indices
-    from ds_burst.model import (
+    from ds_burst.attention.config import BurstConfig
+    from ds_burst.core.cost_model import schedule_report
+    from ds_burst.training.data import RetrievalTask, TokenFile, make_batch, sample_indices
+    from ds_burst.training.model import (
         BurstLlama,
         ModelConfig,
         sequence_parallel_accuracy,
         sequence_parallel_loss,
         sp_grads_averaged,
     )
-    from ds_burst.plan import schedule_report
 
     burst = BurstConfig.from_ds_config(ds_config)
     ds_config.pop("burst_attention", None)  # DeepSpeed would ignore it; keep its printout short

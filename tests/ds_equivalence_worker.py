@@ -19,9 +19,10 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 import ds_burst
-from ds_burst.config import BurstConfig
-from ds_burst.data import TokenFile, make_batch, sample_indices
-from ds_burst.model import BurstLlama, ModelConfig, sequence_parallel_loss, sp_grads_averaged
+from ds_burst.attention.config import BurstConfig
+from ds_burst.training.data import TokenFile, make_batch, sample_indices
+from ds_burst.training.losses import sequence_parallel_loss, sp_grads_averaged
+from ds_burst.training.model import BurstLlama, ModelConfig
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

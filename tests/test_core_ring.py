@@ -152,7 +152,7 @@ def _rounding_kernel():
 def worker_bf16_large_ring(rank, world):
     """bf16 at P=8: ds-burst's error against float64, single-process SDPA's, and a per-step-rounding ring's;
     plus the floor: the exact output rounded once to bf16."""
-    import ds_burst.attention as attention
+    import ds_burst.attention.api as attention
 
     res = {}
     for idx, mask in enumerate(("causal", "full")):

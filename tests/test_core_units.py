@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import ds_burst
-from ds_burst.cost import backward_bytes_per_token, choose_backward
+from ds_burst.core.cost import backward_bytes_per_token, choose_backward
+from ds_burst.core.layout import global_index, segments
+from ds_burst.core.mask import BlockKind, classify_block
+from ds_burst.core.step_plan import RingPass, pair_needed, pair_ops, ring_passes
 from ds_burst.kernels import reference as R
-from ds_burst.kernels.mask import BlockKind, classify_block
-from ds_burst.layout import global_index, segments
-from ds_burst.step_plan import RingPass, pair_needed, pair_ops, ring_passes
 
 # ------------------------------------------------------------------------------------------ masks
 

@@ -103,7 +103,7 @@ def _layer_worker(rank: int, world: int) -> dict:
     import deepspeed.sequence.layer as ds_layer
 
     import ds_burst
-    from ds_burst.deepspeed_layer import DistributedAttention
+    from ds_burst.integrations.deepspeed import DistributedAttention
 
     deepspeed.init_distributed(dist_backend="gloo")
     topo = ds_burst.init_sequence_parallel(world)
@@ -136,7 +136,7 @@ def _layer_worker(rank: int, world: int) -> dict:
             if rope:
                 c, s_ = rotary_tables(S, D, 0)
                 c, s_ = c.permute(1, 0, 2, 3), s_.permute(1, 0, 2, 3)
-                xq, xk = (ds_burst.deepspeed_layer.apply_rotary(x, c, s_) for x in (rq, rk))
+                xq, xk = (ds_burst.integrations.deepspeed.apply_rotary(x, c, s_) for x in (rq, rk))
             ro = reference(xq, xk, rv, causal, scale, window)
             ro.backward(fdo)
             ref = [shard(t).detach() for t in (ro.detach(), rq.grad, rk.grad, rv.grad)]
@@ -210,7 +210,7 @@ def test_bad_options_raise(layer_results):
 
 
 def test_option_resolution_single_process():
-    from ds_burst.deepspeed_layer import DistributedAttention
+    from ds_burst.integrations.deepspeed import DistributedAttention
 
     m = ExactAttention(causal=False, softmax_scale=0.5)
     m.sliding_window = 4
@@ -228,8 +228,8 @@ def test_option_resolution_single_process():
 
 
 def _model_attention_worker(rank: int, world: int) -> dict:
-    from ds_burst.model import BurstLlama, ModelConfig
-    from ds_burst.relayout import shard_sequence
+    from ds_burst.dist.relayout import shard_sequence
+    from ds_burst.training.model import BurstLlama, ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -241,7 +241,7 @@ def _model_attention_worker(rank: int, world: int) -> dict:
     full.sum().backward()
     errs = {}
     for attention in ("ulysses", "burst"):
-        from ds_burst.config import BurstConfig
+        from ds_burst.attention.config import BurstConfig
 
         burst = BurstConfig(layout="contiguous", kernel="torch")
         m = BurstLlama(cfg, attention=attention, burst=burst).double()
@@ -265,7 +265,7 @@ def test_model_ulysses_and_burst_match_full_sequence():
 
 
 def test_model_ulysses_rejects_heads_it_cannot_split():
-    from ds_burst.model import ulysses_attention
+    from ds_burst.training.model import ulysses_attention
 
     q = torch.zeros(1, 4, 3, 8)
     k = torch.zeros(1, 4, 1, 8)

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks, values
-from ds_burst.config import BurstConfig
-from ds_burst.topology import check_schedule, init_sequence_parallel
+from ds_burst.attention.config import BurstConfig
+from ds_burst.dist.topology import check_schedule, init_sequence_parallel
 
 
 def _topology_worker(rank: int, world: int) -> dict:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from launch_utils import deepspeed_launch
 
-from ds_burst.data import write_token_file
+from ds_burst.training.data import write_token_file
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4

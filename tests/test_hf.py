@@ -35,7 +35,7 @@ CASES = [("llama", "zigzag"), ("mistral", "zigzag"), ("qwen2", "zigzag"), ("mist
 def _hf_worker(rank: int, world: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    import ds_burst.hf as bhf
+    import ds_burst.integrations.hf as bhf
 
     topo = bhf.setup(world)
     res = {}
@@ -93,7 +93,7 @@ def test_padding_mask_rejected(hf_results):
 
 
 def test_shard_batch_single_process():
-    import ds_burst.hf as bhf
+    import ds_burst.integrations.hf as bhf
 
     ids = torch.arange(8)[None]
     out = bhf.shard_batch({"input_ids": ids, "labels": ids}, None, layout="contiguous")

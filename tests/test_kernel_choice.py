@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from dist_utils import run_ranks, values
-from ds_burst import kernel_choice as kc
-from ds_burst.comm import GroupInfo
-
-SINGLE = GroupInfo(None, 0, 1)
+from ds_burst.dist.comm import GroupInfo, all_gather_ints
+from ds_burst.kernels import choice as kc
 
 
 def _qk(s: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,23 +51,23 @@ def test_pick_is_cached_in_memory_and_file(tmp_path, monkeypatch):
         return {"torch": 3.0, "sdpa": 1.0}[name]
 
     q, k = _qk()
-    assert kc.choose(q, k, True, False, "auto", False, SINGLE, timer, ["torch", "sdpa"]) == "sdpa"
+    assert kc.choose(q, k, True, False, "auto", False, 1, None, None, timer, ["torch", "sdpa"]) == "sdpa"
     n = len(calls)
     assert n == 4  # two kernels x (causal, full) tiles
-    assert kc.choose(q, k, True, False, "auto", False, SINGLE, timer, ["torch", "sdpa"]) == "sdpa"
+    assert kc.choose(q, k, True, False, "auto", False, 1, None, None, timer, ["torch", "sdpa"]) == "sdpa"
     assert len(calls) == n  # in memory
     kc.clear_memory()
-    assert kc.choose(q, k, True, False, "auto", False, SINGLE, timer, ["torch", "sdpa"]) == "sdpa"
+    assert kc.choose(q, k, True, False, "auto", False, 1, None, None, timer, ["torch", "sdpa"]) == "sdpa"
     assert len(calls) == n  # from the file
     data = json.loads(path.read_text())
     (entry,) = data.values()
     assert entry["kernel"] == "sdpa" and entry["ms"]["torch"] > entry["ms"]["sdpa"]
     q2, k2 = _qk(32)  # another shape is measured again
-    kc.choose(q2, k2, True, False, "auto", False, SINGLE, timer, ["torch", "sdpa"])
+    kc.choose(q2, k2, True, False, "auto", False, 1, None, None, timer, ["torch", "sdpa"])
     assert len(calls) == 2 * n
     path.write_text("{not json")  # a damaged file is ignored and rewritten
     kc.clear_memory()
-    assert kc.choose(q, k, True, False, "auto", False, SINGLE, timer, ["torch", "sdpa"]) == "sdpa"
+    assert kc.choose(q, k, True, False, "auto", False, 1, None, None, timer, ["torch", "sdpa"]) == "sdpa"
     assert json.loads(path.read_text())
     monkeypatch.setenv("DS_BURST_KERNEL_CACHE", "0")
     assert kc.cache_path() is None
@@ -88,7 +86,9 @@ def _agree_worker(rank: int, world: int, cache: str) -> list[str]:
 
     info = GroupInfo(dist.group.WORLD, rank, world)
     q, k = _qk()
-    picks = [kc.choose(q, k, True, False, "auto", False, info, timer, ["torch", "sdpa"]) for _ in range(3)]
+    agree = lambda i: all_gather_ints(info, [i], q.device)[0][0]
+    picks = [kc.choose(q, k, True, False, "auto", False, world, info.group, agree, timer, ["torch", "sdpa"])
+             for _ in range(3)]
     dist.barrier()  # a rank that issued an extra collective would hang here or above
     return picks
 

@@ -1,4 +1,4 @@
-"""ds_burst.memory: the chunked LM-head loss and the tiled MLP give the same loss and gradients as the plain
+"""ds_burst.training.memory: the chunked LM-head loss and the tiled MLP give the same loss and gradients as the plain
 computation (float64, tight tolerance), at unit and model level, and the chunked loss never holds [B, s, V]."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_utils import run_ranks, values
-from ds_burst.memory import chunked_lm_head_loss, tiled_mlp
-from ds_burst.model import MLP, BurstLlama, ModelConfig, sequence_parallel_loss
+from ds_burst.training.losses import sequence_parallel_loss
+from ds_burst.training.memory import chunked_lm_head_loss, tiled_mlp
+from ds_burst.training.model import MLP, BurstLlama, ModelConfig
 
 RTOL = 1e-10
 
@@ -64,7 +65,7 @@ def test_chunked_loss_matches_full(chunk, as_module):
 
 
 def test_chunked_loss_plugs_into_sequence_parallel_loss():
-    from ds_burst.model import sequence_parallel_loss_from_sum
+    from ds_burst.training.losses import sequence_parallel_loss_from_sum
 
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(3, 11, 8, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -237,8 +238,8 @@ def test_model_config_memory_options_validation():
 def _two_rank_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from ds_burst.config import BurstConfig
-    from ds_burst.data import shard_batch_local
+    from ds_burst.attention.config import BurstConfig
+    from ds_burst.training.data import shard_batch_local
 
     torch.manual_seed(5)
     gen = torch.Generator().manual_seed(2)
@@ -301,7 +302,7 @@ def _saved_activation_bytes(model, ids, pos, labels) -> int:
     {"ckpt": True, "batch": 2},
 ])
 def test_estimate_memory_activations_match_saved_tensors(opts):
-    from ds_burst.memory import GIB, estimate_memory
+    from ds_burst.training.memory import GIB, estimate_memory
 
     opts = dict(opts)
     ckpt, batch = opts.pop("ckpt", False), opts.pop("batch", 1)
@@ -323,7 +324,7 @@ def _persistent_plus_transient(est: dict) -> float:
 
 
 def test_estimate_memory_consistency():
-    from ds_burst.memory import GIB, estimate_memory
+    from ds_burst.training.memory import GIB, estimate_memory
 
     cfg = ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                       intermediate_size=14336)
@@ -357,7 +358,7 @@ def test_estimate_memory_consistency():
 
 
 # ---------------------------------------------------------------------------------------------
-# buffer pool (ds_burst.pool)
+# buffer pool (ds_burst.ring.pool)
 
 
 def _attn_calls(rank: int, world: int, group, schedule: str | None) -> list[tuple]:
@@ -381,7 +382,7 @@ def _pool_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     import ds_burst
-    from ds_burst.pool import _POOL, buffer_pool_stats, release_buffers, set_buffer_pool
+    from ds_burst.ring.pool import _POOL, buffer_pool_stats, release_buffers, set_buffer_pool
 
     groups = {"ring": (dist.group.WORLD, None),
               "double_ring": (ds_burst.init_sequence_parallel(4, gpus_per_node=2, schedule="double_ring"), None)}
@@ -427,7 +428,7 @@ def test_buffer_pool_reuses_storage_and_is_bitwise_identical():
 
 
 def test_buffer_pool_unit():
-    from ds_burst.pool import BufferPool, set_buffer_pool
+    from ds_burst.ring.pool import BufferPool, set_buffer_pool
 
     pool = BufferPool()
     a = pool.take((3, 5), torch.float32, "cpu")
@@ -450,9 +451,9 @@ def test_buffer_pool_unit():
 def _model_steps(rank: int, world: int, pooled: bool) -> list:
     import torch.distributed as dist
 
-    from ds_burst.config import BurstConfig
-    from ds_burst.data import shard_batch_local
-    from ds_burst.pool import set_buffer_pool
+    from ds_burst.attention.config import BurstConfig
+    from ds_burst.ring.pool import set_buffer_pool
+    from ds_burst.training.data import shard_batch_local
 
     set_buffer_pool(pooled)
     torch.manual_seed(3)
@@ -473,7 +474,7 @@ def _model_steps(rank: int, world: int, pooled: bool) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# selective checkpointing and offload (ds_burst.selective)
+# selective checkpointing and offload (ds_burst.attention.selective)
 
 SELECTIVE_VARIANTS = {  # name: (checkpoint_impl, ModelConfig memory options)
     "plain": ("torch", {}),
@@ -490,7 +491,7 @@ SELECTIVE_VARIANTS = {  # name: (checkpoint_impl, ModelConfig memory options)
 
 def _counting_fwd_kernel() -> list[int]:
     """Count the forward attention work (query rows x keys per kernel call) of the torch kernel."""
-    from ds_burst.ops import kernel_module
+    from ds_burst.kernels.registry import kernel_module
 
     mod = kernel_module("torch")
     work = [0]
@@ -508,9 +509,9 @@ def _selective_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from ds_burst import comm_stats, reset_comm_stats
-    from ds_burst.config import BurstConfig
-    from ds_burst.data import shard_batch_local
-    from ds_burst.selective import reset_selective_stats, selective_stats
+    from ds_burst.attention.config import BurstConfig
+    from ds_burst.attention.selective import reset_selective_stats, selective_stats
+    from ds_burst.training.data import shard_batch_local
 
     work = _counting_fwd_kernel()
     gen = torch.Generator().manual_seed(4)
@@ -590,10 +591,10 @@ def _zero3_runs(rank: int, world: int) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     import ds_burst
-    from ds_burst.config import BurstConfig
-    from ds_burst.data import shard_batch_local
-    from ds_burst.model import sp_grads_averaged
-    from ds_burst.selective import reset_selective_stats, selective_stats
+    from ds_burst.attention.config import BurstConfig
+    from ds_burst.attention.selective import reset_selective_stats, selective_stats
+    from ds_burst.training.data import shard_batch_local
+    from ds_burst.training.losses import sp_grads_averaged
 
     warnings.filterwarnings("ignore")
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
@@ -656,8 +657,8 @@ def test_selective_options_validation_and_layer_choice():
 def test_estimate_memory_kept_and_offloaded_bytes_match_the_model(opts):
     """Single process, fp32: the estimator's kept-attention and host-offload bytes are what the model keeps and
     offloads, and the loss and gradients equal plain checkpointing's."""
-    from ds_burst.memory import GIB, estimate_model_memory
-    from ds_burst.selective import reset_selective_stats, selective_stats
+    from ds_burst.attention.selective import reset_selective_stats, selective_stats
+    from ds_burst.training.memory import GIB, estimate_model_memory
 
     base = dict(vocab_size=50, hidden_size=24, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=32)
     cfg = ModelConfig(**base, **opts)

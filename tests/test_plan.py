@@ -11,17 +11,17 @@ from dataclasses import asdict, fields
 
 import pytest
 
-from ds_burst.cost import backward_bytes_per_token
-from ds_burst.plan import (
+from ds_burst.cli.bench_check import validate_bench
+from ds_burst.cli.plan import main
+from ds_burst.core.cost import backward_bytes_per_token
+from ds_burst.core.cost_model import (
     CALIBRATION_FORMAT,
     Hardware,
     Problem,
     choose,
     load_calibration,
-    main,
     predict,
     rates_from_kernel_bench,
-    validate_bench,
 )
 
 
@@ -67,7 +67,7 @@ def test_command_line_prints_table_and_choice():
 
 
 def test_auto_schedule_choice():
-    from ds_burst.plan import choose_schedule
+    from ds_burst.core.cost_model import choose_schedule
 
     assert choose_schedule(131072, 1, 8, 32, 8, 128, 2, True) == "ring"  # one node
     assert choose_schedule(131072, 4, 8, 32, 8, 128, 2, True) in ("double_ring", "ulysses_ring")

@@ -60,7 +60,7 @@ def _patch_kernel(name: str, on_call: int, action) -> None:
 def _slow_scenario(rank: int, group) -> list[torch.Tensor]:
     """A healthy but slow rank 1 (1 s stall in a forward and a backward tile, timeout 5 s)."""
     import ds_burst
-    from ds_burst.comm import set_comm_timeout
+    from ds_burst.dist.comm import set_comm_timeout
 
     set_comm_timeout(5.0)
     if rank == FAIL_RANK:
@@ -85,7 +85,7 @@ def _unpatch() -> None:
 def _fail_scenario(rank: int, group, where: str, ending: str, marker_dir: str) -> dict:
     """Rank 1 raises in ``where``; returns how this rank ended (type, message, seconds to the error)."""
     import ds_burst
-    from ds_burst.comm import set_comm_timeout
+    from ds_burst.dist.comm import set_comm_timeout
 
     set_comm_timeout(STUCK_TIMEOUT if ending == "stuck" else EXIT_TIMEOUT)
     name, on_call = INJECT[where]
@@ -198,7 +198,7 @@ def test_slow_rank_within_timeout_is_not_an_error(scenarios):
 
 
 def test_comm_timeout_settings(monkeypatch):
-    from ds_burst.comm import COMM_TIMEOUT_ENV, DEFAULT_CPU_COMM_TIMEOUT, GroupInfo, comm_timeout, set_comm_timeout
+    from ds_burst.dist.comm import COMM_TIMEOUT_ENV, DEFAULT_CPU_COMM_TIMEOUT, GroupInfo, comm_timeout, set_comm_timeout
 
     single = GroupInfo(None, 0, 1)
     monkeypatch.delenv(COMM_TIMEOUT_ENV, raising=False)
@@ -235,7 +235,7 @@ def _nccl_worker(rank: int, world: int, port: int, ending: str, out_dir: str) ->
     import torch.distributed as dist
 
     import ds_burst
-    from ds_burst.comm import set_comm_timeout
+    from ds_burst.dist.comm import set_comm_timeout
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -36,8 +36,8 @@ def _mask(mask: str, s_local: int):
 
 def worker_schedule(rank, world, per_node, schedule):
     import ds_burst
-    import ds_burst.schedules.double_ring as dr
-    import ds_burst.schedules.ulysses_ring as ur
+    import ds_burst.ring.double_ring as dr
+    import ds_burst.ring.ulysses_ring as ur
     from ds_burst.kernels.reference import naive_attention
 
     calls = [0]

@@ -14,8 +14,9 @@ import pytest
 import torch
 from launch_utils import REPO, deepspeed_launch
 
-from ds_burst.config import BurstConfig
-from ds_burst.data import (
+from ds_burst.attention.config import BurstConfig
+from ds_burst.core.layout import global_index
+from ds_burst.training.data import (
     RetrievalTask,
     TokenFile,
     far_labels,
@@ -24,8 +25,8 @@ from ds_burst.data import (
     shard_batch_local,
     write_token_file,
 )
-from ds_burst.layout import global_index
-from ds_burst.model import BurstLlama, ModelConfig, sequence_parallel_accuracy, sequence_parallel_loss
+from ds_burst.training.losses import sequence_parallel_accuracy, sequence_parallel_loss
+from ds_burst.training.model import BurstLlama, ModelConfig
 
 SHORT = ["train_micro_batch_size_per_gpu=4", "train.seq_len=256", "train.steps=16", "train.save_interval=8",
          "train.log_interval=4", "train.progress_bar=false", "train.eval_batches=1",

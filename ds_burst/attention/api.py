@@ -1,0 +1,86 @@
+"""Public entry point ``burst_attn_func``.
+
+A call builds its key from the shapes, dtypes, device, options and group. The first call of a key validates
+the input on every rank (one small all-gather: the same clear error everywhere, never a hang), resolves the
+schedule and builds the call plan (:mod:`ds_burst.attention.call_plan`); later calls of the key only look the
+plan up, so in steady state a call issues no collective and no host sync besides the ring's own P2P. A rank
+whose key changes while the others' does not (one rank changed its input shape) meets the others' ring
+messages instead of their validation: both sides give up within the communication timeout and raise a
+``ValueError`` naming what differs (each rank publishes its latest validated key in the process group's store).
+Under ``torch.compile`` the call is one custom op (:mod:`ds_burst.attention.compiled`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_burst.attention import compiled
+from ds_burst.attention.function import BurstAttnFunction
+from ds_burst.attention.lookup import lookup_plan
+from ds_burst.attention.validate import check_mode, diagnose_drift
+from ds_burst.dist.comm import CommTimeoutError
+
+
+def burst_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    group: object = None,
+    layout: str = "zigzag",
+    backward: str = "auto",
+    kernel: str = "auto",
+    return_lse: bool = False,
+    deterministic: bool = False,
+    check_inputs: bool | str = True,
+    schedule: str | None = None,
+    check_finite: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: ``[B, S_local, Hq, D]`` queries of this rank's tokens.
+        k, v: ``[B, S_local, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA without repeating K/V).
+        causal: causal mask by *global* positions.
+        softmax_scale: defaults to ``D ** -0.5``.
+        window_size: ``(left, right)`` sliding window as in flash-attn, ``-1`` unbounded. Out-of-reach
+            blocks and whole ring hops are skipped.
+        group: process group, DeepSpeed ``mpu``/topology object, or ``None`` (world; single process
+            when torch.distributed is not initialised).
+        layout: how the caller split the sequence, ``"contiguous"`` or ``"zigzag"``.
+        backward: ``"burst"`` (Q, dO, lse, delta and dQ travel), ``"ring"`` (K, V, dK, dV travel) or
+            ``"auto"`` (the one that sends fewer bytes for these head counts).
+        kernel: ``"torch"``, ``"triton"``, ``"sdpa"`` (torch's fused cuDNN/flash ops per tile where the mask
+            allows, per-block outputs rounded to the input dtype; uses the ring backward) or ``"auto"``
+            (on CUDA the faster of Triton and sdpa for this shape, measured on first use, cached and agreed
+            across ranks: :mod:`ds_burst.kernels.choice`; torch on CPU).
+        return_lse: also return the natural-log log-sum-exp ``[B, Hq, S_local]`` (fp32, not differentiable).
+        deterministic: bitwise-reproducible backward (no atomics in the kernels).
+        check_inputs: ``True`` or ``"once"`` (default): validate on every rank with one small all-gather the
+            first time this rank meets a shape/option key, then only look the key up; ``"always"``: the
+            all-gather on every call (debugging); ``False``: local checks only, also on new keys (ranks
+            that disagree then fail inside the ring, bounded by the communication timeout).
+        schedule: ``"ring"`` (flat), ``"double_ring"`` or ``"ulysses_ring"`` (both need ``group`` to be the
+            topology from :func:`ds_burst.init_sequence_parallel` made with that schedule; a double ring
+            inside one node is the flat ring) or ``"auto"``; ``None`` takes the topology's schedule (flat
+            ring for a plain process group).
+            Sliding windows always use the flat ring, which stops early.
+        check_finite: raise ``ValueError`` on every rank when any rank's q, k or v (forward) or output
+            gradient (backward) holds NaN/Inf, naming the rank and tensor (a collective check per call).
+
+    Returns:
+        ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
+    """
+    if torch.compiler.is_compiling():
+        return compiled.call(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel,
+                             return_lse, deterministic, check_inputs, schedule, check_finite)
+    plan = lookup_plan(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
+                       deterministic, check_mode(check_inputs), schedule, check_finite)
+    try:
+        out, lse = BurstAttnFunction.apply(q, k, v, plan)
+    except CommTimeoutError as exc:
+        diagnose_drift(plan.info, plan.summary, exc)
+        raise
+    return (out, lse) if return_lse else out

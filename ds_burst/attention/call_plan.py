@@ -1,0 +1,160 @@
+"""The call plan: everything a ``burst_attn_func`` call decides from shapes, dtype, device, options and group,
+built once per key and reused (the ring loop does no planning).
+
+A plan holds the compute layout (zigzag for causal attention, contiguous for sliding windows, the caller's
+layout otherwise), the ring setup with its step plan and tile lists, the concrete kernel, the backward pattern,
+the schedule and, when the call's only tile is the whole local block (one rank), that tile for the kernels'
+one-call fast path. :class:`PlanCache` keeps plans per key in a bounded LRU whose evictions depend only on the
+sequence of keys, so it stays in step on every rank that sees the same calls.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+from ds_burst.attention.validate import AttnArgs
+from ds_burst.core.cost import choose_backward
+from ds_burst.core.layout import segments
+from ds_burst.core.mask import window_is_finite
+from ds_burst.core.step_plan import RingPass, TileOp, ring_passes
+from ds_burst.dist.comm import GroupInfo, NodeGroups, all_gather_ints
+from ds_burst.kernels import choice
+from ds_burst.kernels.registry import kernel_module, resolve_kernel
+from ds_burst.ring import ulysses_ring as uly
+from ds_burst.ring.engine import RingSetup, needs_out
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """Resolved decisions of one call (identical on every rank)."""
+
+    setup: RingSetup  # the ring; over the inter-node group for ulysses_ring
+    info: GroupInfo  # the sequence-parallel group (layout moves)
+    user_layout: str
+    compute_layout: str
+    backward: str  # "burst" or "ring"
+    ulysses: uly.UlyssesSpec | None = None  # set: all-to-all over heads inside the node first
+    check_finite: bool = False  # backward: raise on every rank when any rank's dO holds NaN/Inf
+    whole: TileOp | None = None  # set: the call's only tile is the whole local block (one rank, no ring)
+    summary: tuple[int, ...] = ()  # the validated summary of the call (diagnosis of ranks that drift apart)
+
+
+def choose_compute_layout(
+    user_layout: str, causal: bool, window: tuple[int, int], world: int, s_local: int
+) -> tuple[str, list[RingPass]]:
+    """Pick the layout the ring runs in, and its ring passes.
+
+    Windows run on contiguous shards (the ring then stops after about ``window / S_local`` hops);
+    causal attention runs zigzag (every hop costs the same) when ``S_local`` is even.
+    """
+
+    def passes(layout: str) -> list[RingPass]:
+        table = [segments(layout, r, world, s_local) for r in range(world)]
+        return ring_passes(table, causal, window)
+
+    if world == 1:
+        return user_layout, []
+    if window_is_finite(causal, window):
+        contiguous = passes("contiguous")
+        if not (causal and s_local % 2 == 0 and sum(p.steps for p in contiguous) >= world - 1):
+            return "contiguous", contiguous
+    if causal and s_local % 2 == 0:
+        return "zigzag", passes("zigzag")
+    if causal:
+        return "contiguous", passes("contiguous")
+    return user_layout, passes(user_layout)
+
+
+def _kernel_name(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, window: tuple[int, int], deterministic: bool,
+                 info: GroupInfo) -> str:
+    if a.kernel == "auto" and q.device.type == "cuda":  # measured once per shape, rank 0's pick everywhere
+        def agree(pick: int) -> int:
+            return all_gather_ints(info, [pick], q.device)[0][0]
+
+        return choice.choose(q, k, a.causal, window_is_finite(a.causal, window), a.backward, deterministic,
+                             info.world, info.group, agree)
+    return resolve_kernel(a.kernel, q.device, q.dtype)
+
+
+def make_plan(
+    q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
+    node_groups: NodeGroups | None = None, summary: tuple[int, ...] = (),
+) -> CallPlan:
+    """Resolve layout, ring passes, schedule, kernel and backward pattern for validated inputs."""
+    world, s_local = info.world, q.shape[1]
+    window = (int(a.window_size[0]), int(a.window_size[1]))
+    if a.causal and window[1] < 0:
+        window = (window[0], 0)
+    layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
+    # Topology-aware schedules visit every block; sliding windows keep the flat ring, which stops early.
+    topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1
+    kernel = kernel_module(_kernel_name(q, k, a, window, deterministic, info))
+    scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
+    hq, hkv = q.shape[2], k.shape[2]
+    spec = None
+    if topo_aware and a.schedule == "ulysses_ring":
+        assert node_groups is not None
+        n_nodes, per_node = node_groups.nodes, node_groups.per_node
+        spec = uly.UlyssesSpec(node_groups.intra, layout, uly.kv_repeat(hkv, per_node))
+        hkv = hkv * spec.kv_repeat // per_node
+        hq = hq // per_node
+        table = [segments(layout, n, n_nodes, s_local * per_node) for n in range(n_nodes)]
+        setup = RingSetup(node_groups.inter, table, ring_passes(table, a.causal, window), a.causal, window, scale,
+                          kernel, deterministic)
+    else:
+        nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
+        table = [segments(layout, r, world, s_local) for r in range(world)]
+        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes)
+    backward = a.backward
+    if backward == "auto":
+        # kernels whose backward needs the output (fused SDPA ops) keep Q, dO and O at home
+        backward = "ring" if needs_out(kernel) else choose_backward(hq, hkv, q.shape[3], q.element_size())
+    whole = None
+    if world == 1:
+        ops = setup.ops(0, 0)
+        if len(ops) == 1 and (ops[0].q0, ops[0].q1, ops[0].k0, ops[0].k1) == (0, s_local, 0, s_local):
+            whole = ops[0]
+    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary)
+
+
+class PlanCache:
+    """Plans per call key, least recently used first out (``capacity`` entries)."""
+
+    def __init__(self, capacity: int = 512) -> None:
+        self.capacity = capacity
+        self._plans: OrderedDict[Hashable, CallPlan] = OrderedDict()
+        self.misses = 0
+
+    def get(self, key: Hashable) -> CallPlan | None:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+        return plan
+
+    def put(self, key: Hashable, build: Callable[[], CallPlan]) -> CallPlan:
+        plan = build()
+        self.misses += 1
+        self._plans[key] = plan
+        if len(self._plans) > self.capacity:
+            self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+PLANS = PlanCache()
+
+
+def clear_plans() -> None:
+    """Forget every cached call plan of this process (the next call of each key validates again on every rank:
+    call it on every rank of a group, or on none)."""
+    PLANS.clear()

@@ -1,0 +1,115 @@
+"""``burst_attn_func`` under ``torch.compile``: the call as one custom op with its autograd registered.
+
+Dynamo sees ``ds_burst::attention`` (and ``ds_burst::attention_backward``) as opaque ops with primitive
+arguments; the group travels as a token (:func:`group_token`, a constant at trace time). Inside, the op runs the
+same plan cache, validation and ring as the eager path. Outputs of a custom op may not alias its inputs, so the
+backward re-derives the compute-layout tensors from q, k, v and the output (a relayout exchange when the
+caller's layout differs from the compute layout; nothing at one rank or in the compute layout). ``schedule=
+"ulysses_ring"`` and selective checkpointing are not supported under compile (a clear error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_burst.attention.call_plan import CallPlan
+from ds_burst.attention.function import backward_impl, forward_impl
+from ds_burst.attention.lookup import lookup_plan
+from ds_burst.attention.selective import active_keep
+from ds_burst.dist.relayout import relayout
+
+_GROUPS: dict[str, object] = {}
+
+
+@torch._dynamo.assume_constant_result
+def group_token(group: object) -> str:
+    """A string naming ``group`` for the custom op (registered so the op can find the object again)."""
+    token = "" if group is None else f"g{id(group)}"
+    _GROUPS[token] = group
+    return token
+
+
+def _group(token: str) -> object:
+    return None if token == "" else _GROUPS[token]
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int,
+          token: str, layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
+          schedule: str, check_finite: bool) -> CallPlan:
+    plan = lookup_plan(q, k, v, causal, scale, (wl, wr), _group(token), layout, backward, kernel, True,
+                       deterministic, check_inputs, None if schedule == "" else schedule, check_finite)
+    if plan.ulysses is not None:
+        raise ValueError("schedule='ulysses_ring' is not supported under torch.compile; use 'ring' or 'double_ring'")
+    return plan
+
+
+@torch.library.custom_op("ds_burst::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int,
+                 wr: int, token: str, layout: str, backward: str, kernel: str, deterministic: bool,
+                 check_inputs: str, schedule: str, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if active_keep() is not None:
+        raise ValueError("selective checkpointing (ds_burst.attention.selective) is not supported under torch.compile")
+    plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
+                 schedule, check_finite)
+    out, lse, _ = forward_impl(q, k, v, plan)
+    return out.contiguous().clone() if out.data_ptr() == q.data_ptr() else out.contiguous(), lse.contiguous()
+
+
+@attention_op.register_fake
+def _(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs, schedule,
+      check_finite):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
+
+
+@torch.library.custom_op("ds_burst::attention_backward", mutates_args=())
+def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          dout: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int, token: str,
+                          layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
+                          schedule: str, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
+                 schedule, check_finite)
+    src, dst, info = plan.user_layout, plan.compute_layout, plan.info
+    if src == dst:
+        saved = (q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
+    else:
+        saved = (*(relayout(x.contiguous(), 1, src, dst, info) for x in (q, k, v, out)),  # type: ignore[assignment]
+                 relayout(lse.contiguous(), 2, src, dst, info))
+    dq, dk, dv = backward_impl(plan, saved, dout)  # type: ignore[arg-type]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_backward_op.register_fake
+def _(q, k, v, out, lse, dout, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, v, *opts = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.opts = opts
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):  # noqa: ANN001, ANN202
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout.contiguous(), *ctx.opts)
+    return (dq, dk, dv) + (None,) * len(ctx.opts)
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
+         window_size: tuple[int, int], group: object, layout: str, backward: str, kernel: str, return_lse: bool,
+         deterministic: bool, check_inputs: bool | str, schedule: str | None, check_finite: bool
+         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``burst_attn_func`` while dynamo traces: the custom op."""
+    mode = "once" if check_inputs is True else ("local" if check_inputs is False else str(check_inputs))
+    scale = None if softmax_scale is None else float(softmax_scale)
+    out, lse = attention_op(q, k, v, bool(causal), scale, int(window_size[0]), int(window_size[1]),
+                            group_token(group), layout, backward, kernel, bool(deterministic), mode,
+                            "" if schedule is None else schedule, bool(check_finite))
+    return (out, lse) if return_lse else out

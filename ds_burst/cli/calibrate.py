@@ -1,0 +1,305 @@
+"""Measure the cost model's figures on this machine and write them to a calibration JSON.
+
+    torchrun --nproc_per_node N -m ds_burst.plan calibrate --out calib.json [--gpus-per-node L]
+    python -m ds_burst.plan --seq 131072 --nodes 1 --gpus-per-node N --calibration calib.json
+
+What it measures (every rank at once; each figure is the median over iterations of the slowest rank):
+
+* the local kernel (``--kernel``, default the one ``kernel="auto"`` runs) on the two tiles of a zigzag causal
+  ring with ``--tile-tokens`` local tokens ``s``: the diagonal step (``s`` queries against their own ``s``
+  keys, causal mask) and a later step (``s`` queries against ``s/2`` earlier keys, nothing masked); forward
+  ``fwd_step`` and backward ``bwd_step`` alone, TFLOP/s with the project's counts (forward ``4*B*H*Sq*Sk*D``,
+  halved on the diagonal; backward 2.5x) -> ``fwd_tflops``, ``bwd_tflops``, ``fwd_tflops_full``,
+  ``bwd_tflops_full``;
+* the ring step inside a node (every rank sends ``--p2p-mib`` MiB to the next rank of its node while
+  receiving from the previous one, all nodes at once) -> ``intra_gbps``; the same with a 4 KiB message ->
+  ``intra_latency_s``; bandwidth = bytes / (large-message time - small-message time);
+* with several nodes (ranks ``[n*L, (n+1)*L)`` form node ``n``; ``--gpus-per-node`` below the world size
+  simulates nodes): the same step between ranks of equal local index on consecutive nodes (all rails at once)
+  -> ``inter_gbps``, ``inter_latency_s``;
+* all-to-all of ``--p2p-mib`` MiB per rank inside each node -> ``a2a_intra_gbps`` and over all ranks when
+  there are several nodes -> ``a2a_inter_gbps`` (bus bandwidth: bytes * (n-1)/n / time).
+
+Figures a run cannot measure (one rank per node: no intra-node link; one node: no inter-node link) are left
+out of the file, and ``--calibration`` keeps the defaults for them (listed in ``meta.not_measured``).
+On CUDA the ranks use NCCL, bf16 and Triton's fixed tile configurations (``DS_BURST_TRITON_AUTOTUNE=0``
+unless set; autotuning every configuration takes minutes); on CPU gloo, float32 and tiny default shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from ds_burst.core.cost_model import HARDWARE_FIELDS
+from ds_burst.dist.comm import GroupInfo, P2PBatch
+
+FORMAT = "ds-burst-calibration/1"
+SMALL_MSG_BYTES = 4096
+CUDA_DEFAULTS = {"tile_tokens": 16384, "heads": 32, "head_dim": 128, "dtype": "bfloat16", "p2p_mib": 256.0,
+                 "iters": 5}
+CPU_DEFAULTS = {"tile_tokens": 256, "heads": 4, "head_dim": 32, "dtype": "float32", "p2p_mib": 4.0, "iters": 3}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _times(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 1,
+           before: Callable[[], object] | None = None) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` calls (``before`` runs untimed)."""
+    for _ in range(warmup):
+        if before:
+            before()
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(iters):
+        if before:
+            before()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _slowest(values: list[float], device: torch.device) -> float:
+    """Per-position maximum over the ranks, then the median (one value per iteration in ``values``)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        values = t.tolist()
+    return statistics.median(values)
+
+
+def _tile_seconds(mod: object, device: torch.device, dtype: torch.dtype, sq: int, sk: int, q_offset: int,
+                  heads: int, kv_heads: int, head_dim: int, iters: int) -> tuple[list[float], list[float]]:
+    """Per-iteration seconds of ``fwd_step`` and ``bwd_step`` on one tile (causal mask by global position)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+    q, dout = rnd(1, sq, heads, head_dim), rnd(1, sq, heads, head_dim)
+    k, v = rnd(1, sk, kv_heads, head_dim), rnd(1, sk, kv_heads, head_dim)
+    out = torch.zeros(1, sq, heads, head_dim, device=device, dtype=torch.float32)
+    lse = torch.full((1, heads, sq), -math.inf, device=device, dtype=torch.float32)
+    mask = dict(scale=head_dim**-0.5, q_offset=q_offset, k_offset=0, causal=True)
+
+    def reset() -> None:
+        out.zero_()
+        lse.fill_(-math.inf)
+
+    fwd = _times(lambda: mod.fwd_step(q, k, v, out, lse, **mask), device, iters, before=reset)
+    reset()
+    mod.fwd_step(q, k, v, out, lse, **mask)
+    out_in = out.to(dtype)
+    delta = mod.bwd_preprocess(out_in, dout)
+    grads = [torch.zeros(x.shape, device=device, dtype=torch.float32) for x in (q, k, v)]
+    extra = {"out": out_in} if getattr(mod, "BWD_NEEDS_OUT", False) else {}
+    bwd = _times(lambda: mod.bwd_step(q, k, v, dout, lse, delta, *grads, **mask, **extra), device, iters)
+    return fwd, bwd
+
+
+def measure_kernel(kernel: str, device: torch.device, dtype: torch.dtype, tokens: int, heads: int, kv_heads: int,
+                   head_dim: int, iters: int) -> dict:
+    """Forward/backward seconds and TFLOP/s of the local kernel on the diagonal (causal) and a later
+    (unmasked) zigzag ring tile; the slowest rank's median when torch.distributed is initialised."""
+    from ds_burst.kernels.registry import kernel_module, resolve_kernel
+
+    name = resolve_kernel(kernel, device, dtype)
+    mod = kernel_module(name)
+    if tokens < 2 or tokens % 2:
+        raise ValueError(f"--tile-tokens must be an even number >= 2, got {tokens}")
+    res: dict = {"kernel": name}
+    # diagonal: s queries against their own s keys (causal); later step: s queries after s/2 keys (all visible)
+    for tile, sq, sk, q_off in (("causal", tokens, tokens, 0), ("full", tokens, tokens // 2, tokens)):
+        fwd, bwd = _tile_seconds(mod, device, dtype, sq, sk, q_off, heads, kv_heads, head_dim, iters)
+        fwd_s, bwd_s = _slowest(fwd, device), _slowest(bwd, device)
+        flops = 4.0 * heads * sq * sk * head_dim * (0.5 if tile == "causal" else 1.0)
+        res[tile] = {"q_tokens": sq, "k_tokens": sk, "q_offset": q_off, "fwd_ms": fwd_s * 1e3, "bwd_ms": bwd_s * 1e3,
+                     "fwd_tflops": flops / fwd_s / 1e12, "bwd_tflops": 2.5 * flops / bwd_s / 1e12}
+    return res
+
+
+def _ring_step(info: GroupInfo, nbytes: int, device: torch.device, iters: int) -> float:
+    """Slowest-rank median seconds of one ring step (send ``nbytes`` to the next rank, receive from the
+    previous) in ``info``'s group, every group of the world at once."""
+    n = max(1, nbytes // 4)
+    send = torch.ones(n, dtype=torch.float32, device=device)
+    recv = torch.empty_like(send)
+    nxt, prv = (info.rank + 1) % info.world, (info.rank - 1) % info.world
+
+    def step() -> None:
+        batch = P2PBatch(info, "calibrate")
+        batch.recv(recv, prv)
+        batch.send(send, nxt)
+        batch.commit().wait()
+
+    return _slowest(_times(step, device, iters, warmup=2, before=dist.barrier), device)
+
+
+def _all_to_all(info: GroupInfo, nbytes: int, device: torch.device, iters: int) -> float:
+    n = max(info.world, nbytes // 4 // info.world * info.world)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    fn = lambda: dist.all_to_all_single(y, x, group=info.group)
+    return _slowest(_times(fn, device, iters, warmup=2, before=dist.barrier), device)
+
+
+def _link(info: GroupInfo, nbytes: int, device: torch.device, iters: int) -> dict:
+    small = _ring_step(info, SMALL_MSG_BYTES, device, iters)
+    large = _ring_step(info, nbytes, device, iters)
+    wire = large - small if large > small else large
+    return {"small_ms": small * 1e3, "large_ms": large * 1e3, "large_bytes": nbytes,
+            "gbps": nbytes / wire / 1e9, "latency_s": small}
+
+
+def _groups(world: int, per_node: int) -> tuple[GroupInfo | None, GroupInfo | None]:
+    """This rank's node group and rail group (``None`` where a group has a single rank); every rank creates
+    every group in the same order."""
+    rank, nodes = dist.get_rank(), world // per_node
+    intra = inter = None
+    if per_node > 1:
+        if nodes == 1:
+            intra = GroupInfo(dist.group.WORLD, rank, world)
+        for n in range(nodes if nodes > 1 else 0):
+            g = dist.new_group(list(range(n * per_node, (n + 1) * per_node)))
+            if rank // per_node == n:
+                intra = GroupInfo(g, rank % per_node, per_node)
+    if nodes > 1:
+        for j in range(per_node):
+            g = dist.new_group([j + n * per_node for n in range(nodes)])
+            if rank % per_node == j:
+                inter = GroupInfo(g, rank // per_node, nodes)
+    return intra, inter
+
+
+def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
+    """Run every measurement; returns the calibration document (same on every rank)."""
+    t_start = time.perf_counter()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_node = args.gpus_per_node or world
+    if per_node < 1 or world % per_node:
+        raise ValueError(f"--gpus-per-node {per_node} must divide the number of ranks {world}")
+    nodes = world // per_node
+    dtype = DTYPES[args.dtype]
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        raise ValueError(f"--heads {args.heads} must be divisible by --kv-heads {kv_heads}")
+    kern = measure_kernel(args.kernel, device, dtype, args.tile_tokens, args.heads, kv_heads, args.head_dim,
+                          args.iters)
+    hw: dict[str, float] = {"fwd_tflops": kern["causal"]["fwd_tflops"], "bwd_tflops": kern["causal"]["bwd_tflops"],
+                            "fwd_tflops_full": kern["full"]["fwd_tflops"],
+                            "bwd_tflops_full": kern["full"]["bwd_tflops"]}
+    meas: dict = {"kernel": kern}
+    nbytes = int(args.p2p_mib * 2**20)
+    if world > 1:
+        intra, inter = _groups(world, per_node)
+        if intra is not None:
+            link = _link(intra, nbytes, device, args.iters)
+            a2a = _all_to_all(intra, nbytes, device, args.iters)
+            meas["intra"] = link | {"a2a_ms": a2a * 1e3}
+            hw |= {"intra_gbps": link["gbps"], "intra_latency_s": link["latency_s"],
+                   "a2a_intra_gbps": nbytes * (per_node - 1) / per_node / a2a / 1e9}
+        if inter is not None:
+            link = _link(inter, nbytes, device, args.iters)
+            a2a = _all_to_all(GroupInfo(dist.group.WORLD, dist.get_rank(), world), nbytes, device, args.iters)
+            meas["inter"] = link | {"a2a_world_ms": a2a * 1e3}
+            hw |= {"inter_gbps": link["gbps"], "inter_latency_s": link["latency_s"],
+                   "a2a_inter_gbps": nbytes * (world - 1) / world / a2a / 1e9}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([os.path.basename(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "world": world, "nodes": nodes, "gpus_per_node": per_node, "kernel": kern["kernel"], "dtype": args.dtype,
+        "tile_tokens": args.tile_tokens, "heads": args.heads, "kv_heads": kv_heads, "head_dim": args.head_dim,
+        "p2p_bytes": nbytes, "iters": args.iters,
+        "triton_autotune": os.environ.get("DS_BURST_TRITON_AUTOTUNE"),
+        "not_measured": [f for f in HARDWARE_FIELDS if f not in hw and not f.startswith("peer_")],
+        "wall_s": time.perf_counter() - t_start,
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return {"format": FORMAT, "meta": meta, "hardware": hw, "measurements": meas}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ds_burst.plan calibrate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="calibration JSON to write (rank 0)")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="ranks per node (default LOCAL_WORLD_SIZE, else all ranks); below the world size on one "
+                    "machine it simulates nodes")
+    ap.add_argument("--kernel", default="auto", help="local kernel: auto, torch, triton, sdpa")
+    ap.add_argument("--tile-tokens", type=int, default=None,
+                    help=f"local tokens s of the measured tiles (CUDA {CUDA_DEFAULTS['tile_tokens']}, "
+                    f"CPU {CPU_DEFAULTS['tile_tokens']})")
+    ap.add_argument("--heads", type=int, default=None, help="query heads (CUDA 32, CPU 4)")
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    ap.add_argument("--head-dim", type=int, default=None, help="CUDA 128, CPU 32")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="CUDA bfloat16, CPU float32")
+    ap.add_argument("--p2p-mib", type=float, default=None, help="message MiB per rank (CUDA 256, CPU 4)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations per figure (CUDA 5, CPU 3)")
+    ap.add_argument("--cpu", action="store_true", help="measure on CPU with gloo even when CUDA is available")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ds_burst.plan calibrate``: measure and write the calibration JSON."""
+    args = _parser().parse_args(argv)
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    for key, value in (CUDA_DEFAULTS if use_cuda else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.iters < 1 or args.p2p_mib <= 0:
+        raise SystemExit("calibrate: --iters must be >= 1 and --p2p-mib > 0")
+    if use_cuda:
+        os.environ.setdefault("DS_BURST_TRITON_AUTOTUNE", "0")
+    if args.gpus_per_node is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        args.gpus_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    owned = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owned = True
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    try:
+        try:
+            doc = calibrate(args, device)
+        except ValueError as exc:
+            raise SystemExit(f"calibrate: {exc}") from None
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=1)
+            hw = doc["hardware"]
+            print(f"calibration written to {args.out} ({doc['meta']['wall_s']:.1f} s, kernel "
+                  f"{doc['meta']['kernel']}, {doc['meta']['nodes']} node(s) x {doc['meta']['gpus_per_node']})")
+            for key, value in hw.items():
+                print(f"  {key:18s} {value:.4g}")
+            if doc["meta"]["not_measured"]:
+                print(f"  not measured (defaults kept): {', '.join(doc['meta']['not_measured'])}")
+    finally:
+        if owned:
+            dist.barrier()
+            dist.destroy_process_group()

@@ -1,0 +1,247 @@
+"""Cost model: predicted forward/backward time of each schedule and backward pattern, and the choice.
+
+    python -m ds_burst.plan --seq 1048576 --nodes 4 --gpus-per-node 8 --heads 32 --kv-heads 8 --head-dim 128
+    torchrun --nproc_per_node N -m ds_burst.plan calibrate --out calib.json [--gpus-per-node L]
+    python -m ds_burst.plan --seq 131072 --nodes 1 --gpus-per-node 2 --calibration calib.json
+    python -m ds_burst.plan project --nodes 4 --gpus-per-node 8 --out projection.json --plot projection.png
+    python -m ds_burst.plan validate docs/results/ring_tuned.json [--kernel-bench docs/results/kernels_tuned.json]
+
+Per ring step a rank computes one tile pair and moves one block; the step takes the longer of the two
+(communication overlaps compute) plus a fixed per-message latency. The first (local, diagonal) step runs
+causal tiles, every later zigzag step unmasked tiles of the same FLOPs. Schedules:
+
+* ``ring``: flat ring over all ``P = nodes * L`` ranks; with several nodes every step waits for the
+  inter-node link.
+* ``double_ring``: intra-node ring; each block crosses nodes once per node-cycle of ``L`` steps, overlapped
+  with the intra-node steps (one NIC per GPU, all rails in parallel).
+* ``ulysses_ring``: all-to-all over heads inside the node, then a ring of ``nodes`` steps across nodes
+  (KV heads replicated up to ``L`` when fewer); the all-to-alls do not overlap compute.
+* ``ulysses``: DeepSpeed-Ulysses over all ``P`` ranks (for comparison; needs heads divisible by P), no
+  overlap of its all-to-alls.
+
+Backward patterns: ``burst`` (Q, dO, lse, delta and the fp32 dQ travel) and ``ring`` (K, V and fp32
+dK, dV travel); bytes from :mod:`ds_burst.core.cost`. Defaults are H200 figures measured in this project
+(``docs/BENCHMARKS.md``) and 400 Gb/s InfiniBand per GPU; a calibration file (``calibrate``), the rates of
+a kernel benchmark JSON (``--kernel-bench``) and every single flag override them, in that order.
+``ulysses`` is only a comparison; the other three are ds-burst schedules (``schedule="auto"`` picks among
+them with :func:`choose_schedule`, always with the defaults).
+
+Subcommands: ``calibrate`` measures the figures on the machine it runs on (:mod:`ds_burst.cli.calibrate`);
+``project`` tabulates the schedules against Ulysses over a range of sequence lengths (JSON, plot);
+``validate`` compares predictions with a ``launch/bench_ring.py`` JSON, row by row.
+
+The model itself is :mod:`ds_burst.core.cost_model`; this module is its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import asdict, fields, replace
+
+from ds_burst.cli.bench_check import validate_bench, validation_markdown
+from ds_burst.cli.projection import plot_projection, project, projection_markdown
+from ds_burst.core.cost_model import (
+    HARDWARE_FIELDS,
+    Hardware,
+    Problem,
+    choose,
+    format_table,
+    load_calibration,
+    predict,
+    rates_from_kernel_bench,
+    read_json,
+    split_bench_arg,
+)
+
+
+def _memory_report(args: argparse.Namespace) -> str:
+    """``--memory``: :func:`ds_burst.training.memory.estimate_memory` for the model and parallel layout given."""
+    from ds_burst.training.memory import estimate_memory
+    from ds_burst.training.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.heads * args.head_dim, num_layers=args.layers,
+                      num_heads=args.heads, num_kv_heads=args.kv_heads or args.heads,
+                      intermediate_size=args.intermediate)
+    sp = args.nodes * args.gpus_per_node
+    est = estimate_memory(cfg, args.seq, sp=sp, zero_stage=args.zero_stage, dp=args.dp, dtype_bytes=args.elem_bytes,
+                          activation_checkpointing=args.checkpointing, micro_batch=args.batch,
+                          lm_head_chunk_tokens=args.lm_head_chunk, mlp_tiles=args.mlp_tiles,
+                          keep_attention_layers=args.keep_attention, offload_checkpoints=args.offload_checkpoints,
+                          offload_optimizer=args.offload_optimizer)
+    lines = [f"memory per GPU (GiB): S={args.seq}, SP={sp}, DP={args.dp}, ZeRO-{args.zero_stage}, "
+             f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
+    lines += [f"  {k:20s} {v:10.2f}" for k, v in est.items()]
+    return "\n".join(lines)
+
+
+def _add_hardware_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("hardware figures (precedence: flag > --kernel-bench > --calibration > default)")
+    g.add_argument("--calibration", metavar="FILE.json", help="figures measured by `python -m ds_burst.plan calibrate`")
+    g.add_argument("--kernel-bench", metavar="FILE[:METHOD]",
+                   help="kernel rates from a launch/bench_kernels.py JSON (method default ds-burst-triton)")
+    for f in fields(Hardware):
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=None, help=f"default {f.default}")
+
+
+def _hardware_from_args(args: argparse.Namespace, head_dim: int = 128) -> Hardware:
+    hw = Hardware()
+    if args.calibration:
+        hw = load_calibration(args.calibration, hw)
+    if getattr(args, "kernel_bench", None):
+        path, method = split_bench_arg(args.kernel_bench)
+        hw = replace(hw, **rates_from_kernel_bench(path, method, head_dim))
+    given = {k: getattr(args, k) for k in HARDWARE_FIELDS if getattr(args, k) is not None}
+    hw = replace(hw, **given)
+    hw.check()
+    return hw
+
+
+def _describe(hw: Hardware) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in asdict(hw).items() if v is not None)
+
+
+def _project_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ds_burst.plan project",
+                                 description="Predicted fwd+bwd time of every schedule and of DeepSpeed-Ulysses over "
+                                 "a range of sequence lengths; prints markdown tables, writes JSON and a plot.")
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[2**17, 2**18, 2**19, 2**20, 2**21, 2**22])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--elem-bytes", type=int, default=2)
+    ap.add_argument("--non-causal", action="store_true")
+    ap.add_argument("--peer-kernel-bench", metavar="FILE:METHOD",
+                    help="also Ulysses with this kernel's rates, e.g. docs/results/kernels_tuned.json:sdpa-cudnn")
+    ap.add_argument("--out", help="JSON output")
+    ap.add_argument("--plot", help="PNG output (needs matplotlib)")
+    _add_hardware_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        hw = _hardware_from_args(args, args.head_dim)
+        peer_hw, peer_label = None, "peer kernel"
+        if args.peer_kernel_bench:
+            path, method = split_bench_arg(args.peer_kernel_bench)
+            rates = rates_from_kernel_bench(path, method, args.head_dim)
+            peer_hw = replace(hw, peer_fwd_tflops=rates["fwd_tflops"], peer_bwd_tflops=rates["bwd_tflops"])
+            peer_label = f"{method} rates"
+        rows = project(args.nodes, args.gpus_per_node, args.seqs, args.heads, args.kv_heads, args.head_dim, hw,
+                       peer_hw, args.elem_bytes, not args.non_causal)
+    except ValueError as exc:
+        ap.error(str(exc))
+    mask = "full" if args.non_causal else "causal"
+    title = f"{args.nodes} nodes x {args.gpus_per_node} GPUs, Hq={args.heads}, D={args.head_dim}, {mask}"
+    print(f"# {title}; hardware: {_describe(hw)}")
+    if peer_hw is not None:
+        print(f"# Ulysses ({peer_label}): peer_fwd_tflops={peer_hw.peer_fwd_tflops:g}, "
+              f"peer_bwd_tflops={peer_hw.peer_bwd_tflops:g}")
+    print(projection_markdown(rows, peer_label))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"meta": {"command": "python -m ds_burst.plan project " + shlex.join(argv), "title": title},
+                       "hardware": asdict(hw), "peer_hardware": None if peer_hw is None else asdict(peer_hw),
+                       "rows": rows}, f, indent=1)
+    if args.plot and not plot_projection(rows, args.plot, title, peer_label):
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+
+
+def _validate_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ds_burst.plan validate",
+                                 description="Predicted vs measured times for each row of a launch/bench_ring.py JSON.")
+    ap.add_argument("bench", help="ring benchmark JSON, e.g. docs/results/ring_tuned.json")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="ranks per node (default: the benchmark command's --gpus-per-node, else one node)")
+    ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    _add_hardware_args(ap)
+    args = ap.parse_args(argv)
+    kernel_bench = args.kernel_bench
+    args.kernel_bench = None  # per-method rates: applied row by row
+    try:
+        hw = _hardware_from_args(args)
+        hw_kernel = "triton"
+        if args.calibration:
+            hw_kernel = read_json(args.calibration, "calibration file").get("meta", {}).get("kernel", "triton")
+        rows = validate_bench(args.bench, hw, kernel_bench, args.gpus_per_node, hw_kernel)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"# {args.bench}; rates: {'per method from ' + kernel_bench if kernel_bench else _describe(hw)}")
+    print(validation_markdown(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: print the prediction table and the choice (or run a subcommand, see the module doc)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "calibrate":
+        from ds_burst.cli.calibrate import main as calibrate_main
+
+        calibrate_main(argv[1:])
+        return
+    if argv and argv[0] == "project":
+        _project_main(argv[1:])
+        return
+    if argv and argv[0] == "validate":
+        _validate_main(argv[1:])
+        return
+    ap = argparse.ArgumentParser(prog="python -m ds_burst.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, required=True, help="total sequence length S")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=32, help="query heads Hq")
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads Hkv (default: Hq)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--elem-bytes", type=int, default=2, help="bytes per input element (bf16: 2)")
+    ap.add_argument("--non-causal", action="store_true")
+    _add_hardware_args(ap)
+    ap.add_argument("--all", action="store_true", help="choose among predicted schedules too, not only implemented")
+    mem = ap.add_argument_group("memory estimate (--memory): per-GPU GiB of training the built-in Llama-style model")
+    mem.add_argument("--memory", action="store_true", help="print the memory estimate instead of the time table")
+    mem.add_argument("--layers", type=int, default=32)
+    mem.add_argument("--vocab", type=int, default=128256)
+    mem.add_argument("--intermediate", type=int, default=None, help="MLP width (default ~8/3 hidden)")
+    mem.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
+    mem.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    mem.add_argument("--lm-head-chunk", type=int, default=None, help="chunked LM head + loss, tokens per chunk")
+    mem.add_argument("--mlp-tiles", type=int, default=1, help="sequence tiles of the MLP (1: off)")
+    mem.add_argument("--keep-attention", type=float, default=0.0,
+                     help="fraction of layers keeping attention output + lse under checkpointing")
+    mem.add_argument("--offload-checkpoints", action="store_true", help="checkpointed layer inputs in host memory")
+    mem.add_argument("--offload-optimizer", action="store_true",
+                     help="ZeRO optimizer states and fp32 gradients in host memory")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    if args.memory:
+        print(_memory_report(args))
+        return
+    prob = Problem(args.seq, args.nodes, args.gpus_per_node, args.heads, args.kv_heads or args.heads,
+                   args.head_dim, args.batch, args.elem_bytes, not args.non_causal)
+    try:
+        hw = _hardware_from_args(args, args.head_dim)
+        preds = predict(prob, hw)
+    except ValueError as exc:
+        ap.error(str(exc))
+    best = choose(prob, hw, implemented_only=not args.all)
+    if args.json:
+        print(json.dumps({"problem": asdict(prob), "hardware": asdict(hw),
+                          "predictions": [x.to_dict() for x in preds], "choice": asdict(best)}, indent=1))
+        return
+    print(format_table(preds))
+    print(f"choice: schedule={best.schedule} backward={best.backward} ({best.total_ms:.1f} ms predicted"
+          f"{'' if args.all else ', implemented schedules only'})")
+    if args.calibration or args.kernel_bench:
+        print(f"hardware: {_describe(hw)}")
+
+
+if __name__ == "__main__":
+    main()

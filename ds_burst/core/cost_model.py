@@ -1,0 +1,370 @@
+"""Cost model: predicted forward/backward time of each schedule and backward pattern, and the choice.
+
+Per ring step a rank computes one tile pair and moves one block; the step takes the longer of the two
+(communication overlaps compute) plus a fixed per-message latency. The first (local, diagonal) step runs
+causal tiles, every later zigzag step unmasked tiles of the same FLOPs. Schedules:
+
+* ``ring``: flat ring over all ``P = nodes * L`` ranks; with several nodes every step waits for the
+  inter-node link.
+* ``double_ring``: intra-node ring; each block crosses nodes once per node-cycle of ``L`` steps, overlapped
+  with the intra-node steps (one NIC per GPU, all rails in parallel).
+* ``ulysses_ring``: all-to-all over heads inside the node, then a ring of ``nodes`` steps across nodes
+  (KV heads replicated up to ``L`` when fewer); the all-to-alls do not overlap compute.
+* ``ulysses``: DeepSpeed-Ulysses over all ``P`` ranks (for comparison; needs heads divisible by P), no
+  overlap of its all-to-alls.
+
+
+Pure Python: ``python -m ds_burst.plan`` (:mod:`ds_burst.cli.plan`) is its command line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+from ds_burst.core.cost import backward_bytes_per_token
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Rates of one GPU and its links (TFLOP/s, GB/s per GPU and direction, seconds).
+
+    ``fwd_tflops``/``bwd_tflops`` are the local kernel's rates on causal (diagonal) tiles; the ``*_full``
+    rates are for unmasked tiles (every zigzag ring step after the local one, and all of non-causal
+    attention), ``None`` = the causal rate. ``peer_*`` are the local-attention rates of the DeepSpeed-Ulysses
+    comparison (``None`` = the same kernel as ds-burst). ``python -m ds_burst.plan calibrate`` measures them.
+    """
+
+    fwd_tflops: float = 520.0  # ds-burst Triton forward, H200, 32K causal, D=128 (docs/BENCHMARKS.md)
+    bwd_tflops: float = 373.0  # ds-burst Triton backward alone at the same shape (2.5x fwd FLOPs)
+    intra_gbps: float = 260.0  # NVLink ring step (send next, recv prev), H200 measured
+    inter_gbps: float = 50.0  # 400 Gb/s InfiniBand, one NIC per GPU
+    a2a_intra_gbps: float = 277.0  # all-to-all bus bandwidth inside a node, H200 measured
+    a2a_inter_gbps: float = 45.0  # all-to-all bus bandwidth across nodes (estimate)
+    intra_latency_s: float = 20e-6
+    inter_latency_s: float = 30e-6
+    fwd_tflops_full: float | None = None
+    bwd_tflops_full: float | None = None
+    peer_fwd_tflops: float | None = None
+    peer_bwd_tflops: float | None = None
+
+    def rates(self, causal_tile: bool) -> tuple[float, float]:
+        """(forward, backward) TFLOP/s of ds-burst's kernel on a causal or an unmasked tile."""
+        if causal_tile:
+            return self.fwd_tflops, self.bwd_tflops
+        return (self.fwd_tflops if self.fwd_tflops_full is None else self.fwd_tflops_full,
+                self.bwd_tflops if self.bwd_tflops_full is None else self.bwd_tflops_full)
+
+    def peer_rates(self) -> tuple[float, float]:
+        """(forward, backward) TFLOP/s of the Ulysses comparison's causal full-sequence attention."""
+        return (self.fwd_tflops if self.peer_fwd_tflops is None else self.peer_fwd_tflops,
+                self.bwd_tflops if self.peer_bwd_tflops is None else self.peer_bwd_tflops)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless every rate is a finite positive number (latencies: non-negative)."""
+        for name, value in asdict(self).items():
+            if value is None and name.endswith(("_full", "tflops")) and name not in ("fwd_tflops", "bwd_tflops"):
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (value == 0 and not name.endswith("latency_s")):
+                raise ValueError(f"hardware figure {name} must be a finite positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention layer's shape and the cluster it runs on."""
+
+    seq: int
+    nodes: int
+    gpus_per_node: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    batch: int = 1
+    elem_bytes: int = 2
+    causal: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def validate(self) -> None:
+        for name in ("seq", "nodes", "gpus_per_node", "heads", "kv_heads", "head_dim", "batch", "elem_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        if self.seq % (2 * self.world):
+            raise ValueError(f"seq ({self.seq}) must be divisible by 2 * world ({2 * self.world})")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted times (ms) of one schedule with one backward pattern.
+
+    ``exposed_comm_ms``: forward + backward time not covered by local compute (latency, waiting for links,
+    all-to-alls). ``comm_ms``: time the rank's transfers take on their links, latency excluded, summed as if
+    they ran one after another (the communication volume in time units; most of it overlaps compute).
+    """
+
+    schedule: str
+    backward: str
+    fwd_ms: float
+    bwd_ms: float
+    exposed_comm_ms: float
+    note: str = ""
+    comm_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return self.fwd_ms + self.bwd_ms
+
+    def to_dict(self) -> dict:
+        """The fields and ``total_ms`` (JSON output)."""
+        return asdict(self) | {"total_ms": self.total_ms}
+
+
+def _pair_flops(p: Problem, q_tokens: int, k_tokens: int, heads: int) -> float:
+    """Forward FLOPs of one ring step (zigzag causal steps are exactly half a block)."""
+    return 4.0 * p.batch * heads * q_tokens * k_tokens * p.head_dim * (0.5 if p.causal else 1.0)
+
+
+def _step_seconds(p: Problem, hw: Hardware, flops: float) -> tuple[float, float, float, float]:
+    """Forward and backward seconds of the local (diagonal) step and of every later ring step.
+
+    Causal: the local step runs masked diagonal tiles, the later zigzag steps unmasked tiles of the same FLOPs.
+    The backward does 2.5x the forward FLOPs.
+    """
+    f_loc, b_loc = hw.rates(p.causal)
+    f_st, b_st = hw.rates(False)
+    return (flops / (f_loc * 1e12), 2.5 * flops / (b_loc * 1e12), flops / (f_st * 1e12), 2.5 * flops / (b_st * 1e12))
+
+
+def _chain(steps: int, c_local: float, c_step: float, hop: float) -> float:
+    """Seconds of a local step and ``steps`` received blocks when each hop overlaps the previous compute."""
+    if steps <= 0:
+        return c_local
+    return max(c_local, hop) + (steps - 1) * max(c_step, hop) + c_step
+
+
+def predict(p: Problem, hw: Hardware = Hardware()) -> list[Prediction]:
+    """Predictions for every schedule and backward pattern that can run this problem."""
+    p.validate()
+    hw.check()
+    s = p.seq // p.world
+    e = p.elem_bytes
+    out: list[Prediction] = []
+    fwd_bytes_tok = 2 * p.kv_heads * p.head_dim * e * p.batch
+    multi = p.nodes > 1
+    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, s, s, p.heads))
+    steps = p.world - 1
+    for backward in ("burst", "ring"):
+        bwd_bytes_tok = backward_bytes_per_token(backward, p.heads, p.kv_heads, p.head_dim, e) * p.batch
+        # flat ring: every hop waits for the slowest link in the ring
+        bw, lat = (hw.inter_gbps, hw.inter_latency_s) if multi else (hw.intra_gbps, hw.intra_latency_s)
+        wire_f, wire_b = s * fwd_bytes_tok / (bw * 1e9), s * bwd_bytes_tok / (bw * 1e9)
+        f = _chain(steps, cf_loc, cf, lat + wire_f)
+        b = _chain(steps, cb_loc, cb, lat + wire_b)
+        compute = cf_loc + cb_loc + steps * (cf + cb)
+        out.append(Prediction("ring", backward, f * 1e3, b * 1e3, max(0.0, f + b - compute) * 1e3,
+                              comm_ms=steps * (wire_f + wire_b) * 1e3))
+        if multi:
+            out.append(_double_ring(p, hw, backward, s, (cf_loc, cb_loc, cf, cb), fwd_bytes_tok, bwd_bytes_tok))
+            out.append(_ulysses_ring(p, hw, backward))
+    out.append(predict_ulysses(p, hw))
+    return out
+
+
+def _double_ring(p: Problem, hw: Hardware, backward: str, s: int, c: tuple[float, float, float, float],
+                 fwd_tok: float, bwd_tok: float) -> Prediction:
+    L, n = p.gpus_per_node, p.nodes
+    times, compute, wire = [], 0.0, 0.0
+    for c_loc, c_st, tok in ((c[0], c[2], fwd_tok), (c[1], c[3], bwd_tok)):
+        w_intra, w_inter = s * tok / (hw.intra_gbps * 1e9), s * tok / (hw.inter_gbps * 1e9)
+        intra, inter = hw.intra_latency_s + w_intra, hw.inter_latency_s + w_inter
+        cycle_intra = (L - 1) * max(c_st, intra)
+        # the inter-node transfer of a cycle overlaps the cycle's L-1 intra steps (and their compute)
+        times.append(_chain(L - 1, c_loc, c_st, intra) + (n - 1) * (max(cycle_intra, inter) + c_st))
+        compute += c_loc + (p.world - 1) * c_st
+        wire += n * (L - 1) * w_intra + (n - 1) * w_inter
+    return Prediction("double_ring", backward, times[0] * 1e3, times[1] * 1e3, max(0.0, sum(times) - compute) * 1e3,
+                      comm_ms=wire * 1e3)
+
+
+def _ulysses_ring(p: Problem, hw: Hardware, backward: str) -> Prediction:
+    L, n = p.gpus_per_node, p.nodes
+    s = p.seq // p.world
+    if p.heads % L:
+        return Prediction("ulysses_ring", backward, float("inf"), float("inf"), 0.0, "heads not divisible by L")
+    hq, hkv = p.heads // L, max(p.kv_heads, L) // L
+    e, d = p.elem_bytes, p.head_dim
+    a2a = lambda heads_total: s * heads_total * d * e * p.batch * (L - 1) / L / (hw.a2a_intra_gbps * 1e9)
+    a2a_f = a2a(p.heads + 2 * max(p.kv_heads, L)) + a2a(p.heads)  # q, k, v in; out back
+    a2a_b = a2a(p.heads) + a2a(p.heads + 2 * max(p.kv_heads, L))  # dO in; dq, dk, dv back
+    tokens = s * L
+    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, tokens, tokens, hq))
+    wire_f = tokens * 2 * hkv * d * e * p.batch / (hw.inter_gbps * 1e9)
+    wire_b = tokens * backward_bytes_per_token(backward, hq, hkv, d, e) * p.batch / (hw.inter_gbps * 1e9)
+    f = _chain(n - 1, cf_loc, cf, hw.inter_latency_s + wire_f) + a2a_f
+    b = _chain(n - 1, cb_loc, cb, hw.inter_latency_s + wire_b) + a2a_b
+    compute = cf_loc + cb_loc + (n - 1) * (cf + cb)
+    return Prediction("ulysses_ring", backward, f * 1e3, b * 1e3, max(0.0, f + b - compute) * 1e3,
+                      comm_ms=(a2a_f + a2a_b + (n - 1) * (wire_f + wire_b)) * 1e3)
+
+
+def predict_ulysses(p: Problem, hw: Hardware) -> Prediction:
+    P = p.world
+    if p.heads % P:
+        return Prediction("ulysses", "-", float("inf"), float("inf"), 0.0, "heads not divisible by P")
+    s = p.seq // P
+    bw = (hw.a2a_inter_gbps if p.nodes > 1 else hw.a2a_intra_gbps) * 1e9
+    kv = max(p.kv_heads, P)
+    a2a = lambda heads_total: s * heads_total * p.head_dim * p.elem_bytes * p.batch * (P - 1) / P / bw
+    flops = _pair_flops(p, p.seq, p.seq, p.heads // P)
+    peer = hw.peer_fwd_tflops is not None or hw.peer_bwd_tflops is not None
+    rf, rb = hw.peer_rates() if peer else hw.rates(p.causal)
+    comm = 2 * (a2a(p.heads + 2 * kv) + a2a(p.heads))
+    f = a2a(p.heads + 2 * kv) + a2a(p.heads) + flops / (rf * 1e12)
+    b = a2a(p.heads) + a2a(p.heads + 2 * kv) + 2.5 * flops / (rb * 1e12)
+    note = "DeepSpeed-Ulysses with the peer kernel rates" if peer else "DeepSpeed-Ulysses with the same local kernel"
+    return Prediction("ulysses", "-", f * 1e3, b * 1e3, comm * 1e3, note, comm_ms=comm * 1e3)
+
+
+IMPLEMENTED = ("ring", "double_ring", "ulysses_ring")
+# On equal predictions prefer the topology-aware schedules (robust to a misestimated inter-node link).
+_PREFERENCE = {"double_ring": 0, "ulysses_ring": 1, "ring": 2}
+
+
+def choose(p: Problem, hw: Hardware = Hardware(), implemented_only: bool = True) -> Prediction:
+    """The fastest predicted ds-burst schedule/backward pair (only implemented schedules by default)."""
+    cands = [x for x in predict(p, hw) if x.schedule != "ulysses"]
+    if implemented_only:
+        cands = [x for x in cands if x.schedule in IMPLEMENTED]
+    best = min(x.total_ms for x in cands)
+    # predictions equal up to rounding count as ties
+    ties = [x for x in cands if x.total_ms <= best * (1 + 1e-9)]
+    return min(ties, key=lambda x: (_PREFERENCE.get(x.schedule, 3), x.total_ms, x.comm_ms))
+
+
+@functools.lru_cache(maxsize=256)
+def choose_schedule(seq: int, nodes: int, gpus_per_node: int, heads: int, kv_heads: int, head_dim: int,
+                    elem_bytes: int, causal: bool) -> str:
+    """The schedule ``schedule="auto"`` runs for one attention call (same answer on every rank)."""
+    if nodes <= 1 or seq % (2 * nodes * gpus_per_node) or heads % kv_heads:
+        return "ring"
+    prob = Problem(seq, nodes, gpus_per_node, heads, kv_heads, head_dim, 1, elem_bytes, causal)
+    return choose(prob).schedule
+
+
+def schedule_report(schedule: str, seq: int, sequence_parallel_size: int, gpus_per_node: int, heads: int,
+                    kv_heads: int, head_dim: int, elem_bytes: int = 2, causal: bool = True) -> str:
+    """What a training run logs at start: the predictions for its attention shape and the schedule used."""
+    p = sequence_parallel_size
+    nodes = p // gpus_per_node if p > gpus_per_node and p % gpus_per_node == 0 else 1
+    per_node = p // nodes
+    if p == 1:
+        return "schedule: none (sequence_parallel_size=1)"
+    prob = Problem(seq, nodes, per_node, heads, kv_heads, head_dim, 1, elem_bytes, causal)
+    try:
+        table = format_table(predict(prob))
+    except ValueError as exc:
+        return f"schedule: {schedule} (no cost-model prediction: {exc})"
+    used = schedule
+    if schedule == "auto":
+        used = f"auto -> {choose_schedule(seq, nodes, per_node, heads, kv_heads, head_dim, elem_bytes, causal)}"
+    return (f"cost model for S={seq}, {nodes} node(s) x {per_node} rank(s), Hq={heads}, Hkv={kv_heads}, D={head_dim}:"
+            f"\n{table}\nschedule: {used}")
+
+
+def format_table(preds: list[Prediction]) -> str:
+    """Fixed-width table of predictions, fastest first."""
+    head = f"{'schedule':14s} {'backward':8s} {'fwd ms':>10s} {'bwd ms':>10s} {'total ms':>10s} {'exposed':>9s}  note"
+    lines = [head]
+    for x in sorted(preds, key=lambda x: x.total_ms):
+        lines.append(f"{x.schedule:14s} {x.backward:8s} {x.fwd_ms:10.1f} {x.bwd_ms:10.1f} {x.total_ms:10.1f} "
+                     f"{x.exposed_comm_ms:9.1f}  {x.note}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures from files: calibration JSON, kernel benchmark JSON
+
+CALIBRATION_FORMAT = "ds-burst-calibration/1"
+HARDWARE_FIELDS = tuple(f.name for f in fields(Hardware))
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a JSON object at the top level")
+    return data
+
+
+def load_calibration(path: str, base: Hardware = Hardware()) -> Hardware:
+    """``base`` with the figures a calibration file (``python -m ds_burst.plan calibrate``) measured.
+
+    Figures the file does not hold (e.g. the inter-node link when every rank was on one node) keep
+    ``base``'s values. Raises ``ValueError`` for an unreadable file, unknown figures or bad values.
+    """
+    data = read_json(path, "calibration file")
+    if data.get("format") != CALIBRATION_FORMAT or not isinstance(data.get("hardware"), dict):
+        raise ValueError(f"calibration file {path}: expected format {CALIBRATION_FORMAT!r} with a 'hardware' object")
+    figures = data["hardware"]
+    unknown = sorted(set(figures) - set(HARDWARE_FIELDS))
+    if unknown:
+        raise ValueError(f"calibration file {path}: unknown figures {unknown}; known: {list(HARDWARE_FIELDS)}")
+    hw = replace(base, **figures)
+    try:
+        hw.check()
+    except ValueError as exc:
+        raise ValueError(f"calibration file {path}: {exc}") from None
+    return hw
+
+
+def rates_from_kernel_bench(path: str, method: str = "ds-burst-triton", head_dim: int = 128,
+                            seq: int | None = None) -> dict[str, float]:
+    """Kernel rates derived from a ``launch/bench_kernels.py`` JSON (one GPU, whole-sequence attention).
+
+    For ``method`` at ``head_dim`` and ``seq`` (default: the largest S measured for it) returns
+    ``fwd_tflops``/``bwd_tflops`` from the causal row and ``fwd_tflops_full``/``bwd_tflops_full`` from the
+    non-causal row, where present: forward FLOPs ``4*B*H*S^2*D`` (halved when causal) over the forward time,
+    backward 2.5x those FLOPs over ``fwdbwd_ms - fwd_ms``.
+    """
+    data = read_json(path, "kernel benchmark")
+    rows = [r for r in data.get("rows", []) if r.get("method") == method and r.get("D") == head_dim
+            and "fwd_ms" in r and "fwdbwd_ms" in r]
+    if seq is None and rows:
+        seq = max(r["S"] for r in rows)
+    rows = [r for r in rows if r["S"] == seq]
+    if not rows:
+        raise ValueError(f"kernel benchmark {path}: no timed row for method {method!r}, D={head_dim}, S={seq}")
+    out: dict[str, float] = {}
+    for r in rows:
+        flops = 4.0 * r.get("B", 1) * r["H"] * r["S"] ** 2 * r["D"] * (0.5 if r["causal"] else 1.0)
+        suffix = "" if r["causal"] else "_full"
+        out["fwd_tflops" + suffix] = flops / (r["fwd_ms"] * 1e-3) / 1e12
+        out["bwd_tflops" + suffix] = 2.5 * flops / ((r["fwdbwd_ms"] - r["fwd_ms"]) * 1e-3) / 1e12
+    if "fwd_tflops" not in out:  # only non-causal rows: use them for causal tiles too
+        out["fwd_tflops"], out["bwd_tflops"] = out["fwd_tflops_full"], out["bwd_tflops_full"]
+    return out
+
+
+def split_bench_arg(value: str) -> tuple[str, str]:
+    """``FILE[:METHOD]`` (method default ``ds-burst-triton``)."""
+    path, sep, method = value.rpartition(":")
+    if not sep or not method or os.path.exists(value):
+        return value, "ds-burst-triton"
+    return path, method
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection over sequence lengths

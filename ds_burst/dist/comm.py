@@ -1,0 +1,413 @@
+"""Communication: process-group helpers, batched P2P with a send/commit/wait object, byte counters.
+
+The schedules never call ``torch.distributed`` directly; they queue sends and receives on a
+:class:`P2PBatch`, ``commit()`` them as one ``batch_isend_irecv`` (NCCL runs it on its own stream,
+overlapping the compute issued next), and ``wait()`` before touching the received buffers.
+
+Every rank of a group must issue the same sequence of batches; the schedules guarantee that by
+deriving every send and receive from the same step list on all ranks.
+
+Waiting is bounded: on CPU process groups (gloo) ``wait()`` gives up after the ds-burst communication
+timeout (``DS_BURST_COMM_TIMEOUT`` seconds, default 300, or :func:`set_comm_timeout`) and raises a
+``RuntimeError`` naming the phase, the peer ranks and (when the caller passes it) the ring step, so a
+rank that fails or hangs mid-ring does not leave its peers blocked for the process group's timeout. On
+NCCL the timeout is off unless set explicitly (a bounded wait blocks the CPU until the transfer is done;
+NCCL's own watchdog covers the rest). A failed peer that *exits* is reported by gloo at once as a closed
+connection; that error is re-raised with the same context. After either error the process group is
+unusable: let the process exit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds_burst.core import settings
+import torch.distributed as dist
+
+# ---------------------------------------------------------------------------------------------
+# Groups
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A process group with this rank's position in it (``group is None`` means single process)."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world: int
+
+    def global_rank(self, group_rank: int) -> int:
+        """Global rank of the member at ``group_rank``."""
+        if self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+
+@dataclass(frozen=True)
+class NodeGroups:
+    """The sequence-parallel group seen as ``nodes`` nodes of ``per_node`` consecutive ranks.
+
+    ``intra`` holds this rank's node (NVLink); ``inter`` the ranks with the same local index on every
+    node (one InfiniBand rail). Group rank ``r`` of the SP group is node ``r // per_node``, local index
+    ``r % per_node``.
+    """
+
+    nodes: int
+    per_node: int
+    intra: GroupInfo
+    inter: GroupInfo
+
+
+def resolve_group(group: object) -> GroupInfo:
+    """Accept ``None`` (world, or a single process when torch.distributed is not initialised), a
+    ``ProcessGroup``, or any object with ``get_sequence_parallel_group()`` (a DeepSpeed ``mpu``)."""
+    if group is not None and hasattr(group, "get_sequence_parallel_group"):
+        group = group.get_sequence_parallel_group()
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return GroupInfo(None, 0, 1)
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup, an mpu or None; got {type(group).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this rank is not a member of the given process group")
+    return GroupInfo(group, rank, dist.get_world_size(group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte counters
+
+
+class CommCounter:
+    """Bytes this rank sent, keyed by phase (``"fwd"``, ``"bwd"``, ``"relayout"``, ...)."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.messages: dict[str, int] = defaultdict(int)
+
+    def add(self, phase: str, nbytes: int) -> None:
+        self.bytes[phase] += nbytes
+        self.messages[phase] += 1
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.messages.clear()
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.bytes)
+
+
+COUNTER = CommCounter()
+
+
+def comm_stats() -> dict[str, int]:
+    """Bytes sent by this rank since the last :func:`reset_comm_stats`, per phase."""
+    return COUNTER.snapshot()
+
+
+def reset_comm_stats() -> None:
+    """Zero the per-phase byte counters."""
+    COUNTER.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched P2P
+
+
+COMM_TIMEOUT_ENV = settings.COMM_TIMEOUT
+DEFAULT_CPU_COMM_TIMEOUT = 300.0
+_UNSET = object()
+_timeout_override: object = _UNSET
+
+
+def set_comm_timeout(seconds: float | None | object = _UNSET) -> None:
+    """Set the ds-burst communication timeout for P2P waits, in seconds, for every backend.
+
+    ``None`` (or ``0``) waits without a bound (the process group's own timeout still applies); calling it
+    without an argument restores the default: ``DS_BURST_COMM_TIMEOUT`` if set, else 300 s on CPU process
+    groups (gloo) and no bound on NCCL.
+    """
+    global _timeout_override
+    if seconds is not _UNSET and seconds is not None:
+        seconds = _check_timeout(seconds, "set_comm_timeout")
+    _timeout_override = seconds
+
+
+def _check_timeout(value: object, where: str) -> float | None:
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a number of seconds (0 or 'none' for no bound), got {value!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"{where}: expected a finite number of seconds >= 0, got {value!r}")
+    return t if t > 0 else None
+
+
+def comm_timeout(info: GroupInfo | None = None) -> float | None:
+    """The timeout (seconds, ``None`` = unbounded) that :meth:`P2PBatch.wait` uses on ``info``'s group."""
+    if _timeout_override is not _UNSET:
+        return _timeout_override  # type: ignore[return-value]
+    raw = settings.raw(COMM_TIMEOUT_ENV)
+    if raw:
+        if raw.lower() in ("none", "off", "inf"):
+            return None
+        return _check_timeout(raw, COMM_TIMEOUT_ENV)
+    if info is None or info.group is None or _is_cpu_backend(info):
+        return DEFAULT_CPU_COMM_TIMEOUT
+    return None
+
+
+def _is_cpu_backend(info: GroupInfo) -> bool:
+    try:
+        backend = str(dist.get_backend(info.group))
+    except (RuntimeError, ValueError):
+        return False
+    return "nccl" not in backend
+
+
+class CommTimeoutError(RuntimeError):
+    """A P2P wait exceeded the ds-burst communication timeout (the peer failed, hangs or is far behind)."""
+
+
+class P2PBatch:
+    """Queue sends/receives for one step, then ``commit()`` and later ``wait()``.
+
+    Messages between one pair of ranks are matched in queue order (NCCL) and by tag (gloo); callers
+    queue them in the same canonical order on both sides. ``step`` (optional) is only used in error
+    messages.
+    """
+
+    def __init__(self, info: GroupInfo, phase: str, step: int | None = None) -> None:
+        self.info = info
+        self.phase = phase
+        self.step = step
+        self._ops: list[dist.P2POp] = []
+        self._desc: list[str] = []
+        self._reqs: list = []
+        self._req_desc: list[str] = []
+        self._tags: dict[tuple[str, int], int] = defaultdict(int)
+
+    def _tag(self, kind: str, peer: int) -> int:
+        n = self._tags[(kind, peer)]
+        self._tags[(kind, peer)] += 1
+        return n
+
+    @staticmethod
+    def _what(tensor: torch.Tensor) -> str:
+        return f"{str(tensor.dtype).replace('torch.', '')}{list(tensor.shape)}"
+
+    def send(self, tensor: torch.Tensor, to_rank: int) -> None:
+        """Queue sending a contiguous ``tensor`` to group rank ``to_rank``."""
+        assert tensor.is_contiguous()
+        tag = self._tag("s", to_rank)
+        self._ops.append(dist.P2POp(dist.isend, tensor, self.info.global_rank(to_rank), self.info.group, tag))
+        self._desc.append(f"send of {self._what(tensor)} to rank {to_rank}")
+        COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
+
+    def recv(self, tensor: torch.Tensor, from_rank: int) -> None:
+        """Queue receiving into a contiguous ``tensor`` from group rank ``from_rank``."""
+        assert tensor.is_contiguous()
+        tag = self._tag("r", from_rank)
+        self._ops.append(dist.P2POp(dist.irecv, tensor, self.info.global_rank(from_rank), self.info.group, tag))
+        self._desc.append(f"receive of {self._what(tensor)} from rank {from_rank}")
+
+    def commit(self) -> P2PBatch:
+        """Start every queued operation."""
+        if self._ops:
+            try:
+                self._reqs = list(dist.batch_isend_irecv(self._ops))
+            except RuntimeError as exc:  # gloo: a peer that already closed its connection
+                msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                raise RuntimeError(f"{self._where()}: starting {'; '.join(self._desc)} failed: {msg}") from exc
+            # one request per operation (gloo); a coalesced backend (NCCL) may return one for the batch
+            self._req_desc = (self._desc if len(self._reqs) == len(self._desc)
+                              else ["; ".join(self._desc)] * len(self._reqs))
+            self._ops, self._desc = [], []
+        return self
+
+    def _where(self) -> str:
+        step = f", step {self.step}" if self.step is not None else ""
+        return f"ds-burst rank {self.info.rank} (phase {self.phase!r}{step}, group of {self.info.world})"
+
+    def wait(self) -> None:
+        """Block (the current stream, for NCCL) until every started operation finished.
+
+        Raises :class:`CommTimeoutError` when the operations do not finish within :func:`comm_timeout`
+        and ``RuntimeError`` (naming the phase, step and peer) when the backend reports a failed peer.
+        """
+        reqs, descs = self._reqs, self._req_desc
+        self._reqs, self._req_desc = [], []
+        timeout = comm_timeout(self.info) if reqs else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cpu = self.info.group is None or _is_cpu_backend(self.info)
+        for req, desc in zip(reqs, descs):
+            try:
+                if deadline is None:
+                    req.wait()
+                elif cpu:
+                    left = max(deadline - time.monotonic(), 1e-3)
+                    req.wait(timeout=datetime.timedelta(seconds=left))
+                else:
+                    while not req.is_completed():
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("not completed")
+                        time.sleep(1e-4)
+                    req.wait()
+            except (RuntimeError, TimeoutError) as exc:
+                msg = str(exc)
+                if timeout is not None and ("Timed out" in msg or isinstance(exc, TimeoutError)):
+                    raise CommTimeoutError(
+                        f"{self._where()}: {desc} did not complete within the ds-burst communication timeout "
+                        f"of {timeout:g}s; that peer failed, hangs or is far behind (set {COMM_TIMEOUT_ENV} "
+                        f"to change the bound)"
+                    ) from exc
+                raise RuntimeError(f"{self._where()}: {desc} failed: {msg.splitlines()[0] if msg else exc!r}") \
+                    from exc
+
+
+def exchange(info: GroupInfo, phase: str, sends: list[tuple[torch.Tensor, int]],
+             recvs: list[tuple[torch.Tensor, int]]) -> None:
+    """Run one batch of sends and receives to completion."""
+    batch = P2PBatch(info, phase)
+    for t, r in recvs:
+        batch.recv(t, r)
+    for t, r in sends:
+        batch.send(t, r)
+    batch.commit().wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives used for validation and gathering
+
+
+def all_to_all(info: GroupInfo, send: torch.Tensor, phase: str) -> torch.Tensor:
+    """All-to-all of a contiguous ``[world, ...]`` tensor: slice ``i`` goes to rank ``i``; returns the
+    ``[world, ...]`` tensor whose slice ``j`` came from rank ``j``."""
+    if info.world == 1:
+        return send
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=info.group)
+    COUNTER.add(phase, send.numel() * send.element_size() * (info.world - 1) // info.world)
+    return recv
+
+
+def all_gather_ints(info: GroupInfo, values: list[int], device: torch.device,
+                    bounded: bool = False) -> list[list[int]]:
+    """All-gather a short list of integers (same length on every rank).
+
+    ``bounded``: wait at most :func:`comm_timeout` (raises :class:`CommTimeoutError`), as P2P waits do.
+    """
+    if info.world == 1:
+        return [list(values)]
+    dev = device if _backend_device_ok(info, device) else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.int64, device=dev)
+    out = [torch.empty_like(t) for _ in range(info.world)]
+    timeout = comm_timeout(info) if bounded else None
+    if timeout is None:
+        dist.all_gather(out, t, group=info.group)
+    else:
+        work = dist.all_gather(out, t, group=info.group, async_op=True)
+        _bounded_wait(work, info, timeout, f"ds-burst rank {info.rank}: the validation all-gather")
+    return [o.tolist() for o in out]
+
+
+def _bounded_wait(work: Any, info: GroupInfo, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        if info.group is None or _is_cpu_backend(info):
+            work.wait(timeout=datetime.timedelta(seconds=timeout))
+            return
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise TimeoutError("not completed")
+            time.sleep(1e-4)
+        work.wait()
+    except (RuntimeError, TimeoutError) as exc:
+        if "Timed out" in str(exc) or isinstance(exc, TimeoutError):
+            raise CommTimeoutError(
+                f"{what} (group of {info.world}) did not complete within the ds-burst communication timeout of "
+                f"{timeout:g}s ({COMM_TIMEOUT_ENV})"
+            ) from exc
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The process group's store: what each rank last validated (read only on the error path)
+
+
+def _store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store (e.g. a backend without one): no diagnosis
+        return None
+
+
+def _store_key(info: GroupInfo, tag: str, group_rank: int) -> str:
+    ranks = "-".join(str(info.global_rank(r)) for r in range(info.world))
+    return f"ds_burst/{tag}/{ranks}/{group_rank}"
+
+
+def publish_ints(info: GroupInfo, tag: str, values: list[int]) -> None:
+    """Record this rank's latest ``values`` under ``tag`` in the default store (one host round trip)."""
+    store = _store() if info.world > 1 else None
+    if store is not None:
+        store.set(_store_key(info, tag, info.rank), ",".join(str(int(x)) for x in values))
+
+
+def published_ints(info: GroupInfo, tag: str) -> list[list[int] | None]:
+    """Every group member's latest published ``values`` under ``tag`` (``None`` where nothing was published)."""
+    store = _store()
+    rows: list[list[int] | None] = [None] * info.world
+    if store is None:
+        return rows
+    for r in range(info.world):
+        key = _store_key(info, tag, r)
+        try:
+            if store.check([key]):
+                rows[r] = [int(x) for x in store.get(key).decode().split(",")]
+        except Exception:  # noqa: BLE001 - diagnosis only
+            rows[r] = None
+    return rows
+
+
+def all_gather_objects(info: GroupInfo, obj: object) -> list[object]:
+    """All-gather picklable objects (used only on the error path)."""
+    if info.world == 1:
+        return [obj]
+    out: list[object] = [None] * info.world
+    dist.all_gather_object(out, obj, group=info.group)
+    return out
+
+
+def all_gather_tensor(info: GroupInfo, x: torch.Tensor) -> list[torch.Tensor]:
+    """All-gather equally shaped tensors; returns one per rank."""
+    if info.world == 1:
+        return [x]
+    x = x.contiguous()
+    out = [torch.empty_like(x) for _ in range(info.world)]
+    dist.all_gather(out, x, group=info.group)
+    return out
+
+
+def all_reduce_sum(info: GroupInfo, x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the group (returns a new tensor)."""
+    x = x.clone()
+    if info.world > 1:
+        dist.all_reduce(x, group=info.group)
+    return x
+
+
+def _backend_device_ok(info: GroupInfo, device: torch.device) -> bool:
+    backend = dist.get_backend(info.group)
+    if device.type == "cpu":
+        return "gloo" in backend or "mpi" in backend
+    return "nccl" in backend or device.type in backend

@@ -1,0 +1,300 @@
+"""Process groups for sequence parallelism, exposed as a DeepSpeed ``mpu``.
+
+``init_sequence_parallel(P)`` splits the world (``W = dp * P`` ranks) into
+
+* **sequence-parallel (SP) groups** of ``P`` consecutive ranks: ``[i*P, (i+1)*P)`` (the ring runs here;
+  consecutive ranks keep a group inside a node when ``P`` divides the GPUs per node);
+* **data-parallel (DP) groups**, orthogonal: ranks with the same SP rank, ``{j, j+P, j+2P, ...}``;
+* one **sequence-data-parallel** group of all ranks (ZeRO shards parameters and reduces gradients there);
+* **model-parallel** groups of size 1 (no tensor or pipeline parallelism).
+
+Every rank creates every group in the same order, as ``torch.distributed.new_group`` requires.
+
+The returned :class:`Topology` is what ``deepspeed.initialize(..., mpu=topology)`` expects. With it,
+DeepSpeed 0.19.8 reduces gradients over the sequence-data-parallel group and divides them by the
+data-parallel size only, i.e. gradients are **summed over the SP ranks** and averaged over DP replicas
+(``zero/stage3.py``: ``div_(world / sequence_parallel_size)``); :func:`ds_burst.training.losses.sequence_parallel_loss`
+is written for that convention. The batch size DeepSpeed checks is ``micro * accumulation * dp``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ds_burst.core import settings
+from ds_burst.core.options import SCHEDULES
+from ds_burst.dist.comm import GroupInfo, NodeGroups
+
+LATER_SCHEDULES: tuple[str, ...] = ()
+
+_CURRENT: Topology | None = None
+
+
+def check_schedule(schedule: str, sequence_parallel_size: int = 1, gpus_per_node: int = 1) -> str:
+    """Return the concrete schedule for ``schedule``, or raise ``ValueError``.
+
+    ``auto`` keeps the choice open when the SP group spans several whole nodes (each attention call then
+    takes the cost model's pick for its shapes, :func:`ds_burst.plan.choose_schedule`) and is the flat ring
+    inside one node. ``double_ring`` inside a single node is the flat ring.
+    """
+    if schedule in LATER_SCHEDULES:
+        raise ValueError(
+            f"schedule {schedule!r} is not available yet in this version of ds-burst; use 'ring', 'double_ring' "
+            "or 'auto'"
+        )
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: expected one of {SCHEDULES}")
+    p, gpn = sequence_parallel_size, gpus_per_node
+    spans_nodes = p > gpn
+    aligned = p % gpn == 0
+    if schedule in ("double_ring", "ulysses_ring") and spans_nodes and not aligned:
+        raise ValueError(
+            f"schedule {schedule!r} needs whole nodes in a sequence-parallel group: sequence_parallel_size={p} "
+            f"is not a multiple of gpus_per_node={gpn}"
+        )
+    if schedule == "ulysses_ring":
+        return "ulysses_ring"
+    if schedule in ("auto", "double_ring") and spans_nodes and aligned:
+        return schedule
+    return "ring"
+
+
+def detect_gpus_per_node(world_size: int) -> int:
+    """GPUs (ranks) per node: ``LOCAL_WORLD_SIZE`` if set (torchrun, the DeepSpeed launcher), else the
+    visible CUDA device count, else the world size (single node)."""
+    env = settings.local_world_size()
+    if env:
+        return env
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return min(torch.cuda.device_count(), world_size)
+    except Exception:  # noqa: BLE001 - detection only
+        pass
+    return world_size
+
+
+@dataclass
+class Topology:
+    """Sequence/data parallel groups of this rank; implements the DeepSpeed ``mpu`` interface.
+
+    Attributes:
+        sequence_parallel_size: ``P``, ranks per SP group.
+        data_parallel_size: ``dp = world // P``, SP groups (model replicas that see different data).
+        world_size, rank: of the default (world) group.
+        gpus_per_node: ranks per node (``LOCAL_WORLD_SIZE``); ``gpus_per_node=2`` on 4 ranks acts as 2 nodes.
+        schedule: ``"ring"``, ``"double_ring"``, ``"ulysses_ring"`` or ``"auto"`` (several nodes: chosen per
+            call by the cost model).
+        node_groups: for the double ring, this rank's intra-node and inter-node subgroups of its SP group.
+    """
+
+    sequence_parallel_size: int
+    data_parallel_size: int
+    world_size: int
+    rank: int
+    gpus_per_node: int
+    schedule: str
+    sp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    dp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    sdp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    mp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    node_groups: NodeGroups | None = field(repr=False, default=None)
+
+    # -- ranks ---------------------------------------------------------------------------------
+    @property
+    def sp_rank(self) -> int:
+        """This rank's position in its SP group."""
+        return self.rank % self.sequence_parallel_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's SP group (its data-parallel replica)."""
+        return self.rank // self.sequence_parallel_size
+
+    def get_sequence_parallel_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's SP group."""
+        p = self.sequence_parallel_size
+        return list(range(self.dp_rank * p, (self.dp_rank + 1) * p))
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's DP group."""
+        return list(range(self.sp_rank, self.world_size, self.sequence_parallel_size))
+
+    # -- sequence parallel ---------------------------------------------------------------------
+    def get_sequence_parallel_group(self) -> dist.ProcessGroup:
+        return self.sp_group  # type: ignore[return-value]
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.sp_rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.sequence_parallel_size
+
+    # -- sequence x data parallel (ZeRO partitioning and gradient reduction) -------------------
+    def get_sequence_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.sdp_group  # type: ignore[return-value]
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.rank
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.world_size
+
+    # -- data parallel -------------------------------------------------------------------------
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dp_group  # type: ignore[return-value]
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.data_parallel_size
+
+    # -- model / tensor / pipeline parallel: none (each rank alone) -----------------------------
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.mp_group  # type: ignore[return-value]
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_src_rank(self) -> int:
+        return self.rank
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_src_rank = get_model_parallel_src_rank
+    get_pipe_parallel_group = get_model_parallel_group
+    get_pipe_parallel_rank = get_model_parallel_rank
+    get_pipe_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_group = get_model_parallel_group
+    get_pipeline_model_parallel_rank = get_model_parallel_rank
+    get_pipeline_model_parallel_world_size = get_model_parallel_world_size
+
+
+def init_sequence_parallel(
+    sequence_parallel_size: int, gpus_per_node: int | None = None, schedule: str = "auto"
+) -> Topology:
+    """Create the SP, DP, sequence-data-parallel and model-parallel groups; return the :class:`Topology`.
+
+    Call on every rank after ``deepspeed.init_distributed()`` (or ``torch.distributed.init_process_group``),
+    before ``deepspeed.initialize(..., mpu=topology)``.
+
+    Args:
+        sequence_parallel_size: ranks per sequence-parallel group; must divide the world size.
+        gpus_per_node: ranks per node; default ``LOCAL_WORLD_SIZE`` or the visible GPU count.
+        schedule: ``"auto"``, ``"ring"`` (flat), ``"double_ring"`` (intra-node ring, one inter-node hop per
+            node-cycle) or ``"ulysses_ring"`` (all-to-all over heads inside the node, ring across nodes);
+            the last two need ``sequence_parallel_size`` to be a multiple of ``gpus_per_node`` when the
+            group spans nodes.
+
+    Raises:
+        ValueError: bad size, size not dividing the world, or an unavailable schedule.
+        RuntimeError: torch.distributed is not initialised.
+    """
+    global _CURRENT
+    check_schedule(schedule)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "init_sequence_parallel needs torch.distributed: call deepspeed.init_distributed() first"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    p = sequence_parallel_size
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size!r}")
+    if world % p:
+        raise ValueError(
+            f"sequence_parallel_size={p} must divide the world size {world} (world = data_parallel x sequence_parallel)"
+        )
+    if gpus_per_node is None:
+        gpus_per_node = detect_gpus_per_node(world)
+    if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1:
+        raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+    _check_agreement(world, rank, p, gpus_per_node, schedule)
+    dp = world // p
+    concrete = check_schedule(schedule, p, gpus_per_node)
+    topo = Topology(p, dp, world, rank, gpus_per_node, concrete)
+    for i in range(dp):  # SP groups: consecutive ranks
+        ranks = list(range(i * p, (i + 1) * p))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            topo.sp_group = g
+    for j in range(p):  # DP groups: same SP rank
+        ranks = list(range(j, world, p))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            topo.dp_group = g
+    if concrete in ("auto", "double_ring", "ulysses_ring"):  # node subgroups of every SP group, same order
+        topo.node_groups = _node_groups(rank, world, p, min(gpus_per_node, p))
+    topo.sdp_group = dist.new_group(list(range(world)))
+    for r in range(world):  # model-parallel: each rank alone
+        g = dist.new_group([r])
+        if r == rank:
+            topo.mp_group = g
+    _CURRENT = topo
+    return topo
+
+
+def _check_agreement(world: int, rank: int, p: int, gpus_per_node: int, schedule: str) -> None:
+    """Raise the same ``ValueError`` on every rank when the ranks disagree on the settings or when a declared
+    node (``gpus_per_node`` consecutive ranks) spans more than one host. Several declared nodes on one host
+    (simulated nodes) are allowed."""
+    import socket
+
+    mine = (p, gpus_per_node, schedule, socket.gethostname())
+    rows: list[tuple[int, int, str, str]] = [mine] * world
+    if world > 1:
+        gathered: list[object] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        rows = gathered  # type: ignore[assignment]
+    for i, name in enumerate(("sequence_parallel_size", "gpus_per_node", "schedule")):
+        seen = [row[i] for row in rows]
+        if len(set(seen)) > 1:
+            raise ValueError(f"init_sequence_parallel: {name} differs across ranks: "
+                             + ", ".join(f"rank {r}: {x}" for r, x in enumerate(seen)))
+    if world % gpus_per_node and gpus_per_node < world:
+        raise ValueError(f"init_sequence_parallel: gpus_per_node={gpus_per_node} does not divide the world size "
+                         f"{world}: the ranks cannot form whole nodes")
+    for start in range(0, world, gpus_per_node):
+        hosts = {rows[r][3] for r in range(start, min(start + gpus_per_node, world))}
+        if len(hosts) > 1:
+            raise ValueError(f"init_sequence_parallel: gpus_per_node={gpus_per_node} puts ranks {start}.."
+                             f"{min(start + gpus_per_node, world) - 1} in one node, but they run on hosts "
+                             f"{sorted(hosts)}; pass the real GPUs per node (LOCAL_WORLD_SIZE)")
+
+
+def _node_groups(rank: int, world: int, p: int, per_node: int) -> NodeGroups:
+    """Intra-node and inter-node subgroups of each SP group (``p`` a multiple of ``per_node``)."""
+    n_nodes = p // per_node
+    intra = inter = None
+    for start in range(0, world, p):
+        for k in range(n_nodes):
+            ranks = list(range(start + k * per_node, start + (k + 1) * per_node))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                intra = GroupInfo(g, ranks.index(rank), per_node)
+        for j in range(per_node):
+            ranks = list(range(start + j, start + p, per_node))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                inter = GroupInfo(g, ranks.index(rank), n_nodes)
+    assert intra is not None and inter is not None
+    return NodeGroups(n_nodes, per_node, intra, inter)
+
+
+def get_topology() -> Topology | None:
+    """The topology made by the last :func:`init_sequence_parallel` call in this process (or ``None``)."""
+    return _CURRENT
+
+
+def reset_topology() -> None:
+    """Forget the current topology (the process groups themselves are not destroyed)."""
+    global _CURRENT
+    _CURRENT = None

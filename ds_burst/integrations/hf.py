@@ -1,0 +1,142 @@
+"""Hugging Face transformers integration: run Llama/Mistral/Qwen2-style models with BurstAttention.
+
+    import ds_burst.hf as bhf
+    topo = bhf.setup(sequence_parallel_size=8)                 # groups + registers attn_implementation "burst"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="burst")   # or from_pretrained(...)
+    engine, *_ = ds_burst.deepspeed_initialize(model, ds_config, topo)
+    batch = bhf.shard_batch({"input_ids": ids, "labels": ids}, topo)          # this rank's tokens
+    logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = bhf.sequence_parallel_loss(logits, batch["shift_labels"], topo,
+                                      sp_grads_averaged=ds_burst.training.losses.sp_grads_averaged(ds_config))
+
+What the attention function gets from transformers 5.x (checked on 5.24): ``query [B, Hq, s, D]``,
+``key/value [B, Hkv, s, D]`` (GQA not repeated), ``module.is_causal``, ``scaling``, ``dropout`` and, from
+Mistral/Qwen2-style models, ``sliding_window=W`` (a query sees its ``W`` most recent keys, itself
+included: flash-attn ``window_size=(W-1, 0)``); Llama passes none. transformers builds no mask for a
+registered custom implementation (``attention_mask`` arrives as ``None``), so padding masks are not
+applied: pack sequences without padding, or :func:`shard_batch` rejects a padding ``attention_mask``.
+Positions (RoPE) come from the ``position_ids`` you pass, which :func:`shard_batch` makes global.
+
+transformers is imported lazily; the rest of ds_burst does not need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ds_burst.attention.api import burst_attn_func
+from ds_burst.core.layout import check_layout
+from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
+from ds_burst.training.data import IGNORE_INDEX, shard_batch_local
+from ds_burst.training.losses import sequence_parallel_loss as _sp_loss
+
+__all__ = ["ATTN_NAME", "burst_attention_forward", "register", "setup", "shard_batch", "sequence_parallel_loss"]
+
+ATTN_NAME = "burst"
+_STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
+
+
+def burst_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function registered as ``attn_implementation="burst"`` (transformers' AttentionInterface)."""
+    if dropout and dropout > 0:
+        raise ValueError(f"ds-burst attention: attention dropout={dropout} > 0 is not supported (set attention_dropout"
+                         "=0 in the model config)")
+    if attention_mask is not None:
+        raise ValueError("ds-burst attention: an explicit attention mask is not supported (causal and sliding window "
+                         "masks are applied by position; do not pad)")
+    causal = bool(getattr(module, "is_causal", True))
+    window = (-1, -1)
+    if sliding_window is not None:
+        window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+    topo = _STATE["topology"] or get_topology()
+    out = burst_attn_func(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        causal=causal,
+        softmax_scale=scaling,
+        window_size=window,
+        group=topo,
+        layout=_STATE["layout"],
+        **_STATE["options"],
+    )
+    assert isinstance(out, torch.Tensor)
+    return out, None
+
+
+def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:
+    """Register ``attn_implementation="burst"`` with transformers. ``layout`` must match :func:`shard_batch`;
+    ``burst_options`` (``backward``, ``kernel``, ``deterministic``, ``check_inputs``, ``check_finite``) go to
+    every call."""
+    from transformers import AttentionInterface
+
+    check_layout(layout)
+    allowed = {"backward", "kernel", "deterministic", "check_inputs", "check_finite"}
+    unknown = sorted(set(burst_options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown burst option(s) {unknown}; allowed: {sorted(allowed)}")
+    _STATE.update(topology=topology, layout=layout, options=dict(burst_options))
+    AttentionInterface.register(ATTN_NAME, burst_attention_forward)
+
+
+def setup(sequence_parallel_size: int, gpus_per_node: int | None = None, schedule: str = "auto",
+          layout: str = "zigzag", **burst_options: Any) -> Topology:
+    """Create the sequence/data-parallel groups (:func:`ds_burst.init_sequence_parallel`) and register
+    ``attn_implementation="burst"``. Call on every rank after ``deepspeed.init_distributed()``."""
+    topo = init_sequence_parallel(sequence_parallel_size, gpus_per_node, schedule)
+    register(layout, topo, **burst_options)
+    return topo
+
+
+def shard_batch(batch: dict[str, torch.Tensor], mpu: Any = None, layout: str | None = None) -> dict[str, torch.Tensor]:
+    """This rank's part of a full-sequence batch: ``input_ids``, ``shift_labels`` and global ``position_ids``.
+
+    ``batch`` holds ``input_ids [B, S]`` and ``shift_labels [B, S]`` (target of each token) or ``labels``
+    (transformers convention, shifted here; the last position gets ``-100``). An ``attention_mask`` with
+    any zero (padding) raises ``ValueError``. Given ``position_ids`` are sharded along; otherwise ``0..S-1``.
+    ``mpu`` is the topology (default: the current one); ``layout`` defaults to the registered one.
+    """
+    topo = mpu if mpu is not None else get_topology()
+    sp_rank = topo.get_sequence_parallel_rank() if topo is not None else 0
+    sp_size = topo.get_sequence_parallel_world_size() if topo is not None else 1
+    layout = layout or _STATE["layout"]
+    ids = batch["input_ids"]
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.bool().all()):
+        raise ValueError("attention_mask has padding (zeros): ds-burst attention applies no padding mask; pack "
+                         "sequences to full length instead")
+    if "shift_labels" in batch:
+        shift = batch["shift_labels"]
+    elif "labels" in batch:
+        labels = batch["labels"]
+        shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    else:
+        raise ValueError("batch needs 'shift_labels' or 'labels'")
+    out = shard_batch_local(ids, shift, sp_rank, sp_size, layout)
+    result = {"input_ids": out["input_ids"], "shift_labels": out["labels"], "position_ids": out["position_ids"]}
+    if "position_ids" in batch:
+        idx = out["position_ids"][0].to(batch["position_ids"].device)
+        result["position_ids"] = batch["position_ids"].index_select(-1, idx)
+    return {k: v.to(ids.device) for k, v in result.items()}
+
+
+def sequence_parallel_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mpu: Any = None,
+                           ignore_index: int = IGNORE_INDEX, sp_grads_averaged: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over all labelled tokens of the full sequence (see
+    :func:`ds_burst.training.losses.sequence_parallel_loss`; pass
+    ``sp_grads_averaged=ds_burst.training.losses.sp_grads_averaged(ds_config)`` under DeepSpeed)."""
+    return _sp_loss(logits, shift_labels, mpu, ignore_index=ignore_index, sp_grads_averaged=sp_grads_averaged)

@@ -1,0 +1,197 @@
+"""Pure-PyTorch local attention tiles: the CPU path and the reference for the Triton kernels.
+
+Layout everywhere (flash-attn's): ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with ``Hq % Hkv == 0``;
+query head ``h`` uses key/value head ``h // (Hq // Hkv)``. Any strides are accepted.
+
+Running state of the online softmax, carried across ring steps and updated in place:
+``out [B, Sq, Hq, D]`` (normalised partial output, fp32 or fp64) and ``lse [B, Hq, Sq]`` (natural-log
+log-sum-exp of the keys seen so far, ``-inf`` before any key). Continuing the softmax from ``(out, lse)``
+is exact: with ``m = lse`` and ``l = 1`` the state is the usual ``(acc, m, l)`` triple.
+
+Backward takes the *global* ``lse`` and ``delta = rowsum(dO * O)`` (fp32, ``[B, Hq, Sq]``) and adds the
+block's contribution to fp32 accumulators ``dq [B, Sq, Hq, D]`` and ``dk, dv [B, Sk, Hkv, D]``.
+
+Memory is O(Sq * block_k) per head: keys are processed in tiles of ``block_k``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ds_burst.core.mask import BlockKind, classify_block, window_bounds
+
+DEFAULT_BLOCK_K = 512
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def visible_mask(
+    q_start: int, q_len: int, k_start: int, k_len: int, causal: bool, window: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Boolean ``[q_len, k_len]`` mask of visible (query, key) pairs by global position."""
+    lo, hi = window_bounds(causal, window)
+    qp = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    kp = torch.arange(k_start, k_start + k_len, device=device)[None, :]
+    diff = kp - qp
+    ok = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if hi != math.inf:
+        ok &= diff <= hi
+    if lo != math.inf:
+        ok &= diff >= -lo
+    return ok
+
+
+def _heads_first(x: torch.Tensor, n_kv: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, S, H, D] -> [B, Hkv, g, S, D]`` in ``dtype``."""
+    b, s, h, d = x.shape
+    return x.to(dtype).permute(0, 2, 1, 3).reshape(b, n_kv, h // n_kv, s, d)
+
+
+def _kv_tile(x: torch.Tensor, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Sk, Hkv, D]`` slice -> ``[B, Hkv, 1, Skc, D]`` in ``dtype``."""
+    return x[:, c0:c1].to(dtype).permute(0, 2, 1, 3).unsqueeze(2)
+
+
+def fwd_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    block_k: int = DEFAULT_BLOCK_K,
+) -> None:
+    """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    kind = classify_block(q_offset, sq, k_offset, sk, causal, window)
+    if kind is BlockKind.EMPTY:
+        return
+    cdt = _compute_dtype(out)
+    g = hq // hkv
+    qh = _heads_first(q, hkv, cdt)  # [B, Hkv, g, Sq, D]
+    m = lse.to(cdt).reshape(b, hkv, g, sq).clone()  # running max, initialised to lse
+    l_run = torch.isfinite(m).to(cdt)  # running sum: 1 where state holds keys, else 0
+    acc = _heads_first(out, hkv, cdt) * l_run[..., None]
+    for c0 in range(0, sk, block_k):
+        c1 = min(sk, c0 + block_k)
+        sub = classify_block(q_offset, sq, k_offset + c0, c1 - c0, causal, window)
+        if sub is BlockKind.EMPTY:
+            continue
+        kc, vc = _kv_tile(k, c0, c1, cdt), _kv_tile(v, c0, c1, cdt)
+        s = torch.matmul(qh, kc.transpose(-1, -2)) * scale  # [B, Hkv, g, Sq, Skc]
+        if sub is BlockKind.PARTIAL:
+            ok = visible_mask(q_offset, sq, k_offset + c0, c1 - c0, causal, window, q.device)
+            s = s.masked_fill(~ok, -math.inf)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        alpha = torch.exp(m - m_safe)
+        p = torch.exp(s - m_safe[..., None])
+        l_run = l_run * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.matmul(p, vc)
+        m = m_new
+    has = l_run > 0
+    l_safe = torch.where(has, l_run, torch.ones_like(l_run))
+    new_out = torch.where(has[..., None], acc / l_safe[..., None], torch.zeros_like(acc))
+    new_lse = torch.where(has, m + torch.log(l_safe), torch.full_like(m, -math.inf))
+    out.copy_(new_out.reshape(b, hq, sq, d).permute(0, 2, 1, 3))
+    lse.copy_(new_lse.reshape(b, hq, sq))
+
+
+def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """``delta = rowsum(dO * O)`` as fp32 (fp64 for fp64 inputs), shape ``[B, H, S]``."""
+    cdt = _compute_dtype(out)
+    return (out.to(cdt) * dout.to(cdt)).sum(-1).transpose(1, 2).contiguous()
+
+
+def bwd_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    *,
+    scale: float,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    block_k: int = DEFAULT_BLOCK_K,
+) -> None:
+    """Add this block's gradients to ``dq`` (``[B, Sq, Hq, D]``) and ``dk, dv`` (``[B, Sk, Hkv, D]``).
+
+    ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]``.
+    """
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
+        return
+    cdt = _compute_dtype(dq)
+    g = hq // hkv
+    qh = _heads_first(q, hkv, cdt)
+    doh = _heads_first(dout, hkv, cdt)
+    lse_h = lse.to(cdt).reshape(b, hkv, g, sq, 1)
+    delta_h = delta.to(cdt).reshape(b, hkv, g, sq, 1)
+    dq_acc = torch.zeros_like(qh)
+    for c0 in range(0, sk, block_k):
+        c1 = min(sk, c0 + block_k)
+        sub = classify_block(q_offset, sq, k_offset + c0, c1 - c0, causal, window)
+        if sub is BlockKind.EMPTY:
+            continue
+        kc, vc = _kv_tile(k, c0, c1, cdt), _kv_tile(v, c0, c1, cdt)
+        s = torch.matmul(qh, kc.transpose(-1, -2)) * scale
+        p = torch.exp(s - lse_h)  # [B, Hkv, g, Sq, Skc]
+        if sub is BlockKind.PARTIAL:
+            ok = visible_mask(q_offset, sq, k_offset + c0, c1 - c0, causal, window, q.device)
+            p = p.masked_fill(~ok, 0.0)
+        dv_c = torch.matmul(p.transpose(-1, -2), doh).sum(2)  # [B, Hkv, Skc, D]
+        dp = torch.matmul(doh, vc.transpose(-1, -2))
+        ds = p * (dp - delta_h)
+        dq_acc += torch.matmul(ds, kc) * scale
+        dk_c = torch.matmul(ds.transpose(-1, -2), qh).sum(2) * scale
+        dk[:, c0:c1] += dk_c.permute(0, 2, 1, 3).to(dk.dtype)
+        dv[:, c0:c1] += dv_c.permute(0, 2, 1, 3).to(dv.dtype)
+    dq += dq_acc.reshape(b, hq, sq, d).permute(0, 2, 1, 3).to(dq.dtype)
+
+
+def naive_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    scale: float | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain differentiable attention with an explicit mask: ``(out [B,S,Hq,D], lse [B,Hq,S])``.
+
+    Computed in the inputs' dtype (use float64 for references). Rows with no visible key give 0 and -inf.
+    """
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    rep = hq // hkv
+    kk = k.repeat_interleave(rep, dim=2).transpose(1, 2)
+    vv = v.repeat_interleave(rep, dim=2).transpose(1, 2)
+    s = torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2)) * scale
+    ok = visible_mask(q_offset, sq, k_offset, sk, causal, window, q.device)
+    s = s.masked_fill(~ok, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    out = torch.matmul(p, vv).transpose(1, 2)
+    return out, lse

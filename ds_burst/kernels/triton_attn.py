@@ -1,0 +1,728 @@
+"""Triton local attention tiles for the BurstAttention ring: forward with a carried online-softmax state,
+backward with precomputed global ``lse`` and ``delta``.
+
+Same contract as :mod:`ds_burst.kernels.reference` (read its docstring): ``q [B, Sq, Hq, D]``,
+``k, v [B, Sk, Hkv, D]`` with any strides, GQA by index arithmetic (K/V are never repeated), masks by
+*global* positions ``q_offset + i`` / ``k_offset + j`` (causal and flash-attn style windows, see
+:mod:`ds_burst.core.mask`).
+
+Design (docs/KERNELS.md has more):
+
+* Scores are computed in the log2 domain (``exp2`` with ``scale * log2(e)`` folded in); ``lse`` is read and
+  written in natural log.
+* Every program computes, from the offsets, which key (or query) tiles it can see at all and which of those are
+  fully visible for every row. The loop runs in three ranges: masked tiles below the fully visible range,
+  mask-free tiles, and masked tiles above it. Tiles nobody can see are never visited.
+* Forward: one program per (query tile, query head); state ``(out, lse)`` is loaded, continued and stored.
+  Rows that see no key in this call are left bitwise unchanged (except ``out`` rows whose ``lse`` is ``-inf``,
+  which are set to 0 as in the reference).
+* Backward: one program per (key tile, kv head) computes dK, dV, looping over the ``g`` query heads of its kv
+  head and over the visible query tiles; dQ either by fp32 atomics from the same kernel
+  (``deterministic=False``) or by a second kernel over query tiles (``deterministic=True``, no atomics,
+  bitwise reproducible).
+* Under ``TRITON_INTERPRET=1`` (CPU) a single small config is used; on GPU the kernels are autotuned over a
+  small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ds_burst.core import settings
+from ds_burst.core.mask import BlockKind, classify_block, window_bounds
+
+__all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "supports", "MAX_HEAD_DIM", "INTERPRET"]
+
+INTERPRET: bool = settings.triton_interpret()
+"""True when Triton runs kernels in its interpreter (CPU tensors). Read once, at import."""
+
+_AUTOTUNE: bool = (not INTERPRET) and settings.flag(settings.TRITON_AUTOTUNE, True)
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Whether bwd_step(deterministic=False) accumulates dQ with atomics inside the dK/dV kernel (True) or uses the
+# separate dQ kernel as in deterministic mode (False). Measured on H200 (S=32K, H=32, D=128, bf16, causal):
+# atomic dQ 242 TFLOP/s backward, separate dQ kernel 383, so the atomic path is off by default.
+ATOMIC_DQ_WHEN_NONDETERMINISTIC = False
+
+# Tile sizes used in interpreter mode (tests may change them); BLOCK_M tiles queries, BLOCK_N keys.
+_INTERPRET_BLOCKS: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK: tl.constexpr):
+    """Split ``[lo_any, hi_any)`` into masked tiles, mask-free tiles inside ``[f_lo, f_hi)``, masked tiles.
+
+    Returns ``(start_a, n_a, start_b, n_b, start_c, n_c)``: tile counts of each range and their first index.
+    Mask-free tiles lie entirely in ``[f_lo, f_hi)``; masked ranges may overhang (the element mask covers it).
+    """
+    hi_any = tl.maximum(hi_any, lo_any)
+    has_full = f_lo < f_hi
+    end_a = tl.where(has_full, f_lo, hi_any)
+    end_a = tl.maximum(end_a, lo_any)
+    n_a = (end_a - lo_any + BLOCK - 1) // BLOCK
+    start_b = lo_any + n_a * BLOCK
+    n_b = tl.where(has_full, tl.maximum(f_hi - start_b, 0) // BLOCK, 0)
+    start_c = start_b + n_b * BLOCK
+    n_c = (tl.maximum(hi_any - start_c, 0) + BLOCK - 1) // BLOCK
+    return lo_any, n_a, start_b, n_b, start_c, n_c
+
+
+@triton.jit
+def _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles for the query tile starting at row ``m0``: see :func:`_tile_ranges`.
+
+    Query row ``i`` sees key ``j`` iff ``-win_l <= j - i - delta0 <= win_r`` (each side only if bounded),
+    with ``delta0 = q_offset - k_offset``.
+    """
+    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
+    lo_any = m0 * 0
+    hi_any = lo_any + Sk
+    f_lo = lo_any
+    f_hi = hi_any
+    if HAS_LO:
+        lo_any = tl.maximum(m0 + delta0 - win_l, 0)
+        f_lo = tl.maximum(m_last + delta0 - win_l, 0)
+    if HAS_HI:
+        hi_any = tl.minimum(m_last + delta0 + win_r + 1, Sk)
+        f_hi = tl.minimum(m0 + delta0 + win_r + 1, Sk)
+    return _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK_N)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, n_tiles, offs_m, offs_n, offs_d,
+               stride_ks, stride_vs, Sk, delta0, win_l, win_r, qk_scale,
+               MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, EVEN_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for t in range(n_tiles):
+        n = start + t * BLOCK_N
+        kn = n + offs_n
+        n64 = n.to(tl.int64)
+        if MASKED:
+            kT = tl.load(kT_ptrs + n64 * stride_ks, mask=(kn[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs + n64 * stride_vs, mask=(kn[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs + n64 * stride_ks)
+            v = tl.load(v_ptrs + n64 * stride_vs)
+        else:
+            kT = tl.load(kT_ptrs + n64 * stride_ks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs + n64 * stride_vs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        qk = tl.dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            rel = kn[None, :] - offs_m[:, None] - delta0
+            ok = kn[None, :] < Sk
+            if HAS_LO:
+                ok = ok & (rel >= -win_l)
+            if HAS_HI:
+                ok = ok & (rel <= win_r)
+            qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["delta0", "win_l", "win_r"])
+def _fwd_kernel(
+    Q, K, V, Out, Lse,
+    sqb, sqs, sqh, sqd,
+    skb, sks, skh, skd,
+    svb, svs, svh, svd,
+    sob, sos, soh, sod,
+    slb, slh, sls,
+    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (causal) tiles first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Sq
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    m64 = m0.to(tl.int64)
+
+    q_ptrs = Q + b64 * sqb + h.to(tl.int64) * sqh + m64 * sqs + offs_r[:, None] * sqs + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    o_ptrs = Out + b64 * sob + h.to(tl.int64) * soh + m64 * sos + offs_r[:, None] * sos + offs_d[None, :] * sod
+    l_ptrs = Lse + b64 * slb + h.to(tl.int64) * slh + m64 * sls + offs_r * sls
+    lse_in = tl.load(l_ptrs, mask=row_ok, other=float("-inf")).to(tl.float32)
+    has_prev = lse_in != float("-inf")
+    m_in = tl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
+    o_in = tl.load(o_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.where(has_prev[:, None], o_in, 0.0)
+    l_i = tl.where(has_prev, 1.0, 0.0)
+    m_i = m_in
+
+    kv_off = b64 * skb + hk.to(tl.int64) * skh
+    kT_ptrs = K + kv_off + offs_n[None, :] * sks + offs_d[:, None] * skd
+    v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_d[None, :] * svd
+
+    sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sa, na, offs_m, offs_n, offs_d, sks, svs, Sk,
+                               delta0, win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N,
+                               DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sb, nb, offs_m, offs_n, offs_d, sks, svs, Sk,
+                               delta0, win_l, win_r, qk_scale, False, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N,
+                               DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sc, nc, offs_m, offs_n, offs_d, sks, svs, Sk,
+                               delta0, win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N,
+                               DOT_PREC)
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
+    # lse_in + (m - m_in) * ln2 + ln(l) keeps lse bitwise unchanged for rows that saw no new key.
+    lse_in_s = tl.where(has_prev, lse_in, 0.0)
+    m_in_s = tl.where(has_prev, m_in, 0.0)
+    lse_prev = lse_in_s + (m_i - m_in_s) * 0.6931471805599453 + tl.log(l_safe)
+    lse_new = m_i * 0.6931471805599453 + tl.log(l_safe)
+    lse_out = tl.where(has_prev, lse_prev, tl.where(has, lse_new, float("-inf")))
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(l_ptrs, lse_out.to(Lse.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _bwd_pre_kernel(
+    Out, DO, Delta,
+    sob, sos, soh, sod,
+    sdb, sds, sdh, sdd,
+    seb, seh, ses,
+    H, S,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m.to(tl.int64)
+    o = tl.load(Out + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sds + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + b * seb + h * seh + rows * ses, delta, mask=offs_m < S)
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, start, n_tiles, offs_n, offs_r,
+                  offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
+                  MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, EVEN_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    for t in range(n_tiles):
+        m = start + t * BLOCK_M
+        qm = m + offs_r
+        m64 = m.to(tl.int64)
+        if MASKED:
+            qT = tl.load(qT_ptrs + m64 * sqs, mask=(qm[None, :] < Sq) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs + m64 * sdos, mask=(qm[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse = tl.load(lse_ptrs + m64 * sls, mask=qm < Sq, other=float("-inf"))
+            dlt = tl.load(dl_ptrs + m64 * sdls, mask=qm < Sq, other=0.0)
+        else:
+            if EVEN_D:
+                qT = tl.load(qT_ptrs + m64 * sqs)
+                do = tl.load(do_ptrs + m64 * sdos)
+            else:
+                qT = tl.load(qT_ptrs + m64 * sqs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs + m64 * sdos, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            lse = tl.load(lse_ptrs + m64 * sls)
+            dlt = tl.load(dl_ptrs + m64 * sdls)
+        # Rows without any key (lse = -inf) contribute nothing.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = tl.dot(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), input_precision=DOT_PREC) * qk_scale
+        pT = tl.math.exp2(qkT - lse2[None, :])
+        if MASKED:
+            rel = offs_n[:, None] - qm[None, :] - delta0
+            ok = (qm[None, :] < Sq) & (offs_n[:, None] < Sk)
+            if HAS_LO:
+                ok = ok & (rel >= -win_l)
+            if HAS_HI:
+                ok = ok & (rel <= win_r)
+            pT = tl.where(ok, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), input_precision=DOT_PREC)
+        dsT = pT * (dpT - dlt[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, tl.zeros([BLOCK_M, k.shape[1]], dtype=tl.float32),
+                        input_precision=DOT_PREC)
+            dq_mask = (qm[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(dq_ptrs + m64 * sdqs, dq * sm_scale, mask=dq_mask, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["delta0", "win_l", "win_r"])
+def _bwd_kv_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, DK, DV,
+    sqb, sqs, sqh, sqd,
+    skb, sks, skh, skd,
+    svb, svs, svh, svd,
+    sdob, sdos, sdoh, sdod,
+    slb, slh, sls,
+    sdlb, sdlh, sdls,
+    sdqb, sdqs, sdqh, sdqd,
+    sdkb, sdks, sdkh, sdkd,
+    sdvb, sdvs, sdvh, sdvd,
+    Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    n64 = n0.to(tl.int64)
+    kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * skb + hk64 * skh + n64 * sks + offs_c[:, None] * sks + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk64 * svh + n64 * svs + offs_c[:, None] * svs + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
+
+    # Query rows i that see key j: j - delta0 - win_r <= i <= j - delta0 + win_l.
+    n_last = tl.minimum(n0 + BLOCK_N, Sk) - 1
+    lo_any = n0 * 0
+    hi_any = lo_any + Sq
+    f_lo = lo_any
+    f_hi = hi_any
+    if HAS_HI:
+        lo_any = tl.maximum(n0 - delta0 - win_r, 0)
+        f_lo = tl.maximum(n_last - delta0 - win_r, 0)
+    if HAS_LO:
+        hi_any = tl.minimum(n_last - delta0 + win_l + 1, Sq)
+        f_hi = tl.minimum(n0 - delta0 + win_l + 1, Sq)
+    # A key tile that overhangs Sk is processed fully masked (keeps padded key rows out of dQ).
+    f_hi = tl.where(n0 + BLOCK_N > Sk, f_lo, f_hi)
+    sa, na, sb, nb, sc, nc = _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for hh in range(G):
+        h64 = (hk * G + hh).to(tl.int64)
+        qT_ptrs = Q + b64 * sqb + h64 * sqh + offs_r[None, :] * sqs + offs_d[:, None] * sqd
+        do_ptrs = DO + b64 * sdob + h64 * sdoh + offs_r[:, None] * sdos + offs_d[None, :] * sdod
+        lse_ptrs = Lse + b64 * slb + h64 * slh + offs_r * sls
+        dl_ptrs = Delta + b64 * sdlb + h64 * sdlh + offs_r * sdls
+        dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sa, na, offs_n, offs_r,
+                               offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
+                               True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, ATOMIC_DQ)
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sb, nb, offs_n, offs_r,
+                               offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
+                               False, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, ATOMIC_DQ)
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sc, nc, offs_n, offs_r,
+                               offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
+                               True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, ATOMIC_DQ)
+
+    dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + n64 * sdks + offs_c[:, None] * sdks + offs_d[None, :] * sdkd
+    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + n64 * sdvs + offs_c[:, None] * sdvs + offs_d[None, :] * sdvd
+    dk_old = tl.load(dk_ptrs, mask=kv_mask, other=0.0)
+    tl.store(dk_ptrs, (dk_old + dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    dv_old = tl.load(dv_ptrs, mask=kv_mask, other=0.0)
+    tl.store(dv_ptrs, (dv_old + dv).to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, start, n_tiles, offs_m, offs_n, offs_d,
+                 sks, svs, Sk, delta0, win_l, win_r, qk_scale,
+                 MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, EVEN_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for t in range(n_tiles):
+        n = start + t * BLOCK_N
+        kn = n + offs_n
+        n64 = n.to(tl.int64)
+        if MASKED:
+            kv_mask = (kn[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM)
+            kT = tl.load(kT_ptrs + n64 * sks, mask=kv_mask, other=0.0)
+            vT = tl.load(vT_ptrs + n64 * svs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs + n64 * sks)
+            vT = tl.load(vT_ptrs + n64 * svs)
+        else:
+            kT = tl.load(kT_ptrs + n64 * sks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vT = tl.load(vT_ptrs + n64 * svs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        qk = tl.dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            rel = kn[None, :] - offs_m[:, None] - delta0
+            ok = kn[None, :] < Sk
+            if HAS_LO:
+                ok = ok & (rel >= -win_l)
+            if HAS_HI:
+                ok = ok & (rel <= win_r)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), input_precision=DOT_PREC)
+        ds = p * (dp - dlt[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["delta0", "win_l", "win_r"])
+def _bwd_q_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    sqb, sqs, sqh, sqd,
+    skb, sks, skh, skd,
+    svb, svs, svh, svd,
+    sdob, sdos, sdoh, sdod,
+    slb, slh, sls,
+    sdlb, sdlh, sdls,
+    sdqb, sdqs, sdqh, sdqd,
+    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Sq
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    m64 = m0.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + m64 * sqs + offs_r[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + m64 * sdos + offs_r[:, None] * sdos + offs_d[None, :] * sdod,
+                 mask=mask, other=0.0)
+    lse = tl.load(Lse + b64 * slb + h64 * slh + m64 * sls + offs_r * sls, mask=row_ok, other=float("-inf"))
+    dlt = tl.load(Delta + b64 * sdlb + h64 * sdlh + m64 * sdls + offs_r * sdls, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    hk64 = hk.to(tl.int64)
+    kT_ptrs = K + b64 * skb + hk64 * skh + offs_n[None, :] * sks + offs_d[:, None] * skd
+    vT_ptrs = V + b64 * svb + hk64 * svh + offs_n[None, :] * svs + offs_d[:, None] * svd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sa, na, offs_m, offs_n, offs_d, sks, svs, Sk, delta0,
+                      win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sb, nb, offs_m, offs_n, offs_d, sks, svs, Sk, delta0,
+                      win_l, win_r, qk_scale, False, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sc, nc, offs_m, offs_n, offs_d, sks, svs, Sk, delta0,
+                      win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+
+    dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + m64 * sdqs + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
+    dq_old = tl.load(dq_ptrs, mask=mask, other=0.0)
+    tl.store(dq_ptrs, (dq_old + dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries, BLOCK_N keys, in every kernel.
+_FWD_CONFIGS = [
+    _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2),
+    _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2),
+]
+_BWD_KV_CONFIGS = [
+    _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 128, 4, 2), _cfg(64, 64, 4, 3),
+    _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2),
+]
+_BWD_Q_CONFIGS = [
+    _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2),
+    _cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2),
+]
+# Fixed choices when autotuning is switched off (DS_BURST_TRITON_AUTOTUNE=0); indexed by BLOCK_D <= 128.
+# The D <= 128 entries are the autotuner's picks on H200 at D = 128 (bf16, S = 8K and 32K, causal and not).
+_FIXED = {
+    "fwd": ({"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+            {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}),
+    "kv": ({"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+           {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
+    "q": ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+          {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}),
+}
+_SMEM_LIMIT = 200 * 1024
+
+
+def _prune_fwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+
+    def smem(c: triton.Config) -> int:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return esize * bd * (bm + 2 * bn * max(c.num_stages - 1, 1))
+
+    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT and (bd < 256 or c.kwargs["BLOCK_N"] <= 64)]
+    return keep or [min(configs, key=smem)]
+
+
+def _prune_bwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+
+    def smem(c: triton.Config) -> int:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return esize * bd * (bm + bn) * (max(c.num_stages - 1, 1) + 1)
+
+    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT
+            and (bd < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    return keep or [min(configs, key=smem)]
+
+
+_KEY = ["BLOCK_D", "HAS_LO", "HAS_HI", "DOT_PREC", "SEQ_BUCKET"]
+
+if _AUTOTUNE:
+    _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, restore_value=["Out", "Lse"],
+                                 prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
+    _bwd_kv_tuned = triton.autotune(_BWD_KV_CONFIGS, key=_KEY + ["ATOMIC_DQ"], restore_value=["DQ", "DK", "DV"],
+                                    prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_kv_kernel)
+    _bwd_q_tuned = triton.autotune(_BWD_Q_CONFIGS, key=_KEY, restore_value=["DQ"],
+                                   prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_q_kernel)
+else:
+    _fwd_tuned = _bwd_kv_tuned = _bwd_q_tuned = None
+
+
+def _seq_bucket(n: int) -> int:
+    """Autotune key for a sequence length: powers of two from 256 to 16384 (coarse)."""
+    return min(max(triton.next_power_of_2(max(n, 1)), 256), 16384)
+
+
+def _fixed_meta(kind: str, block_d: int) -> dict[str, int]:
+    if INTERPRET:
+        return dict(_INTERPRET_BLOCKS)
+    return dict(_FIXED[kind][0 if block_d <= 128 else 1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; for 16-bit inputs the setting has no effect ("tf32" is the default)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether these kernels can run on ``q`` / ``k`` (dtype, head dim, device, GQA grouping)."""
+    if q.dim() != 4 or k.dim() != 4:
+        return False
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype:
+        return False
+    d = q.shape[-1]
+    if d < 1 or d > MAX_HEAD_DIM or k.shape[-1] != d:
+        return False
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0 or q.shape[0] != k.shape[0]:
+        return False
+    if q.device.type == "cuda":
+        return q.dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
+    return INTERPRET and q.device.type == "cpu" and q.dtype != torch.bfloat16
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-D [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
+    if k.shape != v.shape or k.shape[-1] != d or k.shape[0] != q.shape[0]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"unsupported dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not supports(q, k):
+        raise ValueError(f"Triton kernels cannot run on {q.device} / {q.dtype} here (TRITON_INTERPRET={INTERPRET})")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _mask_args(causal: bool, window: tuple[int, int]) -> tuple[bool, bool, int, int]:
+    lo, hi = window_bounds(causal, window)
+    has_lo, has_hi = lo != math.inf, hi != math.inf
+    return has_lo, has_hi, int(lo) if has_lo else 0, int(hi) if has_hi else 0
+
+
+def fwd_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    block_k: int | None = None,
+) -> None:
+    """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place.
+
+    ``out [B, Sq, Hq, D]`` (fp32) is the normalised partial output and ``lse [B, Hq, Sq]`` (fp32, natural log,
+    ``-inf`` = no key yet) its log-sum-exp; both may be strided views. ``block_k`` is accepted for signature
+    compatibility with the reference and ignored (tiles are chosen by the autotuner).
+    """
+    del block_k
+    _check_inputs(q, k, v)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    _check_shape("out", out, (b, sq, hq, d))
+    _check_shape("lse", lse, (b, hq, sq))
+    if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
+        return
+    has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
+    bd = _block_d(d)
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * _LOG2E,
+            _seq_bucket(max(sq, sk)))
+    meta = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype))
+
+    def grid(m: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(sq, m["BLOCK_M"]), b * hq)
+
+    if _fwd_tuned is not None:
+        _fwd_tuned[grid](*args, **meta)
+    else:
+        fixed = _fixed_meta("fwd", bd)
+        _fwd_kernel[grid(fixed)](*args, **meta, **fixed)
+
+
+def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """``delta = rowsum(dout * out)`` in fp32, shape ``[B, H, S]`` (contiguous)."""
+    if out.shape != dout.shape or out.dim() != 4:
+        raise ValueError(f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must be equal 4-D shapes")
+    b, s, h, d = out.shape
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
+    delta = torch.empty(b, h, s, dtype=torch.float32, device=out.device)
+    if b * h * s == 0:
+        return delta
+    bd = _block_d(d)
+    block_m = 16 if INTERPRET else max(16, min(128, 8192 // bd))
+    _bwd_pre_kernel[(triton.cdiv(s, block_m), b * h)](
+        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), h, s,
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, num_warps=4,
+    )
+    return delta
+
+
+def bwd_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    *,
+    scale: float,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    deterministic: bool = False,
+    block_k: int | None = None,
+) -> None:
+    """Add this block's gradients to ``dq [B, Sq, Hq, D]`` and ``dk, dv [B, Sk, Hkv, D]`` (fp32, may be views).
+
+    ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]`` fp32. With
+    ``deterministic=True`` no atomics are used and results are bitwise reproducible; otherwise dQ may be
+    accumulated with fp32 atomics. ``block_k`` is accepted for signature compatibility and ignored.
+    """
+    del block_k
+    _check_inputs(q, k, v)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    _check_shape("dout", dout, (b, sq, hq, d))
+    _check_shape("lse", lse, (b, hq, sq))
+    _check_shape("delta", delta, (b, hq, sq))
+    _check_shape("dq", dq, (b, sq, hq, d))
+    _check_shape("dk", dk, (b, sk, hkv, d))
+    _check_shape("dv", dv, (b, sk, hkv, d))
+    if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
+        return
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
+    bd = _block_d(d)
+    g = hq // hkv
+    atomic = (not deterministic) and ATOMIC_DQ_WHEN_NONDETERMINISTIC
+    common = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HAS_LO=has_lo, HAS_HI=has_hi,
+                  DOT_PREC=_dot_precision(q.dtype))
+    tail = (q_offset - k_offset, win_l, win_r, float(scale) * _LOG2E, float(scale), _seq_bucket(max(sq, sk)))
+
+    kv_args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+               *lse.stride(), *delta.stride(), *dq.stride(), *dk.stride(), *dv.stride(), hkv, sq, sk, g, *tail)
+
+    def kv_grid(m: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(sk, m["BLOCK_N"]), b * hkv)
+
+    if _bwd_kv_tuned is not None:
+        _bwd_kv_tuned[kv_grid](*kv_args, **common, ATOMIC_DQ=atomic)
+    else:
+        fixed = _fixed_meta("kv", bd)
+        _bwd_kv_kernel[kv_grid(fixed)](*kv_args, **common, ATOMIC_DQ=atomic, **fixed)
+    if atomic:
+        return
+
+    q_args = (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
+              *delta.stride(), *dq.stride(), hq, sq, sk, g, *tail)
+
+    def q_grid(m: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(sq, m["BLOCK_M"]), b * hq)
+
+    if _bwd_q_tuned is not None:
+        _bwd_q_tuned[q_grid](*q_args, **common)
+    else:
+        fixed = _fixed_meta("q", bd)
+        _bwd_q_kernel[q_grid(fixed)](*q_args, **common, **fixed)

@@ -1,1 +1,0 @@
-"""Ring schedules (no Triton, no direct torch.distributed): one file per schedule."""
