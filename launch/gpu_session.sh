@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
-# Stages: env tests tests_triton ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
+# Stages: env tests tests_triton tests_new overhead documents ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
 # memory calibrate.
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
@@ -14,8 +14,6 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     || exit 1
 fi
-# No package index there: make `ds_burst.kernels` importable from the checkout itself (setup.py maps it).
-[ -e ds_burst/kernels ] || ln -s ../kernels ds_burst/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}:/tmp/site
 export PATH=/tmp/site/bin:$PATH
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
@@ -58,6 +56,16 @@ for spec in "$@"; do
     ring_long)  # 512K and 1M: the flat ring against Ulysses with cuDNN
       ring ring_long --kernels sdpa --schedules ring --peers ulysses-cudnn --seqs 524288 1048576 \
         --kv-heads 8 --iters 1 ;;
+    tests_new)  # GPU tests of this round's features (bf16 Triton/sdpa paths of variants and documents)
+      timeout "$limit" python3 -m pytest -q -m gpu -v --durations=15 ${NEW_GPU_TESTS:-tests/test_hot_path.py} \
+        >"$OUT/gpu_tests_new.log" 2>&1
+      grep -E "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/gpu_tests_new.log" | tail -60 ;;
+    overhead)  # per-call cost at P=1: ds-burst fwd+bwd against raw SDPA cuDNN, host time per call
+      timeout "$limit" python3 launch/bench_overhead.py --out "$OUT/overhead.json" >"$OUT/overhead.log" 2>&1
+      echo "rc=$?"; tail -22 "$OUT/overhead.log" ;;
+    documents)  # packed documents on one GPU: ds-burst's local kernels against FlexAttention and cuDNN per document
+      timeout "$limit" python3 launch/bench_documents.py --out "$OUT/documents.json" >"$OUT/documents.log" 2>&1
+      echo "rc=$?"; tail -30 "$OUT/documents.log" ;;
     kernels)
       timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels.json" --seqs 8192 32768 131072 \
         --head-dims 64 128 --iters 2 >"$OUT/kernels.log" 2>&1

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch.distributed as dist
-
+from ds_burst.dist.comm import group_size
 from ds_burst.dist.topology import Topology
 
 
@@ -51,7 +50,7 @@ def check_zero3_partitioning(module: Any, topology: Topology) -> None:
         group = getattr(p, "ds_process_group", None)
         if group is None:
             continue
-        size = dist.get_world_size(group)
+        size = group_size(group)
         if size != want:
             raise RuntimeError(
                 f"ZeRO-3 parameter {name} is partitioned over {size} ranks, not the {want} ranks of the "

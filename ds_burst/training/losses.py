@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ds_burst.dist.comm import GroupInfo, all_reduce_sum, resolve_group
+from ds_burst.dist.comm import GroupInfo, all_reduce_sum, is_cpu_backend, resolve_group
 from ds_burst.dist.topology import get_topology
 
 
@@ -89,4 +88,4 @@ def sequence_parallel_accuracy(
 
 
 def _gloo(info: GroupInfo) -> bool:
-    return "gloo" in str(dist.get_backend(info.group))
+    return is_cpu_backend(info)
