@@ -12,7 +12,9 @@ therefore works where Ulysses refuses: query heads not divisible by ``P`` and fe
 An explicit attention-mask tensor, or attention dropout > 0 in training, raises ``ValueError``.
 
 ``patch_deepspeed()`` makes ``deepspeed.sequence.layer.DistributedAttention`` resolve to this class (for
-code that looks it up after the patch, e.g. Megatron-DeepSpeed models built after the call).
+code that looks it up after the patch, e.g. Megatron-DeepSpeed models built after the call), and ALST's
+``UlyssesSPAttentionHF``/``UlyssesSPDataLoaderAdapter`` (Accelerate, HF Trainer, TRL) resolve to
+:mod:`ds_burst.integrations.alst`'s drop-ins.
 """
 
 from __future__ import annotations
@@ -256,24 +258,71 @@ class DistributedAttention(torch.nn.Module):
 
 
 _ORIGINAL: dict[str, Any] = {}
+_ALST_MODULE = "deepspeed.runtime.sequence_parallel.ulysses_sp"
+_ALST_NAMES = {"UlyssesSPAttentionHF": "BurstSPAttentionHF", "UlyssesSPDataLoaderAdapter": "BurstSPDataLoaderAdapter"}
+# (module, attribute, DeepSpeed's object) for every binding patch_deepspeed replaced
+_PATCHED: list[tuple[Any, str, Any]] = []
+
+
+def _rebind(module: Any, name: str, new: Any) -> None:
+    old = getattr(module, name)
+    if old is not new:
+        _PATCHED.append((module, name, old))
+        setattr(module, name, new)
 
 
 def patch_deepspeed() -> None:
-    """Make ``deepspeed.sequence.layer.DistributedAttention`` resolve to ds-burst's class.
+    """Make every DeepSpeed Ulysses entry point run BurstAttention.
 
-    Affects code that looks the name up after this call (``from deepspeed.sequence.layer import
-    DistributedAttention`` executed later, or attribute access). Undo with :func:`unpatch_deepspeed`.
+    * ``deepspeed.sequence.layer.DistributedAttention`` -> :class:`DistributedAttention`;
+    * ALST's ``deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF`` and
+      ``UlyssesSPDataLoaderAdapter`` -> :class:`ds_burst.integrations.alst.BurstSPAttentionHF` and
+      :class:`~ds_burst.integrations.alst.BurstSPDataLoaderAdapter` (same signatures). Accelerate
+      (``ParallelismConfig(sp_backend="deepspeed")``), the Hugging Face ``Trainer`` and TRL import them from
+      that module when they prepare the model, so call this before ``Trainer(...)``/``accelerator.prepare``.
+
+    Modules already loaded that bound those names at import time (``from ... import UlyssesSPAttentionHF``)
+    are rebound as well. Affects code that looks the names up after this call. Idempotent; undo with
+    :func:`unpatch_deepspeed`.
     """
+    import sys
+
+    import deepspeed.runtime.sequence_parallel.ulysses_sp as ulysses_sp
     import deepspeed.sequence.layer as ds_layer
+
+    from ds_burst.integrations import alst
 
     if ds_layer.DistributedAttention is not DistributedAttention:
         _ORIGINAL["layer"] = ds_layer.DistributedAttention
         ds_layer.DistributedAttention = DistributedAttention  # type: ignore[misc]
+    originals = {name: getattr(ulysses_sp, name) for name in _ALST_NAMES}
+    for name, burst_name in _ALST_NAMES.items():
+        new = getattr(alst, burst_name)
+        if originals[name] is new:
+            continue  # already patched
+        _rebind(ulysses_sp, name, new)
+        for mod in list(sys.modules.values()):
+            if mod is None or mod is ulysses_sp or mod is alst:
+                continue
+            try:
+                bound = mod.__dict__.get(name)
+            except Exception:  # noqa: BLE001 - exotic module objects
+                continue
+            if bound is originals[name]:
+                _rebind(mod, name, new)
 
 
 def unpatch_deepspeed() -> None:
-    """Restore DeepSpeed's own ``DistributedAttention`` (no-op if not patched)."""
+    """Restore DeepSpeed's own ``DistributedAttention``, ``UlyssesSPAttentionHF`` and
+    ``UlyssesSPDataLoaderAdapter`` everywhere :func:`patch_deepspeed` replaced them, and the transformers
+    attention functions that ds-burst's ``register_with_transformers`` replaced (no-op if not patched)."""
     import deepspeed.sequence.layer as ds_layer
+
+    from ds_burst.integrations import alst
 
     if "layer" in _ORIGINAL:
         ds_layer.DistributedAttention = _ORIGINAL.pop("layer")  # type: ignore[misc]
+    while _PATCHED:
+        module, name, old = _PATCHED.pop()
+        setattr(module, name, old)
+    alst.unregister_from_transformers()

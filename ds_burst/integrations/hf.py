@@ -17,6 +17,10 @@ registered custom implementation (``attention_mask`` arrives as ``None``), so pa
 applied: pack sequences without padding, or :func:`shard_batch` rejects a padding ``attention_mask``.
 Positions (RoPE) come from the ``position_ids`` you pass, which :func:`shard_batch` makes global.
 
+The ALST-compatible path used by Accelerate / the HF Trainer / TRL (``ParallelismConfig(sp_backend="deepspeed")``)
+is :mod:`ds_burst.integrations.alst`, re-exported here: ``register_with_transformers``, ``BurstSPAttentionHF``,
+``BurstSPDataLoaderAdapter``, ``documents_from_position_ids`` (or just call :func:`ds_burst.patch_deepspeed`).
+
 transformers is imported lazily; the rest of ds_burst does not need it.
 """
 
@@ -32,7 +36,10 @@ from ds_burst.dist.topology import Topology, get_topology, init_sequence_paralle
 from ds_burst.training.data import IGNORE_INDEX, shard_batch_local
 from ds_burst.training.losses import sequence_parallel_loss as _sp_loss
 
-__all__ = ["ATTN_NAME", "burst_attention_forward", "register", "setup", "shard_batch", "sequence_parallel_loss"]
+_ALST_EXPORTS = ("register_with_transformers", "BurstSPAttentionHF", "BurstSPDataLoaderAdapter",
+                 "documents_from_position_ids")
+__all__ = ["ATTN_NAME", "burst_attention_forward", "hf_burst_attention", "register", "setup", "shard_batch",
+           "sequence_parallel_loss", *_ALST_EXPORTS]
 
 ATTN_NAME = "burst"
 _STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
@@ -50,17 +57,41 @@ def burst_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The function registered as ``attn_implementation="burst"`` (transformers' AttentionInterface)."""
-    if dropout and dropout > 0:
-        raise ValueError(f"ds-burst attention: attention dropout={dropout} > 0 is not supported (set attention_dropout"
-                         "=0 in the model config)")
     if attention_mask is not None:
         raise ValueError("ds-burst attention: an explicit attention mask is not supported (causal and sliding window "
                          "masks are applied by position; do not pad)")
-    causal = bool(getattr(module, "is_causal", True))
+    topo = _STATE["topology"] or get_topology()
+    out = hf_burst_attention(module, query, key, value, scaling=scaling, dropout=dropout,
+                             sliding_window=sliding_window, group=topo, layout=_STATE["layout"],
+                             **_STATE["options"])
+    return out, None
+
+
+def hf_burst_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    is_causal: bool | None = None,
+    group: Any = None,
+    layout: str = "zigzag",
+    **burst_options: Any,
+) -> torch.Tensor:
+    """BurstAttention on transformers' attention-function tensors: ``query [B, Hq, s, D]``, ``key/value
+    [B, Hkv, s, D]`` (this rank's shard) -> ``[B, s, Hq, D]``. Causal unless ``is_causal``/``module.is_causal``
+    say otherwise; ``sliding_window=W`` is the Mistral/Qwen2 window (``window_size=(W-1, 0)`` causal);
+    attention dropout > 0 raises ``ValueError``. Shared by ``attn_implementation="burst"`` and the ALST drop-in
+    (:mod:`ds_burst.integrations.alst`)."""
+    if dropout and dropout > 0:
+        raise ValueError(f"ds-burst attention: attention dropout={dropout} > 0 is not supported (set attention_dropout"
+                         "=0 in the model config)")
+    causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
     window = (-1, -1)
     if sliding_window is not None:
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
-    topo = _STATE["topology"] or get_topology()
     out = burst_attn_func(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -68,12 +99,12 @@ def burst_attention_forward(
         causal=causal,
         softmax_scale=scaling,
         window_size=window,
-        group=topo,
-        layout=_STATE["layout"],
-        **_STATE["options"],
+        group=group,
+        layout=layout,
+        **burst_options,
     )
     assert isinstance(out, torch.Tensor)
-    return out, None
+    return out
 
 
 def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:
@@ -140,3 +171,12 @@ def sequence_parallel_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mpu
     :func:`ds_burst.training.losses.sequence_parallel_loss`; pass
     ``sp_grads_averaged=ds_burst.training.losses.sp_grads_averaged(ds_config)`` under DeepSpeed)."""
     return _sp_loss(logits, shift_labels, mpu, ignore_index=ignore_index, sp_grads_averaged=sp_grads_averaged)
+
+
+def __getattr__(name: str) -> Any:
+    """The ALST drop-ins (:mod:`ds_burst.integrations.alst`), imported on first use (it imports this module)."""
+    if name in _ALST_EXPORTS:
+        from ds_burst.integrations import alst
+
+        return getattr(alst, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""Hugging Face Trainer + Accelerate sequence parallelism (DeepSpeed ALST's switch) running ds-burst.
+
+    torchrun --nproc_per_node 2 examples/hf_trainer_sp.py                 # ds-burst (BurstAttention ring)
+    torchrun --nproc_per_node 2 examples/hf_trainer_sp.py --backend alst  # DeepSpeed's own Ulysses, for comparison
+
+The only ds-burst line is ``ds_burst.patch_deepspeed()`` before the Trainer is built: Accelerate's
+``ParallelismConfig(sp_backend="deepspeed", sp_size=2)`` then gets ds-burst's ``UlyssesSPAttentionHF`` and
+``UlyssesSPDataLoaderAdapter`` drop-ins. A tiny Llama built from a config (no downloads), fp32, ZeRO-3, on CPU
+(gloo) or GPUs. ``--trainer trl`` uses TRL's ``SFTTrainer`` instead (``--packing`` packs documents: refused by
+ds-burst until document support lands). ``--out FILE`` writes the per-step losses and ds-burst's ring bytes as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+SEQ = 32
+VOCAB = 128
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["burst", "alst"], default="burst")
+    ap.add_argument("--trainer", choices=["hf", "trl"], default="hf")
+    ap.add_argument("--sp", type=int, default=None, help="sequence-parallel size (default: the world size)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--packing", action="store_true", help="TRL: pack documents (position_ids restart per document)")
+    ap.add_argument("--out", default=None, help="write {'losses': [...], 'comm': {...}} here (rank 0)")
+    ap.add_argument("--output-dir", default="/tmp/ds_burst_hf_trainer_sp")
+    return ap.parse_args()
+
+
+def tiny_llama(heads: int, kv_heads: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
+                      max_position_embeddings=4 * SEQ, attention_dropout=0.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def samples(n: int) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
+        labels = ids.clone()
+        labels[: 4 + 3 * i] = -100  # a prompt that is not trained on, different per sample
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": list(range(SEQ))})
+    return out
+
+
+def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
+
+
+def ds_config() -> dict:
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": 3}, "fp16": {"enabled": False}, "bf16": {"enabled": False},
+            "gradient_clipping": 1.0}
+
+
+def main() -> None:
+    args = parse_args()
+    import ds_burst
+
+    if args.backend == "burst":
+        ds_burst.patch_deepspeed()  # before the Trainer/Accelerator is created
+
+    from accelerate.utils import ParallelismConfig
+    from accelerate.utils.dataclasses import DeepSpeedSequenceParallelConfig
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")  # ALST needs deepspeed.comm
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sp = args.sp or world
+    common = dict(output_dir=args.output_dir, per_device_train_batch_size=1, max_steps=args.steps, learning_rate=1e-2,
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no",
+                  report_to="none", seed=0, data_seed=0, use_cpu=not torch.cuda.is_available(),
+                  train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
+                  deepspeed=ds_config())
+    if sp > 1:
+        common["parallelism_config"] = ParallelismConfig(
+            sp_backend="deepspeed", sp_size=sp,
+            sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation="sdpa"))
+
+    losses: list[float] = []
+
+    class Record(TrainerCallback):
+        def on_log(self, a, state, control, logs=None, **kw):  # noqa: ANN001 - transformers callback API
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    model = tiny_llama(args.heads, args.kv_heads)
+    data = samples(args.steps * max(sp, 1) * 2)
+    if args.trainer == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        rows = [{"input_ids": s["input_ids"], "completion_mask": [int(x != -100) for x in s["labels"]]}
+                for s in data]
+        if args.packing:  # two short documents per sample, packed into one row by TRL
+            rows = [{"input_ids": r["input_ids"][: SEQ // 2], "completion_mask": r["completion_mask"][: SEQ // 2]}
+                    for r in rows]
+        targs = SFTConfig(**common, max_length=SEQ, packing=args.packing, completion_only_loss=True,
+                          dataset_kwargs={"skip_prepare_dataset": False})
+        trainer = SFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows), callbacks=[Record()])
+    else:
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, data_collator=collate,
+                          callbacks=[Record()])
+    ds_burst.reset_comm_stats()
+    trainer.train()
+    comm = ds_burst.comm_stats()
+    rank = int(os.environ.get("RANK", "0"))
+    print(f"rank {rank}: losses {losses} ds-burst ring bytes {comm}", flush=True)
+    if args.out and rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"losses": losses, "comm": comm, "sp": sp, "backend": args.backend}, f)
+
+
+if __name__ == "__main__":
+    main()
