@@ -9,7 +9,7 @@ All ranks form one sequence-parallel group (P = world size), B = 1, causal, zigz
     buffer pool on and off) against DeepSpeed-Ulysses (``DistributedAttention`` with SDPA, cuDNN first, GQA
     without repeating K/V; needs ``Hq`` and ``Hkv`` divisible by P). The
     figure is the peak allocated above what the inputs and the output gradient already take; ds-burst's
-    prediction is the pool's working set (``ds_burst.training.memory.attention_buffer_bytes``) plus the kept output,
+    prediction is the pool's working set (``ds_burst.training.estimate.attention_buffer_bytes``) plus the kept output,
     lse and delta and the three input gradients.
 (b) **One training step** (forward + backward, no optimizer) of ``BurstLlama`` with a Llama-3-8B-shaped config
     (``--layers`` cuts the depth), plain PyTorch (no DeepSpeed; parameters and gradients replicated), under
@@ -113,7 +113,7 @@ def _attention_methods(kernel: str, with_ulysses: bool) -> dict:
 def bench_attention(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """(a): peak memory of attention forward + backward per method."""
     from ds_burst.ring.pool import release_buffers, set_buffer_pool
-    from ds_burst.training.memory import attention_buffer_bytes
+    from ds_burst.training.estimate import attention_buffer_bytes
 
     world = dist.get_world_size()
     n, h, hkv, d = args.seq // world, args.heads, args.kv_heads, args.head_dim
@@ -162,7 +162,7 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     from ds_burst.attention.selective import release_host_buffers
     from ds_burst.ring.pool import release_buffers, set_buffer_pool
     from ds_burst.training.data import shard_batch_local
-    from ds_burst.training.memory import estimate_model_memory
+    from ds_burst.training.estimate import estimate_model_memory
     from ds_burst.training.model import BurstLlama, ModelConfig
 
     world, rank = dist.get_world_size(), dist.get_rank()

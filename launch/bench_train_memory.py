@@ -17,7 +17,8 @@ so a run that runs out of memory does not disturb the next) with a wall-clock li
 The MLP tile count follows the local length: ``ceil(S / SP / --mlp-tile-tokens)``. The figures come from each
 job's ``summary.json`` (peak GiB: ``torch.cuda.max_memory_allocated``, the largest over ranks; mean step time of
 the steps after the first; tokens/s). Jobs that ran out of memory are marked ``OOM``, jobs over the limit
-``timeout``. ``ds_burst.training.memory.estimate_model_memory`` adds a prediction to the ds-burst rows. Prints a table,
+``timeout``. ``ds_burst.training.estimate.estimate_model_memory`` adds a prediction to the ds-burst rows.
+Prints a table,
 writes JSON (``{"meta", "rows"}``) and, with matplotlib, a PNG next to it. ``--dry-run`` prints the commands.
 """
 
@@ -69,7 +70,7 @@ def overrides(method: str, seq: int, sp: int, tile_tokens: int, steps: int, out_
 
 def estimate(config: dict, ov: list[str], sp: int) -> dict | None:
     """``estimate_model_memory`` of the job's model (ZeRO stage and optimizer offload from the config)."""
-    from ds_burst.training.memory import estimate_model_memory
+    from ds_burst.training.estimate import estimate_model_memory
     from ds_burst.training.model import ModelConfig
 
     full = apply_overrides(config, ov)  # the job's config, as launch/train.py resolves it

@@ -294,7 +294,11 @@ def _saved_activation_bytes(model, ids, pos, labels) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("opts", [
+def _opts_id(opts: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
+
+
+@pytest.mark.parametrize("opts", ids=_opts_id, argvalues=[
     {},
     {"lm_head_chunk_tokens": 16},
     {"mlp_tiles": 4},
@@ -302,7 +306,7 @@ def _saved_activation_bytes(model, ids, pos, labels) -> int:
     {"ckpt": True, "batch": 2},
 ])
 def test_estimate_memory_activations_match_saved_tensors(opts):
-    from ds_burst.training.memory import GIB, estimate_memory
+    from ds_burst.training.estimate import GIB, estimate_memory
 
     opts = dict(opts)
     ckpt, batch = opts.pop("ckpt", False), opts.pop("batch", 1)
@@ -324,7 +328,7 @@ def _persistent_plus_transient(est: dict) -> float:
 
 
 def test_estimate_memory_consistency():
-    from ds_burst.training.memory import GIB, estimate_memory
+    from ds_burst.training.estimate import GIB, estimate_memory
 
     cfg = ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                       intermediate_size=14336)
@@ -650,7 +654,7 @@ def test_selective_options_validation_and_layer_choice():
         BurstLlama(ModelConfig(keep_attention_layers=1.0), attention="local")
 
 
-@pytest.mark.parametrize("opts", [
+@pytest.mark.parametrize("opts", ids=_opts_id, argvalues=[
     {"keep_attention_layers": 0.5, "keep_attention_tokens": "half"},
     {"keep_attention_layers": 0.34, "offload_checkpoints": True, "mlp_tiles": 2},
 ])
@@ -658,7 +662,7 @@ def test_estimate_memory_kept_and_offloaded_bytes_match_the_model(opts):
     """Single process, fp32: the estimator's kept-attention and host-offload bytes are what the model keeps and
     offloads, and the loss and gradients equal plain checkpointing's."""
     from ds_burst.attention.selective import reset_selective_stats, selective_stats
-    from ds_burst.training.memory import GIB, estimate_model_memory
+    from ds_burst.training.estimate import GIB, estimate_model_memory
 
     base = dict(vocab_size=50, hidden_size=24, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=32)
     cfg = ModelConfig(**base, **opts)

@@ -59,8 +59,8 @@ from ds_burst.core.cost_model import (
 
 
 def _memory_report(args: argparse.Namespace) -> str:
-    """``--memory``: :func:`ds_burst.training.memory.estimate_memory` for the model and parallel layout given."""
-    from ds_burst.training.memory import estimate_memory
+    """``--memory``: :func:`ds_burst.training.estimate.estimate_memory` for the model and parallel layout given."""
+    from ds_burst.training.estimate import estimate_memory
     from ds_burst.training.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.heads * args.head_dim, num_layers=args.layers,

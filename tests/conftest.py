@@ -1,0 +1,26 @@
+"""The fast tier: ``python -m pytest -q -m fast`` runs the unit tests and a few small multi-rank cases (under
+3 minutes on 2 cores), which CI runs before the whole suite. A test is in the tier when its module is listed in
+``FAST_MODULES`` or its node id starts with an entry of ``FAST_TESTS``."""
+
+from __future__ import annotations
+
+import pytest
+
+FAST_MODULES = {
+    "test_layers.py",
+    "test_core_units.py",
+    "test_kernel_choice.py",
+    "test_hot_path.py",
+    "test_kernel_conformance.py",
+}
+FAST_TESTS = (
+    "tests/test_core_ring.py::test_float64_matches_reference[causal-zigzag-burst-2-",
+    "tests/test_reliability.py::test_bad_input",
+    "tests/test_plan.py::test_predict",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in FAST_MODULES or item.nodeid.startswith(FAST_TESTS):
+            item.add_marker(pytest.mark.fast)
