@@ -46,6 +46,16 @@ def tiny_llama(heads: int, kv_heads: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
 
 
+def tiny_tokenizer() -> object:
+    """A word-level tokenizer over ``VOCAB`` made-up tokens (TRL wants a processing class; no downloads)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t0")
+
+
 def samples(n: int) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(1)
     out = []
@@ -74,18 +84,18 @@ def main() -> None:
     if args.backend == "burst":
         ds_burst.patch_deepspeed()  # before the Trainer/Accelerator is created
 
+    import deepspeed
     from accelerate.utils import ParallelismConfig
     from accelerate.utils.dataclasses import DeepSpeedSequenceParallelConfig
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")  # ALST needs deepspeed.comm
+    # DeepSpeed's collectives (ALST uses them; accelerate on CPU leaves deepspeed.comm uninitialised)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sp = args.sp or world
     common = dict(output_dir=args.output_dir, per_device_train_batch_size=1, max_steps=args.steps, learning_rate=1e-2,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no",
-                  report_to="none", seed=0, data_seed=0, use_cpu=not torch.cuda.is_available(),
+                  report_to="none", seed=0, bf16=False, fp16=False, data_seed=0, use_cpu=not torch.cuda.is_available(),
                   train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
                   deepspeed=ds_config())
     if sp > 1:
@@ -111,9 +121,9 @@ def main() -> None:
         if args.packing:  # two short documents per sample, packed into one row by TRL
             rows = [{"input_ids": r["input_ids"][: SEQ // 2], "completion_mask": r["completion_mask"][: SEQ // 2]}
                     for r in rows]
-        targs = SFTConfig(**common, max_length=SEQ, packing=args.packing, completion_only_loss=True,
-                          dataset_kwargs={"skip_prepare_dataset": False})
-        trainer = SFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows), callbacks=[Record()])
+        targs = SFTConfig(**common, max_length=SEQ, packing=args.packing, completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),
+                             processing_class=tiny_tokenizer(), callbacks=[Record()])
     else:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, data_collator=collate,
                           callbacks=[Record()])

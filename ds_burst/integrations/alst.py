@@ -43,10 +43,13 @@ __all__ = ["BurstSPAttentionHF", "BurstSPDataLoaderAdapter", "documents_from_pos
            "register_with_transformers", "unregister_from_transformers"]
 
 PACKED_ERROR = (
-    "ds-burst: packed batch (position_ids restart inside a row at {where}): documents would attend to each "
-    "other. ds-burst does not support packed sequences yet (document support, cu_seqlens, is coming); use "
-    "packing=False / padding_free=False, or one document per row"
+    "ds-burst: packed batch refused ({where}): a row holds several documents (position_ids restart inside the "
+    "row) and ds-burst would let them attend to each other. Document support (cu_seqlens) is not in ds-burst yet: "
+    "use packing=False / no padding-free collator (TRL), or one document per row"
 )
+
+# flash-attention varlen keys that describe the documents of a packed batch
+_DOC_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # attention functions replaced by register_with_transformers: key -> the original function
 _REPLACED: dict[str, Any] = {}
@@ -476,6 +479,9 @@ class BurstSPDataLoaderAdapter:
             self.iter = iter(self.dl)
             raise
         batch = dict(batch)
+        for k in _DOC_KEYS:  # flash-attn varlen metadata (TRL's padding-free collator): per batch, not per token
+            if torch.is_tensor(batch.get(k)):
+                batch[k] = batch[k].tolist()
         if "input_ids" not in batch:
             raise ValueError("BurstSPDataLoaderAdapter: batches need 'input_ids'")
         seq = batch["input_ids"].shape[1]
@@ -489,7 +495,12 @@ class BurstSPDataLoaderAdapter:
         if "labels" not in batch and "shift_labels" not in batch:
             raise ValueError("BurstSPDataLoaderAdapter: batches need 'labels' (or pre-shifted 'shift_labels')")
         for r, sample in enumerate(self._gather(batch)):
+            cu = sample.get("cu_seq_lens_q")
+            if isinstance(cu, list) and len(cu) > 2:
+                raise ValueError(PACKED_ERROR.format(where=f"data loader batch of SP rank {r}: cu_seq_lens_q={cu[:8]}"))
             refuse_packed(sample["position_ids"], f"data loader batch of SP rank {r}")
+            for k in _DOC_KEYS:  # one document per row: nothing for the attention to use
+                sample.pop(k, None)
             length = sample["input_ids"].shape[1]
             if length % self.sp_world_size != 0:
                 raise ValueError(f"batch's seqlen={length} isn't divisible by sp-size={self.sp_world_size}")

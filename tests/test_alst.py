@@ -1,0 +1,290 @@
+"""ds-burst behind DeepSpeed ALST's Ulysses switch (Accelerate ``ParallelismConfig(sp_backend="deepspeed")``, the HF
+Trainer, TRL's SFTTrainer), on 2 CPU gloo ranks.
+
+* examples/hf_trainer_sp.py (tiny Llama from a config, fp32, ZeRO-3, 3 steps) run by torchrun: the losses after
+  ``ds_burst.patch_deepspeed()`` equal DeepSpeed's own ALST run within 1e-5 relative and ds-burst's ring sent
+  bytes in "fwd" and "bwd" (ALST's run sends none through ds-burst);
+* 3 query heads / 1 KV head at SP=2: ALST refuses, ds-burst's losses equal an SP=1 run;
+* TRL SFTTrainer: equal to ALST without packing; with packing refused with ds-burst's error on both ranks;
+* ``unpatch_deepspeed()`` restores DeepSpeed's classes; the drop-ins keep ALST's signatures;
+* in-process 2-rank checks: the data loader adapter's shards, packed batches refused on every rank (adapter and
+  attention function), the token-weighted loss with a rank without labelled tokens (finite, equal to SP=1 and to
+  transformers' ``deepspeed_sp_compute_loss`` aggregation, value and gradients).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from launch_utils import REPO, free_port
+
+from dist_utils import run_ranks, values
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+EXAMPLE = str(REPO / "examples" / "hf_trainer_sp.py")
+TOL = 1e-5
+
+
+def _torchrun(nproc: int, args: list[str], tmp_path, check: bool = True, timeout: float = 240.0) -> tuple[dict, str]:
+    """Run the example under torchrun; returns (rank 0's JSON result, combined output)."""
+    out = tmp_path / f"result_{free_port()}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), EXAMPLE, *args, "--out", str(out), "--output-dir", str(tmp_path / "trainer")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    text = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{text[-6000:]}")
+    if not check:
+        assert proc.returncode != 0, "expected the run to fail"
+        return {}, text
+    return json.loads(out.read_text()), text
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) == 3, (a, b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def test_trainer_matches_alst(tmp_path):
+    alst, _ = _torchrun(2, ["--backend", "alst"], tmp_path)
+    burst, _ = _torchrun(2, ["--backend", "burst"], tmp_path)
+    print("ALST", alst["losses"], "ds-burst", burst["losses"], "ring bytes", burst["comm"])
+    assert _rel(burst["losses"], alst["losses"]) < TOL
+    assert len(set(burst["losses"])) == 3  # the model trained: three different losses
+    assert burst["comm"].get("fwd", 0) > 0 and burst["comm"].get("bwd", 0) > 0
+    assert not alst["comm"].get("fwd") and not alst["comm"].get("bwd")  # ALST's run did not use ds-burst
+
+
+def test_gqa_fewer_kv_heads_than_sp(tmp_path):
+    """3 query heads, 1 KV head at SP=2: Ulysses needs Hq % P == 0 and refuses; ds-burst matches SP=1."""
+    _, text = _torchrun(2, ["--backend", "alst", "--heads", "3", "--kv-heads", "1"], tmp_path, check=False)
+    assert "Attention head count 3 is not divisible by SP size 2" in text
+    sp2, _ = _torchrun(2, ["--backend", "burst", "--heads", "3", "--kv-heads", "1"], tmp_path)
+    sp1, _ = _torchrun(1, ["--backend", "burst", "--heads", "3", "--kv-heads", "1"], tmp_path)
+    print("SP=2", sp2["losses"], "SP=1", sp1["losses"], "ring bytes", sp2["comm"])
+    assert sp2["sp"] == 2 and sp1["sp"] == 1
+    assert _rel(sp2["losses"], sp1["losses"]) < TOL
+    assert sp2["comm"].get("fwd", 0) > 0 and sp2["comm"].get("bwd", 0) > 0
+
+
+def test_trl_sft_trainer(tmp_path):
+    pytest.importorskip("trl")
+    alst, _ = _torchrun(2, ["--backend", "alst", "--trainer", "trl"], tmp_path)
+    burst, _ = _torchrun(2, ["--backend", "burst", "--trainer", "trl"], tmp_path)
+    print("TRL ALST", alst["losses"], "ds-burst", burst["losses"], "ring bytes", burst["comm"])
+    assert _rel(burst["losses"], alst["losses"]) < TOL
+    assert burst["comm"].get("fwd", 0) > 0 and burst["comm"].get("bwd", 0) > 0
+
+
+def test_trl_packing_refused_on_every_rank(tmp_path):
+    pytest.importorskip("trl")
+    _, text = _torchrun(2, ["--backend", "burst", "--trainer", "trl", "--packing"], tmp_path, check=False)
+    for rank in (0, 1):
+        assert f"[rank{rank}]: ValueError: ds-burst: packed batch refused" in text, text[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# patch / unpatch
+
+
+def test_unpatch_restores_deepspeed_classes():
+    import deepspeed.runtime.sequence_parallel.ulysses_sp as ulysses_sp
+    import deepspeed.sequence.layer as ds_layer
+
+    import ds_burst
+    from ds_burst.integrations import alst
+
+    orig = (ds_layer.DistributedAttention, ulysses_sp.UlyssesSPAttentionHF, ulysses_sp.UlyssesSPDataLoaderAdapter)
+    # a module that bound the names at import time (``from ... import UlyssesSPAttentionHF``)
+    fake = types.ModuleType("fake_alst_user")
+    fake.UlyssesSPAttentionHF, fake.UlyssesSPDataLoaderAdapter = orig[1], orig[2]
+    sys.modules["fake_alst_user"] = fake
+    try:
+        ds_burst.patch_deepspeed()
+        ds_burst.patch_deepspeed()  # idempotent
+        assert ds_layer.DistributedAttention is ds_burst.DistributedAttention
+        assert ulysses_sp.UlyssesSPAttentionHF is alst.BurstSPAttentionHF is fake.UlyssesSPAttentionHF
+        assert ulysses_sp.UlyssesSPDataLoaderAdapter is alst.BurstSPDataLoaderAdapter is fake.UlyssesSPDataLoaderAdapter
+        ds_burst.unpatch_deepspeed()
+        assert (ds_layer.DistributedAttention, ulysses_sp.UlyssesSPAttentionHF,
+                ulysses_sp.UlyssesSPDataLoaderAdapter) == orig
+        assert (fake.UlyssesSPAttentionHF, fake.UlyssesSPDataLoaderAdapter) == orig[1:]
+        assert ulysses_sp.UlyssesSPAttentionHF.__module__ == "deepspeed.runtime.sequence_parallel.ulysses_sp"
+        ds_burst.unpatch_deepspeed()  # no-op
+        assert ulysses_sp.UlyssesSPAttentionHF is orig[1]
+    finally:
+        del sys.modules["fake_alst_user"]
+        ds_burst.unpatch_deepspeed()
+
+
+def _params(fn) -> list[tuple[str, object]]:
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def test_drop_ins_keep_alst_signatures():
+    import deepspeed.runtime.sequence_parallel.ulysses_sp as ulysses_sp
+
+    from ds_burst.integrations import alst
+
+    ds, ours = ulysses_sp.UlyssesSPAttentionHF, alst.BurstSPAttentionHF
+    for name in ("__init__", "forward", "register_with_transformers"):
+        assert _params(getattr(ours, name)) == _params(getattr(ds, name)), name
+    assert _params(alst.BurstSPDataLoaderAdapter.__init__) == _params(ulysses_sp.UlyssesSPDataLoaderAdapter.__init__)
+    assert _params(alst.register_with_transformers) == _params(ds.register_with_transformers)
+
+
+def test_documents_from_position_ids():
+    from ds_burst.integrations.alst import documents_from_position_ids, refuse_packed
+
+    assert documents_from_position_ids(torch.arange(8)[None]) is None
+    assert documents_from_position_ids(torch.arange(5, 13)[None].expand(2, -1)) is None  # offset, no restart
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
+    assert documents_from_position_ids(packed) == [[0, 3, 8], [0, 8]]
+    with pytest.raises(ValueError, match="packed batch refused.*row 0, document starts \\[3\\]"):
+        refuse_packed(packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 gloo ranks in-process
+
+
+def _adapter_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from ds_burst.integrations.alst import BurstSPDataLoaderAdapter
+
+    S = 8
+    res: dict = {}
+    # each rank loads its own sample (rank r: tokens 100r + t), no position_ids given
+    own = [{"input_ids": torch.arange(S)[None] + 100 * rank + 10 * i, "labels": torch.arange(S)[None] + 100 * rank,
+            "tag": f"r{rank}b{i}"} for i in range(2)]
+    ad = BurstSPDataLoaderAdapter(own, sp_rank=rank, sp_group=dist.group.WORLD, sp_world_size=world,
+                                  device=torch.device("cpu"))
+    res["len"] = len(ad)
+    res["batches"] = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in b.items()} for b in ad]
+    # packed sample on rank 1 only: both ranks must refuse
+    pos = torch.arange(S)[None] if rank == 0 else torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    bad = [{"input_ids": torch.arange(S)[None], "labels": torch.arange(S)[None], "position_ids": pos}]
+    try:
+        next(iter(BurstSPDataLoaderAdapter(bad, rank, dist.group.WORLD, world, torch.device("cpu"))))
+        res["adapter_packed"] = "no error"
+    except ValueError as e:
+        res["adapter_packed"] = str(e)
+    return res
+
+
+def test_dataloader_adapter_shards_and_refuses_packed():
+    res = values(run_ranks(_adapter_worker, 2, timeout=120))
+    for rank, r in enumerate(res):
+        assert r["len"] == 4
+        assert [b["tag"] for b in r["batches"]] == ["r0b0", "r1b0", "r0b1", "r1b1"]  # rank 0's sample, then rank 1's
+        lo, hi = 4 * rank, 4 * rank + 4
+        for b in r["batches"]:
+            src, i = int(b["tag"][1]), int(b["tag"][3])
+            full_ids = [100 * src + 10 * i + t for t in range(8)]
+            full_shift = [100 * src + t for t in range(1, 8)] + [-100]
+            assert b["input_ids"] == [full_ids[lo:hi]]
+            assert b["shift_labels"] == [full_shift[lo:hi]]
+            assert b["position_ids"] == [list(range(lo, hi))]  # global positions (RoPE)
+            assert "labels" not in b
+        assert "packed batch refused" in r["adapter_packed"] and "SP rank 1" in r["adapter_packed"], r
+
+
+def _attention_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ds_burst.integrations.alst import BurstSPAttentionHF
+
+    res: dict = {}
+    attn = BurstSPAttentionHF(sdpa_attention_forward, batch_size=1, attn_head_count=4, attn_head_size=8,
+                              kv_head_count=1, num_hidden_layers=1, process_group=dist.group.WORLD,
+                              seq_length_is_variable=True)
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = 4
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 16, 8, generator=g), torch.randn(1, 1, 16, 8, generator=g), torch.randn(
+        1, 1, 16, 8, generator=g)
+    ref, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=True, scaling=8 ** -0.5)
+    sl = slice(8 * rank, 8 * rank + 8)
+    out, _ = attn(module, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, position_ids=torch.arange(16)[None, sl],
+                  scaling=8 ** -0.5)
+    res["err"] = float((out - ref[:, sl]).abs().max())
+    # the restart sits in rank 1's half only: both ranks refuse
+    pos = torch.arange(8)[None] + 8 * rank if rank == 0 else torch.tensor([[8, 9, 10, 0, 1, 2, 3, 4]])
+    try:
+        attn(module, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, position_ids=pos, scaling=8 ** -0.5)
+        res["packed"] = "no error"
+    except ValueError as e:
+        res["packed"] = str(e)
+    return res
+
+
+def test_attention_matches_sdpa_and_refuses_packed_on_every_rank():
+    res = values(run_ranks(_attention_worker, 2, timeout=120))
+    for r in res:
+        assert r["err"] < 1e-5, r
+        assert "packed batch refused" in r["packed"] and "document starts [11]" in r["packed"], r
+
+
+def _loss_worker(rank: int, world: int) -> dict:
+    import deepspeed.utils.groups as ds_groups
+    from transformers.integrations.deepspeed import deepspeed_sp_compute_loss
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from ds_burst import init_sequence_parallel
+    from ds_burst.training.losses import sequence_parallel_loss
+
+    topo = init_sequence_parallel(world)
+    V, S = 11, 12
+    g = torch.Generator().manual_seed(5)
+    full_logits = torch.randn(1, S, V, generator=g, dtype=torch.float64)
+    full_shift = torch.randint(0, V, (1, S), generator=g)
+    full_shift[:, : S // 2 + 1] = -100  # prompt: rank 0's half has no labelled token
+    sl = slice(6 * rank, 6 * rank + 6)
+    ref = torch.nn.functional.cross_entropy(full_logits[0], full_shift[0], ignore_index=-100)
+    # ds-burst
+    logits = full_logits[:, sl].clone().requires_grad_(True)
+    ours = sequence_parallel_loss(logits, full_shift[:, sl], topo, sp_grads_averaged=True)
+    ours.backward()
+    # transformers' Trainer path under sp_backend="deepspeed" (its model loss gets shift_labels)
+    logits_t = full_logits[:, sl].clone().requires_grad_(True)
+
+    def model(**inputs):
+        loss = ForCausalLMLoss(logits_t, None, V, shift_labels=inputs["shift_labels"])
+        return types.SimpleNamespace(loss=loss)
+
+    old = ds_groups.mpu
+    ds_groups.mpu = topo
+    try:
+        pc = types.SimpleNamespace(sp_backend="deepspeed", sp_size=world)
+        theirs = deepspeed_sp_compute_loss(None, model, {"shift_labels": full_shift[:, sl]}, False, pc)
+    finally:
+        ds_groups.mpu = old
+    theirs.backward()
+    return {"ours": ours.item(), "theirs": theirs.item(), "ref": ref.item(),
+            "grad_finite": bool(torch.isfinite(logits.grad).all()),
+            "grad_diff": float((logits.grad - logits_t.grad).abs().max()),
+            "grad_norm": float(logits.grad.abs().sum())}
+
+
+def test_loss_with_a_rank_without_labels():
+    res = values(run_ranks(_loss_worker, 2, timeout=120))
+    for r in res:
+        assert abs(r["ours"] - r["ref"]) < 1e-9 * abs(r["ref"]), r
+        assert abs(r["theirs"] - r["ref"]) < 1e-6 * abs(r["ref"]), r
+        assert r["grad_finite"] and r["grad_diff"] < 1e-6, r  # transformers computes in fp32
+    assert res[0]["grad_norm"] == 0.0 and res[1]["grad_norm"] > 0  # rank 0 has no labelled token
