@@ -30,9 +30,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from ds_burst.dist.comm import resolve_group
+from ds_burst.dist.comm import all_gather_objects, all_gather_tensor, resolve_group
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
 from ds_burst.integrations.hf import hf_burst_attention
 from ds_burst.training.data import IGNORE_INDEX
@@ -161,9 +160,7 @@ class BurstSPAttentionHF(torch.nn.Module):
         full = position_ids
         info = resolve_group(self.process_group)
         if info.world > 1:
-            parts = [torch.empty_like(position_ids) for _ in range(info.world)]
-            dist.all_gather(parts, position_ids.contiguous(), group=info.group)
-            full = torch.cat(parts, dim=-1)
+            full = torch.cat(all_gather_tensor(info, position_ids), dim=-1)
         refuse_packed(full, "attention")
         self._checked = weakref.ref(position_ids)
 
@@ -442,15 +439,16 @@ class BurstSPDataLoaderAdapter:
         p = self.sp_world_size
         if p == 1:
             return [batch]
-        group = resolve_group(self.sp_group).group
+        info = resolve_group(self.sp_group)
+        if info.world != p:
+            raise ValueError(f"sp_world_size={p} but the SP group has {info.world} ranks")
         tensors = {k: v for k, v in batch.items() if torch.is_tensor(v)}
         meta = {
             "tensors": {k: (str(v.dtype), tuple(v.shape[:1]) + tuple(v.shape[2:]), int(v.shape[1]))
                         for k, v in sorted(tensors.items())},
             "objects": {k: v for k, v in batch.items() if not torch.is_tensor(v)},
         }
-        metas: list[Any] = [None] * p
-        dist.all_gather_object(metas, meta, group=group)
+        metas: list[Any] = all_gather_objects(info, meta)
         keys = list(meta["tensors"])
         for r, m in enumerate(metas):
             if list(m["tensors"]) != keys or any(m["tensors"][k][:2] != meta["tensors"][k][:2] for k in keys):
@@ -464,9 +462,8 @@ class BurstSPDataLoaderAdapter:
             if t.shape[1] < longest:
                 pad = torch.zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
                 t = torch.cat([t, pad], dim=1)
-            parts = [torch.empty_like(t) for _ in range(p)]
             with torch.no_grad():
-                dist.all_gather(parts, t.contiguous(), group=group)
+                parts = all_gather_tensor(info, t)
             for r in range(p):
                 out[r][k] = parts[r][:, : lengths[r]]
         return out

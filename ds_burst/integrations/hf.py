@@ -18,8 +18,9 @@ applied: pack sequences without padding, or :func:`shard_batch` rejects a paddin
 Positions (RoPE) come from the ``position_ids`` you pass, which :func:`shard_batch` makes global.
 
 The ALST-compatible path used by Accelerate / the HF Trainer / TRL (``ParallelismConfig(sp_backend="deepspeed")``)
-is :mod:`ds_burst.integrations.alst`, re-exported here: ``register_with_transformers``, ``BurstSPAttentionHF``,
-``BurstSPDataLoaderAdapter``, ``documents_from_position_ids`` (or just call :func:`ds_burst.patch_deepspeed`).
+is :mod:`ds_burst.integrations.alst`, re-exported with this module by ``ds_burst.hf``:
+``register_with_transformers``, ``BurstSPAttentionHF``, ``BurstSPDataLoaderAdapter``,
+``documents_from_position_ids`` (or just call :func:`ds_burst.patch_deepspeed`).
 
 transformers is imported lazily; the rest of ds_burst does not need it.
 """
@@ -36,10 +37,8 @@ from ds_burst.dist.topology import Topology, get_topology, init_sequence_paralle
 from ds_burst.training.data import IGNORE_INDEX, shard_batch_local
 from ds_burst.training.losses import sequence_parallel_loss as _sp_loss
 
-_ALST_EXPORTS = ("register_with_transformers", "BurstSPAttentionHF", "BurstSPDataLoaderAdapter",
-                 "documents_from_position_ids")
 __all__ = ["ATTN_NAME", "burst_attention_forward", "hf_burst_attention", "register", "setup", "shard_batch",
-           "sequence_parallel_loss", *_ALST_EXPORTS]
+           "sequence_parallel_loss"]
 
 ATTN_NAME = "burst"
 _STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
@@ -172,11 +171,3 @@ def sequence_parallel_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mpu
     ``sp_grads_averaged=ds_burst.training.losses.sp_grads_averaged(ds_config)`` under DeepSpeed)."""
     return _sp_loss(logits, shift_labels, mpu, ignore_index=ignore_index, sp_grads_averaged=sp_grads_averaged)
 
-
-def __getattr__(name: str) -> Any:
-    """The ALST drop-ins (:mod:`ds_burst.integrations.alst`), imported on first use (it imports this module)."""
-    if name in _ALST_EXPORTS:
-        from ds_burst.integrations import alst
-
-        return getattr(alst, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
