@@ -106,7 +106,7 @@ def main() -> None:
     losses: list[float] = []
 
     class Record(TrainerCallback):
-        def on_log(self, a, state, control, logs=None, **kw):  # noqa: ANN001 - transformers callback API
+        def on_log(self, args, state, control, logs=None, **kwargs):  # transformers' callback API
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 

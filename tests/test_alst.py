@@ -230,6 +230,26 @@ def _attention_worker(rank: int, world: int) -> dict:
         res["packed"] = "no error"
     except ValueError as e:
         res["packed"] = str(e)
+    # register_with_transformers takes over the model's key; unpatch_deepspeed gives it back
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import ds_burst
+    from ds_burst.integrations.alst import register_with_transformers
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=24, intermediate_size=8, num_hidden_layers=1, num_attention_heads=3,
+                      num_key_value_heads=1, head_dim=8)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    mpu = register_with_transformers(model, "sdpa", sequence_parallel_size=world, micro_batch_size=1)
+    res["mpu"] = (type(mpu).__name__, mpu.get_sequence_parallel_world_size())
+    res["replaced"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is not before
+    ids = torch.arange(16)[None] % 16
+    with torch.no_grad():
+        ref = model(input_ids=ids[:, :8] if rank == 0 else ids[:, 8:], position_ids=torch.arange(16)[None, sl])
+    res["ran"] = bool(torch.isfinite(ref.logits).all())
+    ds_burst.unpatch_deepspeed()
+    res["restored"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is before is sdpa_attention_forward
     return res
 
 
@@ -238,6 +258,7 @@ def test_attention_matches_sdpa_and_refuses_packed_on_every_rank():
     for r in res:
         assert r["err"] < 1e-5, r
         assert "packed batch refused" in r["packed"] and "document starts [11]" in r["packed"], r
+        assert r["mpu"] == ("Topology", 2) and r["replaced"] and r["ran"] and r["restored"], r
 
 
 def _loss_worker(rank: int, world: int) -> dict:
