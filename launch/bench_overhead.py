@@ -79,6 +79,31 @@ def bench_shape(s: int, hq: int, hkv: int, d: int, kernels: list[str], iters: in
     return rows
 
 
+def profile_calls(s: int, hq: int, hkv: int, d: int, calls: int) -> None:
+    """cProfile of ``calls`` fwd+bwd calls of ``burst_attn_func`` (kernel auto) at one shape: where the host goes."""
+    import cProfile
+    import pstats
+
+    import ds_burst
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(1, s, hq, d, device=dev, dtype=dt).requires_grad_()
+    k, v = (torch.randn(1, s, hkv, d, device=dev, dtype=dt).requires_grad_() for _ in range(2))
+    do = torch.randn(1, s, hq, d, device=dev, dtype=dt)
+    step = lambda: ds_burst.burst_attn_func(q, k, v, causal=True).backward(do)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"# cProfile: {calls} fwd+bwd calls of burst_attn_func at S={s} (kernel auto)")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192, 32768])
@@ -88,10 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernels", nargs="+", default=["auto", "sdpa", "triton"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="results/overhead.json")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print a cProfile of N ds-burst-auto fwd+bwd calls at the first S (host time)")
     args = ap.parse_args(argv)
     rows = []
     for s in args.seqs:
         rows += bench_shape(s, args.heads, args.kv_heads, args.head_dim, args.kernels, args.iters)
+    if args.profile:
+        profile_calls(args.seqs[0], args.heads, args.kv_heads, args.head_dim, args.profile)
     print()
     print_table(rows, COLUMNS)
     cmd = " ".join(sys.argv[1:] if argv is None else argv)

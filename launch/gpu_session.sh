@@ -61,7 +61,8 @@ for spec in "$@"; do
         >"$OUT/gpu_tests_new.log" 2>&1
       grep -E "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/gpu_tests_new.log" | tail -60 ;;
     overhead)  # per-call cost at P=1: ds-burst fwd+bwd against raw SDPA cuDNN, host time per call
-      timeout "$limit" python3 launch/bench_overhead.py --out "$OUT/overhead.json" >"$OUT/overhead.log" 2>&1
+      timeout "$limit" python3 launch/bench_overhead.py --out "$OUT/overhead.json" ${OVERHEAD_ARGS:-} \
+        >"$OUT/overhead.log" 2>&1
       echo "rc=$?"; tail -22 "$OUT/overhead.log" ;;
     documents)  # packed documents on one GPU: ds-burst's local kernels against FlexAttention and cuDNN per document
       timeout "$limit" python3 launch/bench_documents.py --out "$OUT/documents.json" >"$OUT/documents.log" 2>&1

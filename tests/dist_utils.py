@@ -54,15 +54,20 @@ def run_ranks(
             start_method="spawn",
         )
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1.0):
+        while any(p.is_alive() for p in ctx.processes):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     if p.is_alive():
                         p.kill()
                 raise TimeoutError(f"distributed test did not finish within {timeout:.0f}s (hang?)")
+            time.sleep(0.2)
         results = []
-        for r in range(world):
-            with open(os.path.join(outdir, f"{r}.pkl"), "rb") as f:
+        for r, p in enumerate(ctx.processes):
+            path = os.path.join(outdir, f"{r}.pkl")
+            if not os.path.exists(path):  # died before reporting (a crash): that is the rank's result
+                results.append(("error", ("ProcessExited", f"exit code {p.exitcode}", "")))
+                continue
+            with open(path, "rb") as f:  # a rank that reported, then died in teardown, keeps its report
                 results.append(pickle.load(f))
         return results
 

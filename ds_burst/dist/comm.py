@@ -66,6 +66,21 @@ class NodeGroups:
     inter: GroupInfo
 
 
+def initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_size(group: object) -> int:
+    """Members of a process group."""
+    return dist.get_world_size(group)  # type: ignore[arg-type]
+
+
+def is_cpu_backend(info: GroupInfo) -> bool:
+    """Whether ``info``'s group runs on a CPU backend (gloo/mpi), whose collectives take CPU tensors."""
+    return info.group is None or _is_cpu_backend(info)
+
+
 def resolve_group(group: object) -> GroupInfo:
     """Accept ``None`` (world, or a single process when torch.distributed is not initialised), a
     ``ProcessGroup``, or any object with ``get_sequence_parallel_group()`` (a DeepSpeed ``mpu``)."""
@@ -264,7 +279,7 @@ class P2PBatch:
                     req.wait()
             except (RuntimeError, TimeoutError) as exc:
                 msg = str(exc)
-                if timeout is not None and ("Timed out" in msg or isinstance(exc, TimeoutError)):
+                if timeout is not None and ("timed out" in msg.lower() or isinstance(exc, TimeoutError)):
                     raise CommTimeoutError(
                         f"{self._where()}: {desc} did not complete within the ds-burst communication timeout "
                         f"of {timeout:g}s; that peer failed, hangs or is far behind (set {COMM_TIMEOUT_ENV} "
@@ -332,7 +347,7 @@ def _bounded_wait(work: Any, info: GroupInfo, timeout: float, what: str) -> None
             time.sleep(1e-4)
         work.wait()
     except (RuntimeError, TimeoutError) as exc:
-        if "Timed out" in str(exc) or isinstance(exc, TimeoutError):
+        if "timed out" in str(exc).lower() or isinstance(exc, TimeoutError):
             raise CommTimeoutError(
                 f"{what} (group of {info.world}) did not complete within the ds-burst communication timeout of "
                 f"{timeout:g}s ({COMM_TIMEOUT_ENV})"

@@ -75,7 +75,7 @@ import importlib
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -670,3 +670,55 @@ def attend_bwd(
         STATS[("bwd", backend)] += 1
         return dq, dk.to(q.dtype), dv.to(q.dtype)
     return None
+
+
+def bind_whole(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+    window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """For a call whose only tile is the whole block (one rank): a function ``(q, k, v) -> (out, lse)`` that runs
+    one fused op with torch's own autograd (its derivative is the fused backward), chosen once for these shapes:
+    no autograd function of ds-burst's, no fp32 state, no merge. ``None`` when the mask needs several pieces, the
+    shapes or dtype suit no fused op, or the op's self-check failed (the caller keeps the general path).
+
+    ``out`` is ``[B, Sq, Hq, D]`` in the input dtype, ``lse`` ``[B, Hq, Sq]`` fp32 (not differentiable). The pick
+    is made when the plan is built: switching a backend off later (``torch.backends.cuda.enable_*_sdp``) does not
+    change plans already built (``ds_burst.attention.call_plan.clear_plans()`` rebuilds them).
+    """
+    sq, sk = q.shape[1], k.shape[1]
+    pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
+    if q.device.type != "cuda" or pieces is None or len(pieces) != 1 or pieces[0][:4] != (0, sq, 0, sk):
+        return None
+    is_causal = pieces[0][4]
+    for backend, repeat, _key in _usable("fwd", q, k, v, is_causal):
+        if backend == "cpu_flash" or not _usable_bwd(backend, q, k, v, is_causal):
+            continue
+        STATS[("bind", backend)] += 1
+        groups = q.shape[2] // k.shape[2] if repeat else 1
+        return _whole_runner(backend, groups, float(scale), is_causal, (q.shape[0], q.shape[2], sq))
+    return None
+
+
+def _whole_runner(backend: str, groups: int, scale: float, is_causal: bool,
+                  lse_shape: tuple[int, int, int]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                              tuple[torch.Tensor, torch.Tensor]]:
+    aten = torch.ops.aten
+    cudnn = backend == "cudnn"
+    op = aten._scaled_dot_product_cudnn_attention if cudnn else aten._scaled_dot_product_flash_attention
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if groups > 1:
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cudnn:
+            res = op(qh, kh, vh, None, True, 0.0, is_causal, False, scale=scale)
+        else:
+            res = op(qh, kh, vh, 0.0, is_causal, False, scale=scale)
+        return res[0].transpose(1, 2), res[1].detach().reshape(lse_shape)
+
+    return run
+
+
+def _usable_bwd(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> bool:
+    """Whether ``backend``'s backward passed its checks for these inputs too (it runs under torch's autograd)."""
+    return any(b == backend for b, _, _ in _usable("bwd", q, k, v, is_causal))
