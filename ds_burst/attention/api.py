@@ -17,6 +17,7 @@ import torch
 from ds_burst.attention import compiled
 from ds_burst.attention.function import BurstAttnFunction
 from ds_burst.attention.lookup import lookup_plan
+from ds_burst.attention.selective import active_keep
 from ds_burst.attention.validate import check_mode, diagnose_drift
 from ds_burst.dist.comm import CommTimeoutError
 
@@ -37,12 +38,16 @@ def burst_attn_func(
     check_inputs: bool | str = True,
     schedule: str | None = None,
     check_finite: bool = False,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
     Args:
         q: ``[B, S_local, Hq, D]`` queries of this rank's tokens.
-        k, v: ``[B, S_local, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA without repeating K/V).
+        k, v: ``[B, S_local, Hkv, D]`` and ``[B, S_local, Hkv, Dv]`` with ``Hq % Hkv == 0`` (GQA/MQA without
+            repeating K/V); the value head dim ``Dv`` may differ from ``D`` (MLA, e.g. DeepSeek-V3's 192/128).
         causal: causal mask by *global* positions.
         softmax_scale: defaults to ``D ** -0.5``.
         window_size: ``(left, right)`` sliding window as in flash-attn, ``-1`` unbounded. Out-of-reach
@@ -69,17 +74,28 @@ def burst_attn_func(
             Sliding windows always use the flat ring, which stops early.
         check_finite: raise ``ValueError`` on every rank when any rank's q, k or v (forward) or output
             gradient (backward) holds NaN/Inf, naming the rank and tensor (a collective check per call).
+            Without it NaN/Inf in q, k or v propagate into the output as in torch SDPA (never a zeroed row).
+        softcap: logit softcapping (Gemma 2): scores become ``softcap * tanh(s / softcap)`` with ``s`` the scaled
+            score; ``None`` for none.
+        sinks: ``[Hq]`` attention sinks (GPT-OSS): a learned per-head logit in the softmax denominator, merged
+            once after the ring; it gets a gradient (this rank's queries' part).
+
+    Kernels that cannot honour ``softcap`` or ``Dv != D`` (sdpa's fused ops) are replaced for the call by one that
+    can (Triton on CUDA where it supports the inputs, else the PyTorch reference).
 
     Returns:
         ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
     """
     if torch.compiler.is_compiling():
         return compiled.call(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel,
-                             return_lse, deterministic, check_inputs, schedule, check_finite)
+                             return_lse, deterministic, check_inputs, schedule, check_finite, softcap, sinks)
     plan = lookup_plan(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
-                       deterministic, check_mode(check_inputs), schedule, check_finite)
+                       deterministic, check_mode(check_inputs), schedule, check_finite, softcap, sinks)
+    if plan.direct is not None and active_keep() is None:  # one rank, one fused op under torch's autograd
+        out, lse = plan.direct(q, k, v)
+        return (out, lse) if return_lse else out
     try:
-        out, lse = BurstAttnFunction.apply(q, k, v, plan)
+        out, lse = BurstAttnFunction.apply(q, k, v, plan, sinks)
     except CommTimeoutError as exc:
         diagnose_drift(plan.info, plan.summary, exc)
         raise

@@ -41,6 +41,8 @@ class CallPlan:
     check_finite: bool = False  # backward: raise on every rank when any rank's dO holds NaN/Inf
     whole: TileOp | None = None  # set: the call's only tile is the whole local block (one rank, no ring)
     summary: tuple[int, ...] = ()  # the validated summary of the call (diagnosis of ranks that drift apart)
+    # set: (q, k, v) -> (out, lse) through one fused op under torch's own autograd (one rank, whole block, sdpa)
+    direct: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def choose_compute_layout(
@@ -69,8 +71,32 @@ def choose_compute_layout(
     return user_layout, passes(user_layout)
 
 
-def _kernel_name(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, window: tuple[int, int], deterministic: bool,
-                 info: GroupInfo) -> str:
+def _variant_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs) -> str:
+    """``name``, or the kernel that replaces it when it cannot honour this call's softcap / value head dim (never a
+    silently wrong result): sdpa's fused ops know neither, so it gives way to Triton (CUDA, when Triton supports the
+    inputs) or the PyTorch reference; Triton gives way to the reference where it lacks the feature."""
+    variant = a.softcap is not None or v.shape[-1] != q.shape[-1]
+    if not variant or name == "torch":
+        return name
+    if name in ("sdpa", "auto", "triton") and q.device.type == "cuda" and resolve_kernel("auto", q.device, q.dtype) \
+            == "triton":
+        ta = kernel_module("triton")
+        if getattr(ta, "supports_variant", None) is not None and ta.supports_variant(q, k, v, a.softcap):
+            return "triton"
+    if name == "triton" and q.device.type == "cpu":
+        ta = kernel_module("triton")
+        if getattr(ta, "supports_variant", None) is not None and ta.supports_variant(q, k, v, a.softcap):
+            return "triton"
+    return "torch"
+
+
+def _kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
+                 deterministic: bool, info: GroupInfo) -> str:
+    if a.softcap is not None or v.shape[-1] != q.shape[-1]:
+        return _variant_kernel(a.kernel, q, k, v, a)
+    if a.kernel == "auto" and q.device.type == "cuda" and info.world == 1 and _whole_direct(q, k, v, a, window, "sdpa",
+                                                                                                 deterministic):
+        return "sdpa"  # one rank, one fused call: nothing of ours to beat the fused op with
     if a.kernel == "auto" and q.device.type == "cuda":  # measured once per shape, rank 0's pick everywhere
         def agree(pick: int) -> int:
             return all_gather_ints(info, [pick], q.device)[0][0]
@@ -82,7 +108,7 @@ def _kernel_name(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, window: tuple[in
 
 def make_plan(
     q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
-    node_groups: NodeGroups | None = None, summary: tuple[int, ...] = (),
+    node_groups: NodeGroups | None = None, summary: tuple[int, ...] = (), v: torch.Tensor | None = None,
 ) -> CallPlan:
     """Resolve layout, ring passes, schedule, kernel and backward pattern for validated inputs."""
     world, s_local = info.world, q.shape[1]
@@ -92,7 +118,9 @@ def make_plan(
     layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
     # Topology-aware schedules visit every block; sliding windows keep the flat ring, which stops early.
     topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1
-    kernel = kernel_module(_kernel_name(q, k, a, window, deterministic, info))
+    v = k if v is None else v
+    kernel = kernel_module(_kernel_name(q, k, v, a, window, deterministic, info))
+    softcap = None if a.softcap is None else float(a.softcap)
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
     hq, hkv = q.shape[2], k.shape[2]
     spec = None
@@ -104,11 +132,12 @@ def make_plan(
         hq = hq // per_node
         table = [segments(layout, n, n_nodes, s_local * per_node) for n in range(n_nodes)]
         setup = RingSetup(node_groups.inter, table, ring_passes(table, a.causal, window), a.causal, window, scale,
-                          kernel, deterministic)
+                          kernel, deterministic, softcap=softcap)
     else:
         nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
-        table = [segments(layout, r, world, s_local) for r in range(world)]
-        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes)
+        # one rank: both layouts are the same token order; one segment gives one tile (the whole block)
+        table = [segments(layout if world > 1 else "contiguous", r, world, s_local) for r in range(world)]
+        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes, softcap)
     backward = a.backward
     if backward == "auto":
         # kernels whose backward needs the output (fused SDPA ops) keep Q, dO and O at home
@@ -118,7 +147,23 @@ def make_plan(
         ops = setup.ops(0, 0)
         if len(ops) == 1 and (ops[0].q0, ops[0].q1, ops[0].k0, ops[0].k1) == (0, s_local, 0, s_local):
             whole = ops[0]
-    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary)
+    direct = None
+    if whole is not None and spec is None:
+        direct = _whole_direct(q, k, v, a, window, kernel.__name__.rsplit(".", 1)[-1], deterministic)
+    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, direct)
+
+
+def _whole_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
+                  kernel: str, deterministic: bool) -> Callable | None:
+    """The kernel's one-call runner under torch's autograd for a one-rank call (see ``CallPlan.direct``), or
+    ``None``: only the fused SDPA ops have one, not for deterministic runs (cuDNN's backward is not), not with
+    the variants the fused ops cannot express (softcap, sinks, another value head dim)."""
+    if kernel not in ("sdpa", "sdpa_attn") or deterministic or getattr(a, "softcap", None) is not None \
+            or getattr(a, "has_sinks", False):
+        return None
+    scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
+    sdpa = kernel_module("sdpa")
+    return sdpa.bind_whole(q, k, v, scale=scale, causal=a.causal, window=window)
 
 
 class PlanCache:

@@ -5,7 +5,8 @@ arguments; the group travels as a token (:func:`group_token`, a constant at trac
 same plan cache, validation and ring as the eager path. Outputs of a custom op may not alias its inputs, so the
 backward re-derives the compute-layout tensors from q, k, v and the output (a relayout exchange when the
 caller's layout differs from the compute layout; nothing at one rank or in the compute layout). ``schedule=
-"ulysses_ring"`` and selective checkpointing are not supported under compile (a clear error).
+"ulysses_ring"`` and selective checkpointing are not supported under compile (a clear error). ``softcap`` is a
+float argument (``None`` for none) and ``sinks`` an optional tensor input that gets a gradient.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ _GROUPS: dict[str, object] = {}
 @torch._dynamo.assume_constant_result
 def group_token(group: object) -> str:
     """A string naming ``group`` for the custom op (registered so the op can find the object again)."""
+    try:  # dynamo hands a process group in as a fake script object wrapping the real one
+        group = object.__getattribute__(group, "real_obj")
+    except AttributeError:
+        pass
     token = "" if group is None else f"g{id(group)}"
     _GROUPS[token] = group
     return token
@@ -35,9 +40,10 @@ def _group(token: str) -> object:
 
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int,
           token: str, layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
-          schedule: str, check_finite: bool) -> CallPlan:
+          schedule: str, check_finite: bool, softcap: float | None = None,
+          sinks: torch.Tensor | None = None) -> CallPlan:
     plan = lookup_plan(q, k, v, causal, scale, (wl, wr), _group(token), layout, backward, kernel, True,
-                       deterministic, check_inputs, None if schedule == "" else schedule, check_finite)
+                       deterministic, check_inputs, None if schedule == "" else schedule, check_finite, softcap, sinks)
     if plan.ulysses is not None:
         raise ValueError("schedule='ulysses_ring' is not supported under torch.compile; use 'ring' or 'double_ring'")
     return plan
@@ -46,57 +52,65 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
 @torch.library.custom_op("ds_burst::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int,
                  wr: int, token: str, layout: str, backward: str, kernel: str, deterministic: bool,
-                 check_inputs: str, schedule: str, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 check_inputs: str, schedule: str, check_finite: bool, softcap: float | None,
+                 sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if active_keep() is not None:
         raise ValueError("selective checkpointing (ds_burst.attention.selective) is not supported under torch.compile")
     plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
-                 schedule, check_finite)
-    out, lse, _ = forward_impl(q, k, v, plan)
+                 schedule, check_finite, softcap, sinks)
+    out, lse, _ = forward_impl(q, k, v, plan, sinks)
     return out.contiguous().clone() if out.data_ptr() == q.data_ptr() else out.contiguous(), lse.contiguous()
 
 
 @attention_op.register_fake
 def _(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs, schedule,
-      check_finite):
+      check_finite, softcap, sinks):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
+    out_shape = (*q.shape[:3], v.shape[3])
+    return q.new_empty(out_shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
 
 
 @torch.library.custom_op("ds_burst::attention_backward", mutates_args=())
 def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           dout: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int, token: str,
                           layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
-                          schedule: str, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          schedule: str, check_finite: bool, softcap: float | None, sinks: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
-                 schedule, check_finite)
+                 schedule, check_finite, softcap, sinks)
     src, dst, info = plan.user_layout, plan.compute_layout, plan.info
     if src == dst:
         saved = (q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
     else:
         saved = (*(relayout(x.contiguous(), 1, src, dst, info) for x in (q, k, v, out)),  # type: ignore[assignment]
                  relayout(lse.contiguous(), 2, src, dst, info))
-    dq, dk, dv = backward_impl(plan, saved, dout)  # type: ignore[arg-type]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    grads = backward_impl(plan, saved, dout, sinks)  # type: ignore[arg-type]
+    # the op's outputs are fixed: d sinks is zeros (never read) without sinks
+    dsinks = grads[3] if sinks is not None else q.new_zeros(())
+    return grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), dsinks.contiguous()
 
 
 @attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sinks = args[-1]
+    dsinks = q.new_zeros(()) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     q, k, v, *opts = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.opts = opts
+    sinks = opts[-1]
+    ctx.save_for_backward(q, k, v, out, lse, *(() if sinks is None else (sinks,)))
+    ctx.opts = opts[:-1]
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):  # noqa: ANN001, ANN202
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout.contiguous(), *ctx.opts)
-    return (dq, dk, dv) + (None,) * len(ctx.opts)
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    sinks = rest[0] if rest else None
+    dq, dk, dv, dsinks = attention_backward_op(q, k, v, out, lse, dout.contiguous(), *ctx.opts, sinks)
+    return (dq, dk, dv) + (None,) * len(ctx.opts) + (dsinks if sinks is not None else None,)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -104,12 +118,14 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
          window_size: tuple[int, int], group: object, layout: str, backward: str, kernel: str, return_lse: bool,
-         deterministic: bool, check_inputs: bool | str, schedule: str | None, check_finite: bool
+         deterministic: bool, check_inputs: bool | str, schedule: str | None, check_finite: bool,
+         softcap: float | None = None, sinks: torch.Tensor | None = None
          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``burst_attn_func`` while dynamo traces: the custom op."""
     mode = "once" if check_inputs is True else ("local" if check_inputs is False else str(check_inputs))
     scale = None if softmax_scale is None else float(softmax_scale)
     out, lse = attention_op(q, k, v, bool(causal), scale, int(window_size[0]), int(window_size[1]),
                             group_token(group), layout, backward, kernel, bool(deterministic), mode,
-                            "" if schedule is None else schedule, bool(check_finite))
+                            "" if schedule is None else schedule, bool(check_finite),
+                            None if softcap is None else float(softcap), sinks)
     return (out, lse) if return_lse else out

@@ -1,6 +1,11 @@
 """The autograd function of ``burst_attn_func``: layout moves, the ring forward and the Burst or ring backward.
 
 Saved for backward: q, k, v, out (input dtype, compute layout) and lse (fp32). Nothing O(S^2).
+
+Attention sinks (a per-head logit in the softmax denominator, GPT-OSS) are merged once, after the ring, in the
+compute layout: ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')``; the saved ``out``/``lse`` are
+the final ones, so every kernel's backward is unchanged, and ``d sink_h = -sum_q exp(sink_h - lse'_q) * delta_q``
+(this rank's queries; the sequence-parallel gradient reduction sums the ranks' parts like any replicated weight).
 Inside a selective-checkpointing region (:mod:`ds_burst.attention.selective`) the re-run in backward reuses the
 output and lse kept from the first run instead of running the ring forward again (all of it or the early half).
 A plan whose only tile is the whole local block (one rank) calls the kernel's one-call ``attend``/``attend_bwd``
@@ -15,15 +20,49 @@ from ds_burst.attention.call_plan import CallPlan
 from ds_burst.attention.selective import active_keep
 from ds_burst.dist.comm import GroupInfo, all_gather_ints
 from ds_burst.dist.relayout import relayout
+from ds_burst.kernels import reference
 from ds_burst.ring import ulysses_ring as uly
-from ds_burst.ring.engine import burst_backward, kv_ring_backward, needs_out, ring_forward
+from ds_burst.ring.engine import burst_backward, kv_ring_backward, ring_forward
 from ds_burst.ring.pool import buffer_pool
 
 Saved = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def _sink_heads(sinks: torch.Tensor, plan: CallPlan) -> torch.Tensor:
+    """The sinks of the heads this rank computes in the compute layout (a slice under Ulysses' head split)."""
+    spec = plan.ulysses
+    if spec is None or spec.intra.world == 1:
+        return sinks
+    hl = sinks.shape[0] // spec.intra.world
+    return sinks[spec.intra.rank * hl:(spec.intra.rank + 1) * hl]
+
+
+def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out * exp(lse - lse'), lse')`` with ``lse' = logaddexp(lse, sink)`` per head: the sink logit joins the
+    softmax denominator once. ``out [B, S, H, Dv]`` keeps its dtype (scaled in the lse dtype)."""
+    sink = sinks.to(lse.dtype).reshape(1, -1, 1)
+    new = torch.logaddexp(lse, sink)
+    w = torch.exp(lse - new)  # lse = -inf (no key): weight 0, the row is 0 as without sinks; NaN stays NaN
+    scaled = out.to(lse.dtype) * w.transpose(1, 2).unsqueeze(-1)
+    return scaled.to(out.dtype), new
+
+
+def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, plan: CallPlan) -> torch.Tensor:
+    """``d sinks`` of this rank's queries: ``-sum_{b,q} exp(sink_h - lse_h,q) * delta_h,q`` (full ``[Hq]``, zeros
+    for heads another rank of the node computes under Ulysses)."""
+    heads = _sink_heads(sinks, plan).to(lse.dtype).reshape(1, -1, 1)
+    part = -(torch.exp(heads - lse) * delta.to(lse.dtype)).sum((0, 2))
+    spec = plan.ulysses
+    if spec is not None and spec.intra.world > 1:
+        full = torch.zeros(sinks.shape[0], dtype=part.dtype, device=part.device)
+        hl = sinks.shape[0] // spec.intra.world
+        full[spec.intra.rank * hl:(spec.intra.rank + 1) * hl] = part
+        part = full
+    return part.to(sinks.dtype)
+
+
 def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 plan: CallPlan) -> tuple[torch.Tensor, torch.Tensor, Saved]:
+                 plan: CallPlan, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Saved]:
     """``(out, lse, saved)``: output and lse in the caller's layout, and what the backward needs."""
     info, src, dst, spec = plan.info, plan.user_layout, plan.compute_layout, plan.ulysses
     if src == dst:
@@ -34,6 +73,8 @@ def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qc = uly.to_node(qc, spec, "a2a")
         kc, vc = (uly.to_node(uly.repeat_kv(x, spec.kv_repeat), spec, "a2a") for x in (kc, vc))
     out_c, lse = _forward_with_keep(qc, kc, vc, plan, q.dtype)
+    if sinks is not None:
+        out_c, lse = fold_sinks(out_c, lse, _sink_heads(sinks, plan))
     saved = (qc, kc, vc, out_c, lse)
     if spec is not None:
         out_c, lse = uly.from_node(out_c, spec, "a2a"), uly.lse_to_shard(lse, spec, "a2a")
@@ -42,9 +83,10 @@ def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return relayout(out_c, 1, dst, src, info), relayout(lse, 2, dst, src, info), saved
 
 
-def backward_impl(plan: CallPlan, saved: Saved,
-                  dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k, v (input dtype, the caller's layout) for the output gradient ``dout``."""
+def backward_impl(plan: CallPlan, saved: Saved, dout: torch.Tensor, sinks: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, ...]:
+    """Gradients of q, k, v (input dtype, the caller's layout) for the output gradient ``dout``, and of
+    ``sinks`` when given (then a 4-tuple)."""
     info, src, dst, spec = plan.info, plan.user_layout, plan.compute_layout, plan.ulysses
     qc, kc, vc, out_c, lse = saved
     if plan.check_finite:
@@ -54,14 +96,17 @@ def backward_impl(plan: CallPlan, saved: Saved,
     if spec is not None:
         dout_c = uly.to_node(dout_c, spec, "bwd_a2a")
     kernel = plan.setup.kernel
+    dsinks = None
+    if sinks is not None:
+        dsinks = sinks_grad(sinks, lse, reference.bwd_preprocess(out_c, dout_c), plan)
     if plan.whole is not None and hasattr(kernel, "attend_bwd"):
         op = plan.whole
         got = kernel.attend_bwd(qc, kc, vc, out_c, dout_c, lse, scale=plan.setup.scale,
                                 deterministic=plan.setup.deterministic, **plan.setup.mask_args(op))
         if got is not None:
-            return got
+            return got if dsinks is None else (*got, dsinks)
     dout_c = dout_c.contiguous()
-    delta = None if needs_out(kernel) else kernel.bwd_preprocess(out_c, dout_c)
+    delta = kernel.bwd_preprocess(out_c, dout_c)  # the fused ops' fallback tiles and row chunks need it too
     if plan.backward == "burst":
         dq, dk, dv = burst_backward(qc, kc, vc, dout_c, lse, delta, plan.setup)
     else:
@@ -74,27 +119,30 @@ def backward_impl(plan: CallPlan, saved: Saved,
         acc = qc.dtype if spec.kv_repeat == 1 else dk.dtype
         dk, dv = (uly.sum_repeated(uly.from_node(g.to(acc), spec, "bwd_a2a"), spec.kv_repeat) for g in (dk, dv))
     dk, dv = dk.to(qc.dtype), dv.to(qc.dtype)
-    if src == dst:
-        return dq, dk, dv
-    dq, dk, dv = (relayout(g, 1, dst, src, info, "bwd_relayout") for g in (dq, dk, dv))
-    return dq, dk, dv
+    if src != dst:
+        dq, dk, dv = (relayout(g, 1, dst, src, info, "bwd_relayout") for g in (dq, dk, dv))
+    return (dq, dk, dv) if dsinks is None else (dq, dk, dv, dsinks)
 
 
 class BurstAttnFunction(torch.autograd.Function):
     """Autograd function: ring forward, Burst or ring backward, layout moves on both sides."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):  # type: ignore[override]
-        out, lse, saved = forward_impl(q, k, v, plan)
-        ctx.save_for_backward(*saved)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,  # type: ignore[override]
+                sinks: torch.Tensor | None = None):
+        out, lse, saved = forward_impl(q, k, v, plan, sinks)
+        ctx.save_for_backward(*saved, *(() if sinks is None else (sinks,)))
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None):  # type: ignore[override]
-        dq, dk, dv = backward_impl(ctx.plan, tuple(ctx.saved_tensors), dout)  # type: ignore[arg-type]
-        return dq, dk, dv, None
+        saved = tuple(ctx.saved_tensors)
+        sinks = saved[5] if len(saved) > 5 else None
+        grads = backward_impl(ctx.plan, saved[:5], dout, sinks)  # type: ignore[arg-type]
+        dsinks = grads[3] if sinks is not None else None
+        return grads[0], grads[1], grads[2], None, dsinks
 
 
 def _ring_forward_out(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: CallPlan, dtype: torch.dtype,

@@ -27,7 +27,7 @@ from ds_burst.dist.comm import (
 )
 from ds_burst.ring.ulysses_ring import check_heads
 
-__all__ = ["BACKWARDS", "SCHEDULES", "AttnArgs", "validate", "check_mode", "diagnose_drift"]
+__all__ = ["BACKWARDS", "SCHEDULES", "AttnArgs", "validate", "check_mode", "check_neighbours", "diagnose_drift"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
 
@@ -47,9 +47,24 @@ class AttnArgs:
     has_node_groups: bool = False
     per_node: int = 0  # ranks per node of the topology's node groups (0: none)
     check_finite: bool = False  # q, k, v must not hold NaN/Inf
+    softcap: float | None = None  # logit softcapping (Gemma 2)
+    has_sinks: bool = False  # a per-head sink logit in the softmax denominator (GPT-OSS)
 
 
-def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) -> tuple[str, str] | None:
+def _sinks_error(sinks: object, q: torch.Tensor) -> str | None:
+    if not isinstance(sinks, torch.Tensor):
+        return f"sinks must be a torch.Tensor of shape [Hq] or None, got {type(sinks).__name__}"
+    if sinks.dim() != 1 or sinks.shape[0] != q.shape[2]:
+        return f"sinks must have shape [Hq] = [{q.shape[2]}], got {tuple(sinks.shape)}"
+    if sinks.device != q.device:
+        return f"sinks is on {sinks.device}, q on {q.device}"
+    if not sinks.is_floating_point():
+        return f"sinks must be a floating-point tensor, got {sinks.dtype}"
+    return None
+
+
+def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, sinks: object = None
+                 ) -> tuple[str, str] | None:
     """This rank's first problem as ``(exception class name, message)``, or ``None``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -58,13 +73,16 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             return "ValueError", f"{name} must have 4 dims [B, S_local, H, D], got shape {tuple(t.shape)}"
-    if k.shape != v.shape:
-        return "ValueError", f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}"
+    if k.shape[:3] != v.shape[:3]:
+        return "ValueError", (f"k and v must agree in batch, S_local and heads ([B, S_local, Hkv, D] and "
+                              f"[B, S_local, Hkv, Dv]): {tuple(k.shape)} vs {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         return "ValueError", (
-            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, S_local and head dim "
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, S_local and head dim "
             "([B, S_local, Hq, D] and [B, S_local, Hkv, D])"
         )
+    if v.shape[3] == 0:
+        return "ValueError", f"empty input: v shape {tuple(v.shape)}"
     if q.shape[2] % k.shape[2]:
         return "ValueError", f"Hq % Hkv != 0: {q.shape[2]} query heads and {k.shape[2]} key/value heads"
     if q.shape[1] == 0 or q.shape[0] == 0 or q.shape[3] == 0 or k.shape[2] == 0:
@@ -99,6 +117,13 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
         return "ValueError", f"window_size right={w[1]} conflicts with causal=True (use right=0 or -1)"
     if a.softmax_scale is not None and not (isinstance(a.softmax_scale, (int, float)) and a.softmax_scale > 0):
         return "ValueError", f"softmax_scale must be a positive number or None, got {a.softmax_scale!r}"
+    if a.softcap is not None and not (isinstance(a.softcap, (int, float)) and not isinstance(a.softcap, bool)
+                                      and 0 < a.softcap < float("inf")):
+        return "ValueError", f"softcap must be a positive finite number or None, got {a.softcap!r}"
+    if sinks is not None:
+        problem = _sinks_error(sinks, q)
+        if problem:
+            return "ValueError", problem
     if a.layout == "zigzag" and info.world > 1 and q.shape[1] % 2:
         return "ValueError", (
             f"zigzag layout needs S divisible by 2P: S_local={q.shape[1]} is odd (P={info.world})"
@@ -106,7 +131,8 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
     if a.kernel == "sdpa" and a.backward == "burst":
         return "ValueError", "kernel='sdpa' needs the output in its backward: use backward='ring' or 'auto'"
     if a.check_finite:
-        for name, t in (("q", q), ("k", k), ("v", v)):
+        named = (("q", q), ("k", k), ("v", v)) + ((("sinks", sinks),) if sinks is not None else ())
+        for name, t in named:
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 return "ValueError", f"{name} contains {bad} NaN/Inf values (check_finite=True)"
@@ -118,8 +144,9 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
     return None
 
 
-def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> dict[str, int]:
+def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | None = None) -> dict[str, int]:
     scale_bits = -1 if a.softmax_scale is None else int(round(float(a.softmax_scale) * 1e9))
+    softcap_bits = -1 if a.softcap is None else int(round(float(a.softcap) * 1e9))
     return {
         "batch": q.shape[0],
         "S_local": q.shape[1],
@@ -138,12 +165,15 @@ def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> dict[str, int]:
         "return_lse": int(a.return_lse),
         "schedule": SCHEDULES.index(a.schedule),
         "check_finite": int(a.check_finite),
+        "value head dim": (v if v is not None else k).shape[3],
+        "softcap": softcap_bits,
+        "sinks": int(a.has_sinks),
     }
 
 
 _FIELD_NAMES = ("batch", "S_local", "Hq", "Hkv", "head dim", "dtype", "device type", "causal", "window left",
                 "window right", "softmax_scale", "layout", "backward", "kernel", "return_lse", "schedule",
-                "check_finite")
+                "check_finite", "value head dim", "softcap", "sinks")
 _N_FIELDS = len(_FIELD_NAMES)  # the all-gathered row is the error flag plus these
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 
@@ -162,18 +192,18 @@ def check_mode(check_inputs: object) -> str:
 _TAG = "validate"
 
 
-def validate(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, collective: bool = True
-             ) -> tuple[int, ...]:
+def validate(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, collective: bool = True,
+             sinks: object = None) -> tuple[int, ...]:
     """Raise the same ``ValueError``/``TypeError`` on every rank when any rank's input is bad; return this
     rank's summary (the values the ranks compared)."""
-    err = _local_error(q, k, v, a, info)
+    err = _local_error(q, k, v, a, info, sinks)
     if info.world == 1 or not collective:
         if err:
             raise _EXC[err[0]](err[1])
-        return tuple(_summary(q, k, a).values()) if collective else ()  # type: ignore[arg-type]
+        return tuple(_summary(q, k, a, v).values())  # type: ignore[arg-type]
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     if err is None:
-        summary = _summary(q, k, a)  # type: ignore[arg-type]
+        summary = _summary(q, k, a, v)  # type: ignore[arg-type]
         values = [0, *summary.values()]
     else:
         summary = {}
@@ -194,6 +224,42 @@ def validate(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, coll
         if len(set(seen)) > 1:
             raise ValueError(f"{name} differs across the ranks of the sequence-parallel group: {_decode(name, seen)}")
     return tuple(values[1:])
+
+
+def check_neighbours(info: GroupInfo, mine: tuple[int, ...] | None, device: torch.device) -> None:
+    """``check_inputs=False``: exchange this call's summary with both ring neighbours (fixed-size P2P messages,
+    no collective) and raise ``ValueError`` naming what differs on both sides of a link whose ranks disagree.
+    ``mine=None``: this rank failed its own checks (it re-raises its error after telling its neighbours).
+
+    Without it a shard-length mismatch reaches the ring's K/V messages, where gloo silently accepts a shorter
+    message on one side while the other aborts. A rank whose neighbours agree with it but whose ring has a
+    failed rank elsewhere fails inside the ring (a closed connection or the communication timeout).
+    """
+    if info.world == 1:
+        return
+    from ds_burst.dist.comm import exchange
+
+    rank, world = info.rank, info.world
+    prev, nxt = (rank - 1) % world, (rank + 1) % world
+    row = [1] + [0] * _N_FIELDS if mine is None else [0, *mine]
+    me = torch.tensor(row, dtype=torch.int64, device=device)
+    got = [torch.empty_like(me), torch.empty_like(me)]
+    exchange(info, "validate", [(me, nxt), (me, prev)], [(got[0], prev), (got[1], nxt)])
+    if mine is None:
+        return
+    names = list(_FIELD_NAMES)
+    diffs = []
+    for peer, theirs in ((prev, got[0].tolist()), (nxt, got[1].tolist())):
+        if theirs[0]:
+            diffs.append(f"rank {peer} failed its own input checks")
+            continue
+        for i, (a, b) in enumerate(zip(mine, theirs[1:])):
+            if a != b:
+                diffs.append(f"{names[i]}: {_decode(names[i], [a, b], [rank, peer])}")
+    if diffs:
+        raise ValueError(f"ds-burst rank {rank}: the ranks of the sequence-parallel group are not running the same "
+                         f"attention call ({'; '.join(dict.fromkeys(diffs))}; check_inputs=False compares ring "
+                         "neighbours only)")
 
 
 def diagnose_drift(info: GroupInfo, mine: tuple[int, ...], exc: BaseException) -> None:
@@ -229,6 +295,6 @@ def _decode(name: str, seen: list[int], ranks: list[int] | None = None) -> str:
              "kernel": list(KERNELS), "device type": list(_DEVICE_TYPES)}
     if name in table:
         return ", ".join(f"rank {r}: {table[name][x] if x < len(table[name]) else x}" for r, x in zip(ranks, seen))
-    if name == "softmax_scale":
+    if name in ("softmax_scale", "softcap"):
         return ", ".join(f"rank {r}: {'None' if x < 0 else x / 1e9}" for r, x in zip(ranks, seen))
     return ", ".join(f"rank {r}: {x}" for r, x in zip(ranks, seen))

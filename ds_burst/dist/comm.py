@@ -88,6 +88,12 @@ def resolve_group(group: object) -> GroupInfo:
         group = group.get_sequence_parallel_group()
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
+            launched = settings.launcher_world_size()
+            if launched > 1:
+                raise RuntimeError(
+                    f"ds-burst: the launcher started WORLD_SIZE={launched} processes but no torch.distributed "
+                    "process group is initialised, so this call would run as one process over the local shard "
+                    "only; call deepspeed.init_distributed() or torch.distributed.init_process_group() first")
             return GroupInfo(None, 0, 1)
         group = dist.group.WORLD
     if not isinstance(group, dist.ProcessGroup):

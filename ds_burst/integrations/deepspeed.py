@@ -31,13 +31,15 @@ from ds_burst.dist.comm import resolve_group
 log = logging.getLogger(__name__)
 
 BURST_OPTIONS = ("causal", "softmax_scale", "window_size", "layout", "backward", "kernel", "deterministic",
-                 "check_inputs", "check_finite")
+                 "check_inputs", "check_finite", "softcap")
 _CAUSAL_KEYS = ("causal", "is_causal")
 _SCALE_KEYS = ("softmax_scale", "scale", "scaling")
 _WINDOW_KEYS = ("window_size", "sliding_window")
 _MASK_KEYS = ("attn_mask", "attention_mask", "mask")
 _DROPOUT_KEYS = ("dropout_p", "attention_dropout", "dropout")
-_CALL_KEYS = _CAUSAL_KEYS + _SCALE_KEYS + _WINDOW_KEYS + _MASK_KEYS + _DROPOUT_KEYS
+_SOFTCAP_KEYS = ("softcap",)
+_SINK_KEYS = ("sinks", "s_aux")
+_CALL_KEYS = _CAUSAL_KEYS + _SCALE_KEYS + _WINDOW_KEYS + _MASK_KEYS + _DROPOUT_KEYS + _SOFTCAP_KEYS + _SINK_KEYS
 
 
 def _window_from(name: str, value: Any, causal: bool) -> tuple[int, int]:
@@ -197,6 +199,16 @@ class DistributedAttention(torch.nn.Module):
         if window is None:
             window = self._module_option(_WINDOW_KEYS)
         opts["window_size"] = _window_from(*window, causal) if window else (-1, -1)
+
+        # logit softcapping and attention sinks (call kwargs > burst_options)
+        softcap = next((kwargs[k] for k in _SOFTCAP_KEYS if kwargs.get(k) is not None), None)
+        if softcap is None:
+            softcap = self.burst_options.get("softcap")
+        if softcap is not None:
+            opts["softcap"] = float(softcap)
+        sinks = next((kwargs[k] for k in _SINK_KEYS if kwargs.get(k) is not None), None)
+        if sinks is not None:
+            opts["sinks"] = sinks
         return opts
 
     # ------------------------------------------------------------------------------------------
@@ -219,8 +231,9 @@ class DistributedAttention(torch.nn.Module):
             rotary_pos_emb: optional ``(cos, sin)`` for the **full** sequence in DeepSpeed's convention
                 (``cos.permute(1, 0, 2, 3)`` broadcasts against the full-sequence tensor); applied to this
                 rank's tokens at their global positions.
-            **kwargs: ``causal``/``is_causal``, ``softmax_scale``/``scale``, ``window_size``/``sliding_window``
-                override the constructor's options.
+            **kwargs: ``causal``/``is_causal``, ``softmax_scale``/``scale``, ``window_size``/``sliding_window``,
+                ``softcap`` override the constructor's options; ``sinks``/``s_aux`` (``[Hq]``, GPT-OSS attention
+                sinks) are applied; any other keyword raises ``ValueError``.
 
         Returns:
             the attention output in the layout of ``query``.

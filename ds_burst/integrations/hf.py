@@ -44,6 +44,20 @@ ATTN_NAME = "burst"
 _STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
 
 
+# Keywords transformers' models pass to the attention function besides the ones applied below, that do not change
+# the attention result (cache bookkeeping, output flags); every other keyword is refused with a ValueError.
+_NO_EFFECT = ("use_cache", "cache_position", "output_router_logits", "output_hidden_states", "return_dict",
+              "num_items_in_batch", "layer_idx")
+
+
+def _sp_size(topo: Any) -> int:
+    if topo is not None:
+        return int(topo.get_sequence_parallel_world_size())
+    from ds_burst.dist.comm import resolve_group
+
+    return resolve_group(None).world
+
+
 def burst_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -53,40 +67,39 @@ def burst_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+    output_attentions: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The function registered as ``attn_implementation="burst"`` (transformers' AttentionInterface)."""
-    if attention_mask is not None:
-        raise ValueError("ds-burst attention: an explicit attention mask is not supported (causal and sliding window "
-                         "masks are applied by position; do not pad)")
-    topo = _STATE["topology"] or get_topology()
-    out = hf_burst_attention(module, query, key, value, scaling=scaling, dropout=dropout,
-                             sliding_window=sliding_window, group=topo, layout=_STATE["layout"],
-                             **_STATE["options"])
-    return out, None
+    """The function registered as ``attn_implementation="burst"`` (transformers' AttentionInterface).
 
-
-def hf_burst_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    is_causal: bool | None = None,
-    group: Any = None,
-    layout: str = "zigzag",
-    **burst_options: Any,
-) -> torch.Tensor:
-    """BurstAttention on transformers' attention-function tensors: ``query [B, Hq, s, D]``, ``key/value
-    [B, Hkv, s, D]`` (this rank's shard) -> ``[B, s, Hq, D]``. Causal unless ``is_causal``/``module.is_causal``
-    say otherwise; ``sliding_window=W`` is the Mistral/Qwen2 window (``window_size=(W-1, 0)`` causal);
-    attention dropout > 0 raises ``ValueError``. Shared by ``attn_implementation="burst"`` and the ALST drop-in
-    (:mod:`ds_burst.integrations.alst`)."""
+    Applied: ``scaling``, ``sliding_window``, ``softcap`` (Gemma 2 logit softcapping), ``s_aux`` (GPT-OSS attention
+    sinks, ``[Hq]``), ``is_causal`` (else ``module.is_causal``), a value head dim other than the q/k one (MLA);
+    ``position_ids`` must be given when the sequence is split (RoPE positions must be global). Refused with a
+    ``ValueError``: dropout > 0, an attention mask, ``output_attentions=True``, packed-sequence keywords
+    (``cu_seq_lens_*``, ``max_length_*``) and any keyword not listed here or in ``_NO_EFFECT``.
+    """
     if dropout and dropout > 0:
         raise ValueError(f"ds-burst attention: attention dropout={dropout} > 0 is not supported (set attention_dropout"
                          "=0 in the model config)")
+    if attention_mask is not None:
+        raise ValueError("ds-burst attention: an explicit attention mask is not supported (causal and sliding window "
+                         "masks are applied by position; do not pad)")
+    if output_attentions:
+        raise ValueError("ds-burst attention: output_attentions=True is not supported (no attention weights are "
+                         "formed)")
+    unknown = sorted(k for k, val in kwargs.items() if k not in _NO_EFFECT and val is not None)
+    if unknown:
+        raise ValueError(f"ds-burst attention: keyword argument(s) {unknown} are not supported by the 'burst' "
+                         "attention implementation (packed sequences, custom masks and the like)")
+    topo = _STATE["topology"] or get_topology()
+    if position_ids is None and _sp_size(topo) > 1:
+        raise ValueError("ds-burst attention: position_ids are required when the sequence is split over ranks "
+                         "(sequence-parallel size > 1); pass the global positions, e.g. shard_batch(...)"
+                         "['position_ids'], or RoPE runs with local positions")
     causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
     window = (-1, -1)
     if sliding_window is not None:
@@ -98,12 +111,14 @@ def hf_burst_attention(
         causal=causal,
         softmax_scale=scaling,
         window_size=window,
-        group=group,
-        layout=layout,
-        **burst_options,
+        group=topo,
+        layout=_STATE["layout"],
+        softcap=None if softcap is None else float(softcap),
+        sinks=s_aux,
+        **_STATE["options"],
     )
     assert isinstance(out, torch.Tensor)
-    return out
+    return out, None
 
 
 def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:

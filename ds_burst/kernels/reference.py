@@ -1,7 +1,12 @@
 """Pure-PyTorch local attention tiles: the CPU path and the reference for the Triton kernels.
 
-Layout everywhere (flash-attn's): ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with ``Hq % Hkv == 0``;
-query head ``h`` uses key/value head ``h // (Hq // Hkv)``. Any strides are accepted.
+Layout everywhere (flash-attn's): ``q [B, Sq, Hq, D]``, ``k [B, Sk, Hkv, D]``, ``v [B, Sk, Hkv, Dv]`` with
+``Hq % Hkv == 0``; query head ``h`` uses key/value head ``h // (Hq // Hkv)``. Any strides are accepted. The value
+head dim ``Dv`` may differ from ``D`` (MLA); ``out``/``dout`` are then ``[B, Sq, Hq, Dv]``.
+
+``softcap`` (optional): logit softcapping, the score is ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2).
+
+Non-finite inputs propagate as in torch SDPA: a NaN/Inf score makes its rows NaN, never zero.
 
 Running state of the online softmax, carried across ring steps and updated in place:
 ``out [B, Sq, Hq, D]`` (normalised partial output, fp32 or fp64) and ``lse [B, Hq, Sq]`` (natural-log
@@ -69,9 +74,11 @@ def fwd_step(
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
     block_k: int = DEFAULT_BLOCK_K,
+    softcap: float | None = None,
 ) -> None:
     """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place."""
-    b, sq, hq, d = q.shape
+    b, sq, hq, _ = q.shape
+    dv = v.shape[-1]
     sk, hkv = k.shape[1], k.shape[2]
     kind = classify_block(q_offset, sq, k_offset, sk, causal, window)
     if kind is BlockKind.EMPTY:
@@ -80,7 +87,7 @@ def fwd_step(
     g = hq // hkv
     qh = _heads_first(q, hkv, cdt)  # [B, Hkv, g, Sq, D]
     m = lse.to(cdt).reshape(b, hkv, g, sq).clone()  # running max, initialised to lse
-    l_run = torch.isfinite(m).to(cdt)  # running sum: 1 where state holds keys, else 0
+    l_run = (m != -math.inf).to(cdt)  # running sum: 1 where state holds keys (or NaN), else 0
     acc = _heads_first(out, hkv, cdt) * l_run[..., None]
     for c0 in range(0, sk, block_k):
         c1 = min(sk, c0 + block_k)
@@ -89,6 +96,8 @@ def fwd_step(
             continue
         kc, vc = _kv_tile(k, c0, c1, cdt), _kv_tile(v, c0, c1, cdt)
         s = torch.matmul(qh, kc.transpose(-1, -2)) * scale  # [B, Hkv, g, Sq, Skc]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         if sub is BlockKind.PARTIAL:
             ok = visible_mask(q_offset, sq, k_offset + c0, c1 - c0, causal, window, q.device)
             s = s.masked_fill(~ok, -math.inf)
@@ -99,11 +108,11 @@ def fwd_step(
         l_run = l_run * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.matmul(p, vc)
         m = m_new
-    has = l_run > 0
+    has = l_run != 0  # NaN sums count as keys: non-finite inputs propagate, no row is silently zeroed
     l_safe = torch.where(has, l_run, torch.ones_like(l_run))
     new_out = torch.where(has[..., None], acc / l_safe[..., None], torch.zeros_like(acc))
     new_lse = torch.where(has, m + torch.log(l_safe), torch.full_like(m, -math.inf))
-    out.copy_(new_out.reshape(b, hq, sq, d).permute(0, 2, 1, 3))
+    out.copy_(new_out.reshape(b, hq, sq, dv).permute(0, 2, 1, 3))
     lse.copy_(new_lse.reshape(b, hq, sq))
 
 
@@ -130,8 +139,10 @@ def bwd_step(
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
     block_k: int = DEFAULT_BLOCK_K,
+    softcap: float | None = None,
 ) -> None:
-    """Add this block's gradients to ``dq`` (``[B, Sq, Hq, D]``) and ``dk, dv`` (``[B, Sk, Hkv, D]``).
+    """Add this block's gradients to ``dq`` (``[B, Sq, Hq, D]``), ``dk`` (``[B, Sk, Hkv, D]``), ``dv``
+    (``[B, Sk, Hkv, Dv]``).
 
     ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]``.
     """
@@ -153,6 +164,10 @@ def bwd_step(
             continue
         kc, vc = _kv_tile(k, c0, c1, cdt), _kv_tile(v, c0, c1, cdt)
         s = torch.matmul(qh, kc.transpose(-1, -2)) * scale
+        t = None
+        if softcap is not None:
+            t = torch.tanh(s / softcap)
+            s = t * softcap
         p = torch.exp(s - lse_h)  # [B, Hkv, g, Sq, Skc]
         if sub is BlockKind.PARTIAL:
             ok = visible_mask(q_offset, sq, k_offset + c0, c1 - c0, causal, window, q.device)
@@ -160,6 +175,8 @@ def bwd_step(
         dv_c = torch.matmul(p.transpose(-1, -2), doh).sum(2)  # [B, Hkv, Skc, D]
         dp = torch.matmul(doh, vc.transpose(-1, -2))
         ds = p * (dp - delta_h)
+        if t is not None:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+            ds = ds * (1 - t * t)
         dq_acc += torch.matmul(ds, kc) * scale
         dk_c = torch.matmul(ds.transpose(-1, -2), qh).sum(2) * scale
         dk[:, c0:c1] += dk_c.permute(0, 2, 1, 3).to(dk.dtype)
@@ -177,10 +194,14 @@ def naive_attention(
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain differentiable attention with an explicit mask: ``(out [B,S,Hq,D], lse [B,Hq,S])``.
+    """Plain differentiable attention with an explicit mask: ``(out [B,S,Hq,Dv], lse [B,Hq,S])``.
 
     Computed in the inputs' dtype (use float64 for references). Rows with no visible key give 0 and -inf.
+    ``softcap``: scores ``softcap * tanh(s / softcap)``; ``sinks [Hq]``: a per-head logit in the softmax
+    denominator (GPT-OSS), included in the returned ``lse``.
     """
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -189,9 +210,15 @@ def naive_attention(
     kk = k.repeat_interleave(rep, dim=2).transpose(1, 2)
     vv = v.repeat_interleave(rep, dim=2).transpose(1, 2)
     s = torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     ok = visible_mask(q_offset, sq, k_offset, sk, causal, window, q.device)
     s = s.masked_fill(~ok, -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
+    if sinks is not None:
+        sink_col = sinks.to(s.dtype).reshape(1, hq, 1, 1).expand(b, hq, sq, 1)
+        lse = torch.logsumexp(torch.cat([s, sink_col], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     out = torch.matmul(p, vv).transpose(1, 2)
     return out, lse

@@ -426,7 +426,8 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, o_blk: torch.Tensor, lse_blk: t
     w_old = torch.exp(lse - new_safe)  # 0 where the state has no key yet (lse = -inf)
     w_new = torch.exp(lse_blk - new_safe)
     out.mul_(w_old.transpose(1, 2).unsqueeze(-1))
-    out.masked_fill_(~torch.isfinite(lse).transpose(1, 2).unsqueeze(-1), 0.0)  # also clears garbage in empty rows
+    # also clears garbage in empty rows; a NaN state stays NaN (non-finite inputs propagate as in torch SDPA)
+    out.masked_fill_((lse == -math.inf).transpose(1, 2).unsqueeze(-1), 0.0)
     out.addcmul_(o_blk, w_new.transpose(1, 2).unsqueeze(-1))
     lse.copy_(new)
 

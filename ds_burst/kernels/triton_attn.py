@@ -198,7 +198,7 @@ def _fwd_kernel(
                                delta0, win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N,
                                DOT_PREC)
 
-    has = l_i > 0.0
+    has = l_i != 0.0  # a NaN sum counts: non-finite inputs propagate as in torch SDPA, no row is zeroed
     l_safe = tl.where(has, l_i, 1.0)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     # lse_in + (m - m_in) * ln2 + ln(l) keeps lse bitwise unchanged for rows that saw no new key.

@@ -43,6 +43,7 @@ class RingSetup:
     kernel: ModuleType
     deterministic: bool = False
     nodes: NodeGroups | None = None  # set: run the double ring over these nodes instead of the flat ring
+    softcap: float | None = None  # logit softcapping ``softcap * tanh(s / softcap)`` (passed to the kernels when set)
     _ops: dict[tuple[int, int], list[TileOp]] = field(default_factory=dict, compare=False, repr=False)
 
     def ops(self, q_owner: int, k_owner: int) -> list[TileOp]:
@@ -54,9 +55,14 @@ class RingSetup:
         return got
 
     def mask_args(self, op: TileOp) -> dict:
+        """Keyword arguments of a kernel call for tile ``op``: its mask, and ``softcap`` when the call has one."""
         if op.masked:
-            return dict(q_offset=op.q_offset, k_offset=op.k_offset, causal=self.causal, window=self.window)
-        return dict(q_offset=0, k_offset=0, causal=False, window=(-1, -1))
+            kw = dict(q_offset=op.q_offset, k_offset=op.k_offset, causal=self.causal, window=self.window)
+        else:
+            kw = dict(q_offset=0, k_offset=0, causal=False, window=(-1, -1))
+        if self.softcap is not None:
+            kw["softcap"] = self.softcap
+        return kw
 
 
 def run_ring(
@@ -162,10 +168,10 @@ def drive(
     run_ring(setup.info, phase, passes, payload, compute_local, compute_remote, acc_like, on_home)
 
 
-def _empty_state(q: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed output accumulator (pooled for 16-bit inputs, where the caller's ``.to`` copies it) and a fresh
-    ``-inf`` lse (it is saved for backward) for the first ``rows`` queries."""
-    b, _, h, d = q.shape
+def _empty_state(q: torch.Tensor, rows: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed output accumulator of value head dim ``d`` (pooled for 16-bit inputs, where the caller's ``.to``
+    copies it) and a fresh ``-inf`` lse (it is saved for backward) for the first ``rows`` queries."""
+    b, _, h, _ = q.shape
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     if q.dtype in (torch.float16, torch.bfloat16):
         out = buffer_pool().zeros((b, rows, h, d), cdt, q.device)
@@ -178,14 +184,14 @@ def _empty_state(q: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor
 def ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup, rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the local queries over every rank's keys: ``(out fp32 [B,s,Hq,D], lse fp32 [B,Hq,s])``.
+    """Attention of the local queries over every rank's keys: ``(out fp32 [B,s,Hq,Dv], lse fp32 [B,Hq,s])``.
 
     ``rows``: only the first ``rows`` local queries (``[B, rows, ...]`` results); K and V still travel the
     whole ring (every rank walks the same steps), but tiles of the other queries are skipped. ``out`` may come
     from :func:`ds_burst.ring.pool.buffer_pool` (16-bit inputs): convert it with ``BufferPool.export``.
     """
     n = q.shape[1] if rows is None else rows
-    out, lse = _empty_state(q, n)
+    out, lse = _empty_state(q, n, v.shape[-1])
     me = setup.info.rank
 
     def attend(kk: torch.Tensor, vv: torch.Tensor, owner: int) -> None:
