@@ -37,6 +37,8 @@ def burst_attn_func(
     check_inputs: bool | str = True,
     schedule: str | None = None,
     check_finite: bool = False,
+    *,
+    cu_seqlens: torch.Tensor | list[int] | tuple[int, ...] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -69,15 +71,23 @@ def burst_attn_func(
             Sliding windows always use the flat ring, which stops early.
         check_finite: raise ``ValueError`` on every rank when any rank's q, k or v (forward) or output
             gradient (backward) holds NaN/Inf, naming the rank and tensor (a collective check per call).
+        cu_seqlens: packed documents: the global boundaries ``[0, e1, ..., S]`` of the documents in the *full*
+            sequence (flash-attn varlen convention for one packed row, the same for every row of the batch and
+            on every rank); attention never crosses a boundary. A 1-D integer tensor or a list of ints; a CUDA
+            tensor costs one small device-to-host copy per call (pass it on the CPU). Tiles and ring hops
+            with no same-document work are skipped and the ranks' work is balanced from the document lengths
+            (docs/API.md, "Packed documents"). ``None``: one document. Not supported under ``torch.compile``.
 
     Returns:
         ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
     """
     if torch.compiler.is_compiling():
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens (packed documents) is not supported under torch.compile yet")
         return compiled.call(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel,
                              return_lse, deterministic, check_inputs, schedule, check_finite)
     plan = lookup_plan(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
-                       deterministic, check_mode(check_inputs), schedule, check_finite)
+                       deterministic, check_mode(check_inputs), schedule, check_finite, cu_seqlens=cu_seqlens)
     try:
         out, lse = BurstAttnFunction.apply(q, k, v, plan)
     except CommTimeoutError as exc:

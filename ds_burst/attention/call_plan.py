@@ -18,6 +18,7 @@ import torch
 
 from ds_burst.attention.validate import AttnArgs
 from ds_burst.core.cost import choose_backward
+from ds_burst.core.documents import Assignment, balanced_layout, chunk_segments, layout_assignment
 from ds_burst.core.layout import segments
 from ds_burst.core.mask import window_is_finite
 from ds_burst.core.step_plan import RingPass, TileOp, ring_passes
@@ -41,6 +42,8 @@ class CallPlan:
     check_finite: bool = False  # backward: raise on every rank when any rank's dO holds NaN/Inf
     whole: TileOp | None = None  # set: the call's only tile is the whole local block (one rank, no ring)
     summary: tuple[int, ...] = ()  # the validated summary of the call (diagnosis of ranks that drift apart)
+    chunks: tuple[Assignment, Assignment] | None = None  # set: (caller's, compute) chunk assignments (documents)
+    rank_work: tuple[float, ...] = ()  # documents: visible (query, key) pairs of each rank in the compute layout
 
 
 def choose_compute_layout(
@@ -89,9 +92,22 @@ def make_plan(
     window = (int(a.window_size[0]), int(a.window_size[1]))
     if a.causal and window[1] < 0:
         window = (window[0], 0)
-    layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
-    # Topology-aware schedules visit every block; sliding windows keep the flat ring, which stops early.
-    topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1
+    docs = a.cu_seqlens if (a.cu_seqlens is not None and len(a.cu_seqlens) > 2) else None
+    chunks, work = None, ()
+    if docs is not None and world > 1:
+        m, assign, per_rank = balanced_layout(a.layout, docs, a.causal, window, world, s_local)
+        user = layout_assignment(a.layout, world, m) if (m % 2 == 0 or a.layout == "contiguous") else None
+        table = [chunk_segments(assign[r], s_local // m) for r in range(world)]
+        layout, passes, work = a.layout, ring_passes(table, a.causal, window, docs=docs), tuple(per_rank)
+        if assign != user:
+            layout, chunks = "documents", (layout_assignment(a.layout, world, m), assign)
+    else:
+        layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
+        table = [segments(layout, r, world, s_local) for r in range(world)]
+    # Topology-aware schedules visit every block; sliding windows and packed documents keep the flat ring,
+    # which stops early and skips the hops no document needs.
+    topo_aware = (node_groups is not None and not window_is_finite(a.causal, window) and world > 1
+                  and docs is None)
     kernel = kernel_module(_kernel_name(q, k, a, window, deterministic, info))
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
     hq, hkv = q.shape[2], k.shape[2]
@@ -107,8 +123,7 @@ def make_plan(
                           kernel, deterministic)
     else:
         nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
-        table = [segments(layout, r, world, s_local) for r in range(world)]
-        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes)
+        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes, docs)
     backward = a.backward
     if backward == "auto":
         # kernels whose backward needs the output (fused SDPA ops) keep Q, dO and O at home
@@ -118,7 +133,7 @@ def make_plan(
         ops = setup.ops(0, 0)
         if len(ops) == 1 and (ops[0].q0, ops[0].q1, ops[0].k0, ops[0].k1) == (0, s_local, 0, s_local):
             whole = ops[0]
-    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary)
+    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, chunks, work)
 
 
 class PlanCache:

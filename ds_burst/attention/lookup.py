@@ -8,13 +8,13 @@ import torch.distributed as dist
 
 from ds_burst.attention.call_plan import PLANS, CallPlan, make_plan
 from ds_burst.attention.schedule import resolve_schedule
-from ds_burst.attention.validate import AttnArgs, validate
+from ds_burst.attention.validate import AttnArgs, read_boundaries, validate
 from ds_burst.dist.comm import resolve_group
 
 
 def call_key(q: object, k: object, v: object, causal: object, softmax_scale: object, window_size: object,
          group: object, layout: object, backward: object, kernel: object, return_lse: object,
-         deterministic: object, schedule: object, check_finite: object) -> tuple | None:
+         deterministic: object, schedule: object, check_finite: object, *, docs: object = None) -> tuple | None:
     """The plan-cache key of a call, or ``None`` when the call cannot be cached (not three tensors, or an
     option that is not hashable: such calls are validated and fail there)."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
@@ -23,7 +23,7 @@ def call_key(q: object, k: object, v: object, causal: object, softmax_scale: obj
         w = tuple(window_size)  # type: ignore[arg-type]
         key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal,
                softmax_scale, w, group, group is None and dist.is_available() and dist.is_initialized(), layout,
-               backward, kernel, return_lse, deterministic, schedule, check_finite)
+               backward, kernel, return_lse, deterministic, schedule, check_finite, docs)
         hash(key)
     except TypeError:
         return None
@@ -33,13 +33,14 @@ def call_key(q: object, k: object, v: object, causal: object, softmax_scale: obj
 def build_plan(q: object, k: object, v: object, causal: bool, softmax_scale: float | None,
                 window_size: tuple[int, int], group: object, layout: str, backward: str, kernel: str,
                 return_lse: bool, deterministic: bool, collective: bool, schedule: str | None,
-                check_finite: bool) -> CallPlan:
+                check_finite: bool, *, docs: tuple[int, ...] | None = None,
+                docs_error: tuple[str, str] | None = None) -> CallPlan:
     info = resolve_group(group)
     node_groups = getattr(group, "node_groups", None)
     sched = resolve_schedule(schedule, group, q, k, causal, window_size, info)
     args = AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel,  # type: ignore[arg-type]
                     bool(return_lse), sched, node_groups is not None,
-                    node_groups.per_node if node_groups is not None else 0, bool(check_finite))
+                    node_groups.per_node if node_groups is not None else 0, bool(check_finite), docs, docs_error)
     summary = validate(q, k, v, args, info, collective=collective)
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
     return make_plan(q, k, args, info, deterministic, node_groups, summary)
@@ -48,15 +49,18 @@ def build_plan(q: object, k: object, v: object, causal: bool, softmax_scale: flo
 def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: float | None,
                 window_size: tuple[int, int], group: object, layout: str, backward: str, kernel: str,
                 return_lse: bool, deterministic: bool, mode: str, schedule: str | None,
-                check_finite: bool) -> CallPlan:
+                check_finite: bool, *, cu_seqlens: object = None) -> CallPlan:
     """The call's plan: cached per key (validated on every rank on the key's first call), or built and validated
-    on every call with ``mode="always"`` or ``check_finite``."""
-    per_call = mode == "always" or bool(check_finite)
+    on every call with ``mode="always"`` or ``check_finite``. ``cu_seqlens`` (packed documents) is read on the
+    host and its values join the key (:func:`ds_burst.attention.validate.read_boundaries`)."""
+    docs, docs_error = read_boundaries(cu_seqlens)
+    per_call = mode == "always" or bool(check_finite) or docs_error is not None
     key = None if per_call else call_key(q, k, v, causal, softmax_scale, window_size, group, layout, backward,
-                                         kernel, return_lse, deterministic, schedule, check_finite)
+                                         kernel, return_lse, deterministic, schedule, check_finite, docs=docs)
     plan = PLANS.get(key) if key is not None else None
     if plan is None:
         build = lambda: build_plan(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel,
-                                   return_lse, deterministic, mode != "local", schedule, check_finite)
+                                   return_lse, deterministic, mode != "local", schedule, check_finite, docs=docs,
+                                   docs_error=docs_error)
         plan = PLANS.put(key, build) if key is not None else build()
     return plan

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_burst.core import settings
+from ds_burst.core.documents import check_boundaries, fingerprint
 from ds_burst.core.options import BACKWARDS, KERNELS, LAYOUTS, SCHEDULES
 from ds_burst.dist.comm import (
     CommTimeoutError,
@@ -47,6 +48,32 @@ class AttnArgs:
     has_node_groups: bool = False
     per_node: int = 0  # ranks per node of the topology's node groups (0: none)
     check_finite: bool = False  # q, k, v must not hold NaN/Inf
+    cu_seqlens: tuple[int, ...] | None = None  # global document boundaries as read (checked in validation)
+    cu_error: tuple[str, str] | None = None  # (exception class, message) when cu_seqlens could not be read
+
+
+def read_boundaries(cu_seqlens: object) -> tuple[tuple[int, ...] | None, tuple[str, str] | None]:
+    """``(boundaries, None)`` or ``(None, (exception class, message))`` for a ``cu_seqlens`` argument.
+
+    Accepts ``None``, a 1-D integer tensor (a CUDA tensor costs one small device-to-host copy, a sync, per call:
+    pass a CPU tensor or a list) or a sequence of Python ints. Start, end and order are checked in validation,
+    which knows ``S``.
+    """
+    if cu_seqlens is None:
+        return None, None
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+            return None, ("TypeError", f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1:
+            return None, ("ValueError", f"cu_seqlens must be 1-D, got shape {tuple(cu_seqlens.shape)}")
+        return tuple(int(x) for x in cu_seqlens.tolist()), None
+    if isinstance(cu_seqlens, (list, tuple)):
+        for x in cu_seqlens:
+            if isinstance(x, bool) or not isinstance(x, int):
+                return None, ("TypeError", f"cu_seqlens entries must be ints, got {type(x).__name__} {x!r}")
+        return tuple(cu_seqlens), None
+    return None, ("TypeError", f"cu_seqlens must be None, a 1-D integer tensor or a list of ints, got "
+                               f"{type(cu_seqlens).__name__}")
 
 
 def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) -> tuple[str, str] | None:
@@ -110,6 +137,13 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo) 
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 return "ValueError", f"{name} contains {bad} NaN/Inf values (check_finite=True)"
+    if a.cu_error is not None:
+        return a.cu_error
+    if a.cu_seqlens is not None:
+        try:
+            check_boundaries(a.cu_seqlens, q.shape[1] * info.world)
+        except ValueError as exc:
+            return "ValueError", str(exc)
     if a.kernel == "triton":
         if q.dtype == torch.float64:
             return "ValueError", "kernel='triton' does not support float64 inputs; use kernel='torch'"
@@ -138,12 +172,14 @@ def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> dict[str, int]:
         "return_lse": int(a.return_lse),
         "schedule": SCHEDULES.index(a.schedule),
         "check_finite": int(a.check_finite),
+        "documents": fingerprint(a.cu_seqlens)[0],
+        "cu_seqlens crc32": fingerprint(a.cu_seqlens)[1],
     }
 
 
 _FIELD_NAMES = ("batch", "S_local", "Hq", "Hkv", "head dim", "dtype", "device type", "causal", "window left",
                 "window right", "softmax_scale", "layout", "backward", "kernel", "return_lse", "schedule",
-                "check_finite")
+                "check_finite", "documents", "cu_seqlens crc32")
 _N_FIELDS = len(_FIELD_NAMES)  # the all-gathered row is the error flag plus these
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 

@@ -43,13 +43,14 @@ class RingSetup:
     kernel: ModuleType
     deterministic: bool = False
     nodes: NodeGroups | None = None  # set: run the double ring over these nodes instead of the flat ring
+    docs: tuple[int, ...] | None = None  # global document boundaries (packed documents); None: one document
     _ops: dict[tuple[int, int], list[TileOp]] = field(default_factory=dict, compare=False, repr=False)
 
     def ops(self, q_owner: int, k_owner: int) -> list[TileOp]:
         """The tiles of queries owned by ``q_owner`` against keys owned by ``k_owner`` (built once per pair)."""
         got = self._ops.get((q_owner, k_owner))
         if got is None:
-            got = pair_ops(self.seg_table[q_owner], self.seg_table[k_owner], self.causal, self.window)
+            got = pair_ops(self.seg_table[q_owner], self.seg_table[k_owner], self.causal, self.window, docs=self.docs)
             self._ops[(q_owner, k_owner)] = got
         return got
 
