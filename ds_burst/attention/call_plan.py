@@ -95,7 +95,11 @@ def make_plan(
     docs = a.cu_seqlens if (a.cu_seqlens is not None and len(a.cu_seqlens) > 2) else None
     chunks, work = None, ()
     if docs is not None and world > 1:
-        m, assign, per_rank = balanced_layout(a.layout, docs, a.causal, window, world, s_local)
+        def hops(assign: Assignment, m: int) -> int:
+            tbl = [chunk_segments(assign[r], s_local // m) for r in range(world)]
+            return sum(p.steps for p in ring_passes(tbl, a.causal, window, docs=docs))
+
+        m, assign, per_rank = balanced_layout(a.layout, docs, a.causal, window, world, s_local, hops)
         user = layout_assignment(a.layout, world, m) if (m % 2 == 0 or a.layout == "contiguous") else None
         table = [chunk_segments(assign[r], s_local // m) for r in range(world)]
         layout, passes, work = a.layout, ring_passes(table, a.causal, window, docs=docs), tuple(per_rank)

@@ -13,15 +13,16 @@ Balance (see docs/API.md, "Packed documents"): the sequence is cut into ``m * P`
 rank, ``m`` in 1, 2, 4); the causal work of a chunk is the number of visible (query, key) pairs of its queries,
 computed from the real document lengths; chunks are dealt to ranks so that the busiest rank has as little work
 as possible (exact pairing for ``m = 2``, largest-first into the least loaded rank with room otherwise).
-Among the caller's layout, contiguous, zigzag and the dealt layouts, the plan keeps the one whose busiest
-rank is least loaded, preferring layouts that need no token moves when they are within 5%.
+Among the caller's layout, contiguous, zigzag and the dealt layouts whose busiest rank is within 5% of the
+least loaded busiest rank, the plan keeps the one with the fewest ring hops, then one that needs no token
+moves, then the least work.
 """
 
 from __future__ import annotations
 
 import bisect
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ds_burst.core.layout import Segment
 from ds_burst.core.mask import window_bounds
@@ -158,11 +159,14 @@ def rank_work(assign: Assignment, chunk_len: int, docs: Docs | None, causal: boo
 
 
 def balanced_layout(user_layout: str, docs: Docs | None, causal: bool, window: tuple[int, int], world: int,
-                    s_local: int) -> tuple[int, Assignment, list[float]]:
+                    s_local: int, hops: Callable[[Assignment, int], int] | None = None
+                    ) -> tuple[int, Assignment, list[float]]:
     """``(m, assignment, work per rank)`` of the compute layout for packed documents (module docstring).
 
     The assignment is at granularity ``m * world`` chunks of ``s_local // m`` tokens; the caller's layout
-    expressed at that granularity is ``layout_assignment(user_layout, world, m)``.
+    expressed at that granularity is ``layout_assignment(user_layout, world, m)``. ``hops(assignment, m)``
+    counts the ring hops a layout needs; among the layouts whose busiest rank is within ``BALANCE_SLACK`` of
+    the best, the one with the fewest hops wins, then one that needs no token moves, then the least work.
     """
     total = world * s_local
     cands: list[tuple[float, int, int, Assignment, list[float]]] = []  # (max work, moves?, m, assign, work)
@@ -180,6 +184,7 @@ def balanced_layout(user_layout: str, docs: Docs | None, causal: bool, window: t
             per_rank = [sum(work[c] for c in chunks) for chunks in assign]
             cands.append((max(per_rank), int(assign != user), m, assign, per_rank))
     best = min(c[0] for c in cands)
-    keep = [c for c in cands if c[1] == 0 and c[0] <= best * BALANCE_SLACK]
-    pick = keep[0] if keep else min(cands, key=lambda c: (c[0], c[2]))
+    near = [c for c in cands if c[0] <= best * BALANCE_SLACK]
+    count = (lambda c: hops(c[3], c[2])) if hops is not None else (lambda c: 0)
+    pick = min(near, key=lambda c: (count(c), c[1], c[0], c[2]))
     return pick[2], pick[3], pick[4]
