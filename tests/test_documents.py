@@ -268,3 +268,82 @@ def test_balance_worst_rank_against_mean(world):
     got = balance_numbers(world, 64 * 1024)
     print(f"P={world}: " + ", ".join(f"{k} {v:.3f}" for k, v in got.items()))
     assert got["balanced mean"] <= min(got["zigzag mean"], got["contiguous mean"]) + 1e-9
+
+
+HF_S = 32
+HF_DOCS = [5, 11, 1, 15]
+
+
+def _hf_config(kind):
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0)
+    return LlamaConfig(**common) if kind == "llama" else MistralConfig(**common, sliding_window=6)
+
+
+def worker_hf(rank, world):
+    """A packed batch (position_ids restarting at 0, or the collator's cu_seq_lens) through
+    attn_implementation="burst" at SP=2 against eager attention run document by document."""
+    from transformers import AutoModelForCausalLM
+
+    import ds_burst.integrations.hf as bhf
+
+    topo = bhf.setup(world)
+    cu = cu_of(HF_DOCS)
+    res = {}
+    for kind, layout, source in [("llama", "zigzag", "position_ids"), ("llama", "contiguous", "cu_seq_lens"),
+                                 ("mistral", "zigzag", "position_ids")]:
+        bhf.register(layout, topo)
+        torch.manual_seed(0)
+        ref_model = AutoModelForCausalLM.from_config(_hf_config(kind), attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(_hf_config(kind), attn_implementation="burst")
+        model.load_state_dict(ref_model.state_dict())
+        batch_size = 2 if source == "position_ids" else 1
+        ids = torch.randint(0, 64, (batch_size, HF_S), generator=torch.Generator().manual_seed(3))
+        pos = torch.cat([torch.arange(n) for n in HF_DOCS])[None].expand(batch_size, -1).contiguous()
+        shift = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        shift[:, [b - 1 for b in cu[1:]]] = -100  # no target across a document boundary
+        # reference: every document on its own, eager attention
+        logits = torch.cat([ref_model(input_ids=ids[:, a:b]).logits for a, b in zip(cu, cu[1:])], 1)
+        ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), shift.reshape(-1), ignore_index=-100)
+        ref_loss.backward()
+        batch = {"input_ids": ids, "shift_labels": shift, "position_ids": pos}
+        if source == "cu_seq_lens":
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(cu, dtype=torch.int32)
+        local = bhf.shard_batch(batch, topo)
+        assert local["cu_seq_lens_q"] == cu, local["cu_seq_lens_q"]
+        out = model(input_ids=local["input_ids"], position_ids=local["position_ids"],
+                    cu_seq_lens_q=local["cu_seq_lens_q"], cu_seq_lens_k=local["cu_seq_lens_k"]).logits
+        loss = bhf.sequence_parallel_loss(out, local["shift_labels"], topo)
+        loss.backward()
+        worst = 0.0
+        for p, rp in zip(model.parameters(), ref_model.parameters()):
+            g = p.grad.clone()
+            torch.distributed.all_reduce(g, group=topo.get_sequence_parallel_group())
+            worst = max(worst, float((g - rp.grad).abs().max()) / max(float(rp.grad.abs().max()), 1e-12))
+        res[(kind, layout, source)] = {"loss": abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
+                                       "grad": worst}
+    return res
+
+
+def test_hf_packed_batch_matches_eager_per_document():
+    pytest.importorskip("transformers")
+    for rank, res in enumerate(values(run_ranks(worker_hf, 2, timeout=300))):
+        for case, errs in res.items():
+            print(f"rank {rank} {case}: loss rel {errs['loss']:.2e}, worst grad rel {errs['grad']:.2e}")
+            assert errs["loss"] < 1e-5 and errs["grad"] < 1e-5, (case, errs)
+
+
+def test_boundaries_from_position_ids_and_cu_seq_lens():
+    from ds_burst.training.data import boundaries_from_cu_seq_lens, boundaries_from_position_ids
+
+    pos = torch.cat([torch.arange(n) for n in HF_DOCS])
+    assert boundaries_from_position_ids(pos[None].expand(3, -1)) == cu_of(HF_DOCS)
+    assert boundaries_from_position_ids(torch.arange(HF_S)[None]) is None
+    with pytest.raises(ValueError, match="different documents"):
+        boundaries_from_position_ids(torch.stack([pos, torch.arange(HF_S)]))
+    flat = cu_of(HF_DOCS * 2)  # two rows flattened, as a collator packs them
+    assert boundaries_from_cu_seq_lens(flat, 2, HF_S) == cu_of(HF_DOCS)
+    with pytest.raises(ValueError, match="different documents"):
+        boundaries_from_cu_seq_lens(cu_of(HF_DOCS + [16, 16]), 2, HF_S)

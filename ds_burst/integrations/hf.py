@@ -17,6 +17,13 @@ registered custom implementation (``attention_mask`` arrives as ``None``), so pa
 applied: pack sequences without padding, or :func:`shard_batch` rejects a padding ``attention_mask``.
 Positions (RoPE) come from the ``position_ids`` you pass, which :func:`shard_batch` makes global.
 
+Packed documents: :func:`shard_batch` finds the documents from ``position_ids`` that restart at 0 (what
+transformers' packing collators pass) or from the collator's ``cu_seq_lens_q``/``cu_seq_lens_k`` (offsets into
+the flattened, unsharded batch) and returns the full-sequence boundaries as ``cu_seq_lens_q``/``cu_seq_lens_k``
+(Python lists); pass them to the model (``model(..., cu_seq_lens_q=..., cu_seq_lens_k=...)``): transformers
+hands them to the attention function, which gives them to ``burst_attn_func(cu_seqlens=...)``. A CUDA tensor
+there costs one small device-to-host copy per layer; the lists cost nothing.
+
 transformers is imported lazily; the rest of ds_burst does not need it.
 """
 
@@ -29,7 +36,12 @@ import torch
 from ds_burst.attention.api import burst_attn_func
 from ds_burst.core.layout import check_layout
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
-from ds_burst.training.data import IGNORE_INDEX, shard_batch_local
+from ds_burst.training.data import (
+    IGNORE_INDEX,
+    boundaries_from_cu_seq_lens,
+    boundaries_from_position_ids,
+    shard_batch_local,
+)
 from ds_burst.training.losses import sequence_parallel_loss as _sp_loss
 
 __all__ = ["ATTN_NAME", "burst_attention_forward", "register", "setup", "shard_batch", "sequence_parallel_loss"]
@@ -61,6 +73,7 @@ def burst_attention_forward(
     if sliding_window is not None:
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
     topo = _STATE["topology"] or get_topology()
+    docs = _documents(kwargs, query.shape[0], query.shape[2], topo)
     out = burst_attn_func(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -70,10 +83,25 @@ def burst_attention_forward(
         window_size=window,
         group=topo,
         layout=_STATE["layout"],
+        cu_seqlens=docs,
         **_STATE["options"],
     )
     assert isinstance(out, torch.Tensor)
     return out, None
+
+
+def _documents(kwargs: dict[str, Any], batch: int, s_local: int, topo: Any) -> list[int] | None:
+    """Full-sequence document boundaries from transformers' ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    sp = topo.get_sequence_parallel_world_size() if topo is not None else 1
+    seq = s_local * sp
+    got = [boundaries_from_cu_seq_lens(c, batch, seq) for c in (cu_q, cu_k) if c is not None]
+    if len(got) == 2 and got[0] != got[1]:
+        raise ValueError("ds-burst attention: cu_seq_lens_q and cu_seq_lens_k differ (self-attention over packed "
+                         "documents needs the same boundaries)")
+    return got[0]
 
 
 def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:
@@ -107,6 +135,9 @@ def shard_batch(batch: dict[str, torch.Tensor], mpu: Any = None, layout: str | N
     (transformers convention, shifted here; the last position gets ``-100``). An ``attention_mask`` with
     any zero (padding) raises ``ValueError``. Given ``position_ids`` are sharded along; otherwise ``0..S-1``.
     ``mpu`` is the topology (default: the current one); ``layout`` defaults to the registered one.
+    Packed documents (``position_ids`` restarting at 0, or ``cu_seq_lens_q``/``cu_seq_lens_k`` of the unsharded
+    batch): the result also holds ``cu_seq_lens_q``/``cu_seq_lens_k``, the full-sequence boundaries (lists) to
+    pass to the model.
     """
     topo = mpu if mpu is not None else get_topology()
     sp_rank = topo.get_sequence_parallel_rank() if topo is not None else 0
@@ -131,7 +162,16 @@ def shard_batch(batch: dict[str, torch.Tensor], mpu: Any = None, layout: str | N
     if "position_ids" in batch:
         idx = out["position_ids"][0].to(batch["position_ids"].device)
         result["position_ids"] = batch["position_ids"].index_select(-1, idx)
-    return {k: v.to(ids.device) for k, v in result.items()}
+    docs = None
+    if batch.get("cu_seq_lens_q") is not None or batch.get("cu_seq_lens_k") is not None:
+        cu = batch.get("cu_seq_lens_q", batch.get("cu_seq_lens_k"))
+        docs = boundaries_from_cu_seq_lens(cu, ids.shape[0], ids.shape[-1])
+    elif "position_ids" in batch:
+        docs = boundaries_from_position_ids(batch["position_ids"])
+    moved: dict[str, Any] = {k: v.to(ids.device) for k, v in result.items()}
+    if docs is not None:
+        moved["cu_seq_lens_q"] = moved["cu_seq_lens_k"] = docs
+    return moved
 
 
 def sequence_parallel_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mpu: Any = None,

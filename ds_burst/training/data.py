@@ -272,3 +272,33 @@ def make_batch(
         idx = torch.tensor(global_index(layout, sp_rank, sp_size, ids.shape[-1]), dtype=torch.long)
         out["far_labels"] = far.index_select(-1, idx)
     return {k: v.to(device) for k, v in out.items()}
+
+
+def boundaries_from_position_ids(position_ids: torch.Tensor) -> list[int] | None:
+    """Global document boundaries ``[0, e1, ..., S]`` of a packed full-sequence ``position_ids`` (``[S]`` or
+    ``[B, S]``) whose positions restart at 0 at every document (what transformers' packing collators pass), or
+    ``None`` when they never restart (one document). Every row must hold the same documents (the boundaries
+    apply to each row). Reads the tensor on the host (call it in the data path, not per layer)."""
+    pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
+    starts = [(row == 0).nonzero().flatten().tolist() for row in pos]
+    if any(s != starts[0] for s in starts[1:]):
+        raise ValueError("packed position_ids: the rows of the batch hold different documents; ds-burst applies one "
+                         "set of document boundaries to every row (pack each row alike, or use batch size 1)")
+    seq = pos.shape[-1]
+    cu = sorted({0, *starts[0], seq})
+    return None if len(cu) == 2 else cu
+
+
+def boundaries_from_cu_seq_lens(cu_seq_lens: Any, batch: int, seq: int) -> list[int]:
+    """Full-sequence boundaries from transformers' ``cu_seq_lens_q``/``_k``: offsets into the flattened, unsharded
+    batch ``[B * S]`` (one packed row when ``B == 1``). With ``B > 1`` every row must hold the same documents."""
+    cu = [int(x) for x in (cu_seq_lens.tolist() if isinstance(cu_seq_lens, torch.Tensor) else cu_seq_lens)]
+    if batch == 1 or (cu and cu[-1] == seq):
+        return cu
+    if not cu or cu[-1] != batch * seq:
+        raise ValueError(f"cu_seq_lens end at {cu[-1] if cu else None}, expected S={seq} or B*S={batch * seq}")
+    rows = [sorted({0, seq, *(c - r * seq for c in cu if r * seq <= c <= (r + 1) * seq)}) for r in range(batch)]
+    if any(r != rows[0] for r in rows[1:]):
+        raise ValueError("cu_seq_lens: the rows of the batch hold different documents; ds-burst applies one set of "
+                         "document boundaries to every row")
+    return rows[0]
