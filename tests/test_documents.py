@@ -140,7 +140,28 @@ def worker_bad(rank, world):
             got[name] = f"{type(exc).__name__}: {exc}"
     out = ds_burst.burst_attn_func(q, q, q, causal=True, cu_seqlens=[0, 5, s])  # still works afterwards
     got["afterwards"] = bool(torch.isfinite(out).all())
+    got["distributed attention"] = distributed_attention_error(rank, world)
     return got
+
+
+def distributed_attention_error(rank, world):
+    """ds-burst's DistributedAttention drop-in with ``cu_seqlens`` (contiguous shards, both batch dims)."""
+    from ds_burst.integrations.deepspeed import DistributedAttention
+
+    cu = cu_of([3, 1, PER_RANK * world - 9, 5])
+    q, k, v, do = inputs(world, 7, 2)
+    ref = reference(q, k, v, do, cu, True, (-1, -1))
+    worst = 0.0
+    for bdim in (0, 1):
+        layer = DistributedAttention(torch.nn.Identity(), None, causal=True)
+        loc = [x.detach().chunk(world, 1)[rank].clone().requires_grad_() for x in (q, k, v)]
+        args = [x.transpose(0, 1) if bdim else x for x in loc]
+        out = layer(*args, bdim, cu_seqlens=cu)
+        out = out.transpose(0, 1) if bdim else out
+        out.backward(do.chunk(world, 1)[rank])
+        for got, want in zip([out, *(x.grad for x in loc)], ref):
+            worst = max(worst, _rel(got.detach(), want.chunk(world, 1)[rank]))
+    return worst
 
 
 def test_bad_boundaries_raise_on_every_rank():
@@ -148,6 +169,10 @@ def test_bad_boundaries_raise_on_every_rank():
     for name in per_rank[0]:
         if name == "afterwards":
             assert all(r[name] is True for r in per_rank)
+            continue
+        if name == "distributed attention":
+            print(f"DistributedAttention(cu_seqlens=...): worst relative error {max(r[name] for r in per_rank):.2e}")
+            assert all(r[name] < 1e-10 for r in per_rank)
             continue
         kinds = {r[name].split(":")[0] for r in per_rank}
         assert len(kinds) == 1 and "no error" not in kinds, (name, [r[name] for r in per_rank])
