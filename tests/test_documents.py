@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import random
 
 import pytest
 import torch
 
 from dist_utils import run_ranks, values
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton tiles on CPU (fp32 only: see test_triton_kernels)
 
 HQ, D, PER_RANK, BATCH = 4, 8, 8, 2
 WORLDS = [1, 2, 3, 4]
@@ -47,7 +51,9 @@ def cases(world: int) -> list[tuple]:
                                                                   doc_patterns(world))):
         hkv = HQ if i % 2 == 0 else 1
         backward = "burst" if (i // 2) % 2 == 0 else "ring"
-        got.append((mask, layout, pattern, hkv, backward))
+        got.append((mask, layout, pattern, hkv, backward, "torch"))
+    for mask, layout in itertools.product(MASKS, ["zigzag", "contiguous"]):  # the fused-SDPA kernel's tiles
+        got.append((mask, layout, "random", 1, "ring", "sdpa"))
     return got
 
 
@@ -89,13 +95,13 @@ def inputs(world, idx, hkv, dtype=torch.float64):
 def worker_float64(rank, world):
     pats = doc_patterns(world)
     errs = {}
-    for idx, (mask, layout, pattern, hkv, backward) in enumerate(cases(world)):
+    for idx, (mask, layout, pattern, hkv, backward, kernel) in enumerate(cases(world)):
         causal, window = MASKS[mask]
         cu = cu_of(pats[pattern])
         q, k, v, do = inputs(world, idx, hkv)
-        got = run_case(q, k, v, do, cu, causal, window, layout, backward)
+        got = run_case(q, k, v, do, cu, causal, window, layout, backward, kernel)
         ref = reference(q, k, v, do, cu, causal, window)
-        errs[(mask, layout, pattern, hkv, backward)] = max(_rel(a, b) for a, b in zip(got, ref))
+        errs[(mask, layout, pattern, hkv, backward, kernel)] = max(_rel(a, b) for a, b in zip(got, ref))
     return errs
 
 
@@ -372,3 +378,21 @@ def test_boundaries_from_position_ids_and_cu_seq_lens():
     assert boundaries_from_cu_seq_lens(flat, 2, HF_S) == cu_of(HF_DOCS)
     with pytest.raises(ValueError, match="different documents"):
         boundaries_from_cu_seq_lens(cu_of(HF_DOCS + [16, 16]), 2, HF_S)
+
+
+@pytest.mark.parametrize("mask", ["causal", "full", "causal_window"])
+def test_triton_tiles_on_documents(mask):
+    """One process, Triton tiles (interpreter on CPU, fp32): documents of 1 token, short and long ones."""
+    pytest.importorskip("triton")
+    import ds_burst
+
+    causal, window = MASKS[mask]
+    cu = cu_of([1, 6, 1, 9, 7])
+    q, k, v, do = inputs(3, 3, 2, torch.float32)  # S = 24
+    q, k, v = (x[:1, :24].clone().requires_grad_() for x in (q, k, v))
+    out = ds_burst.burst_attn_func(q, k, v, causal=causal, window_size=window, kernel="triton", cu_seqlens=cu)
+    out.backward(do[:1, :24])
+    ref = reference(q.detach(), k.detach(), v.detach(), do[:1, :24], cu, causal, window)
+    errs = [_rel(a, b) for a, b in zip([out, q.grad, k.grad, v.grad], ref)]
+    print(f"triton fp32 {mask}: relative errors {', '.join(f'{e:.1e}' for e in errs)}")
+    assert max(errs) < 1e-5

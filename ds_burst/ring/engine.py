@@ -220,15 +220,17 @@ def needs_out(kernel: ModuleType) -> bool:
 
 def _bwd_tiles(
     setup: RingSetup, ops: list[TileOp], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
-    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor | None, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> None:
-    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)``."""
+    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)`` (``delta`` is
+    ``None`` for kernels that take the output instead)."""
     for op in ops:
         qs, ks = slice(op.q0, op.q1), slice(op.k0, op.k1)
         extra = {} if out is None else {"out": out[:, qs]}
         setup.kernel.bwd_step(
-            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], delta[:, :, qs], dq[:, qs], dk[:, ks],
+            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], None if delta is None else delta[:, :, qs],
+            dq[:, qs], dk[:, ks],
             dv[:, ks], scale=setup.scale, **_bwd_kwargs(setup, op), **extra,
         )
 
