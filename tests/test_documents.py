@@ -396,3 +396,18 @@ def test_triton_tiles_on_documents(mask):
     errs = [_rel(a, b) for a, b in zip([out, q.grad, k.grad, v.grad], ref)]
     print(f"triton fp32 {mask}: relative errors {', '.join(f'{e:.1e}' for e in errs)}")
     assert max(errs) < 1e-5
+
+
+def test_bench_documents_shapes():
+    """The GPU benchmark's shapes and FLOP count (the script itself runs with --dry-run on the CPU)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "bench_documents.py"
+    spec = importlib.util.spec_from_file_location("bench_documents", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert sum(mod.SHAPES["32k"]) == 32 * 1024 and len(mod.SHAPES["32k"]) == 8
+    assert all(1024 <= n <= 8192 for n in mod.SHAPES["32k"])
+    assert sum(mod.SHAPES["128k"]) == 128 * 1024 and all(2048 <= n <= 32768 for n in mod.SHAPES["128k"])
+    assert mod.useful_flops([4], 1, 1, 1) == 3.5 * 4 * 10
