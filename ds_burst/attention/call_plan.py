@@ -4,8 +4,10 @@ built once per key and reused (the ring loop does no planning).
 A plan holds the compute layout (zigzag for causal attention, contiguous for sliding windows, the caller's
 layout otherwise), the ring setup with its step plan and tile lists, the concrete kernel, the backward pattern,
 the schedule and, when the call's only tile is the whole local block (one rank), that tile for the kernels'
-one-call fast path. :class:`PlanCache` keeps plans per key in a bounded LRU whose evictions depend only on the
-sequence of keys, so it stays in step on every rank that sees the same calls.
+one-call fast path. With packed documents (``cu_seqlens``) the compute layout is the chunk assignment that
+balances the ranks' work from the document lengths (:func:`ds_burst.core.documents.balanced_layout`) and the
+step plan pairs only tiles of the same document. :class:`PlanCache` keeps plans per key in a bounded LRU whose
+evictions depend only on the sequence of keys, so it stays in step on every rank that sees the same calls.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ new key alone (the others run the ring of their cached key) can say what differs
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,9 @@ def read_boundaries(cu_seqlens: object) -> tuple[tuple[int, ...] | None, tuple[s
         return tuple(int(x) for x in cu_seqlens.tolist()), None
     if isinstance(cu_seqlens, (list, tuple)):
         for x in cu_seqlens:
-            if isinstance(x, bool) or not isinstance(x, int):
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
                 return None, ("TypeError", f"cu_seqlens entries must be ints, got {type(x).__name__} {x!r}")
-        return tuple(cu_seqlens), None
+        return tuple(int(x) for x in cu_seqlens), None
     return None, ("TypeError", f"cu_seqlens must be None, a 1-D integer tensor or a list of ints, got "
                                f"{type(cu_seqlens).__name__}")
 
