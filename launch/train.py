@@ -232,14 +232,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ds_burst
     from ds_burst.attention.config import BurstConfig
     from ds_burst.core.cost_model import schedule_report
-    from ds_burst.training.data import RetrievalTask, TokenFile, make_batch, sample_indices
-    from ds_burst.training.model import (
-        BurstLlama,
-        ModelConfig,
+    from ds_burst.training.data import PackedRetrieval, RetrievalTask, TokenFile, make_batch, sample_indices
+    from ds_burst.training.losses import (
+        per_document_accuracy,
         sequence_parallel_accuracy,
         sequence_parallel_loss,
         sp_grads_averaged,
     )
+    from ds_burst.training.model import BurstLlama, ModelConfig
 
     burst = BurstConfig.from_ds_config(ds_config)
     ds_config.pop("burst_attention", None)  # DeepSpeed would ignore it; keep its printout short
@@ -302,15 +302,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- data -------------------------------------------------------------------------------
     data_cfg = dict(tc.data)
     kind = data_cfg.pop("type", "retrieval")
-    if kind == "retrieval":
-        source: Any = RetrievalTask(tc.seq_len, mcfg.vocab_size, **data_cfg)
+    packed = bool(data_cfg.pop("packed", False))
+    if kind == "retrieval" and packed:  # documents of varied lengths in one sequence (cu_seqlens)
+        source: Any = PackedRetrieval(tc.seq_len, mcfg.vocab_size, **data_cfg)
+    elif kind == "retrieval":
+        source = RetrievalTask(tc.seq_len, mcfg.vocab_size, **data_cfg)
     elif kind == "tokens":
         source = TokenFile(data_cfg.pop("path"), tc.seq_len, **data_cfg)
     else:
         raise ValueError(f"train.data.type: expected 'retrieval' or 'tokens', got {kind!r}")
     layout = burst.layout if attention == "burst" else "contiguous"  # Ulysses takes contiguous shards
 
-    def batch(step: int, micro: int, offset: int = 0) -> dict[str, torch.Tensor]:
+    def docs(b: dict[str, Any]) -> dict[str, Any]:
+        """The model's ``cu_seqlens`` keyword for packed batches (nothing otherwise)."""
+        return {"cu_seqlens": b["cu_seqlens"]} if "cu_seqlens" in b else {}
+
+    def batch(step: int, micro: int, offset: int = 0) -> dict[str, Any]:
         idx = sample_indices(step, micro, gas, topo.dp_rank, topo.data_parallel_size, mbs)
         return make_batch(source, [i + offset for i in idx], topo.sp_rank, topo.sequence_parallel_size, layout,
                           device)
@@ -377,9 +384,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss_sum, correct, total, far_c, far_n = 0.0, 0, 0, 0, 0
         for b in micro_batches:
             if mcfg.lm_head_chunk_tokens is not None:  # chunked LM head: no logits, no train accuracy
-                loss = engine(b["input_ids"], b["position_ids"], b["labels"], sp_grads_averaged=averaged)
+                loss = engine(b["input_ids"], b["position_ids"], b["labels"], sp_grads_averaged=averaged, **docs(b))
             else:
-                logits = engine(b["input_ids"], b["position_ids"])
+                logits = engine(b["input_ids"], b["position_ids"], **docs(b))
                 loss = sequence_parallel_loss(logits, b["labels"], topo, sp_grads_averaged=averaged)
             engine.backward(loss)
             engine.step()
@@ -445,11 +452,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- final eval and summary -------------------------------------------------------------
     engine.eval()
     ev_loss, ev_c, ev_n, ev_fc, ev_fn = 0.0, 0, 0, 0, 0
+    doc_acc: list[tuple[int, float]] = []  # (document length, accuracy) of every evaluated document
     with torch.no_grad():
         for i in range(tc.eval_batches):
             b = batch(i, 0, offset=10**9)  # samples never used in training
-            logits = engine(b["input_ids"], b["position_ids"])
+            logits = engine(b["input_ids"], b["position_ids"], **docs(b))
             ev_loss += float(sequence_parallel_loss(logits, b["labels"], topo))
+            if "doc_ids" in b:  # packed documents: accuracy of each document
+                cu = b["cu_seqlens"]
+                dc, dn = per_document_accuracy(logits, b["labels"], b["doc_ids"], len(cu) - 1, topo)
+                doc_acc += [(e - a, c / n) for a, e, c, n in zip(cu, cu[1:], dc, dn) if n]
             c, n = sequence_parallel_accuracy(logits, b["labels"], topo)
             ev_c, ev_n = ev_c + c, ev_n + n
             if "far_labels" in b:
@@ -470,6 +482,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_retrieval_acc": ev_c / ev_n if ev_n else None,
         "eval_retrieval_acc_far": ev_fc / ev_fn if ev_fn else None,
         "eval_far_answers": ev_fn,
+        "eval_documents": len(doc_acc) or None,
+        "eval_doc_acc_mean": sum(a for _, a in doc_acc) / len(doc_acc) if doc_acc else None,
+        "eval_doc_acc_min": min(a for _, a in doc_acc) if doc_acc else None,
+        "eval_doc_acc": [[n, round(a, 4)] for n, a in doc_acc] or None,
         "chance_acc": getattr(source, "chance_accuracy", None),
         "chance_loss": getattr(source, "chance_loss", None),
         "tokens_per_s": mean("tokens_per_s") if history else None,
@@ -498,6 +514,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             say(f"retrieval accuracy on held-out answers whose fact is on another SP rank: "
                 f"{summary['eval_retrieval_acc_far']:.3f} over {ev_fn} answers (chance {summary['chance_acc']:.3f}); "
                 f"all answers: {summary['eval_retrieval_acc']:.3f}")
+        if doc_acc:
+            say("packed documents: accuracy per held-out document (length: accuracy) "
+                + ", ".join(f"{n}: {a:.2f}" for n, a in doc_acc[:16]) + (" ..." if len(doc_acc) > 16 else "")
+                + f"; mean over {len(doc_acc)} documents {summary['eval_doc_acc_mean']:.3f}, "
+                f"worst {summary['eval_doc_acc_min']:.3f} (chance {summary['chance_acc']:.3f})")
         if summary["tokens_per_s"] is not None:
             mfu_txt = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
             say(f"throughput over steps {len(history) - len(timed) + 1}-{len(history)}: "

@@ -41,6 +41,7 @@ def burst_attn_func(
     *,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | list[int] | tuple[int, ...] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -79,6 +80,12 @@ def burst_attn_func(
             score; ``None`` for none.
         sinks: ``[Hq]`` attention sinks (GPT-OSS): a learned per-head logit in the softmax denominator, merged
             once after the ring; it gets a gradient (this rank's queries' part).
+        cu_seqlens: packed documents: the global boundaries ``[0, e1, ..., S]`` of the documents in the *full*
+            sequence (flash-attn varlen convention for one packed row, the same for every row of the batch and
+            on every rank); attention never crosses a boundary. A 1-D integer tensor or a list of ints; a CUDA
+            tensor costs one small device-to-host copy per call (pass it on the CPU). Tiles and ring hops
+            with no same-document work are skipped and the ranks' work is balanced from the document lengths
+            (docs/API.md, "Packed documents"). ``None``: one document. Not supported under ``torch.compile``.
 
     Kernels that cannot honour ``softcap`` or ``Dv != D`` (sdpa's fused ops) are replaced for the call by one that
     can (Triton on CUDA where it supports the inputs, else the PyTorch reference).
@@ -87,10 +94,13 @@ def burst_attn_func(
         ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
     """
     if torch.compiler.is_compiling():
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens (packed documents) is not supported under torch.compile yet")
         return compiled.call(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel,
                              return_lse, deterministic, check_inputs, schedule, check_finite, softcap, sinks)
     plan = lookup_plan(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
-                       deterministic, check_mode(check_inputs), schedule, check_finite, softcap, sinks)
+                       deterministic, check_mode(check_inputs), schedule, check_finite, softcap, sinks,
+                       cu_seqlens=cu_seqlens)
     if plan.direct is not None and active_keep() is None:  # one rank, one fused op under torch's autograd
         out, lse = plan.direct(q, k, v)
         return (out, lse) if return_lse else out

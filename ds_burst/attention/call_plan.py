@@ -4,8 +4,10 @@ built once per key and reused (the ring loop does no planning).
 A plan holds the compute layout (zigzag for causal attention, contiguous for sliding windows, the caller's
 layout otherwise), the ring setup with its step plan and tile lists, the concrete kernel, the backward pattern,
 the schedule and, when the call's only tile is the whole local block (one rank), that tile for the kernels'
-one-call fast path. :class:`PlanCache` keeps plans per key in a bounded LRU whose evictions depend only on the
-sequence of keys, so it stays in step on every rank that sees the same calls.
+one-call fast path. With packed documents (``cu_seqlens``) the compute layout is the chunk assignment that
+balances the ranks' work from the document lengths (:func:`ds_burst.core.documents.balanced_layout`) and the
+step plan pairs only tiles of the same document. :class:`PlanCache` keeps plans per key in a bounded LRU whose
+evictions depend only on the sequence of keys, so it stays in step on every rank that sees the same calls.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from ds_burst.attention.validate import AttnArgs
 from ds_burst.core.cost import choose_backward
+from ds_burst.core.documents import Assignment, balanced_layout, chunk_segments, layout_assignment
 from ds_burst.core.layout import segments
 from ds_burst.core.mask import window_is_finite
 from ds_burst.core.step_plan import RingPass, TileOp, ring_passes
@@ -41,6 +44,8 @@ class CallPlan:
     check_finite: bool = False  # backward: raise on every rank when any rank's dO holds NaN/Inf
     whole: TileOp | None = None  # set: the call's only tile is the whole local block (one rank, no ring)
     summary: tuple[int, ...] = ()  # the validated summary of the call (diagnosis of ranks that drift apart)
+    chunks: tuple[Assignment, Assignment] | None = None  # set: (caller's, compute) chunk assignments (documents)
+    rank_work: tuple[float, ...] = ()  # documents: visible (query, key) pairs of each rank in the compute layout
     # set: (q, k, v) -> (out, lse) through one fused op under torch's own autograd (one rank, whole block, sdpa)
     direct: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -115,9 +120,27 @@ def make_plan(
     window = (int(a.window_size[0]), int(a.window_size[1]))
     if a.causal and window[1] < 0:
         window = (window[0], 0)
-    layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
-    # Topology-aware schedules visit every block; sliding windows keep the flat ring, which stops early.
-    topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1
+    docs = a.cu_seqlens if (a.cu_seqlens is not None and len(a.cu_seqlens) > 2) else None
+    chunks, work = None, ()
+    if docs is not None and world > 1:
+        def hops(assign: Assignment, m: int) -> int:
+            tbl = [chunk_segments(assign[r], s_local // m) for r in range(world)]
+            return sum(p.steps for p in ring_passes(tbl, a.causal, window, docs=docs))
+
+        m, assign, per_rank = balanced_layout(a.layout, docs, a.causal, window, world, s_local, hops)
+        user = layout_assignment(a.layout, world, m) if (m % 2 == 0 or a.layout == "contiguous") else None
+        table = [chunk_segments(assign[r], s_local // m) for r in range(world)]
+        layout, passes, work = a.layout, ring_passes(table, a.causal, window, docs=docs), tuple(per_rank)
+        if assign != user:
+            layout, chunks = "documents", (layout_assignment(a.layout, world, m), assign)
+    else:
+        layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
+        # one rank: both layouts are the same token order; one segment gives one tile (the whole block)
+        table = [segments(layout if world > 1 else "contiguous", r, world, s_local) for r in range(world)]
+    # Topology-aware schedules visit every block; sliding windows and packed documents keep the flat ring,
+    # which stops early and skips the hops no document needs.
+    topo_aware = (node_groups is not None and not window_is_finite(a.causal, window) and world > 1
+                  and docs is None)
     v = k if v is None else v
     kernel = kernel_module(_kernel_name(q, k, v, a, window, deterministic, info))
     softcap = None if a.softcap is None else float(a.softcap)
@@ -135,9 +158,7 @@ def make_plan(
                           kernel, deterministic, softcap=softcap)
     else:
         nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
-        # one rank: both layouts are the same token order; one segment gives one tile (the whole block)
-        table = [segments(layout if world > 1 else "contiguous", r, world, s_local) for r in range(world)]
-        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes, softcap)
+        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes, softcap, docs)
     backward = a.backward
     if backward == "auto":
         # kernels whose backward needs the output (fused SDPA ops) keep Q, dO and O at home
@@ -150,7 +171,8 @@ def make_plan(
     direct = None
     if whole is not None and spec is None:
         direct = _whole_direct(q, k, v, a, window, kernel.__name__.rsplit(".", 1)[-1], deterministic)
-    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, direct)
+    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, chunks,
+                    work, direct)
 
 
 def _whole_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],

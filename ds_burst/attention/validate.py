@@ -11,11 +11,13 @@ new key alone (the others run the ring of their cached key) can say what differs
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ds_burst.core import settings
+from ds_burst.core.documents import check_boundaries, fingerprint
 from ds_burst.core.options import BACKWARDS, KERNELS, LAYOUTS, SCHEDULES
 from ds_burst.dist.comm import (
     CommTimeoutError,
@@ -49,6 +51,32 @@ class AttnArgs:
     check_finite: bool = False  # q, k, v must not hold NaN/Inf
     softcap: float | None = None  # logit softcapping (Gemma 2)
     has_sinks: bool = False  # a per-head sink logit in the softmax denominator (GPT-OSS)
+    cu_seqlens: tuple[int, ...] | None = None  # global document boundaries as read (checked in validation)
+    cu_error: tuple[str, str] | None = None  # (exception class, message) when cu_seqlens could not be read
+
+
+def read_boundaries(cu_seqlens: object) -> tuple[tuple[int, ...] | None, tuple[str, str] | None]:
+    """``(boundaries, None)`` or ``(None, (exception class, message))`` for a ``cu_seqlens`` argument.
+
+    Accepts ``None``, a 1-D integer tensor (a CUDA tensor costs one small device-to-host copy, a sync, per call:
+    pass a CPU tensor or a list) or a sequence of Python ints. Start, end and order are checked in validation,
+    which knows ``S``.
+    """
+    if cu_seqlens is None:
+        return None, None
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+            return None, ("TypeError", f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1:
+            return None, ("ValueError", f"cu_seqlens must be 1-D, got shape {tuple(cu_seqlens.shape)}")
+        return tuple(int(x) for x in cu_seqlens.tolist()), None
+    if isinstance(cu_seqlens, (list, tuple)):
+        for x in cu_seqlens:
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                return None, ("TypeError", f"cu_seqlens entries must be ints, got {type(x).__name__} {x!r}")
+        return tuple(int(x) for x in cu_seqlens), None
+    return None, ("TypeError", f"cu_seqlens must be None, a 1-D integer tensor or a list of ints, got "
+                               f"{type(cu_seqlens).__name__}")
 
 
 def _sinks_error(sinks: object, q: torch.Tensor) -> str | None:
@@ -136,6 +164,13 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, 
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 return "ValueError", f"{name} contains {bad} NaN/Inf values (check_finite=True)"
+    if a.cu_error is not None:
+        return a.cu_error
+    if a.cu_seqlens is not None:
+        try:
+            check_boundaries(a.cu_seqlens, q.shape[1] * info.world)
+        except ValueError as exc:
+            return "ValueError", str(exc)
     if a.kernel == "triton":
         if q.dtype == torch.float64:
             return "ValueError", "kernel='triton' does not support float64 inputs; use kernel='torch'"
@@ -168,12 +203,14 @@ def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | No
         "value head dim": (v if v is not None else k).shape[3],
         "softcap": softcap_bits,
         "sinks": int(a.has_sinks),
+        "documents": fingerprint(a.cu_seqlens)[0],
+        "cu_seqlens crc32": fingerprint(a.cu_seqlens)[1],
     }
 
 
 _FIELD_NAMES = ("batch", "S_local", "Hq", "Hkv", "head dim", "dtype", "device type", "causal", "window left",
                 "window right", "softmax_scale", "layout", "backward", "kernel", "return_lse", "schedule",
-                "check_finite", "value head dim", "softcap", "sinks")
+                "check_finite", "value head dim", "softcap", "sinks", "documents", "cu_seqlens crc32")
 _N_FIELDS = len(_FIELD_NAMES)  # the all-gathered row is the error flag plus these
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 

@@ -87,3 +87,36 @@ def gather_sequence(x: torch.Tensor, dim: int = 1, group: object = None, layout:
     check_layout(layout)
     info = resolve_group(group)
     return _GatherSequence.apply(x, dim, info, layout)
+
+
+def move_chunks(x: torch.Tensor, dim: int, src: tuple[tuple[int, ...], ...], dst: tuple[tuple[int, ...], ...],
+                info: GroupInfo, phase: str = "relayout") -> torch.Tensor:
+    """This rank's shard under chunk assignment ``dst`` given its shard ``x`` under ``src``.
+
+    An assignment lists, per rank, the chunks (of ``m * P`` equal chunks of the sequence) it holds in local
+    order (:mod:`ds_burst.core.documents`); one exchange of chunks, ``O(S * H * D)`` bytes.
+    """
+    if src == dst or info.world == 1:
+        return x
+    rank = info.rank
+    m = len(src[rank])
+    n = x.shape[dim] // m
+    where_src = {c: (r, slot) for r, chunks in enumerate(src) for slot, c in enumerate(chunks)}
+    parts = x.split(n, dim=dim)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out_parts = out.split(n, dim=dim)
+    sends, recvs = [], []
+    for d_rank, chunks in enumerate(dst):
+        for d_slot, c in enumerate(chunks):
+            s_rank, s_slot = where_src[c]
+            if s_rank == rank and d_rank == rank:
+                out_parts[d_slot].copy_(parts[s_slot])
+            elif s_rank == rank:
+                sends.append((parts[s_slot].contiguous(), d_rank))
+            elif d_rank == rank:
+                buf = torch.empty_like(parts[0], memory_format=torch.contiguous_format)
+                recvs.append((buf, s_rank, d_slot))
+    exchange(info, phase, sends, [(b, r) for b, r, _ in recvs])
+    for b, _, slot in recvs:
+        out_parts[slot].copy_(b)
+    return out

@@ -181,8 +181,9 @@ class BurstSPAttentionHF(torch.nn.Module):
             query: ``[B, Hq, s, D]``; key, value: ``[B, Hkv, s, D]`` (transformers' attention-function layout).
             attention_mask: ignored (as ALST does: a mask built for the local shard is meaningless; causality is
                 by global position).
-            **kwargs: ``position_ids`` (required, this rank's shard of the global positions), ``scaling``,
-                ``dropout``, ``sliding_window``, ``is_causal``; others are ignored.
+            **kwargs: ``position_ids`` (required, this rank's shard of the global positions); the rest is applied
+                or refused as for ``attn_implementation="burst"`` (``ds_burst.integrations.hf.hf_burst_attention``:
+                ``scaling``, ``sliding_window``, ``softcap``, ``s_aux``, ``is_causal``, ...).
 
         Returns:
             ``(out [B, s, Hq, D], None)``.
@@ -202,11 +203,10 @@ class BurstSPAttentionHF(torch.nn.Module):
         cu = kwargs.get("cu_seq_lens_q")
         if cu is not None and cu.numel() > 2:
             raise ValueError(PACKED_ERROR.format(where=f"cu_seq_lens_q={cu.tolist()[:8]}"))
-        out = hf_burst_attention(
-            module, query, key, value, scaling=kwargs.get("scaling"), dropout=kwargs.get("dropout") or 0.0,
-            sliding_window=kwargs.get("sliding_window"), is_causal=kwargs.get("is_causal"),
-            group=self.process_group, layout="contiguous", **self.burst_options,
-        )
+        # transformers built a mask for the key this class took over; like ALST it is not used (causality is by
+        # global position); every other keyword is applied or refused by hf_burst_attention
+        out = hf_burst_attention(module, query, key, value, None, group=self.process_group, layout="contiguous",
+                                 burst_options=self.burst_options, **kwargs)
         return out, None
 
     @classmethod

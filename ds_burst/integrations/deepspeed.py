@@ -220,6 +220,7 @@ class DistributedAttention(torch.nn.Module):
         batch_dim_idx: int,
         rotary_pos_emb: Any = None,
         *args: Any,
+        cu_seqlens: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Attention over the whole sequence from this rank's contiguous shards.
@@ -234,6 +235,8 @@ class DistributedAttention(torch.nn.Module):
             **kwargs: ``causal``/``is_causal``, ``softmax_scale``/``scale``, ``window_size``/``sliding_window``,
                 ``softcap`` override the constructor's options; ``sinks``/``s_aux`` (``[Hq]``, GPT-OSS attention
                 sinks) are applied; any other keyword raises ``ValueError``.
+            cu_seqlens: packed documents: the global boundaries ``[0, e1, ..., S]`` of the full sequence (see
+                :func:`ds_burst.burst_attn_func`); ``None``: one document.
 
         Returns:
             the attention output in the layout of ``query``.
@@ -248,7 +251,7 @@ class DistributedAttention(torch.nn.Module):
             raise ValueError(f"DistributedAttention: num_kv_heads={self.num_kv_heads} but key has {key.shape[2]} heads")
         if rotary_pos_emb is not None:
             query, key = self._rotary(query, key, rotary_pos_emb, batch_dim_idx, opts["layout"])
-        out = burst_attn_func(query, key, value, group=self.spg, **opts)
+        out = burst_attn_func(query, key, value, group=self.spg, cu_seqlens=cu_seqlens, **opts)
         assert isinstance(out, torch.Tensor)
         return out if batch_dim_idx == 0 else out.transpose(0, 1).contiguous()
 

@@ -17,6 +17,13 @@ registered custom implementation (``attention_mask`` arrives as ``None``), so pa
 applied: pack sequences without padding, or :func:`shard_batch` rejects a padding ``attention_mask``.
 Positions (RoPE) come from the ``position_ids`` you pass, which :func:`shard_batch` makes global.
 
+Packed documents: :func:`shard_batch` finds the documents from ``position_ids`` that restart at 0 (what
+transformers' packing collators pass) or from the collator's ``cu_seq_lens_q``/``cu_seq_lens_k`` (offsets into
+the flattened, unsharded batch) and returns the full-sequence boundaries as ``cu_seq_lens_q``/``cu_seq_lens_k``
+(Python lists); pass them to the model (``model(..., cu_seq_lens_q=..., cu_seq_lens_k=...)``): transformers
+hands them to the attention function, which gives them to ``burst_attn_func(cu_seqlens=...)``. A CUDA tensor
+there costs one small device-to-host copy per layer; the lists cost nothing.
+
 The ALST-compatible path used by Accelerate / the HF Trainer / TRL (``ParallelismConfig(sp_backend="deepspeed")``)
 is :mod:`ds_burst.integrations.alst`, re-exported with this module by ``ds_burst.hf``:
 ``register_with_transformers``, ``BurstSPAttentionHF``, ``BurstSPDataLoaderAdapter``,
@@ -33,12 +40,20 @@ import torch
 
 from ds_burst.attention.api import burst_attn_func
 from ds_burst.core.layout import check_layout
+from ds_burst.dist.comm import resolve_group
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
-from ds_burst.training.data import IGNORE_INDEX, shard_batch_local
+from ds_burst.training.data import (
+    IGNORE_INDEX,
+    boundaries_from_cu_seq_lens,
+    boundaries_from_position_ids,
+    shard_batch_local,
+)
 from ds_burst.training.losses import sequence_parallel_loss as _sp_loss
 
 __all__ = ["ATTN_NAME", "burst_attention_forward", "hf_burst_attention", "register", "setup", "shard_batch",
            "sequence_parallel_loss"]
+
+_DOCUMENT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 ATTN_NAME = "burst"
 _STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
@@ -50,12 +65,9 @@ _NO_EFFECT = ("use_cache", "cache_position", "output_router_logits", "output_hid
               "num_items_in_batch", "layer_idx")
 
 
-def _sp_size(topo: Any) -> int:
-    if topo is not None:
-        return int(topo.get_sequence_parallel_world_size())
-    from ds_burst.dist.comm import resolve_group
-
-    return resolve_group(None).world
+def _sp_size(group: Any) -> int:
+    """Ranks of the sequence-parallel group (a topology/mpu, a process group or ``None``)."""
+    return resolve_group(group).world
 
 
 def burst_attention_forward(
@@ -64,6 +76,22 @@ def burst_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function registered as ``attn_implementation="burst"`` (transformers' AttentionInterface): see
+    :func:`hf_burst_attention` for what it applies and refuses."""
+    topo = _STATE["topology"] or get_topology()
+    out = hf_burst_attention(module, query, key, value, attention_mask, group=topo, layout=_STATE["layout"],
+                             burst_options=_STATE["options"], **kwargs)
+    return out, None
+
+
+def hf_burst_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
@@ -72,15 +100,22 @@ def burst_attention_forward(
     position_ids: torch.Tensor | None = None,
     is_causal: bool | None = None,
     output_attentions: bool = False,
+    *,
+    group: Any = None,
+    layout: str = "zigzag",
+    burst_options: dict[str, Any] | None = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """The function registered as ``attn_implementation="burst"`` (transformers' AttentionInterface).
+) -> torch.Tensor:
+    """BurstAttention on transformers' attention-function tensors: ``query [B, Hq, s, D]``, ``key/value
+    [B, Hkv, s, D]`` (this rank's shard) -> ``[B, s, Hq, D]``. Shared by ``attn_implementation="burst"`` and the
+    ALST drop-in (:mod:`ds_burst.integrations.alst`).
 
     Applied: ``scaling``, ``sliding_window``, ``softcap`` (Gemma 2 logit softcapping), ``s_aux`` (GPT-OSS attention
-    sinks, ``[Hq]``), ``is_causal`` (else ``module.is_causal``), a value head dim other than the q/k one (MLA);
-    ``position_ids`` must be given when the sequence is split (RoPE positions must be global). Refused with a
-    ``ValueError``: dropout > 0, an attention mask, ``output_attentions=True``, packed-sequence keywords
-    (``cu_seq_lens_*``, ``max_length_*``) and any keyword not listed here or in ``_NO_EFFECT``.
+    sinks, ``[Hq]``), ``is_causal`` (else ``module.is_causal``), a value head dim other than the q/k one (MLA),
+    packed documents as ``cu_seq_lens_q``/``cu_seq_lens_k`` (see :func:`shard_batch`; ``max_length_q``/``_k``
+    carry nothing ds-burst needs); ``position_ids`` must be given when the sequence is split (RoPE positions
+    must be global). Refused with a ``ValueError``: dropout > 0, an attention mask, ``output_attentions=True``
+    and any keyword not listed here or in ``_NO_EFFECT``.
     """
     if dropout and dropout > 0:
         raise ValueError(f"ds-burst attention: attention dropout={dropout} > 0 is not supported (set attention_dropout"
@@ -91,12 +126,12 @@ def burst_attention_forward(
     if output_attentions:
         raise ValueError("ds-burst attention: output_attentions=True is not supported (no attention weights are "
                          "formed)")
-    unknown = sorted(k for k, val in kwargs.items() if k not in _NO_EFFECT and val is not None)
+    unknown = sorted(k for k, val in kwargs.items() if k not in _NO_EFFECT and k not in _DOCUMENT_KEYS
+                     and val is not None)
     if unknown:
         raise ValueError(f"ds-burst attention: keyword argument(s) {unknown} are not supported by the 'burst' "
-                         "attention implementation (packed sequences, custom masks and the like)")
-    topo = _STATE["topology"] or get_topology()
-    if position_ids is None and _sp_size(topo) > 1:
+                         "attention implementation (custom masks and the like)")
+    if position_ids is None and _sp_size(group) > 1:
         raise ValueError("ds-burst attention: position_ids are required when the sequence is split over ranks "
                          "(sequence-parallel size > 1); pass the global positions, e.g. shard_batch(...)"
                          "['position_ids'], or RoPE runs with local positions")
@@ -104,6 +139,7 @@ def burst_attention_forward(
     window = (-1, -1)
     if sliding_window is not None:
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+    docs = _documents(kwargs, query.shape[0], query.shape[2], group)
     out = burst_attn_func(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -111,14 +147,29 @@ def burst_attention_forward(
         causal=causal,
         softmax_scale=scaling,
         window_size=window,
-        group=topo,
-        layout=_STATE["layout"],
+        group=group,
+        layout=layout,
         softcap=None if softcap is None else float(softcap),
         sinks=s_aux,
-        **_STATE["options"],
+        cu_seqlens=docs,
+        **(burst_options or {}),
     )
     assert isinstance(out, torch.Tensor)
-    return out, None
+    return out
+
+
+def _documents(kwargs: dict[str, Any], batch: int, s_local: int, topo: Any) -> list[int] | None:
+    """Full-sequence document boundaries from transformers' ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    sp = _sp_size(topo)
+    seq = s_local * sp
+    got = [boundaries_from_cu_seq_lens(c, batch, seq) for c in (cu_q, cu_k) if c is not None]
+    if len(got) == 2 and got[0] != got[1]:
+        raise ValueError("ds-burst attention: cu_seq_lens_q and cu_seq_lens_k differ (self-attention over packed "
+                         "documents needs the same boundaries)")
+    return got[0]
 
 
 def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:
@@ -152,6 +203,9 @@ def shard_batch(batch: dict[str, torch.Tensor], mpu: Any = None, layout: str | N
     (transformers convention, shifted here; the last position gets ``-100``). An ``attention_mask`` with
     any zero (padding) raises ``ValueError``. Given ``position_ids`` are sharded along; otherwise ``0..S-1``.
     ``mpu`` is the topology (default: the current one); ``layout`` defaults to the registered one.
+    Packed documents (``position_ids`` restarting at 0, or ``cu_seq_lens_q``/``cu_seq_lens_k`` of the unsharded
+    batch): the result also holds ``cu_seq_lens_q``/``cu_seq_lens_k``, the full-sequence boundaries (lists) to
+    pass to the model.
     """
     topo = mpu if mpu is not None else get_topology()
     sp_rank = topo.get_sequence_parallel_rank() if topo is not None else 0
@@ -176,7 +230,16 @@ def shard_batch(batch: dict[str, torch.Tensor], mpu: Any = None, layout: str | N
     if "position_ids" in batch:
         idx = out["position_ids"][0].to(batch["position_ids"].device)
         result["position_ids"] = batch["position_ids"].index_select(-1, idx)
-    return {k: v.to(ids.device) for k, v in result.items()}
+    docs = None
+    if batch.get("cu_seq_lens_q") is not None or batch.get("cu_seq_lens_k") is not None:
+        cu = batch.get("cu_seq_lens_q", batch.get("cu_seq_lens_k"))
+        docs = boundaries_from_cu_seq_lens(cu, ids.shape[0], ids.shape[-1])
+    elif "position_ids" in batch:
+        docs = boundaries_from_position_ids(batch["position_ids"])
+    moved: dict[str, Any] = {k: v.to(ids.device) for k, v in result.items()}
+    if docs is not None:
+        moved["cu_seq_lens_q"] = moved["cu_seq_lens_k"] = docs
+    return moved
 
 
 def sequence_parallel_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mpu: Any = None,

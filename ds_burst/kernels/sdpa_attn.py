@@ -497,7 +497,7 @@ def bwd_step(
     v: torch.Tensor,
     dout: torch.Tensor,
     lse: torch.Tensor,
-    delta: torch.Tensor,
+    delta: torch.Tensor | None,
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
@@ -528,12 +528,14 @@ def bwd_step(
     if 0 < BWD_ROWS < sq:  # bound the ops' per-call temporaries: run the rows in chunks
         for r0 in range(0, sq, BWD_ROWS):
             r = slice(r0, min(sq, r0 + BWD_ROWS))
-            bwd_step(q[:, r], k, v, dout[:, r], lse[:, :, r], delta[:, :, r], dq[:, r], dk, dv, scale=scale,
+            bwd_step(q[:, r], k, v, dout[:, r], lse[:, :, r], None if delta is None else delta[:, :, r], dq[:, r],
+                     dk, dv, scale=scale,
                      q_offset=q_offset + r0, k_offset=k_offset, causal=causal, window=window, out=out[:, r],
                      deterministic=deterministic, block_k=block_k)
         return
     pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
     if pieces is None:
+        delta = delta if delta is not None else bwd_preprocess(out, dout)  # the ring may pass none (BWD_NEEDS_OUT)
         _fallback_bwd(q, k, v, dout, lse, delta, dq, dk, dv, scale, q_offset, k_offset, causal, window,
                       deterministic, block_k)
         return
@@ -557,7 +559,8 @@ def bwd_step(
             STATS[("bwd", backend)] += 1
             break
         else:
-            _fallback_bwd(qq, kk, vv, do, lse[:, :, q0:q1], delta[:, :, q0:q1], dq[:, q0:q1], dk[:, k0:k1],
+            d_piece = delta[:, :, q0:q1] if delta is not None else bwd_preprocess(out[:, q0:q1], do)
+            _fallback_bwd(qq, kk, vv, do, lse[:, :, q0:q1], d_piece, dq[:, q0:q1], dk[:, k0:k1],
                           dv[:, k0:k1], scale, q_offset + q0, k_offset + k0, causal, window, deterministic, block_k)
 
 

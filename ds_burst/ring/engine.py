@@ -44,13 +44,14 @@ class RingSetup:
     deterministic: bool = False
     nodes: NodeGroups | None = None  # set: run the double ring over these nodes instead of the flat ring
     softcap: float | None = None  # logit softcapping ``softcap * tanh(s / softcap)`` (passed to the kernels when set)
+    docs: tuple[int, ...] | None = None  # global document boundaries (packed documents); None: one document
     _ops: dict[tuple[int, int], list[TileOp]] = field(default_factory=dict, compare=False, repr=False)
 
     def ops(self, q_owner: int, k_owner: int) -> list[TileOp]:
         """The tiles of queries owned by ``q_owner`` against keys owned by ``k_owner`` (built once per pair)."""
         got = self._ops.get((q_owner, k_owner))
         if got is None:
-            got = pair_ops(self.seg_table[q_owner], self.seg_table[k_owner], self.causal, self.window)
+            got = pair_ops(self.seg_table[q_owner], self.seg_table[k_owner], self.causal, self.window, docs=self.docs)
             self._ops[(q_owner, k_owner)] = got
         return got
 
@@ -225,15 +226,17 @@ def needs_out(kernel: ModuleType) -> bool:
 
 def _bwd_tiles(
     setup: RingSetup, ops: list[TileOp], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
-    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor | None, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> None:
-    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)``."""
+    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)`` (``delta`` is
+    ``None`` for kernels that take the output instead)."""
     for op in ops:
         qs, ks = slice(op.q0, op.q1), slice(op.k0, op.k1)
         extra = {} if out is None else {"out": out[:, qs]}
         setup.kernel.bwd_step(
-            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], delta[:, :, qs], dq[:, qs], dk[:, ks],
+            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], None if delta is None else delta[:, :, qs],
+            dq[:, qs], dk[:, ks],
             dv[:, ks], scale=setup.scale, **_bwd_kwargs(setup, op), **extra,
         )
 

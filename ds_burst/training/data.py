@@ -4,6 +4,8 @@
   are stored in the first half of the sequence and asked in the second half, so an answer can be given only
   if attention reaches back across the sequence (across the sequence-parallel shards).
 * :class:`TokenFile`: a memory-mapped flat ``uint16``/``uint32`` token file (nanoGPT-style ``.bin``).
+* :class:`PackedRetrieval`: documents of varied lengths packed into one sequence, each its own retrieval task
+  (attention must stay inside a document: ``cu_seqlens``), with per-document positions and accuracy.
 
 Every sample is a pure function of ``(seed, sample index)``; the sample indices of a step are a pure
 function of ``(step, micro step, data-parallel rank)``. Resuming therefore only needs the step number,
@@ -185,6 +187,83 @@ class TokenFile:
         return torch.from_numpy(window[:-1].copy()), torch.from_numpy(window[1:].copy())
 
 
+@dataclass
+class PackedRetrieval:
+    """Packed documents: the sequence holds documents of varied lengths, each a :class:`RetrievalTask` of its
+    own length (facts in its first half, questions in its second), positions restarting at 0 per document.
+
+    The document lengths of a micro batch are a pure function of ``(seed, first sample index)`` and shared by
+    every row of the micro batch (one set of boundaries per call); they are drawn uniformly from
+    ``[min_doc, max_doc]`` (a remainder below ``min_doc`` joins the last document). Per document the task keeps
+    ``num_pairs`` facts when they fit in its first half, and fewer copies (then fewer facts) when not.
+    """
+
+    seq_len: int
+    vocab_size: int
+    min_doc: int = 32
+    max_doc: int | None = None  # default: seq_len // 2
+    num_pairs: int = 4
+    num_queries: int | None = None  # per document (None: its whole second half)
+    num_keys: int = 8
+    num_values: int = 8
+    copies: int = 4
+    pair_tokens: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_doc is None:
+            self.max_doc = max(self.min_doc, self.seq_len // 2)
+        if not 4 <= self.min_doc <= self.max_doc or self.min_doc > self.seq_len:
+            raise ValueError(f"packed retrieval: need 4 <= min_doc <= max_doc and min_doc <= seq_len, got "
+                             f"min_doc={self.min_doc}, max_doc={self.max_doc}, seq_len={self.seq_len}")
+        self._task(self.min_doc)  # the smallest document must be a valid task
+
+    def _task(self, length: int) -> RetrievalTask:
+        cache = self.__dict__.setdefault("_tasks", {})
+        if length not in cache:
+            cache[length] = self._make_task(length)
+        return cache[length]
+
+    def _make_task(self, length: int) -> RetrievalTask:
+        pairs = min(self.num_pairs, self.num_keys)
+        room = length // 2 - 1
+        per = 1 if self.pair_tokens else 2
+        copies = max(1, min(self.copies, room // (pairs * per)))
+        pairs = max(1, min(pairs, room // (copies * per)))
+        queries = length - length // 2 if self.num_queries is None else min(self.num_queries, length - length // 2)
+        return RetrievalTask(length, self.vocab_size, num_pairs=pairs, num_queries=queries, num_keys=self.num_keys,
+                             num_values=self.num_values, copies=copies, pair_tokens=self.pair_tokens, seed=self.seed)
+
+    def lengths(self, index: int) -> list[int]:
+        """Document lengths (summing to ``seq_len``) of the micro batch whose first sample is ``index``."""
+        rng = np.random.default_rng([self.seed, index, 7])
+        out, left = [], self.seq_len
+        while left:
+            n = min(left, int(rng.integers(self.min_doc, self.max_doc + 1)))  # type: ignore[operator]
+            if left - n < self.min_doc:  # too little left for another document: this one takes it
+                n = left
+            out.append(n)
+            left -= n
+        return out
+
+    def sample(self, index: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids [S], labels [S])`` of sample ``index`` packed with document ``lengths``."""
+        ids, labels = [], []
+        for d, n in enumerate(lengths):
+            i, lab = self._task(n).sample(index * 1009 + d)
+            ids.append(i)
+            labels.append(lab)
+        return torch.cat(ids), torch.cat(labels)
+
+    @property
+    def chance_accuracy(self) -> float:
+        return 1.0 / self.num_values
+
+    @property
+    def chance_loss(self) -> float:
+        return float(np.log(self.num_values))
+
+
 def write_token_file(path: str | os.PathLike, tokens: Any, dtype: str = "uint16") -> None:
     """Write ``tokens`` as a flat binary token file readable by :class:`TokenFile`."""
     np.asarray(tokens, dtype=dtype).tofile(str(path))
@@ -253,7 +332,7 @@ def far_labels(labels: torch.Tensor, sources: torch.Tensor, layout: str, sp_size
 
 
 def make_batch(
-    source: RetrievalTask | TokenFile,
+    source: RetrievalTask | TokenFile | PackedRetrieval,
     indices: list[int],
     sp_rank: int,
     sp_size: int,
@@ -262,7 +341,23 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """Build samples ``indices`` and return this SP rank's shard: ``input_ids``, ``labels``, ``position_ids``,
     and for :class:`RetrievalTask` also ``far_labels`` (the labels of the questions whose fact lies on
-    another rank of the SP group under ``layout``, see :func:`far_labels`; ``IGNORE_INDEX`` elsewhere)."""
+    another rank of the SP group under ``layout``, see :func:`far_labels`; ``IGNORE_INDEX`` elsewhere).
+
+    :class:`PackedRetrieval`: ``position_ids`` restart at 0 in every document, ``doc_ids`` give each token's
+    document and ``cu_seqlens`` (a list of ints, the same for every row) the documents' global boundaries."""
+    if isinstance(source, PackedRetrieval):
+        lengths = source.lengths(indices[0])
+        rows = [source.sample(i, lengths) for i in indices]
+        ids, labels = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        out = shard_batch_local(ids, labels, sp_rank, sp_size, layout)
+        idx = out["position_ids"][0]
+        in_doc = torch.cat([torch.arange(n) for n in lengths])
+        doc = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])
+        out["position_ids"] = in_doc[idx][None].expand(ids.shape[0], -1).contiguous()
+        out["doc_ids"] = doc[idx][None].expand(ids.shape[0], -1).contiguous()
+        moved: dict[str, Any] = {k: v.to(device) for k, v in out.items()}
+        moved["cu_seqlens"] = [0, *np.cumsum(lengths).tolist()]
+        return moved
     pairs = [source.sample(i) for i in indices]
     ids = torch.stack([p[0] for p in pairs])
     labels = torch.stack([p[1] for p in pairs])
@@ -272,3 +367,33 @@ def make_batch(
         idx = torch.tensor(global_index(layout, sp_rank, sp_size, ids.shape[-1]), dtype=torch.long)
         out["far_labels"] = far.index_select(-1, idx)
     return {k: v.to(device) for k, v in out.items()}
+
+
+def boundaries_from_position_ids(position_ids: torch.Tensor) -> list[int] | None:
+    """Global document boundaries ``[0, e1, ..., S]`` of a packed full-sequence ``position_ids`` (``[S]`` or
+    ``[B, S]``) whose positions restart at 0 at every document (what transformers' packing collators pass), or
+    ``None`` when they never restart (one document). Every row must hold the same documents (the boundaries
+    apply to each row). Reads the tensor on the host (call it in the data path, not per layer)."""
+    pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
+    starts = [(row == 0).nonzero().flatten().tolist() for row in pos]
+    if any(s != starts[0] for s in starts[1:]):
+        raise ValueError("packed position_ids: the rows of the batch hold different documents; ds-burst applies one "
+                         "set of document boundaries to every row (pack each row alike, or use batch size 1)")
+    seq = pos.shape[-1]
+    cu = sorted({0, *starts[0], seq})
+    return None if len(cu) == 2 else cu
+
+
+def boundaries_from_cu_seq_lens(cu_seq_lens: Any, batch: int, seq: int) -> list[int]:
+    """Full-sequence boundaries from transformers' ``cu_seq_lens_q``/``_k``: offsets into the flattened, unsharded
+    batch ``[B * S]`` (one packed row when ``B == 1``). With ``B > 1`` every row must hold the same documents."""
+    cu = [int(x) for x in (cu_seq_lens.tolist() if isinstance(cu_seq_lens, torch.Tensor) else cu_seq_lens)]
+    if batch == 1 or (cu and cu[-1] == seq):
+        return cu
+    if not cu or cu[-1] != batch * seq:
+        raise ValueError(f"cu_seq_lens end at {cu[-1] if cu else None}, expected S={seq} or B*S={batch * seq}")
+    rows = [sorted({0, seq, *(c - r * seq for c in cu if r * seq <= c <= (r + 1) * seq)}) for r in range(batch)]
+    if any(r != rows[0] for r in rows[1:]):
+        raise ValueError("cu_seq_lens: the rows of the batch hold different documents; ds-burst applies one set of "
+                         "document boundaries to every row")
+    return rows[0]

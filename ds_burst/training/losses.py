@@ -87,5 +87,20 @@ def sequence_parallel_accuracy(
     return int(t[0]), int(t[1])
 
 
+def per_document_accuracy(logits: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor, num_docs: int,
+                          group: Any = None, ignore_index: int = -100) -> tuple[list[int], list[int]]:
+    """``(correct, total)`` per document (packed documents: ``doc_ids`` sharded like ``labels``) over the full
+    sequence of every row."""
+    info = _sp_info(group)
+    mask = labels != ignore_index
+    hit = (logits.argmax(-1) == labels) & mask
+    t = torch.zeros(2, num_docs, dtype=torch.int64, device=labels.device)
+    t[0].index_add_(0, doc_ids[mask], torch.ones_like(doc_ids[mask]).masked_fill_(~hit[mask], 0))
+    t[1].index_add_(0, doc_ids[mask], torch.ones_like(doc_ids[mask]))
+    if info.world > 1:
+        t = all_reduce_sum(info, t.cpu() if _gloo(info) else t)
+    return t[0].tolist(), t[1].tolist()
+
+
 def _gloo(info: GroupInfo) -> bool:
     return is_cpu_backend(info)

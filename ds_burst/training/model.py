@@ -165,6 +165,7 @@ class Attention(nn.Module):
         self.window = (-1, -1) if w is None else (w - 1, 0)
         if "window_size" in self.attn_kwargs:
             self.window = tuple(self.attn_kwargs.pop("window_size"))
+        self.cu_seqlens: list[int] | None = None  # packed documents of the current batch (set by BurstLlama)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -174,7 +175,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, -1, d)
         if self.attention == "burst":
             group = self.group if self.group is not None else get_topology()
-            o = burst_attn_func(q, k, v, causal=True, window_size=self.window, group=group, **self.attn_kwargs)
+            o = burst_attn_func(q, k, v, causal=True, window_size=self.window, group=group,
+                                cu_seqlens=self.cu_seqlens, **self.attn_kwargs)
+        elif self.cu_seqlens is not None and self.attention == "local":
+            cu = self.cu_seqlens
+            o = torch.cat([local_attention(q[:, a:b], k[:, a:b], v[:, a:b], self.window)
+                           for a, b in zip(cu, cu[1:])], 1)
+        elif self.cu_seqlens is not None:
+            raise ValueError("packed documents (cu_seqlens) need attention='burst' or 'local'")
         elif self.attention == "ulysses":
             o = ulysses_attention(q, k, v, self.group if self.group is not None else get_topology(), self.window)
         else:
@@ -340,6 +348,8 @@ class BurstLlama(nn.Module):
         labels: torch.Tensor | None = None,
         ignore_index: int = -100,
         sp_grads_averaged: bool = False,
+        *,
+        cu_seqlens: list[int] | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, s_local, vocab]`` for this rank's tokens ``input_ids [B, s_local]`` at global
         ``position_ids`` (``[B, s_local]`` or ``[s_local]``).
@@ -348,7 +358,14 @@ class BurstLlama(nn.Module):
         :func:`sequence_parallel_loss` over the model's SP group; with ``cfg.lm_head_chunk_tokens`` set that
         loss comes from :func:`ds_burst.training.memory.chunked_lm_head_loss` and the ``[B, s_local, vocab]`` logits
         are never materialised (same value and gradients).
+
+        ``cu_seqlens``: packed documents, the global boundaries of the full sequence (list of ints, the same on
+        every rank); attention stays inside each document. It is kept on the attention layers until the next
+        forward, so that checkpointed layers recompute with it in backward.
         """
+        docs = None if cu_seqlens is None else [int(x) for x in cu_seqlens]
+        for layer in self.layers:
+            layer.attn.cu_seqlens = docs
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(input_ids.shape[0], -1)
         x = self.embed(input_ids)
