@@ -2,9 +2,9 @@
 backward with precomputed global ``lse`` and ``delta``.
 
 Same contract as :mod:`ds_burst.kernels.reference` (read its docstring): ``q [B, Sq, Hq, D]``,
-``k, v [B, Sk, Hkv, D]`` with any strides, GQA by index arithmetic (K/V are never repeated), masks by
-*global* positions ``q_offset + i`` / ``k_offset + j`` (causal and flash-attn style windows, see
-:mod:`ds_burst.core.mask`).
+``k [B, Sk, Hkv, D]``, ``v [B, Sk, Hkv, Dv]`` with any strides (``Dv`` may differ from ``D``, MLA), GQA by index
+arithmetic (K/V are never repeated), masks by *global* positions ``q_offset + i`` / ``k_offset + j`` (causal and
+flash-attn style windows, see :mod:`ds_burst.core.mask`), optional logit softcapping ``softcap``.
 
 Design (docs/KERNELS.md has more):
 
@@ -20,6 +20,9 @@ Design (docs/KERNELS.md has more):
   head and over the visible query tiles; dQ either by fp32 atomics from the same kernel
   (``deterministic=False``) or by a second kernel over query tiles (``deterministic=True``, no atomics,
   bitwise reproducible).
+* Variants are constexpr flags, so the plain kernels compile as without them: ``SOFTCAP`` (scores
+  ``softcap * tanh(s / softcap)``, the backward multiplies dS by ``1 - tanh^2``; libdevice ``tanh`` on GPU, an
+  ``exp2`` form in the interpreter) and a value head dim ``HEAD_DV`` padded to ``BLOCK_DV`` like ``HEAD_DIM``.
 * Under ``TRITON_INTERPRET=1`` (CPU) a single small config is used; on GPU the kernels are autotuned over a
   small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
 """
@@ -32,11 +35,12 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ds_burst.core import settings
 from ds_burst.core.mask import BlockKind, classify_block, window_bounds
 
-__all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "supports", "MAX_HEAD_DIM", "INTERPRET"]
+__all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "supports", "supports_variant", "MAX_HEAD_DIM", "INTERPRET"]
 
 INTERPRET: bool = settings.triton_interpret()
 """True when Triton runs kernels in its interpreter (CPU tensors). Read once, at import."""
@@ -104,24 +108,47 @@ def _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO: tl.constexpr, HAS_HI: 
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, n_tiles, offs_m, offs_n, offs_d,
-               stride_ks, stride_vs, Sk, delta0, win_l, win_r, qk_scale,
+def _tanh(x, LIB_TANH: tl.constexpr):
+    """``tanh(x)`` in fp32: libdevice's on GPU; under the interpreter (no libdevice) from ``exp2`` with a series
+    near 0 (no cancellation). NaN stays NaN, +-inf gives +-1, as ``torch.tanh``."""
+    if LIB_TANH:
+        t = libdevice.tanh(x)
+    else:
+        ax = tl.abs(x)
+        e = tl.math.exp2(ax * -2.8853900817779268)  # exp(-2|x|)
+        big = (1.0 - e) / (1.0 + e)
+        x2 = ax * ax
+        small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+        t = tl.where(ax < 0.125, small, big)
+        t = tl.where(x < 0, -t, t)
+    return t
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, n_tiles, offs_m, offs_n, offs_d, offs_dv,
+               stride_ks, stride_vs, Sk, delta0, win_l, win_r, qk_scale, cap2,
                MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, EVEN_D: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+               EVEN_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr):
     for t in range(n_tiles):
         n = start + t * BLOCK_N
         kn = n + offs_n
         n64 = n.to(tl.int64)
         if MASKED:
             kT = tl.load(kT_ptrs + n64 * stride_ks, mask=(kn[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs + n64 * stride_vs, mask=(kn[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif EVEN_D:
-            kT = tl.load(kT_ptrs + n64 * stride_ks)
-            v = tl.load(v_ptrs + n64 * stride_vs)
+            v = tl.load(v_ptrs + n64 * stride_vs, mask=(kn[:, None] < Sk) & (offs_dv[None, :] < HEAD_DV), other=0.0)
         else:
-            kT = tl.load(kT_ptrs + n64 * stride_ks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs + n64 * stride_vs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            if EVEN_D:
+                kT = tl.load(kT_ptrs + n64 * stride_ks)
+            else:
+                kT = tl.load(kT_ptrs + n64 * stride_ks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            if EVEN_DV:
+                v = tl.load(v_ptrs + n64 * stride_vs)
+            else:
+                v = tl.load(v_ptrs + n64 * stride_vs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
         qk = tl.dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), input_precision=DOT_PREC) * qk_scale
+        if SOFTCAP:  # qk_scale = scale / softcap, cap2 = softcap * log2(e)
+            qk = _tanh(qk, LIB_TANH) * cap2
         if MASKED:
             rel = kn[None, :] - offs_m[:, None] - delta0
             ok = kn[None, :] < Sk
@@ -151,9 +178,11 @@ def _fwd_kernel(
     svb, svs, svh, svd,
     sob, sos, soh, sod,
     slb, slh, sls,
-    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, SEQ_BUCKET,
+    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, cap2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (causal) tiles first
@@ -166,37 +195,39 @@ def _fwd_kernel(
     offs_r = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DV
     b64 = b.to(tl.int64)
     m64 = m0.to(tl.int64)
 
     q_ptrs = Q + b64 * sqb + h.to(tl.int64) * sqh + m64 * sqs + offs_r[:, None] * sqs + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    o_ptrs = Out + b64 * sob + h.to(tl.int64) * soh + m64 * sos + offs_r[:, None] * sos + offs_d[None, :] * sod
+    o_ptrs = Out + b64 * sob + h.to(tl.int64) * soh + m64 * sos + offs_r[:, None] * sos + offs_dv[None, :] * sod
     l_ptrs = Lse + b64 * slb + h.to(tl.int64) * slh + m64 * sls + offs_r * sls
     lse_in = tl.load(l_ptrs, mask=row_ok, other=float("-inf")).to(tl.float32)
     has_prev = lse_in != float("-inf")
     m_in = tl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
-    o_in = tl.load(o_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    o_in = tl.load(o_ptrs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
     acc = tl.where(has_prev[:, None], o_in, 0.0)
     l_i = tl.where(has_prev, 1.0, 0.0)
     m_i = m_in
 
     kv_off = b64 * skb + hk.to(tl.int64) * skh
     kT_ptrs = K + kv_off + offs_n[None, :] * sks + offs_d[:, None] * skd
-    v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_d[None, :] * svd
+    v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd
 
     sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sa, na, offs_m, offs_n, offs_d, sks, svs, Sk,
-                               delta0, win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N,
-                               DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sb, nb, offs_m, offs_n, offs_d, sks, svs, Sk,
-                               delta0, win_l, win_r, qk_scale, False, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N,
-                               DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sc, nc, offs_m, offs_n, offs_d, sks, svs, Sk,
-                               delta0, win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N,
-                               DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sa, na, offs_m, offs_n, offs_d, offs_dv, sks, svs,
+                               Sk, delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
+                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sb, nb, offs_m, offs_n, offs_d, offs_dv, sks, svs,
+                               Sk, delta0, win_l, win_r, qk_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
+                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sc, nc, offs_m, offs_n, offs_d, offs_dv, sks, svs,
+                               Sk, delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
+                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
 
     has = l_i != 0.0  # a NaN sum counts: non-finite inputs propagate as in torch SDPA, no row is zeroed
     l_safe = tl.where(has, l_i, 1.0)
@@ -207,7 +238,7 @@ def _fwd_kernel(
     lse_prev = lse_in_s + (m_i - m_in_s) * 0.6931471805599453 + tl.log(l_safe)
     lse_new = m_i * 0.6931471805599453 + tl.log(l_safe)
     lse_out = tl.where(has_prev, lse_prev, tl.where(has, lse_new, float("-inf")))
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(l_ptrs, lse_out.to(Lse.dtype.element_ty), mask=row_ok)
 
 
@@ -236,30 +267,36 @@ def _bwd_pre_kernel(
 
 @triton.jit
 def _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, start, n_tiles, offs_n, offs_r,
-                  offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
+                  offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale, cap2,
                   MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, EVEN_D: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                  EVEN_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                  DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr):
     for t in range(n_tiles):
         m = start + t * BLOCK_M
         qm = m + offs_r
         m64 = m.to(tl.int64)
         if MASKED:
             qT = tl.load(qT_ptrs + m64 * sqs, mask=(qm[None, :] < Sq) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            do = tl.load(do_ptrs + m64 * sdos, mask=(qm[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs + m64 * sdos, mask=(qm[:, None] < Sq) & (offs_dv[None, :] < HEAD_DV), other=0.0)
             lse = tl.load(lse_ptrs + m64 * sls, mask=qm < Sq, other=float("-inf"))
             dlt = tl.load(dl_ptrs + m64 * sdls, mask=qm < Sq, other=0.0)
         else:
             if EVEN_D:
                 qT = tl.load(qT_ptrs + m64 * sqs)
-                do = tl.load(do_ptrs + m64 * sdos)
             else:
                 qT = tl.load(qT_ptrs + m64 * sqs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-                do = tl.load(do_ptrs + m64 * sdos, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            if EVEN_DV:
+                do = tl.load(do_ptrs + m64 * sdos)
+            else:
+                do = tl.load(do_ptrs + m64 * sdos, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
             lse = tl.load(lse_ptrs + m64 * sls)
             dlt = tl.load(dl_ptrs + m64 * sdls)
         # Rows without any key (lse = -inf) contribute nothing.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qkT = tl.dot(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), input_precision=DOT_PREC) * qk_scale
+        if SOFTCAP:
+            tT = _tanh(qkT, LIB_TANH)
+            qkT = tT * cap2
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
             rel = offs_n[:, None] - qm[None, :] - delta0
@@ -272,6 +309,8 @@ def _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, st
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), input_precision=DOT_PREC)
         dsT = pT * (dpT - dlt[None, :])
+        if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+            dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, tl.zeros([BLOCK_M, k.shape[1]], dtype=tl.float32),
@@ -293,9 +332,11 @@ def _bwd_kv_kernel(
     sdqb, sdqs, sdqh, sdqd,
     sdkb, sdks, sdkh, sdkd,
     sdvb, sdvs, sdvh, sdvd,
-    Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, SEQ_BUCKET,
+    Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, cap2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -307,14 +348,16 @@ def _bwd_kv_kernel(
     offs_c = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
     n64 = n0.to(tl.int64)
-    kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+    k_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+    v_mask = (offs_n[:, None] < Sk) & (offs_dv[None, :] < HEAD_DV)
     k = tl.load(K + b64 * skb + hk64 * skh + n64 * sks + offs_c[:, None] * sks + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * svb + hk64 * svh + n64 * svs + offs_c[:, None] * svs + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
+                mask=k_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk64 * svh + n64 * svs + offs_c[:, None] * svs + offs_dv[None, :] * svd,
+                mask=v_mask, other=0.0)
 
     # Query rows i that see key j: j - delta0 - win_r <= i <= j - delta0 + win_l.
     n_last = tl.minimum(n0 + BLOCK_N, Sk) - 1
@@ -333,52 +376,61 @@ def _bwd_kv_kernel(
     sa, na, sb, nb, sc, nc = _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for hh in range(G):
         h64 = (hk * G + hh).to(tl.int64)
         qT_ptrs = Q + b64 * sqb + h64 * sqh + offs_r[None, :] * sqs + offs_d[:, None] * sqd
-        do_ptrs = DO + b64 * sdob + h64 * sdoh + offs_r[:, None] * sdos + offs_d[None, :] * sdod
+        do_ptrs = DO + b64 * sdob + h64 * sdoh + offs_r[:, None] * sdos + offs_dv[None, :] * sdod
         lse_ptrs = Lse + b64 * slb + h64 * slh + offs_r * sls
         dl_ptrs = Delta + b64 * sdlb + h64 * sdlh + offs_r * sdls
         dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
         dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sa, na, offs_n, offs_r,
-                               offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
-                               True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, ATOMIC_DQ)
+                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
+                               sm_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
+                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sb, nb, offs_n, offs_r,
-                               offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
-                               False, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, ATOMIC_DQ)
+                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
+                               sm_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
+                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sc, nc, offs_n, offs_r,
-                               offs_d, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale, sm_scale,
-                               True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_M, DOT_PREC, ATOMIC_DQ)
+                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
+                               sm_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
+                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
 
     dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + n64 * sdks + offs_c[:, None] * sdks + offs_d[None, :] * sdkd
-    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + n64 * sdvs + offs_c[:, None] * sdvs + offs_d[None, :] * sdvd
-    dk_old = tl.load(dk_ptrs, mask=kv_mask, other=0.0)
-    tl.store(dk_ptrs, (dk_old + dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    dv_old = tl.load(dv_ptrs, mask=kv_mask, other=0.0)
-    tl.store(dv_ptrs, (dv_old + dv).to(DV.dtype.element_ty), mask=kv_mask)
+    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + n64 * sdvs + offs_c[:, None] * sdvs + offs_dv[None, :] * sdvd
+    dk_old = tl.load(dk_ptrs, mask=k_mask, other=0.0)
+    tl.store(dk_ptrs, (dk_old + dk * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
+    dv_old = tl.load(dv_ptrs, mask=v_mask, other=0.0)
+    tl.store(dv_ptrs, (dv_old + dv).to(DV.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
-def _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, start, n_tiles, offs_m, offs_n, offs_d,
-                 sks, svs, Sk, delta0, win_l, win_r, qk_scale,
+def _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, start, n_tiles, offs_m, offs_n, offs_d, offs_dv,
+                 sks, svs, Sk, delta0, win_l, win_r, qk_scale, cap2,
                  MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, EVEN_D: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                 EVEN_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr):
     for t in range(n_tiles):
         n = start + t * BLOCK_N
         kn = n + offs_n
         n64 = n.to(tl.int64)
         if MASKED:
-            kv_mask = (kn[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM)
-            kT = tl.load(kT_ptrs + n64 * sks, mask=kv_mask, other=0.0)
-            vT = tl.load(vT_ptrs + n64 * svs, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            kT = tl.load(kT_ptrs + n64 * sks)
-            vT = tl.load(vT_ptrs + n64 * svs)
+            kT = tl.load(kT_ptrs + n64 * sks, mask=(kn[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            vT = tl.load(vT_ptrs + n64 * svs, mask=(kn[None, :] < Sk) & (offs_dv[:, None] < HEAD_DV), other=0.0)
         else:
-            kT = tl.load(kT_ptrs + n64 * sks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            vT = tl.load(vT_ptrs + n64 * svs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            if EVEN_D:
+                kT = tl.load(kT_ptrs + n64 * sks)
+            else:
+                kT = tl.load(kT_ptrs + n64 * sks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            if EVEN_DV:
+                vT = tl.load(vT_ptrs + n64 * svs)
+            else:
+                vT = tl.load(vT_ptrs + n64 * svs, mask=offs_dv[:, None] < HEAD_DV, other=0.0)
         qk = tl.dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), input_precision=DOT_PREC) * qk_scale
+        if SOFTCAP:
+            tc = _tanh(qk, LIB_TANH)
+            qk = tc * cap2
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
             rel = kn[None, :] - offs_m[:, None] - delta0
@@ -390,6 +442,8 @@ def _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, start, n_tiles, offs_m,
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), input_precision=DOT_PREC)
         ds = p * (dp - dlt[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tc * tc)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
     return dq
 
@@ -404,9 +458,11 @@ def _bwd_q_kernel(
     slb, slh, sls,
     sdlb, sdlh, sdls,
     sdqb, sdqs, sdqh, sdqd,
-    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, SEQ_BUCKET,
+    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, cap2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -419,30 +475,35 @@ def _bwd_q_kernel(
     offs_r = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    mask_v = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     m64 = m0.to(tl.int64)
     q = tl.load(Q + b64 * sqb + h64 * sqh + m64 * sqs + offs_r[:, None] * sqs + offs_d[None, :] * sqd,
                 mask=mask, other=0.0)
-    do = tl.load(DO + b64 * sdob + h64 * sdoh + m64 * sdos + offs_r[:, None] * sdos + offs_d[None, :] * sdod,
-                 mask=mask, other=0.0)
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + m64 * sdos + offs_r[:, None] * sdos + offs_dv[None, :] * sdod,
+                 mask=mask_v, other=0.0)
     lse = tl.load(Lse + b64 * slb + h64 * slh + m64 * sls + offs_r * sls, mask=row_ok, other=float("-inf"))
     dlt = tl.load(Delta + b64 * sdlb + h64 * sdlh + m64 * sdls + offs_r * sdls, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
     hk64 = hk.to(tl.int64)
     kT_ptrs = K + b64 * skb + hk64 * skh + offs_n[None, :] * sks + offs_d[:, None] * skd
-    vT_ptrs = V + b64 * svb + hk64 * svh + offs_n[None, :] * svs + offs_d[:, None] * svd
+    vT_ptrs = V + b64 * svb + hk64 * svh + offs_n[None, :] * svs + offs_dv[:, None] * svd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sa, na, offs_m, offs_n, offs_d, sks, svs, Sk, delta0,
-                      win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sb, nb, offs_m, offs_n, offs_d, sks, svs, Sk, delta0,
-                      win_l, win_r, qk_scale, False, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sc, nc, offs_m, offs_n, offs_d, sks, svs, Sk, delta0,
-                      win_l, win_r, qk_scale, True, HAS_LO, HAS_HI, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PREC)
+    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sa, na, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
+                      delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
+                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
+    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sb, nb, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
+                      delta0, win_l, win_r, qk_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
+                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
+    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sc, nc, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
+                      delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
+                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
 
     dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + m64 * sdqs + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
     dq_old = tl.load(dq_ptrs, mask=mask, other=0.0)
@@ -486,30 +547,32 @@ _SMEM_LIMIT = 200 * 1024
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
     esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
 
-    def smem(c: triton.Config) -> int:
+    def smem(c: triton.Config) -> int:  # Q tile, then K and V tiles per pipeline stage
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return esize * bd * (bm + 2 * bn * max(c.num_stages - 1, 1))
+        return esize * (bd * bm + (bd + bdv) * bn * max(c.num_stages - 1, 1))
 
-    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT and (bd < 256 or c.kwargs["BLOCK_N"] <= 64)]
+    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT and (max(bd, bdv) < 256 or c.kwargs["BLOCK_N"] <= 64)]
     return keep or [min(configs, key=smem)]
 
 
 def _prune_bwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
     esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
 
-    def smem(c: triton.Config) -> int:
+    def smem(c: triton.Config) -> int:  # q / k tiles by bd, dO / v tiles by bdv (as before when bdv == bd)
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return esize * bd * (bm + bn) * (max(c.num_stages - 1, 1) + 1)
+        return esize * (bd + bdv) * (bm + bn) * (max(c.num_stages - 1, 1) + 1) // 2
 
     keep = [c for c in configs if smem(c) <= _SMEM_LIMIT
-            and (bd < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+            and (max(bd, bdv) < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
     return keep or [min(configs, key=smem)]
 
 
-_KEY = ["BLOCK_D", "HAS_LO", "HAS_HI", "DOT_PREC", "SEQ_BUCKET"]
+_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LO", "HAS_HI", "DOT_PREC", "SOFTCAP", "SEQ_BUCKET"]
 
 if _AUTOTUNE:
     _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, restore_value=["Out", "Lse"],
@@ -563,13 +626,42 @@ def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     return INTERPRET and q.device.type == "cpu" and q.dtype != torch.bfloat16
 
 
+def supports_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> bool:
+    """Whether these kernels can run a call with logit softcapping ``softcap`` (``None``: none) and the value head
+    dim of ``v`` (``Dv`` may differ from ``D``, up to :data:`MAX_HEAD_DIM`): :func:`supports` plus the checks on
+    ``v`` and ``softcap``. The call plan asks this before it gives a variant to Triton."""
+    if not supports(q, k) or v.dim() != 4 or v.dtype != q.dtype or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        return False
+    if not 1 <= v.shape[-1] <= MAX_HEAD_DIM:
+        return False
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            return False
+        if not 0.0 < float(softcap) < math.inf:
+            return False
+    return True
+
+
+def _softcap_args(scale: float, softcap: float | None) -> tuple[float, float, bool]:
+    """``(qk_scale, cap2, SOFTCAP)``: the kernels multiply ``q.k`` by ``qk_scale``; with softcap that is
+    ``scale / softcap``, then ``tanh`` and ``cap2 = softcap * log2(e)`` (log2-domain logits)."""
+    if softcap is None:
+        return float(scale) * _LOG2E, 1.0, False
+    c = float(softcap)
+    if not 0.0 < c < math.inf:
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    return float(scale) / c, c * _LOG2E, True
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     d = q.shape[-1]
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
-    if k.shape != v.shape or k.shape[-1] != d or k.shape[0] != q.shape[0]:
+    if not 1 <= v.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"value head dim {v.shape[-1]} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
+    if k.shape[:3] != v.shape[:3] or k.shape[-1] != d or k.shape[0] != q.shape[0]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
@@ -603,27 +695,31 @@ def fwd_step(
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
     block_k: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place.
 
-    ``out [B, Sq, Hq, D]`` (fp32) is the normalised partial output and ``lse [B, Hq, Sq]`` (fp32, natural log,
-    ``-inf`` = no key yet) its log-sum-exp; both may be strided views. ``block_k`` is accepted for signature
-    compatibility with the reference and ignored (tiles are chosen by the autotuner).
+    ``out [B, Sq, Hq, Dv]`` (fp32) is the normalised partial output and ``lse [B, Hq, Sq]`` (fp32, natural log,
+    ``-inf`` = no key yet) its log-sum-exp; both may be strided views. ``softcap``: logits
+    ``softcap * tanh(s / softcap)``. ``block_k`` is accepted for signature compatibility with the reference and
+    ignored (tiles are chosen by the autotuner).
     """
     del block_k
     _check_inputs(q, k, v)
     b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    _check_shape("out", out, (b, sq, hq, d))
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    _check_shape("out", out, (b, sq, hq, dv))
     _check_shape("lse", lse, (b, hq, sq))
+    qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
     if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
         return
     has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
-    bd = _block_d(d)
+    bd, bdv = _block_d(d), _block_d(dv)
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * _LOG2E,
-            _seq_bucket(max(sq, sk)))
-    meta = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype))
+            hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, _seq_bucket(max(sq, sk)))
+    meta = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=dv, BLOCK_DV=bdv, EVEN_DV=bdv == dv,
+                HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
+                LIB_TANH=not INTERPRET)
 
     def grid(m: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(sq, m["BLOCK_M"]), b * hq)
@@ -631,7 +727,7 @@ def fwd_step(
     if _fwd_tuned is not None:
         _fwd_tuned[grid](*args, **meta)
     else:
-        fixed = _fixed_meta("fwd", bd)
+        fixed = _fixed_meta("fwd", max(bd, bdv))
         _fwd_kernel[grid(fixed)](*args, **meta, **fixed)
 
 
@@ -672,8 +768,10 @@ def bwd_step(
     window: tuple[int, int] = (-1, -1),
     deterministic: bool = False,
     block_k: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """Add this block's gradients to ``dq [B, Sq, Hq, D]`` and ``dk, dv [B, Sk, Hkv, D]`` (fp32, may be views).
+    """Add this block's gradients to ``dq [B, Sq, Hq, D]``, ``dk [B, Sk, Hkv, D]`` and ``dv [B, Sk, Hkv, Dv]``
+    (fp32, may be views); ``dout`` is ``[B, Sq, Hq, Dv]``, ``softcap`` as in :func:`fwd_step`.
 
     ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]`` fp32. With
     ``deterministic=True`` no atomics are used and results are bitwise reproducible; otherwise dQ may be
@@ -682,24 +780,26 @@ def bwd_step(
     del block_k
     _check_inputs(q, k, v)
     b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    _check_shape("dout", dout, (b, sq, hq, d))
+    sk, hkv, d_v = k.shape[1], k.shape[2], v.shape[-1]
+    _check_shape("dout", dout, (b, sq, hq, d_v))
     _check_shape("lse", lse, (b, hq, sq))
     _check_shape("delta", delta, (b, hq, sq))
     _check_shape("dq", dq, (b, sq, hq, d))
     _check_shape("dk", dk, (b, sk, hkv, d))
-    _check_shape("dv", dv, (b, sk, hkv, d))
+    _check_shape("dv", dv, (b, sk, hkv, d_v))
+    qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
     if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
         return
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
     has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
-    bd = _block_d(d)
+    bd, bdv = _block_d(d), _block_d(d_v)
     g = hq // hkv
     atomic = (not deterministic) and ATOMIC_DQ_WHEN_NONDETERMINISTIC
-    common = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HAS_LO=has_lo, HAS_HI=has_hi,
-                  DOT_PREC=_dot_precision(q.dtype))
-    tail = (q_offset - k_offset, win_l, win_r, float(scale) * _LOG2E, float(scale), _seq_bucket(max(sq, sk)))
+    common = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=d_v, BLOCK_DV=bdv, EVEN_DV=bdv == d_v,
+                  HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
+                  LIB_TANH=not INTERPRET)
+    tail = (q_offset - k_offset, win_l, win_r, qk_scale, float(scale), cap2, _seq_bucket(max(sq, sk)))
 
     kv_args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
                *lse.stride(), *delta.stride(), *dq.stride(), *dk.stride(), *dv.stride(), hkv, sq, sk, g, *tail)
@@ -710,7 +810,7 @@ def bwd_step(
     if _bwd_kv_tuned is not None:
         _bwd_kv_tuned[kv_grid](*kv_args, **common, ATOMIC_DQ=atomic)
     else:
-        fixed = _fixed_meta("kv", bd)
+        fixed = _fixed_meta("kv", max(bd, bdv))
         _bwd_kv_kernel[kv_grid(fixed)](*kv_args, **common, ATOMIC_DQ=atomic, **fixed)
     if atomic:
         return
@@ -724,5 +824,5 @@ def bwd_step(
     if _bwd_q_tuned is not None:
         _bwd_q_tuned[q_grid](*q_args, **common)
     else:
-        fixed = _fixed_meta("q", bd)
+        fixed = _fixed_meta("q", max(bd, bdv))
         _bwd_q_kernel[q_grid(fixed)](*q_args, **common, **fixed)
