@@ -2,7 +2,8 @@
 
     python launch/bench_overhead.py --out results/overhead.json [--seqs 2048 8192 32768] [--kernels auto sdpa triton]
 
-For each S: forward+backward time of torch SDPA with the cuDNN backend (``enable_gqa``, the peer) and of
+For each S: forward+backward time of torch SDPA with the cuDNN backend (``enable_gqa``, the peer; measured first
+and again last), of aten's cuDNN attention op called directly (what ds-burst's one-rank path calls) and of
 ``burst_attn_func`` with each kernel, in the same run; the ratio peer/ds-burst (> 1: ds-burst faster); and the host
 time of one forward call (CPU seconds to issue it, averaged over calls issued back to back without a sync, after
 warm-up: what the CPU spends per call while the GPU runs). Prints a table and writes JSON (method, shape, GPU,
@@ -54,10 +55,16 @@ def bench_shape(s: int, hq: int, hkv: int, d: int, kernels: list[str], iters: in
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True, enable_gqa=True).transpose(1, 2)
 
+    def aten_cudnn() -> torch.Tensor:  # diagnostic: the fused op ds-burst's one-rank path calls, called directly
+        o = torch.ops.aten._scaled_dot_product_cudnn_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                              None, True, 0.0, True, False, scale=d**-0.5)[0]
+        return o.transpose(1, 2)
+
     def burst(name: str):
         return lambda: ds_burst.burst_attn_func(q, k, v, causal=True, kernel=name)
 
-    methods = [("sdpa-cudnn", peer_fwd)] + [(f"ds-burst-{n}", burst(n)) for n in kernels]
+    methods = [("sdpa-cudnn", peer_fwd), ("aten-cudnn", aten_cudnn)] + [(f"ds-burst-{n}", burst(n)) for n in kernels]
+    methods.append(("sdpa-cudnn-again", peer_fwd))  # the peer once more: drift of the GPU within the run
     rows, peer_ms = [], None
     for method, fwd in methods:
         row = {"method": method, "S": s, "Hq": hq, "Hkv": hkv, "D": d, "gpu": torch.cuda.get_device_name()}

@@ -47,7 +47,8 @@ class BurstConfig:
             on CPU), ``"triton"``, ``"sdpa"`` or ``"torch"``.
         gpus_per_node: ranks per node; ``None`` detects ``LOCAL_WORLD_SIZE``.
         deterministic: bitwise-reproducible backward (no atomics).
-        check_inputs: validate every call on every rank (one small all-gather per call).
+        check_inputs: validate on every rank on the first call of each shape/option key (one small all-gather
+            then, none on later calls); ``false``: local checks and a summary swap with the ring neighbours.
         check_finite: also raise on every rank when q, k, v (forward) or the output gradient (backward)
             hold NaN/Inf on any rank (one more read of the inputs; a small all-gather in backward).
         window_size: ``[left, right]`` sliding window for every layer, ``None`` = take it from the model.
