@@ -6,8 +6,12 @@
 The only ds-burst line is ``ds_burst.patch_deepspeed()`` before the Trainer is built: Accelerate's
 ``ParallelismConfig(sp_backend="deepspeed", sp_size=2)`` then gets ds-burst's ``UlyssesSPAttentionHF`` and
 ``UlyssesSPDataLoaderAdapter`` drop-ins. A tiny Llama built from a config (no downloads), fp32, ZeRO-3, on CPU
-(gloo) or GPUs. ``--trainer trl`` uses TRL's ``SFTTrainer`` instead (``--packing`` packs documents: refused by
-ds-burst until document support lands). ``--out FILE`` writes the per-step losses and ds-burst's ring bytes as JSON.
+(gloo) or GPUs. ``--trainer trl`` uses TRL's ``SFTTrainer`` instead; ``--packing`` cuts every sample into two
+documents (20 + 12 or 18 + 14 tokens, each with its own prompt) that TRL packs (``packing=True``, BFD, padding-free)
+into rows of ``SEQ`` tokens: ``position_ids`` restart at 0 per document and the collator adds ``cu_seq_lens_q``;
+ds-burst's adapter turns them into full-sequence document boundaries and attention stays inside each document
+(documents span the SP ranks). Run it with ``--nproc_per_node 1`` for the one-process reference (transformers' sdpa
+with its block-diagonal packed mask). ``--out FILE`` writes the per-step losses and ds-burst's ring bytes as JSON.
 """
 
 from __future__ import annotations
@@ -118,9 +122,14 @@ def main() -> None:
 
         rows = [{"input_ids": s["input_ids"], "completion_mask": [int(x != -100) for x in s["labels"]]}
                 for s in data]
-        if args.packing:  # two short documents per sample, packed into one row by TRL
-            rows = [{"input_ids": r["input_ids"][: SEQ // 2], "completion_mask": r["completion_mask"][: SEQ // 2]}
-                    for r in rows]
+        if args.packing:  # two documents per sample (each with a prompt), packed by TRL into rows of SEQ tokens
+            docs = []
+            for i, r in enumerate(rows):
+                cut = 20 if i % 2 == 0 else 18
+                for lo, hi, prompt in ((0, cut, 3 + i % 4), (cut, SEQ, 2)):
+                    docs.append({"input_ids": r["input_ids"][lo:hi],
+                                 "completion_mask": [0] * prompt + [1] * (hi - lo - prompt)})
+            rows = docs
         targs = SFTConfig(**common, max_length=SEQ, packing=args.packing, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),
                              processing_class=tiny_tokenizer(), callbacks=[Record()])

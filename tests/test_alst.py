@@ -5,15 +5,20 @@ Trainer, TRL's SFTTrainer), on 2 CPU gloo ranks.
   ``ds_burst.patch_deepspeed()`` equal DeepSpeed's own ALST run within 1e-5 relative and ds-burst's ring sent
   bytes in "fwd" and "bwd" (ALST's run sends none through ds-burst);
 * 3 query heads / 1 KV head at SP=2: ALST refuses, ds-burst's losses equal an SP=1 run;
-* TRL SFTTrainer: equal to ALST without packing; with packing refused with ds-burst's error on both ranks;
+* TRL SFTTrainer: equal to ALST without packing; with ``packing=True`` (documents spanning the SP ranks) equal to
+  the one-process run (transformers' sdpa with its packed block-diagonal mask): ALST itself cannot run TRL's
+  padding-free batches (its adapter fails on the 1-D ``cu_seq_lens_q``);
 * ``unpatch_deepspeed()`` restores DeepSpeed's classes; the drop-ins keep ALST's signatures;
-* in-process 2-rank checks: the data loader adapter's shards, packed batches refused on every rank (adapter and
-  attention function), the token-weighted loss with a rank without labelled tokens (finite, equal to SP=1 and to
-  transformers' ``deepspeed_sp_compute_loss`` aggregation, value and gradients).
+* in-process 2-rank checks: the data loader adapter's shards and full-sequence document boundaries, what cannot be
+  honoured refused on every rank (adapter and attention function); a packed batch through the adapter and the
+  registered attention at SP=2 equal to eager attention run document by document (losses and gradients, fp32);
+  the token-weighted loss with a rank without labelled tokens (finite, equal to SP=1 and to transformers'
+  ``deepspeed_sp_compute_loss`` aggregation, value and gradients).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -87,11 +92,22 @@ def test_trl_sft_trainer(tmp_path):
     assert burst["comm"].get("fwd", 0) > 0 and burst["comm"].get("bwd", 0) > 0
 
 
-def test_trl_packing_refused_on_every_rank(tmp_path):
+def test_trl_packing(tmp_path):
+    """TRL packing=True (BFD, padding-free: position_ids restart per document, cu_seq_lens_q of the flattened batch)
+    trains through the ALST path at SP=2 with the documents kept apart: equal to the one-process run. DeepSpeed's
+    own ALST cannot run these batches (its adapter indexes dim 1 of the 1-D cu_seq_lens_q; on GPUs it would need
+    flash-attention's varlen path), so the one-process run (plain transformers sdpa, which builds a block-diagonal
+    mask from the packed position_ids) is the reference."""
     pytest.importorskip("trl")
-    _, text = _torchrun(2, ["--backend", "burst", "--trainer", "trl", "--packing"], tmp_path, check=False)
-    for rank in (0, 1):
-        assert f"[rank{rank}]: ValueError: ds-burst: packed batch refused" in text, text[-3000:]
+    _, text = _torchrun(2, ["--backend", "alst", "--trainer", "trl", "--packing"], tmp_path, check=False)
+    assert "IndexError: tuple index out of range" in text, text[-3000:]
+    sp2, _ = _torchrun(2, ["--backend", "burst", "--trainer", "trl", "--packing"], tmp_path)
+    sp1, _ = _torchrun(1, ["--backend", "burst", "--trainer", "trl", "--packing"], tmp_path)
+    print("TRL packing SP=2", sp2["losses"], "SP=1", sp1["losses"], "ring bytes", sp2["comm"])
+    assert sp2["sp"] == 2 and sp1["sp"] == 1
+    assert _rel(sp2["losses"], sp1["losses"]) < TOL
+    assert len(set(sp2["losses"])) == 3
+    assert sp2["comm"].get("fwd", 0) > 0 and sp2["comm"].get("bwd", 0) > 0  # documents span the two ranks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,15 +161,33 @@ def test_drop_ins_keep_alst_signatures():
     assert _params(alst.register_with_transformers) == _params(ds.register_with_transformers)
 
 
-def test_documents_from_position_ids():
-    from ds_burst.integrations.alst import documents_from_position_ids, refuse_packed
+def test_documents_from_position_ids_and_batch():
+    from ds_burst.integrations.alst import documents_from_batch, documents_from_position_ids, positions_from_documents
 
     assert documents_from_position_ids(torch.arange(8)[None]) is None
     assert documents_from_position_ids(torch.arange(5, 13)[None].expand(2, -1)) is None  # offset, no restart
-    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
-    assert documents_from_position_ids(packed) == [[0, 3, 8], [0, 8]]
-    with pytest.raises(ValueError, match="packed batch refused.*row 0, document starts \\[3\\]"):
-        refuse_packed(packed)
+    packed = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4])
+    assert documents_from_position_ids(packed[None].expand(2, -1)) == [0, 3, 8]
+    assert documents_from_position_ids(torch.tensor([[5, 6, 0, 1, 0, 0]])) == [0, 2, 4, 5, 6]  # right padding: 1 each
+    with pytest.raises(ValueError, match="packed batch refused.*rows of the batch hold different documents"):
+        documents_from_position_ids(torch.stack([packed, torch.arange(8)]))
+    with pytest.raises(ValueError, match="packed batch refused.*jump from 2 to 7 at token 3 without restarting at 0"):
+        documents_from_position_ids(torch.tensor([[0, 1, 2, 7, 8, 9, 10, 11]]))
+    assert positions_from_documents([0, 3, 8], 2).tolist() == [packed.tolist()] * 2
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    # flash-attn varlen offsets into the flattened [B * S] batch, or one row's boundaries
+    assert documents_from_batch({"input_ids": ids, "cu_seq_lens_q": [0, 3, 8, 11, 16]}) == [0, 3, 8]
+    assert documents_from_batch({"input_ids": ids, "cu_seq_lens_k": torch.tensor([0, 3, 8], dtype=torch.int32),
+                                 "position_ids": packed[None].expand(2, -1)}) == [0, 3, 8]
+    assert documents_from_batch({"input_ids": ids, "cu_seq_lens_q": [0, 8], "position_ids": torch.arange(8)}) is None
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        documents_from_batch({"input_ids": ids, "cu_seq_lens_q": [0, 3, 8], "cu_seq_lens_k": [0, 4, 8]})
+    with pytest.raises(ValueError, match="the documents of cu_seq_lens .* and of position_ids .* differ"):
+        documents_from_batch({"input_ids": ids, "cu_seq_lens_q": [0, 3, 8], "position_ids": torch.arange(8)})
+    with pytest.raises(ValueError, match="rows of the batch hold different documents"):
+        documents_from_batch({"input_ids": ids, "cu_seq_lens_q": [0, 3, 8, 12, 16]})
+    with pytest.raises(ValueError, match="not strictly increasing boundaries"):
+        documents_from_batch({"input_ids": ids[:1], "cu_seq_lens_q": [0, 5, 3, 8]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,18 +208,36 @@ def _adapter_worker(rank: int, world: int) -> dict:
                                   device=torch.device("cpu"))
     res["len"] = len(ad)
     res["batches"] = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in b.items()} for b in ad]
-    # packed sample on rank 1 only: both ranks must refuse
-    pos = torch.arange(S)[None] if rank == 0 else torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-    bad = [{"input_ids": torch.arange(S)[None], "labels": torch.arange(S)[None], "position_ids": pos}]
-    try:
-        next(iter(BurstSPDataLoaderAdapter(bad, rank, dist.group.WORLD, world, torch.device("cpu"))))
-        res["adapter_packed"] = "no error"
-    except ValueError as e:
-        res["adapter_packed"] = str(e)
+    # packed sample on rank 1 only (position_ids restarting at 0): both ranks get its full-sequence boundaries
+    pos = torch.arange(S)[None] if rank == 0 else torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    packed = [{"input_ids": torch.arange(S)[None], "labels": torch.arange(S)[None], "position_ids": pos}]
+    res["packed"] = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in b.items()}
+                     for b in BurstSPDataLoaderAdapter(packed, rank, dist.group.WORLD, world, torch.device("cpu"))]
+    # TRL's padding-free keys without position_ids: per-document positions are filled in
+    trl = [{"input_ids": torch.arange(S)[None], "labels": torch.arange(S)[None],
+            "cu_seq_lens_q": torch.tensor([0, 5, S], dtype=torch.int32),
+            "cu_seq_lens_k": torch.tensor([0, 5, S], dtype=torch.int32), "max_length_q": 5, "max_length_k": 5,
+            "seq_idx": torch.tensor([[0] * 5 + [1] * 3], dtype=torch.int32)}]
+    res["trl"] = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in b.items()}
+                  for b in BurstSPDataLoaderAdapter(trl, rank, dist.group.WORLD, world, torch.device("cpu"))]
+    # what one set of boundaries cannot express, on one rank only: both ranks must refuse
+    rows = torch.stack([torch.arange(S), torch.tensor([0, 1, 2, 0, 1, 2, 3, 4])])
+    bad = {
+        "rows": {"input_ids": torch.zeros(2, S, dtype=torch.long), "labels": torch.zeros(2, S, dtype=torch.long),
+                 "position_ids": rows if rank == 0 else torch.arange(S).expand(2, -1)},
+        "jump": {"input_ids": torch.zeros(1, S, dtype=torch.long), "labels": torch.zeros(1, S, dtype=torch.long),
+                 "position_ids": torch.tensor([[0, 1, 2, 3, 9, 10, 11, 12]]) if rank == 1 else torch.arange(S)[None]},
+    }
+    for name, batch in bad.items():
+        try:
+            next(iter(BurstSPDataLoaderAdapter([batch], rank, dist.group.WORLD, world, torch.device("cpu"))))
+            res[f"refused_{name}"] = "no error"
+        except ValueError as e:
+            res[f"refused_{name}"] = str(e)
     return res
 
 
-def test_dataloader_adapter_shards_and_refuses_packed():
+def test_dataloader_adapter_shards_and_documents():
     res = values(run_ranks(_adapter_worker, 2, timeout=120))
     for rank, r in enumerate(res):
         assert r["len"] == 4
@@ -198,8 +250,21 @@ def test_dataloader_adapter_shards_and_refuses_packed():
             assert b["input_ids"] == [full_ids[lo:hi]]
             assert b["shift_labels"] == [full_shift[lo:hi]]
             assert b["position_ids"] == [list(range(lo, hi))]  # global positions (RoPE)
-            assert "labels" not in b
-        assert "packed batch refused" in r["adapter_packed"] and "SP rank 1" in r["adapter_packed"], r
+            assert "labels" not in b and "cu_seq_lens_q" not in b  # one document: no boundaries
+        # rank 0's sample is one document; rank 1's holds two: both ranks' shards carry the full-sequence boundaries
+        p0, p1 = r["packed"]
+        assert "cu_seq_lens_q" not in p0 and p0["position_ids"] == [list(range(lo, hi))]
+        assert p1["cu_seq_lens_q"] == p1["cu_seq_lens_k"] == [0, 3, 8]
+        assert p1["position_ids"] == [[0, 1, 2, 0, 1, 2, 3, 4][lo:hi]]  # per-document positions (RoPE)
+        for b in r["trl"]:
+            assert b["cu_seq_lens_q"] == b["cu_seq_lens_k"] == [0, 5, 8], b
+            assert b["position_ids"] == [[0, 1, 2, 3, 4, 0, 1, 2][lo:hi]]  # filled in from cu_seq_lens_q
+            assert b["seq_idx"] == [[0, 0, 0, 0, 0, 1, 1, 1][lo:hi]]
+            assert "max_length_q" not in b and "max_length_k" not in b
+        assert "packed batch refused (data loader batch of SP rank 0" in r["refused_rows"], r
+        assert "rows of the batch hold different documents" in r["refused_rows"], r
+        assert "packed batch refused (data loader batch of SP rank 1" in r["refused_jump"], r
+        assert "jump from 3 to 9 at token 4" in r["refused_jump"], r
 
 
 def _attention_worker(rank: int, world: int) -> dict:
@@ -223,13 +288,28 @@ def _attention_worker(rank: int, world: int) -> dict:
     out, _ = attn(module, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, position_ids=torch.arange(16)[None, sl],
                   scaling=8 ** -0.5)
     res["err"] = float((out - ref[:, sl]).abs().max())
-    # the restart sits in rank 1's half only: both ranks refuse
+    # packed, the restart in rank 1's half only and no cu_seq_lens: the boundaries come from the gathered
+    # position_ids (both ranks), equal to sdpa run document by document
+    docs = [0, 11, 16]
+    ref_docs = torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, is_causal=True,
+                                                 scaling=8 ** -0.5)[0] for a, b in zip(docs[:-1], docs[1:])], dim=1)
     pos = torch.arange(8)[None] + 8 * rank if rank == 0 else torch.tensor([[8, 9, 10, 0, 1, 2, 3, 4]])
+    out, _ = attn(module, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, position_ids=pos, scaling=8 ** -0.5)
+    res["docs_err"] = float((out - ref_docs[:, sl]).abs().max())
+    res["docs_vs_one_doc"] = float((ref_docs - ref).abs().max())
+    # the adapter's form: full-sequence boundaries as lists (position_ids are not gathered then); TRL's seq_idx
+    out, _ = attn(module, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, position_ids=pos, scaling=8 ** -0.5,
+                  cu_seq_lens_q=docs, cu_seq_lens_k=list(docs), max_length_q=11, max_length_k=11,
+                  seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+    res["cu_err"] = float((out - ref_docs[:, sl]).abs().max())
+    # B=2 whose rows hold different documents (the restart in rank 1's half of row 1 only): both ranks refuse
+    q2, k2, v2 = (torch.cat([x, x]) for x in (q, k, v))
+    pos2 = torch.cat([torch.arange(8)[None] + 8 * rank, pos])
     try:
-        attn(module, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, position_ids=pos, scaling=8 ** -0.5)
-        res["packed"] = "no error"
+        attn(module, q2[:, :, sl], k2[:, :, sl], v2[:, :, sl], None, position_ids=pos2, scaling=8 ** -0.5)
+        res["refused_rows"] = "no error"
     except ValueError as e:
-        res["packed"] = str(e)
+        res["refused_rows"] = str(e)
     # register_with_transformers takes over the model's key; unpatch_deepspeed gives it back
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -253,12 +333,114 @@ def _attention_worker(rank: int, world: int) -> dict:
     return res
 
 
-def test_attention_matches_sdpa_and_refuses_packed_on_every_rank():
+def test_attention_matches_sdpa_with_documents():
     res = values(run_ranks(_attention_worker, 2, timeout=120))
     for r in res:
         assert r["err"] < 1e-5, r
-        assert "packed batch refused" in r["packed"] and "document starts [11]" in r["packed"], r
+        assert r["docs_err"] < 1e-5 and r["cu_err"] < 1e-5 and r["docs_vs_one_doc"] > 1e-2, r
+        assert "packed batch refused (attention)" in r["refused_rows"], r
+        assert "rows of the batch hold different documents" in r["refused_rows"], r
         assert r["mpu"] == ("Topology", 2) and r["replaced"] and r["ran"] and r["restored"], r
+
+
+def _packed_model_worker(rank: int, world: int) -> dict:
+    """A packed batch through the adapter and the registered attention at SP=2 vs eager attention document by
+    document: the loss of each micro batch and the gradients (summed over the SP ranks), fp32."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import ds_burst
+    from ds_burst.integrations.alst import (
+        BurstSPDataLoaderAdapter,
+        positions_from_documents,
+        register_with_transformers,
+    )
+    from ds_burst.training.losses import sequence_parallel_loss
+
+    S, V, B = 24, 32, 2
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, attention_dropout=0.0, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager", dtype=torch.float32)
+    ref_model.load_state_dict(model.state_dict())
+    # rank 0's sample: position_ids restarting at 0 (a 10-token document spans both ranks' 12-token shards);
+    # rank 1's: TRL-style cu_seq_lens_q of the flattened [B * S] batch, no position_ids
+    all_docs = [[0, 5, 15, 24], [0, 13, 24]]
+    g = torch.Generator().manual_seed(7)
+    samples = []
+    for docs in all_docs:
+        ids = torch.randint(0, V, (B, S), generator=g)
+        labels = ids.clone()
+        labels[:, torch.tensor(docs[:-1])] = -100  # no target across a boundary (TRL does the same)
+        labels[:, 1:3] = -100  # a prompt
+        samples.append({"input_ids": ids, "labels": labels, "docs": docs})
+    own = samples[rank]
+    batch = {"input_ids": own["input_ids"], "labels": own["labels"]}
+    if rank == 0:
+        batch["position_ids"] = positions_from_documents(own["docs"], B)
+    else:
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(
+            [0] + [r * S + e for r in range(B) for e in own["docs"][1:]], dtype=torch.int32)
+    mpu = register_with_transformers(model, "sdpa", sequence_parallel_size=world, micro_batch_size=B)
+    res: dict = {"losses": [], "ref_losses": [], "packed_mask_losses": [], "one_doc_losses": []}
+    try:
+        for shard in BurstSPDataLoaderAdapter([batch], rank, mpu, world, torch.device("cpu")):
+            shift = shard.pop("shift_labels")
+            out = model(**shard)  # input_ids, position_ids, cu_seq_lens_q/_k: what the Trainer passes
+            loss = sequence_parallel_loss(out.logits, shift, mpu)
+            loss.backward()
+            res["losses"].append(loss.item())
+            res.setdefault("cu", []).append(shard["cu_seq_lens_q"])
+    finally:
+        ds_burst.unpatch_deepspeed()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+    # reference: eager attention on every document alone (positions 0..len-1), one token mean per sample
+    for smp in samples:
+        ids, labels, docs = smp["input_ids"], smp["labels"], smp["docs"]
+        shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        ce = 0.0
+        for a, b in zip(docs[:-1], docs[1:]):
+            logits = ref_model(input_ids=ids[:, a:b], position_ids=torch.arange(b - a)[None].expand(B, -1)).logits
+            ce = ce + torch.nn.functional.cross_entropy(logits.reshape(-1, V), shift[:, a:b].reshape(-1),
+                                                        ignore_index=-100, reduction="sum")
+        loss = ce / (shift != -100).sum()
+        loss.backward()
+        res["ref_losses"].append(loss.item())
+        pos = positions_from_documents(docs, B)
+        with torch.no_grad():  # SP=1 with the packed positions: transformers' block-diagonal mask (B=1, no cache)
+            logits = torch.cat([ref_model(input_ids=ids[i:i + 1], position_ids=pos[i:i + 1], use_cache=False).logits
+                                for i in range(B)])
+            res["packed_mask_losses"].append(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, V), shift.reshape(-1), ignore_index=-100).item())
+            logits = ref_model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits
+            res["one_doc_losses"].append(torch.nn.functional.cross_entropy(  # documents not kept apart
+                logits.reshape(-1, V), shift.reshape(-1), ignore_index=-100).item())
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
+    res["grad_rel"] = max(float((p.grad - ref_grads[n]).norm() / ref_grads[n].norm())
+                          for n, p in model.named_parameters())
+    res["comm"] = ds_burst.comm_stats()
+    return res
+
+
+def test_packed_batch_through_alst_path_matches_per_document():
+    res = values(run_ranks(_packed_model_worker, 2, timeout=180))
+    for r in res:
+        print("SP=2", r["losses"], "per document", r["ref_losses"], "grad rel", r["grad_rel"])
+        assert r["cu"] == [[0, 5, 15, 24], [0, 13, 24]], r
+        assert _rel2(r["losses"], r["ref_losses"]) < TOL, r
+        assert _rel2(r["packed_mask_losses"], r["ref_losses"]) < TOL, r
+        assert _rel2(r["one_doc_losses"], r["ref_losses"]) > 1e-3, r  # the documents matter
+        assert r["grad_rel"] < 1e-5, r
+        assert r["comm"].get("fwd", 0) > 0 and r["comm"].get("bwd", 0) > 0, r
+    assert res[0]["losses"] == res[1]["losses"]
+
+
+def _rel2(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) == 2, (a, b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 def _loss_worker(rank: int, world: int) -> dict:

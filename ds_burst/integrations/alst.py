@@ -16,9 +16,21 @@ attention, so any head count works (Ulysses needs ``Hq % P == 0`` and ``Hkv % P 
 The ``mpu`` returned is a :class:`ds_burst.Topology`. :func:`ds_burst.patch_deepspeed` puts both classes in
 DeepSpeed's module, where Accelerate and the Trainer look them up.
 
-Differences from ALST: a missing ``position_ids`` is filled with ``0..S-1`` by the adapter (ALST raises);
-packed batches (``position_ids`` restarting inside a row) raise ``ValueError`` on every rank until document
-support (``cu_seqlens``) reaches :func:`ds_burst.burst_attn_func` (see :func:`documents_from_position_ids`).
+Packed batches (several documents per row: ``position_ids`` restarting at 0, what transformers' packing
+collators pass, or TRL's padding-free ``cu_seq_lens_q``/``cu_seq_lens_k``) train through the documents path: the
+adapter reads the document boundaries of each *full* sample before sharding it and hands them to the model as
+``cu_seq_lens_q``/``cu_seq_lens_k`` (Python lists of full-sequence boundaries ``[0, e1, ..., S]``, the same on
+every SP rank), which transformers passes to the attention function and that to
+``burst_attn_func(cu_seqlens=...)``; ``position_ids`` stay the per-document positions (RoPE). Without them the
+attention function gathers ``position_ids`` over the SP group once per forward and takes the boundaries from the
+full sequence (:func:`documents_from_position_ids`), never from its own shard alone. What cannot be honoured
+raises ``ValueError`` on every rank: rows of one batch holding different documents (one set of boundaries
+applies to every row), a jump in ``position_ids`` that is not a restart at 0, boundaries and ``position_ids``
+that disagree.
+
+Differences from ALST: a missing ``position_ids`` is filled with ``0..S-1`` (or, with ``cu_seq_lens_q``, the
+per-document positions) by the adapter (ALST raises); packed batches work with any attention key (ALST needs
+flash-attention's varlen path).
 """
 
 from __future__ import annotations
@@ -34,21 +46,21 @@ import torch
 from ds_burst.dist.comm import all_gather_objects, all_gather_tensor, resolve_group
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
 from ds_burst.integrations.hf import hf_burst_attention
-from ds_burst.training.data import IGNORE_INDEX
+from ds_burst.training.data import IGNORE_INDEX, boundaries_from_cu_seq_lens, boundaries_from_position_ids
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BurstSPAttentionHF", "BurstSPDataLoaderAdapter", "documents_from_position_ids", "refuse_packed",
-           "register_with_transformers", "unregister_from_transformers"]
+__all__ = ["BurstSPAttentionHF", "BurstSPDataLoaderAdapter", "documents_from_batch", "documents_from_position_ids",
+           "positions_from_documents", "register_with_transformers", "unregister_from_transformers"]
 
-PACKED_ERROR = (
-    "ds-burst: packed batch refused ({where}): a row holds several documents (position_ids restart inside the "
-    "row) and ds-burst would let them attend to each other. Document support (cu_seqlens) is not in ds-burst yet: "
-    "use packing=False / no padding-free collator (TRL), or one document per row"
-)
+PACKED_ERROR = "ds-burst: packed batch refused ({where}): {why}"
 
 # flash-attention varlen keys that describe the documents of a packed batch
 _DOC_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# keywords that reach the attention function through model(**batch) but do not concern attention: TRL's
+# padding-free seq_idx (document index per token, for linear-attention convolutions) and the Trainer's
+# shift_labels (deepspeed_sp_compute_loss passes the adapter's batch to the model, which hands its **kwargs on)
+_NO_ATTENTION_KEYS = ("seq_idx", "shift_labels")
 
 # attention functions replaced by register_with_transformers: key -> the original function
 _REPLACED: dict[str, Any] = {}
@@ -58,31 +70,78 @@ _REPLACED: dict[str, Any] = {}
 # Packed sequences
 
 
-def documents_from_position_ids(position_ids: torch.Tensor) -> list[list[int]] | None:
-    """Document boundaries of a ``[B, S]`` (or ``[S]``) ``position_ids`` tensor of the *full* sequence.
+def documents_from_position_ids(position_ids: torch.Tensor, where: str = "") -> list[int] | None:
+    """Full-sequence document boundaries ``[0, e1, ..., S]`` of a ``[B, S]`` (or ``[S]``) ``position_ids`` tensor of
+    the *full* (unsharded) sequence, or ``None`` for one document per row.
 
-    A document starts where ``position_ids[t + 1] != position_ids[t] + 1``. Returns ``None`` when every row is one
-    run of consecutive positions (the only case ds-burst attends correctly today), else per row the offsets
-    ``[0, start_1, ..., S]`` (``cu_seqlens`` of that row). This is where the switch to
-    ``burst_attn_func(..., cu_seqlens=...)`` goes once it exists.
+    A document starts wherever the positions restart at 0 (what transformers' packing collators and TRL pass;
+    the convention of :func:`ds_burst.training.data.boundaries_from_position_ids`). Raises ``ValueError``
+    ("packed batch refused") when a row's positions jump without restarting at 0 (no document boundary can be
+    told apart from a gap) or when the rows of the batch hold different documents (one set of boundaries applies
+    to every row of a ``burst_attn_func`` call). Reads the tensor on the host.
     """
-    pos = position_ids.reshape(1, -1) if position_ids.dim() == 1 else position_ids.reshape(position_ids.shape[0], -1)
+    pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
     if pos.shape[-1] < 2:
         return None
-    restart = pos[:, 1:] != pos[:, :-1] + 1
-    if not bool(restart.any()):
-        return None
-    seq = pos.shape[-1]
-    return [[0, *(int(t) + 1 for t in torch.nonzero(row).flatten()), seq] for row in restart]
+    jump = (pos[:, 1:] != pos[:, :-1] + 1) & (pos[:, 1:] != 0)
+    if bool(jump.any()):
+        row, t = (int(x) for x in torch.nonzero(jump)[0])
+        raise ValueError(PACKED_ERROR.format(
+            where=where or "position_ids",
+            why=f"row {row}: position_ids jump from {int(pos[row, t])} to {int(pos[row, t + 1])} at token {t + 1} "
+                "without restarting at 0; ds-burst reads a document start only where the positions restart at 0"))
+    try:
+        return boundaries_from_position_ids(pos)
+    except ValueError as exc:
+        starts = [[int(t) for t in torch.nonzero(row == 0).flatten()][:8] for row in pos]
+        raise ValueError(PACKED_ERROR.format(
+            where=where or "position_ids",
+            why=f"{exc} (document starts per row: {starts})")) from None
 
 
-def refuse_packed(position_ids: torch.Tensor, where: str = "") -> None:
-    """Raise ``ValueError`` if the full-sequence ``position_ids`` describe a packed batch (several documents)."""
-    docs = documents_from_position_ids(position_ids)
-    if docs is not None:
-        row = next(i for i, d in enumerate(docs) if len(d) > 2)
-        detail = f"row {row}, document starts {docs[row][1:-1][:8]}"
-        raise ValueError(PACKED_ERROR.format(where=f"{where}: {detail}" if where else detail))
+def positions_from_documents(cu: list[int], batch: int) -> torch.Tensor:
+    """Per-document positions ``[batch, S]`` (``0..len-1`` in every document) of boundaries ``[0, e1, ..., S]``."""
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
+    return pos.unsqueeze(0).expand(batch, -1).contiguous()
+
+
+def documents_from_batch(sample: dict[str, Any], where: str = "") -> list[int] | None:
+    """Full-sequence document boundaries of one *unsharded* batch (``input_ids [B, S]``), or ``None``.
+
+    From ``cu_seq_lens_q``/``cu_seq_lens_k`` when present (flash-attn varlen offsets into the flattened batch
+    ``[B * S]``, or boundaries of one row; :func:`ds_burst.training.data.boundaries_from_cu_seq_lens`), checked
+    against the restarts of the ``position_ids`` if those are given; else from the ``position_ids``
+    (:func:`documents_from_position_ids`). Raises ``ValueError`` ("packed batch refused") for what one set of
+    boundaries cannot express.
+    """
+    ids = sample["input_ids"]
+    batch, seq = int(ids.shape[0]), int(ids.shape[1])
+    where = where or "batch"
+    cus = {k: sample[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k") if sample.get(k) is not None}
+    pos = sample.get("position_ids")
+    if not cus:
+        return None if pos is None else documents_from_position_ids(pos, where)
+    got = {}
+    for k, c in cus.items():
+        try:
+            got[k] = boundaries_from_cu_seq_lens(c, batch, seq)
+        except ValueError as exc:
+            raise ValueError(PACKED_ERROR.format(where=where, why=f"{k}: {exc}")) from None
+    docs = next(iter(got.values()))
+    if any(d != docs for d in got.values()):
+        raise ValueError(PACKED_ERROR.format(
+            where=where, why=f"cu_seq_lens_q and cu_seq_lens_k differ ({got['cu_seq_lens_q'][:8]} vs "
+                             f"{got['cu_seq_lens_k'][:8]}); self-attention over packed documents needs one set"))
+    if len(docs) < 2 or docs[0] != 0 or docs[-1] != seq or any(b <= a for a, b in zip(docs[:-1], docs[1:])):
+        raise ValueError(PACKED_ERROR.format(
+            where=where, why=f"cu_seq_lens {docs[:8]} are not strictly increasing boundaries from 0 to S={seq}"))
+    if pos is not None:
+        from_pos = documents_from_position_ids(pos, where) or [0, seq]
+        if from_pos != docs:
+            raise ValueError(PACKED_ERROR.format(
+                where=where, why=f"the documents of cu_seq_lens ({docs[:8]}) and of position_ids (restarts at 0: "
+                                 f"{from_pos[:8]}) differ; RoPE would not get the per-document positions"))
+    return None if len(docs) == 2 else docs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,21 +207,24 @@ class BurstSPAttentionHF(torch.nn.Module):
         self.disable_in_eval = disable_in_eval
         self.core_attn_implementation: str | None = None  # set by register_with_transformers
         self.burst_options = dict(burst_options)
-        self._checked: Any = None  # weak reference to the last position_ids found unpacked
+        self._checked: Any = None  # (weak reference to the last position_ids, its document boundaries)
 
-    def check_position_ids(self, position_ids: torch.Tensor) -> None:
-        """Gather this call's ``position_ids`` over the SP group and refuse packed batches on every rank.
+    def documents(self, position_ids: torch.Tensor) -> list[int] | None:
+        """Full-sequence document boundaries of this call's ``position_ids`` shard: the shards of the SP group are
+        gathered and the boundaries taken from the full sequence (:func:`documents_from_position_ids`), so every
+        rank gets the same list (or the same ``ValueError``).
 
         Done once per ``position_ids`` tensor (every layer of one forward passes the same object; every rank
         runs the same layers, so all ranks take part in the same gathers)."""
-        if self._checked is not None and self._checked() is position_ids:
-            return
+        if self._checked is not None and self._checked[0]() is position_ids:
+            return self._checked[1]
         full = position_ids
         info = resolve_group(self.process_group)
         if info.world > 1:
             full = torch.cat(all_gather_tensor(info, position_ids), dim=-1)
-        refuse_packed(full, "attention")
-        self._checked = weakref.ref(position_ids)
+        docs = documents_from_position_ids(full, "attention")
+        self._checked = (weakref.ref(position_ids), docs)
+        return docs
 
     def forward(
         self,
@@ -181,9 +243,13 @@ class BurstSPAttentionHF(torch.nn.Module):
             query: ``[B, Hq, s, D]``; key, value: ``[B, Hkv, s, D]`` (transformers' attention-function layout).
             attention_mask: ignored (as ALST does: a mask built for the local shard is meaningless; causality is
                 by global position).
-            **kwargs: ``position_ids`` (required, this rank's shard of the global positions); the rest is applied
-                or refused as for ``attn_implementation="burst"`` (``ds_burst.integrations.hf.hf_burst_attention``:
-                ``scaling``, ``sliding_window``, ``softcap``, ``s_aux``, ``is_causal``, ...).
+            **kwargs: ``position_ids`` (required, this rank's shard of the global positions); packed documents as
+                ``cu_seq_lens_q``/``cu_seq_lens_k`` (full-sequence boundaries, the same on every rank:
+                :class:`BurstSPDataLoaderAdapter` adds them), else taken from the SP group's gathered
+                ``position_ids`` (:meth:`documents`); ``seq_idx`` (TRL) and ``shift_labels`` are dropped; the rest
+                is applied or refused as for ``attn_implementation="burst"``
+                (``ds_burst.integrations.hf.hf_burst_attention``: ``scaling``, ``sliding_window``, ``softcap``,
+                ``s_aux``, ``is_causal``, ...).
 
         Returns:
             ``(out [B, s, Hq, D], None)``.
@@ -199,10 +265,13 @@ class BurstSPAttentionHF(torch.nn.Module):
         if position_ids is None:
             raise ValueError("ds-burst attention under sequence parallelism needs position_ids in every forward (this "
                              "rank's shard of the global positions); use BurstSPDataLoaderAdapter, which adds them")
-        self.check_position_ids(position_ids)
-        cu = kwargs.get("cu_seq_lens_q")
-        if cu is not None and cu.numel() > 2:
-            raise ValueError(PACKED_ERROR.format(where=f"cu_seq_lens_q={cu.tolist()[:8]}"))
+        for k in _NO_ATTENTION_KEYS:
+            kwargs.pop(k, None)
+        if kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
+            # no boundaries from the data path: the full sequence's position_ids (gathered) give them
+            docs = self.documents(position_ids)
+            if docs is not None:
+                kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = docs
         # transformers built a mask for the key this class took over; like ALST it is not used (causality is by
         # global position); every other keyword is applied or refused by hf_burst_attention
         out = hf_burst_attention(module, query, key, value, None, group=self.process_group, layout="contiguous",
@@ -403,7 +472,16 @@ class BurstSPDataLoaderAdapter:
     tensor ``[B, S, ...]`` is cut along dim 1 into ``P`` contiguous chunks (``S % P == 0``); ``labels`` become
     ``shift_labels`` (``shift_labels[t] = labels[t + 1]``, last ``-100``) and are dropped (a given
     ``shift_labels`` is kept as it is); ``position_ids`` (``0..S-1`` if missing) stay global; non-tensor entries
-    are copied to all ranks. Packed batches raise ``ValueError`` on every rank (:func:`refuse_packed`).
+    are copied to all ranks.
+
+    Packed batches (``position_ids`` restarting at 0 inside a row, or ``cu_seq_lens_q``/``cu_seq_lens_k`` of
+    the unsharded batch, e.g. TRL's padding-free collator): the full-sequence document boundaries are read from
+    the full sample before it is sharded (:func:`documents_from_batch`) and every shard carries them as
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (Python lists ``[0, e1, ..., S]``, identical on every SP rank; the
+    Trainer passes them to ``model(**batch)``, the model to the attention function); ``max_length_q``/``_k`` are
+    dropped; ``position_ids`` stay the per-document positions (RoPE; filled from ``cu_seq_lens_q`` if missing).
+    What one set of boundaries cannot express raises ``ValueError`` on every rank (the samples are checked after
+    the gather, so all ranks see the same ones).
     Shards are returned on the CPU (the Trainer moves them), as ALST does.
 
     Args:
@@ -468,6 +546,20 @@ class BurstSPDataLoaderAdapter:
                 out[r][k] = parts[r][:, : lengths[r]]
         return out
 
+    @staticmethod
+    def _positions(batch: dict[str, Any], rows: int, seq: int) -> torch.Tensor:
+        """``position_ids`` for a batch without them: per document when ``cu_seq_lens_q``/``_k`` describe valid
+        documents, else ``0..S-1`` (invalid boundaries are refused after the gather, on every rank)."""
+        cu = batch.get("cu_seq_lens_q", batch.get("cu_seq_lens_k"))
+        if cu is not None:
+            try:
+                docs = boundaries_from_cu_seq_lens(cu, rows, seq)
+            except ValueError:
+                docs = []
+            if len(docs) >= 2 and docs[0] == 0 and docs[-1] == seq and all(b > a for a, b in zip(docs, docs[1:])):
+                return positions_from_documents(docs, rows)
+        return torch.arange(seq).unsqueeze(0).expand(rows, -1)
+
     def refill(self) -> None:
         """Load this rank's next batch, gather all SP ranks' batches and queue this rank's shards of each."""
         try:
@@ -488,16 +580,15 @@ class BurstSPDataLoaderAdapter:
                                  f"{tuple(batch['input_ids'].shape)} in the first two dimensions")
         if "position_ids" not in batch:
             ids = batch["input_ids"]
-            batch["position_ids"] = torch.arange(seq, device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+            batch["position_ids"] = self._positions(batch, int(ids.shape[0]), seq).to(ids.device)
         if "labels" not in batch and "shift_labels" not in batch:
             raise ValueError("BurstSPDataLoaderAdapter: batches need 'labels' (or pre-shifted 'shift_labels')")
         for r, sample in enumerate(self._gather(batch)):
-            cu = sample.get("cu_seq_lens_q")
-            if isinstance(cu, list) and len(cu) > 2:
-                raise ValueError(PACKED_ERROR.format(where=f"data loader batch of SP rank {r}: cu_seq_lens_q={cu[:8]}"))
-            refuse_packed(sample["position_ids"], f"data loader batch of SP rank {r}")
-            for k in _DOC_KEYS:  # one document per row: nothing for the attention to use
+            docs = documents_from_batch(sample, f"data loader batch of SP rank {r}")
+            for k in _DOC_KEYS:
                 sample.pop(k, None)
+            if docs is not None:  # full-sequence boundaries, the same object for every shard of this sample
+                sample["cu_seq_lens_q"], sample["cu_seq_lens_k"] = docs, list(docs)
             length = sample["input_ids"].shape[1]
             if length % self.sp_world_size != 0:
                 raise ValueError(f"batch's seqlen={length} isn't divisible by sp-size={self.sp_world_size}")
