@@ -62,7 +62,7 @@ _STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
 # Keywords transformers' models pass to the attention function besides the ones applied below, that do not change
 # the attention result (cache bookkeeping, output flags); every other keyword is refused with a ValueError.
 _NO_EFFECT = ("use_cache", "cache_position", "output_router_logits", "output_hidden_states", "return_dict",
-              "num_items_in_batch", "layer_idx")
+              "num_items_in_batch", "layer_idx", "shift_labels")  # shift_labels: the HF Trainer's SP loss input
 
 
 def _sp_size(group: Any) -> int:
