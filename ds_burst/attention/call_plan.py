@@ -46,7 +46,8 @@ class CallPlan:
     summary: tuple[int, ...] = ()  # the validated summary of the call (diagnosis of ranks that drift apart)
     chunks: tuple[Assignment, Assignment] | None = None  # set: (caller's, compute) chunk assignments (documents)
     rank_work: tuple[float, ...] = ()  # documents: visible (query, key) pairs of each rank in the compute layout
-    # set: (q, k, v) -> (out, lse) through one fused op under torch's own autograd (one rank, whole block, sdpa)
+    # set: (q, k, v) -> (out, lse) through fused ops under torch's own autograd (one rank, sdpa: the whole block,
+    # or one diagonal tile per packed document)
     direct: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
@@ -169,10 +170,43 @@ def make_plan(
         if len(ops) == 1 and (ops[0].q0, ops[0].q1, ops[0].k0, ops[0].k1) == (0, s_local, 0, s_local):
             whole = ops[0]
     direct = None
-    if whole is not None and spec is None:
-        direct = _whole_direct(q, k, v, a, window, kernel.__name__.rsplit(".", 1)[-1], deterministic)
+    if world == 1 and spec is None:  # the whole block, or one diagonal tile per packed document
+        direct = _one_rank_direct(q, k, v, a, window, kernel.__name__.rsplit(".", 1)[-1], deterministic,
+                                  setup.ops(0, 0), s_local)
     return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, chunks,
                     work, direct)
+
+
+def _one_rank_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
+                     kernel: str, deterministic: bool, ops: list[TileOp], s_local: int) -> Callable | None:
+    """One rank: the fused op per tile under torch's autograd when the tiles are diagonal blocks that partition
+    the queries (the whole block, or one tile per packed document), else ``None`` (see ``CallPlan.direct``)."""
+    if kernel not in ("sdpa", "sdpa_attn") or deterministic or getattr(a, "softcap", None) is not None \
+            or getattr(a, "has_sinks", False) or not ops:
+        return None
+    tiles = sorted(ops, key=lambda op: op.q0)
+    if tiles[0].q0 != 0 or tiles[-1].q1 != s_local or any(t.q0 != t.k0 or t.q1 != t.k1 for t in tiles) \
+            or any(x.q1 != y.q0 for x, y in zip(tiles, tiles[1:])):
+        return None
+    if len(tiles) == 1 and tiles[0].q1 - tiles[0].q0 == s_local:
+        return _whole_direct(q, k, v, a, window, kernel, deterministic)
+    scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
+    sdpa = kernel_module("sdpa")
+    runners = []
+    for t in tiles:
+        sl = slice(t.q0, t.q1)
+        mask = (dict(causal=a.causal, window=window, q_offset=t.q_offset, k_offset=t.k_offset) if t.masked
+                else dict(causal=False, window=(-1, -1)))
+        run = sdpa.bind_whole(q[:, sl], k[:, sl], v[:, sl], scale=scale, **mask)
+        if run is None:
+            return None
+        runners.append((sl, run))
+
+    def per_tile(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [run(qq[:, sl], kk[:, sl], vv[:, sl]) for sl, run in runners]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+
+    return per_tile
 
 
 def _whole_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
