@@ -1,10 +1,20 @@
-"""The fast tier: ``python -m pytest -q -m fast`` runs the unit tests and a few small multi-rank cases (under
+"""Test-session setup: Triton's interpreter on machines without CUDA, and the fast tier.
+
+The fast tier: ``python -m pytest -q -m fast`` runs the unit tests and a few small multi-rank cases (under
 3 minutes on 2 cores), which CI runs before the whole suite. A test is in the tier when its module is listed in
 ``FAST_MODULES`` or its node id starts with an entry of ``FAST_TESTS``."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton decides at decoration time whether a kernel runs in its interpreter: without CUDA the kernels run on CPU
+# tensors, so the flag must be set before any test module imports ds_burst.kernels.triton_attn.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FAST_MODULES = {
     "test_layers.py",
