@@ -634,5 +634,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def shutdown() -> None:
+    """Tear the process groups down before the interpreter exits (an exit with gloo's threads still running can
+    abort a rank after its work is done)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    shutdown()
