@@ -41,6 +41,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ds_burst.core import settings
 from ds_burst.core.cost_model import HARDWARE_FIELDS
 from ds_burst.dist.comm import GroupInfo, P2PBatch
 
@@ -228,7 +229,7 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
         "world": world, "nodes": nodes, "gpus_per_node": per_node, "kernel": kern["kernel"], "dtype": args.dtype,
         "tile_tokens": args.tile_tokens, "heads": args.heads, "kv_heads": kv_heads, "head_dim": args.head_dim,
         "p2p_bytes": nbytes, "iters": args.iters,
-        "triton_autotune": os.environ.get("DS_BURST_TRITON_AUTOTUNE"),
+        "triton_autotune": settings.raw(settings.TRITON_AUTOTUNE) or None,
         "not_measured": [f for f in HARDWARE_FIELDS if f not in hw and not f.startswith("peer_")],
         "wall_s": time.perf_counter() - t_start,
     }
@@ -272,13 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.iters < 1 or args.p2p_mib <= 0:
         raise SystemExit("calibrate: --iters must be >= 1 and --p2p-mib > 0")
     if use_cuda:
-        os.environ.setdefault("DS_BURST_TRITON_AUTOTUNE", "0")
-    if args.gpus_per_node is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
-        args.gpus_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        os.environ.setdefault(settings.TRITON_AUTOTUNE, "0")  # sets, for the kernels imported after this
+    if args.gpus_per_node is None and settings.local_world_size():
+        args.gpus_per_node = settings.local_world_size()
     owned = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not dist.is_initialized() and settings.launcher_world_size() > 1:
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(settings.local_rank())
         dist.init_process_group("nccl" if use_cuda else "gloo")
         owned = True
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")

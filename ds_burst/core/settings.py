@@ -60,6 +60,12 @@ def local_world_size() -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def local_rank() -> int:
+    """``LOCAL_RANK`` set by the launcher (0 when unset)."""
+    value = raw("LOCAL_RANK")
+    return int(value) if value.isdigit() else 0
+
+
 def launcher_world_size() -> int:
     """``WORLD_SIZE`` set by torchrun/deepspeed (1 when unset)."""
     value = raw("WORLD_SIZE")

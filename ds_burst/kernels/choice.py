@@ -53,10 +53,10 @@ def candidates(q: torch.Tensor, window_finite: bool, backward: str, deterministi
 
 def cache_path() -> Path | None:
     """The JSON file of persisted picks, or ``None`` when ``DS_BURST_KERNEL_CACHE=0``."""
-    env = os.environ.get(settings.KERNEL_CACHE)
+    env = settings.raw(settings.KERNEL_CACHE, "\0unset")
     if env in ("0", ""):
         return None
-    return Path(env) if env else Path.home() / ".cache" / "ds_burst" / "kernel_choice.json"
+    return Path.home() / ".cache" / "ds_burst" / "kernel_choice.json" if env == "\0unset" else Path(env)
 
 
 def _load() -> dict[str, dict]:
