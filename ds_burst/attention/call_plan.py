@@ -100,8 +100,8 @@ def _kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs,
                  deterministic: bool, info: GroupInfo) -> str:
     if a.softcap is not None or v.shape[-1] != q.shape[-1]:
         return _variant_kernel(a.kernel, q, k, v, a)
-    if a.kernel == "auto" and q.device.type == "cuda" and info.world == 1 and _whole_direct(q, k, v, a, window, "sdpa",
-                                                                                                 deterministic):
+    if (a.kernel == "auto" and q.device.type == "cuda" and info.world == 1 and _direct_allowed(a, "sdpa", deterministic)
+            and kernel_module("sdpa").whole_backend(q, k, v, causal=a.causal, window=window) is not None):
         return "sdpa"  # one rank, one fused call: nothing of ours to beat the fused op with
     if a.kernel == "auto" and q.device.type == "cuda":  # measured once per shape, rank 0's pick everywhere
         def agree(pick: int) -> int:
@@ -177,21 +177,26 @@ def make_plan(
                     work, direct)
 
 
+def _direct_allowed(a: AttnArgs, kernel: str, deterministic: bool) -> bool:
+    """Only the fused SDPA ops have a direct path; not for deterministic runs (cuDNN's backward is not), not with
+    the variants the fused ops cannot express (softcap, sinks)."""
+    return kernel in ("sdpa", "sdpa_attn") and not deterministic and a.softcap is None and not a.has_sinks
+
+
 def _one_rank_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
                      kernel: str, deterministic: bool, ops: list[TileOp], s_local: int) -> Callable | None:
     """One rank: the fused op per tile under torch's autograd when the tiles are diagonal blocks that partition
     the queries (the whole block, or one tile per packed document), else ``None`` (see ``CallPlan.direct``)."""
-    if kernel not in ("sdpa", "sdpa_attn") or deterministic or getattr(a, "softcap", None) is not None \
-            or getattr(a, "has_sinks", False) or not ops:
+    if not _direct_allowed(a, kernel, deterministic) or not ops:
         return None
     tiles = sorted(ops, key=lambda op: op.q0)
     if tiles[0].q0 != 0 or tiles[-1].q1 != s_local or any(t.q0 != t.k0 or t.q1 != t.k1 for t in tiles) \
             or any(x.q1 != y.q0 for x, y in zip(tiles, tiles[1:])):
         return None
-    if len(tiles) == 1 and tiles[0].q1 - tiles[0].q0 == s_local:
-        return _whole_direct(q, k, v, a, window, kernel, deterministic)
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
     sdpa = kernel_module("sdpa")
+    if len(tiles) == 1:  # the whole block: the runner's output is the call's, no concatenation
+        return sdpa.bind_whole(q, k, v, scale=scale, causal=a.causal, window=window)
     runners = []
     for t in tiles:
         sl = slice(t.q0, t.q1)
@@ -207,19 +212,6 @@ def _one_rank_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnA
         return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
 
     return per_tile
-
-
-def _whole_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
-                  kernel: str, deterministic: bool) -> Callable | None:
-    """The kernel's one-call runner under torch's autograd for a one-rank call (see ``CallPlan.direct``), or
-    ``None``: only the fused SDPA ops have one, not for deterministic runs (cuDNN's backward is not), not with
-    the variants the fused ops cannot express (softcap, sinks, another value head dim)."""
-    if kernel not in ("sdpa", "sdpa_attn") or deterministic or getattr(a, "softcap", None) is not None \
-            or getattr(a, "has_sinks", False):
-        return None
-    scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
-    sdpa = kernel_module("sdpa")
-    return sdpa.bind_whole(q, k, v, scale=scale, causal=a.causal, window=window)
 
 
 class PlanCache:

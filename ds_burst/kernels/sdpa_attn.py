@@ -624,6 +624,15 @@ def describe(
 # whole-block calls (one rank, no ring): the fused op's own output, no fp32 state and no merge
 
 
+def _whole_piece(q_offset: int, sq: int, k_offset: int, sk: int, causal: bool, window: tuple[int, int]) -> bool | None:
+    """``is_causal`` of the one fused call that covers the whole block, or ``None`` when the mask needs several
+    pieces (or none can express it)."""
+    pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
+    if pieces is None or len(pieces) != 1 or pieces[0][:4] != (0, sq, 0, sk):
+        return None
+    return pieces[0][4]
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
     window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
@@ -631,11 +640,9 @@ def attend(
     """Attention of the whole block in one fused call: ``(out [B, Sq, Hq, D] input dtype, lse [B, Hq, Sq] fp32)``,
     or ``None`` when the mask needs several pieces or no fused op takes the inputs (the caller then runs the
     general path). Used when a call's only tile is the whole local block (one rank)."""
-    sq, sk = q.shape[1], k.shape[1]
-    pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
-    if pieces is None or len(pieces) != 1 or pieces[0][:4] != (0, sq, 0, sk):
+    is_causal = _whole_piece(q_offset, q.shape[1], k_offset, k.shape[1], causal, window)
+    if is_causal is None:
         return None
-    is_causal = pieces[0][4]
     for backend, repeat, key in _usable("fwd", q, k, v, is_causal):
         try:
             o, lse = _run_fwd(backend, q, k, v, float(scale), is_causal, repeat)
@@ -655,13 +662,11 @@ def attend_bwd(
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Gradients of :func:`attend` in one fused call, in the input dtype, or ``None`` (general path)."""
-    sq, sk = q.shape[1], k.shape[1]
-    if (0 < BWD_ROWS < sq) or dout.dtype != q.dtype:
+    if (0 < BWD_ROWS < q.shape[1]) or dout.dtype != q.dtype:
         return None
-    pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
-    if pieces is None or len(pieces) != 1 or pieces[0][:4] != (0, sq, 0, sk):
+    is_causal = _whole_piece(q_offset, q.shape[1], k_offset, k.shape[1], causal, window)
+    if is_causal is None:
         return None
-    is_causal = pieces[0][4]
     exclude = ("cudnn",) if deterministic else ()
     for backend, repeat, key in _usable("bwd", q, k, v, is_causal, exclude):
         try:
@@ -689,17 +694,27 @@ def bind_whole(
     is made when the plan is built: switching a backend off later (``torch.backends.cuda.enable_*_sdp``) does not
     change plans already built (``ds_burst.attention.call_plan.clear_plans()`` rebuilds them).
     """
-    sq, sk = q.shape[1], k.shape[1]
-    pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
-    if q.device.type != "cuda" or pieces is None or len(pieces) != 1 or pieces[0][:4] != (0, sq, 0, sk):
+    pick = whole_backend(q, k, v, causal=causal, window=window, q_offset=q_offset, k_offset=k_offset)
+    if pick is None:
         return None
-    is_causal = pieces[0][4]
+    backend, repeat, is_causal = pick
+    STATS[("bind", backend)] += 1
+    groups = q.shape[2] // k.shape[2] if repeat else 1
+    return _whole_runner(backend, groups, float(scale), is_causal, (q.shape[0], q.shape[2], q.shape[1]))
+
+
+def whole_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, window: tuple[int, int] = (-1, -1),
+    q_offset: int = 0, k_offset: int = 0,
+) -> tuple[str, bool, bool] | None:
+    """``(backend, repeat_kv, is_causal)`` that :func:`bind_whole` would bind for these inputs, or ``None``: the
+    check alone, binding nothing (the plan's ``kernel="auto"`` choice asks it)."""
+    is_causal = _whole_piece(q_offset, q.shape[1], k_offset, k.shape[1], causal, window)
+    if q.device.type != "cuda" or is_causal is None:
+        return None
     for backend, repeat, _key in _usable("fwd", q, k, v, is_causal):
-        if backend == "cpu_flash" or not _usable_bwd(backend, q, k, v, is_causal):
-            continue
-        STATS[("bind", backend)] += 1
-        groups = q.shape[2] // k.shape[2] if repeat else 1
-        return _whole_runner(backend, groups, float(scale), is_causal, (q.shape[0], q.shape[2], sq))
+        if backend != "cpu_flash" and _usable_bwd(backend, q, k, v, is_causal):
+            return backend, repeat, is_causal
     return None
 
 
