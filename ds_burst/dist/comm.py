@@ -269,23 +269,13 @@ class P2PBatch:
         self._reqs, self._req_desc = [], []
         timeout = comm_timeout(self.info) if reqs else None
         deadline = None if timeout is None else time.monotonic() + timeout
-        cpu = self.info.group is None or _is_cpu_backend(self.info)
+        cpu = is_cpu_backend(self.info)
         for req, desc in zip(reqs, descs):
             try:
-                if deadline is None:
-                    req.wait()
-                elif cpu:
-                    left = max(deadline - time.monotonic(), 1e-3)
-                    req.wait(timeout=datetime.timedelta(seconds=left))
-                else:
-                    while not req.is_completed():
-                        if time.monotonic() > deadline:
-                            raise TimeoutError("not completed")
-                        time.sleep(1e-4)
-                    req.wait()
+                _wait_until(req, cpu, deadline)
             except (RuntimeError, TimeoutError) as exc:
                 msg = str(exc)
-                if timeout is not None and ("timed out" in msg.lower() or isinstance(exc, TimeoutError)):
+                if timeout is not None and _is_timeout(exc):
                     raise CommTimeoutError(
                         f"{self._where()}: {desc} did not complete within the ds-burst communication timeout "
                         f"of {timeout:g}s; that peer failed, hangs or is far behind (set {COMM_TIMEOUT_ENV} "
@@ -341,19 +331,31 @@ def all_gather_ints(info: GroupInfo, values: list[int], device: torch.device,
     return [o.tolist() for o in out]
 
 
-def _bounded_wait(work: Any, info: GroupInfo, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        if info.group is None or _is_cpu_backend(info):
-            work.wait(timeout=datetime.timedelta(seconds=timeout))
-            return
+def _wait_until(work: Any, cpu: bool, deadline: float | None) -> None:
+    """Wait for one started operation until ``deadline`` (``time.monotonic()``; ``None``: unbounded). Raises the
+    backend's error, or ``TimeoutError`` / gloo's timed-out ``RuntimeError`` past the deadline. CPU backends wait
+    with gloo's own timeout; NCCL work is polled, so the CPU is not blocked on the stream."""
+    if deadline is None:
+        work.wait()
+    elif cpu:
+        work.wait(timeout=datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+    else:
         while not work.is_completed():
             if time.monotonic() > deadline:
                 raise TimeoutError("not completed")
             time.sleep(1e-4)
         work.wait()
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or "timed out" in str(exc).lower()
+
+
+def _bounded_wait(work: Any, info: GroupInfo, timeout: float, what: str) -> None:
+    try:
+        _wait_until(work, is_cpu_backend(info), time.monotonic() + timeout)
     except (RuntimeError, TimeoutError) as exc:
-        if "timed out" in str(exc).lower() or isinstance(exc, TimeoutError):
+        if _is_timeout(exc):
             raise CommTimeoutError(
                 f"{what} (group of {info.world}) did not complete within the ds-burst communication timeout of "
                 f"{timeout:g}s ({COMM_TIMEOUT_ENV})"
