@@ -84,15 +84,10 @@ def _variant_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     variant = a.softcap is not None or v.shape[-1] != q.shape[-1]
     if not variant or name == "torch":
         return name
-    if name in ("sdpa", "auto", "triton") and q.device.type == "cuda" and resolve_kernel("auto", q.device, q.dtype) \
-            == "triton":
-        ta = kernel_module("triton")
-        if getattr(ta, "supports_variant", None) is not None and ta.supports_variant(q, k, v, a.softcap):
-            return "triton"
-    if name == "triton" and q.device.type == "cpu":
-        ta = kernel_module("triton")
-        if getattr(ta, "supports_variant", None) is not None and ta.supports_variant(q, k, v, a.softcap):
-            return "triton"
+    on_cuda = q.device.type == "cuda" and resolve_kernel("auto", q.device, q.dtype) == "triton"  # Triton installed
+    on_cpu = name == "triton" and q.device.type == "cpu"  # asked for, under TRITON_INTERPRET=1 (validated)
+    if (on_cuda or on_cpu) and kernel_module("triton").supports_variant(q, k, v, a.softcap):
+        return "triton"
     return "torch"
 
 
