@@ -46,6 +46,7 @@ import torch
 from ds_burst.dist.comm import all_gather_objects, all_gather_tensor, resolve_group
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
 from ds_burst.integrations.hf import hf_burst_attention
+from ds_burst.integrations.zero import check_zero3_partitioning, partition_over_sequence_data_parallel
 from ds_burst.training.data import IGNORE_INDEX, boundaries_from_cu_seq_lens, boundaries_from_position_ids
 
 log = logging.getLogger(__name__)
@@ -416,16 +417,9 @@ def partition_for_zero3(model: torch.nn.Module, topology: Topology) -> None:
     config = _zero3_config()
     if config is None:
         return
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import is_zero_param
-
-    from ds_burst.integrations.zero import check_zero3_partitioning
-
-    if any(not is_zero_param(p) for p in model.parameters()):
-        minimal = {k: _strip_auto(config[k]) for k in ("zero_optimization", "fp16", "bf16") if k in config}
-        minimal["train_micro_batch_size_per_gpu"] = 1
-        deepspeed.zero.Init(module=model, data_parallel_group=topology.get_sequence_data_parallel_group(),
-                            config_dict_or_path=minimal, mpu=topology)
+    minimal = {k: _strip_auto(config[k]) for k in ("zero_optimization", "fp16", "bf16") if k in config}
+    minimal["train_micro_batch_size_per_gpu"] = 1
+    partition_over_sequence_data_parallel(model, minimal, topology)
     check_zero3_partitioning(model, topology)
 
 

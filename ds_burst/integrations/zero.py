@@ -23,23 +23,31 @@ def deepspeed_initialize(model: Any, config: dict[str, Any] | str, topology: Top
     Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader, lr_scheduler)``.
     """
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
     if not isinstance(config, dict):
         with open(config) as f:
             config = json.load(f)
     assert isinstance(config, dict)
     stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    sdp = topology.get_sequence_data_parallel_group()
     if stage == 3:
-        plain = [p for p in model.parameters() if not is_zero_param(p)]
-        if plain:
-            deepspeed.zero.Init(module=model, data_parallel_group=sdp, config_dict_or_path=config, mpu=topology)
+        partition_over_sequence_data_parallel(model, config, topology)
     kwargs.setdefault("model_parameters", [p for p in model.parameters() if p.requires_grad])
     out = deepspeed.initialize(model=model, config=config, mpu=topology, **kwargs)
     if stage == 3:
         check_zero3_partitioning(out[0].module, topology)
     return out
+
+
+def partition_over_sequence_data_parallel(model: Any, config: dict[str, Any], topology: Topology) -> None:
+    """Convert ``model``'s not yet partitioned parameters to ZeRO-3 parameters partitioned over the
+    sequence-data-parallel group (``deepspeed.zero.Init(module=model, ...)`` with ``config``); a no-op for a model
+    already built under such a ``zero.Init``."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    if any(not is_zero_param(p) for p in model.parameters()):
+        deepspeed.zero.Init(module=model, data_parallel_group=topology.get_sequence_data_parallel_group(),
+                            config_dict_or_path=config, mpu=topology)
 
 
 def check_zero3_partitioning(module: Any, topology: Topology) -> None:
