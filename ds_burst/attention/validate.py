@@ -24,6 +24,7 @@ from ds_burst.dist.comm import (
     GroupInfo,
     all_gather_ints,
     all_gather_objects,
+    exchange,
     publish_ints,
     published_ints,
 )
@@ -274,8 +275,6 @@ def check_neighbours(info: GroupInfo, mine: tuple[int, ...] | None, device: torc
     """
     if info.world == 1:
         return
-    from ds_burst.dist.comm import exchange
-
     rank, world = info.rank, info.world
     prev, nxt = (rank - 1) % world, (rank + 1) % world
     row = [1] + [0] * _N_FIELDS if mine is None else [0, *mine]

@@ -27,6 +27,7 @@ import torch
 from ds_burst.attention.api import burst_attn_func
 from ds_burst.core.layout import check_layout, global_index
 from ds_burst.dist.comm import resolve_group
+from ds_burst.integrations import alst
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,6 @@ def patch_deepspeed() -> None:
     import deepspeed.runtime.sequence_parallel.ulysses_sp as ulysses_sp
     import deepspeed.sequence.layer as ds_layer
 
-    from ds_burst.integrations import alst
 
     if ds_layer.DistributedAttention is not DistributedAttention:
         _ORIGINAL["layer"] = ds_layer.DistributedAttention
@@ -334,7 +334,6 @@ def unpatch_deepspeed() -> None:
     attention functions that ds-burst's ``register_with_transformers`` replaced (no-op if not patched)."""
     import deepspeed.sequence.layer as ds_layer
 
-    from ds_burst.integrations import alst
 
     if "layer" in _ORIGINAL:
         ds_layer.DistributedAttention = _ORIGINAL.pop("layer")  # type: ignore[misc]
