@@ -34,11 +34,25 @@ Timer = Callable[[str, tuple[int, int, int, int, int], torch.dtype, torch.device
 
 
 def shape_key(q: torch.Tensor, k: torch.Tensor, causal: bool, world: int) -> str:
-    """Cache key of a call: device name, dtype, ``B, S_local, Hq, Hkv, D``, causal and the ring size."""
+    """Cache key of a call: device name, dtype, ``B, S_local, Hq, Hkv, D``, causal, the ring size, and which
+    Triton tiles run (``tiles:hopper-fwd`` where the Gluon Hopper forward takes the call), so that a pick
+    measured with other tiles is measured again."""
     dev = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
     b, s, hq, d = q.shape
     dtype = str(q.dtype).removeprefix("torch.")
-    return f"{dev}|{dtype}|B{b}|S{s}|Hq{hq}|Hkv{k.shape[2]}|D{d}|causal{int(causal)}|P{world}"
+    return (f"{dev}|{dtype}|B{b}|S{s}|Hq{hq}|Hkv{k.shape[2]}|D{d}|causal{int(causal)}|P{world}"
+            f"|tiles:{_triton_tiles(q, k)}")
+
+
+def _triton_tiles(q: torch.Tensor, k: torch.Tensor) -> str:
+    """``hopper-fwd`` where ``kernel="triton"`` runs this call's forward on the Gluon Hopper kernel, else ``tl``."""
+    if q.device.type != "cuda":
+        return "tl"
+    try:
+        from ds_burst.kernels import triton_attn
+    except ImportError:
+        return "tl"
+    return "hopper-fwd" if triton_attn.USE_HOPPER and triton_attn.hopper_attn.applicable(q, k, k) else "tl"
 
 
 def candidates(q: torch.Tensor, window_finite: bool, backward: str, deterministic: bool) -> list[str]:

@@ -39,6 +39,7 @@ from triton.language.extra import libdevice
 
 from ds_burst.core import settings
 from ds_burst.core.mask import BlockKind, classify_block, window_bounds
+from ds_burst.kernels import hopper_attn, hopper_attn_bwd
 
 __all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "supports", "supports_variant", "MAX_HEAD_DIM", "INTERPRET"]
 
@@ -56,6 +57,13 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # separate dQ kernel as in deterministic mode (False). Measured on H200 (S=32K, H=32, D=128, bf16, causal):
 # atomic dQ 242 TFLOP/s backward, separate dQ kernel 383, so the atomic path is off by default.
 ATOMIC_DQ_WHEN_NONDETERMINISTIC = False
+
+# Whether fwd_step hands the calls that hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, no softcap,
+# TMA-addressable strides) to the Gluon forward. Benchmarks flip it to time the ``tl`` kernels on the same GPU.
+USE_HOPPER: bool = hopper_attn.AVAILABLE
+# Whether bwd_step also hands them (deterministic=False only) to the Gluon backward, hopper_attn_bwd. Off unless
+# DS_BURST_HOPPER_BWD=1: measured on H200 it is slower than the ``tl`` backward (docs/BENCHMARKS.md, 2026-12-01).
+USE_HOPPER_BWD: bool = hopper_attn.AVAILABLE and settings.flag(settings.HOPPER_BWD, False)
 
 # Tile sizes used in interpreter mode (tests may change them); BLOCK_M tiles queries, BLOCK_N keys.
 _INTERPRET_BLOCKS: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -713,6 +721,11 @@ def fwd_step(
     qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
     if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
         return
+    if USE_HOPPER and out.dtype == torch.float32 and lse.dtype == torch.float32 and hopper_attn.applicable(
+            q, k, v, softcap):
+        hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
+                             window=window)
+        return
     has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
     bd, bdv = _block_d(d), _block_d(dv)
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -792,6 +805,11 @@ def bwd_step(
         return
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
+    if (USE_HOPPER and USE_HOPPER_BWD and all(t.dtype == torch.float32 for t in (lse, delta, dq, dk, dv))
+            and hopper_attn_bwd.applicable(q, k, v, dout, softcap, deterministic)):
+        hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
+                                 k_offset=k_offset, causal=causal, window=window)
+        return
     has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
     bd, bdv = _block_d(d), _block_d(d_v)
     g = hq // hkv

@@ -1,0 +1,503 @@
+"""Hopper (sm_90) forward tiles in Gluon: TMA loads into a multi-stage K/V ring in shared memory, ``wgmma`` with
+the probabilities fed to the second matmul from registers, and the next tile's ``Q K^T`` issued before this
+tile's softmax so that the tensor cores and the softmax overlap.
+
+Same contract as :func:`ds_burst.kernels.triton_attn.fwd_step` (and the reference): the carried state
+``out [B, Sq, Hq, D]`` (fp32, normalised) and ``lse [B, Hq, Sq]`` (fp32, natural log, ``-inf`` = no key yet) is
+loaded, continued over the keys of this call and stored; masks by global positions (``q_offset - k_offset``,
+causal, windows) with the same three key ranges as the ``tl`` kernel (masked, mask-free, masked); GQA by index.
+
+What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, and
+q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads ``D``, 16-byte aligned), so
+that a 3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`applicable` says whether a call is covered;
+:mod:`ds_burst.kernels.triton_attn` asks it and keeps its ``tl`` kernel for everything else (other GPUs, the CPU
+interpreter, where Gluon does not run).
+
+Layout of one program (``num_warps = 8``: two warpgroups share one 128-row query tile, 64 rows each)::
+
+    Q tile      [BLOCK_M, D]   shared, loaded once by TMA
+    K, V ring   STAGES x [BLOCK_N, D] each, TMA, one mbarrier per slot and operand
+    S = Q K^T   registers (wgmma accumulator), fp32
+    P           registers, bf16/fp16, the A operand of O += P V
+    O           registers (wgmma accumulator), fp32
+
+Loop over key tiles ``j`` (after a peeled first tile)::
+
+    wait K_j; issue S_j = Q K_j^T; wait V_{j-1}; issue O += P_{j-1} V_{j-1}
+    wait S_j; softmax (row max, exp2, row sum) while O += P V runs
+    wait O; rescale O by exp2(m_old - m_new); refill the freed slot with tile j + STAGES - 1
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from ds_burst.core import settings
+from ds_burst.core.mask import window_bounds
+
+__all__ = ["AVAILABLE", "applicable", "fwd_step", "why_not"]
+
+try:  # Gluon's API moves between Triton releases; written against triton 3.6.
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    AVAILABLE: bool = True
+    """Whether the Gluon Hopper modules imported (they do not run under ``TRITON_INTERPRET=1``)."""
+except Exception:  # pragma: no cover - older/newer triton without these names
+    AVAILABLE = False
+
+_ENABLED: bool = AVAILABLE and settings.flag(settings.HOPPER_KERNELS, True) and not settings.triton_interpret()
+_LOG2E = 1.4426950408889634
+_HEAD_DIMS = (64, 128)
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, slot, b, row, col):
+        """Issue the TMA loads of one K tile and one V tile into ring slot ``slot``."""
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, row, col], k_bar.index(slot), k_smem.index(slot))
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, row, col], v_bar.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _masked_scores(s, n, offs_m, offs_n, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):
+        """``s`` with keys outside ``[0, Sk)`` or outside the window/causal band set to ``-inf``."""
+        # Query row i sees keys i + delta0 - win_l .. i + delta0 + win_r: bounds per row, no 2-D index tensor.
+        kn = n + offs_n
+        ok = (kn < Sk)[None, :] & (offs_m >= 0)[:, None]
+        if HAS_LO:
+            ok = ok & (kn[None, :] >= (offs_m + delta0 - win_l)[:, None])
+        if HAS_HI:
+            ok = ok & (kn[None, :] <= (offs_m + delta0 + win_r)[:, None])
+        return gl.where(ok, s, float("-inf"))
+
+    @gluon.jit
+    def _state_ptrs(Out, Lse, b, h, m0, Sq, sob, sos, soh, sod, slb, slh, sls, layout: gl.constexpr,
+                    BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Pointers and masks of the carried ``out`` rows (in ``layout``) and ``lse`` entries of one query tile."""
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+        row_ok = (m0 + rows) < Sq
+        m64 = m0.to(gl.int64)
+        b64 = b.to(gl.int64)
+        h64 = h.to(gl.int64)
+        l_ptrs = (Lse + b64 * slb + h64 * slh + m64 * sls) + rows * sls
+        # 32-bit offsets from a scalar base: a tile spans far less than 2**31 elements.
+        o_ptrs = (Out + b64 * sob + h64 * soh + m64 * sos) + (rows[:, None] * sos + offs_d[None, :] * sod)
+        o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        return o_ptrs, o_mask, l_ptrs, row_ok
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, qk_scale):
+        """Online-softmax update in the log2 domain: returns ``(p, alpha, m_new, l_new)``."""
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * qk_scale - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
+        l_new = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_new
+
+    @gluon.jit
+    def _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Key tiles of the query tile at row ``m0``: ``(start, n_a, n_b, n_c)``, tiles ``start + t * BLOCK_N``;
+        the first ``n_a`` and last ``n_c`` need the element mask, the ``n_b`` between are fully visible."""
+        m_last = gl.minimum(m0 + BLOCK_M, Sq) - 1
+        lo_any = m0 * 0
+        hi_any = lo_any + Sk
+        f_lo = lo_any
+        f_hi = hi_any
+        if HAS_LO:
+            lo_any = gl.maximum(m0 + delta0 - win_l, 0)
+            f_lo = gl.maximum(m_last + delta0 - win_l, 0)
+        if HAS_HI:
+            hi_any = gl.minimum(m_last + delta0 + win_r + 1, Sk)
+            f_hi = gl.minimum(m0 + delta0 + win_r + 1, Sk)
+        hi_any = gl.maximum(hi_any, lo_any)
+        has_full = f_lo < f_hi
+        end_a = gl.where(has_full, f_lo, hi_any)
+        end_a = gl.maximum(end_a, lo_any)
+        n_a = (end_a - lo_any + BLOCK_N - 1) // BLOCK_N
+        start_b = lo_any + n_a * BLOCK_N
+        n_b = gl.where(has_full, gl.maximum(f_hi - start_b, 0) // BLOCK_N, 0)
+        start_c = start_b + n_b * BLOCK_N
+        n_c = (gl.maximum(hi_any - start_c, 0) + BLOCK_N - 1) // BLOCK_N
+        return lo_any, n_a, n_b, n_c
+
+    @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
+    def _fwd_kernel(q_desc, k_desc, v_desc, Out, Lse,
+                    sob, sos, soh, sod, slb, slh, sls,
+                    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
+                    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    num_warps: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (causal) tiles first
+        pid_bh = gl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        hk = h // G
+        m0 = pid_m * BLOCK_M
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+        orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+        fence_async_shared()
+
+        start, n_a, n_b, n_c = _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        total = n_a + n_b + n_c
+        col_q = h * HEAD_DIM
+        col_k = hk * HEAD_DIM
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, col_q], q_bar, q_smem)
+        for i in gl.static_range(STAGES - 1):
+            if i < total:
+                _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, b, start + i * BLOCK_N, col_k)
+
+        # Carried state: rows with lse = -inf have seen no key yet. The pointers are built again for the store,
+        # so that they do not stay live (in registers) through the loop.
+        o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, m0, Sq, sob, sos, soh, sod, slb, slh, sls,
+                                                     o_layout, BLOCK_M, HEAD_DIM)
+        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        has_prev = lse_in != float("-inf")
+        m_in = gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
+        acc = gl.load(o_ptrs, mask=o_mask & has_prev[:, None], other=0.0)
+        m_i = gl.convert_layout(m_in, srow)
+        l_i = gl.convert_layout(gl.where(has_prev, 1.0, 0.0), srow)
+
+        offs_ms = m0 + gl.arange(0, BLOCK_M, layout=srow)
+        offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        mbarrier.wait(q_bar, phase=0)
+
+        if total > 0:
+            # First tile (peeled): S_0, softmax, no P V yet.
+            mbarrier.wait(k_bar.index(0), phase=0)
+            s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+            if n_a > 0 or n_b == 0:
+                s = _masked_scores(s, start, offs_ms, offs_ns, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+            acc = acc * gl.convert_layout(alpha, orow)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            if STAGES - 1 < total:
+                _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, STAGES - 1, b,
+                         start + (STAGES - 1) * BLOCK_N, col_k)
+
+            for j in range(1, total):
+                slot = j % STAGES
+                prev = (j - 1) % STAGES
+                mbarrier.wait(k_bar.index(slot), phase=(j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_tile, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+                mbarrier.wait(v_bar.index(prev), phase=((j - 1) // STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+                if j < n_a or j >= n_a + n_b:
+                    s = _masked_scores(s, start + j * BLOCK_N, offs_ms, offs_ns, Sk, delta0, win_l, win_r,
+                                       HAS_LO, HAS_HI)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+                p16 = p.to(dtype)
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+                acc = acc * gl.convert_layout(alpha, orow)[:, None]
+                p_op = gl.convert_layout(p16, p_layout)
+                nxt = j + STAGES - 1
+                if nxt < total:
+                    _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, prev, b, start + nxt * BLOCK_N, col_k)
+
+            last = (total - 1) % STAGES
+            mbarrier.wait(v_bar.index(last), phase=((total - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))[0]
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+
+        l_o = gl.convert_layout(l_i, orow)
+        m_o = gl.convert_layout(m_i, orow)
+        has = l_o != 0.0
+        l_safe = gl.where(has, l_o, 1.0)
+        out = gl.where(has[:, None], acc / l_safe[:, None], 0.0)
+        o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, m0, Sq, sob, sos, soh, sod, slb, slh, sls,
+                                                     o_layout, BLOCK_M, HEAD_DIM)
+        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        has_prev = lse_in != float("-inf")
+        m_in = gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
+        lse_in_s = gl.where(has_prev, lse_in, 0.0)
+        m_in_s = gl.where(has_prev, m_in, 0.0)
+        lse_prev = lse_in_s + (m_o - m_in_s) * 0.6931471805599453 + gl.log(l_safe)
+        lse_new = m_o * 0.6931471805599453 + gl.log(l_safe)
+        lse_out = gl.where(has_prev, lse_prev, gl.where(has, lse_new, float("-inf")))
+        gl.store(o_ptrs, out, mask=o_mask)
+        gl.store(l_ptrs, lse_out, mask=row_ok)
+
+
+    @gluon.jit
+    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                     Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
+                     wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: the two Q halves, then every K and V tile of the span, each into the next free ring slot."""
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        m0 = pid_m * BLOCK_M
+        start, n_a, n_b, n_c = _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        total = n_a + n_b + n_c
+        col_k = (h // G) * HEAD_DIM
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, h * HEAD_DIM], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [b, m0 + BLOCK_M // 2, h * HEAD_DIM], q_bar, q_smem.index(1))
+        for t in range(total):
+            slot = t % STAGES
+            ph = ((t // STAGES) & 1) ^ 1  # fresh barriers count as released once
+            row = start + t * BLOCK_N
+            mbarrier.wait(k_empty.index(slot), ph)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, row, col_k], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), ph)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, row, col_k], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                     Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
+                     wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup: the online softmax of query rows ``m0 + wg * BLOCK_M / 2`` onwards (half the tile) over
+        every tile of the span; arrives on a slot's empty barrier once its matmul on the slot is done."""
+        dtype: gl.constexpr = q_desc.dtype
+        HALF: gl.constexpr = BLOCK_M // 2
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        m0 = pid_m * BLOCK_M
+        start, n_a, n_b, n_c = _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        total = n_a + n_b + n_c
+        r0 = m0 + wg * HALF
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+        orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, r0, Sq, sob, sos, soh, sod, slb, slh, sls,
+                                                     o_layout, HALF, HEAD_DIM)
+        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        has_prev = lse_in != float("-inf")
+        acc = gl.load(o_ptrs, mask=o_mask & has_prev[:, None], other=0.0)
+        m_i = gl.convert_layout(gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf")), srow)
+        l_i = gl.convert_layout(gl.where(has_prev, 1.0, 0.0), srow)
+
+        offs_ms = r0 + gl.arange(0, HALF, layout=srow)
+        offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        q_tile = q_smem.index(wg).reshape([HALF, HEAD_DIM])
+        mbarrier.wait(q_bar, phase=0)
+
+        if total > 0:
+            mbarrier.wait(k_ready.index(0), phase=0)
+            s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                  gl.zeros([HALF, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(0), count=1)
+            if n_a > 0 or n_b == 0:
+                s = _masked_scores(s, start, offs_ms, offs_ns, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+            acc = acc * gl.convert_layout(alpha, orow)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+            for j in range(1, total):
+                slot = j % STAGES
+                prev = (j - 1) % STAGES
+                mbarrier.wait(k_ready.index(slot), phase=(j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_tile, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                      gl.zeros([HALF, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                                      is_async=True)
+                mbarrier.wait(v_ready.index(prev), phase=((j - 1) // STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+                mbarrier.arrive(k_empty.index(slot), count=1)
+                if j < n_a or j >= n_a + n_b:
+                    s = _masked_scores(s, start + j * BLOCK_N, offs_ms, offs_ns, Sk, delta0, win_l, win_r,
+                                       HAS_LO, HAS_HI)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+                p16 = p.to(dtype)
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                acc = acc * gl.convert_layout(alpha, orow)[:, None]
+                p_op = gl.convert_layout(p16, p_layout)
+
+            last = (total - 1) % STAGES
+            mbarrier.wait(v_ready.index(last), phase=((total - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))[0]
+            mbarrier.arrive(v_empty.index(last), count=1)
+
+        o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, r0, Sq, sob, sos, soh, sod, slb, slh, sls,
+                                                     o_layout, HALF, HEAD_DIM)
+        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        _store_state(o_ptrs, o_mask, l_ptrs, row_ok, acc, lse_in, l_i, m_i, orow)
+
+    @gluon.jit
+    def _store_state(o_ptrs, o_mask, l_ptrs, row_ok, acc, lse_in, l_i, m_i, orow: gl.constexpr):
+        """Normalise and store ``(out, lse)``; rows that saw no key in this call keep their ``lse`` bitwise."""
+        has_prev = lse_in != float("-inf")
+        m_in = gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
+        l_o = gl.convert_layout(l_i, orow)
+        m_o = gl.convert_layout(m_i, orow)
+        has = l_o != 0.0
+        l_safe = gl.where(has, l_o, 1.0)
+        out = gl.where(has[:, None], acc / l_safe[:, None], 0.0)
+        lse_in_s = gl.where(has_prev, lse_in, 0.0)
+        m_in_s = gl.where(has_prev, m_in, 0.0)
+        lse_prev = lse_in_s + (m_o - m_in_s) * 0.6931471805599453 + gl.log(l_safe)
+        lse_new = m_o * 0.6931471805599453 + gl.log(l_safe)
+        lse_out = gl.where(has_prev, lse_prev, gl.where(has, lse_new, float("-inf")))
+        gl.store(o_ptrs, out, mask=o_mask)
+        gl.store(l_ptrs, lse_out, mask=row_ok)
+
+    @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
+    def _fwd_kernel_ws(q_desc, k_desc, v_desc, Out, Lse,
+                       sob, sos, soh, sod, slb, slh, sls,
+                       Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
+                       HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       num_warps: gl.constexpr):
+        """Warp-specialised forward: the default partition (4 warps) and one worker (4 warps) each run
+        :func:`_ws_consumer` on half of the query tile; one worker warp runs :func:`_ws_producer`."""
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a slot
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
+        gl.warp_specialize([
+            (_ws_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                            v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
+                            win_r, qk_scale, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+            (_ws_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                            v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
+                            win_r, qk_scale, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                            v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
+                            win_r, qk_scale, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])
+
+
+# Whether fwd_step runs the warp-specialised kernel (producer warp, two consumer warpgroups) or the single-partition
+# one (8 warps that load and compute). Benchmarks and tests flip it.
+WARP_SPECIALIZE: bool = True
+
+# Tiles per head dim: (BLOCK_M, BLOCK_N, STAGES, num_warps). Shared memory: Q + STAGES * (K + V) tiles.
+_CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 3, 8), 64: (128, 128, 4, 8)}
+
+
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
+    """``None`` when :func:`fwd_step` covers this call, else the reason it does not (for logs and tests)."""
+    if not _ENABLED:
+        return "the Gluon Hopper kernels are off (not importable, interpreter, or DS_BURST_HOPPER_KERNELS=0)"
+    if q.device.type != "cuda" or not _is_sm90(q.device.index if q.device.index is not None else 0):
+        return "not a compute-capability 9.x GPU"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (fp16/bf16 only)"
+    d = q.shape[-1]
+    if d not in _HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} (equal, one of {_HEAD_DIMS})"
+    if softcap is not None:
+        return "softcap"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 or t.stride(2) != d:
+            return f"{name} heads are not side by side in a row (strides {t.stride()})"
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or (t.stride(1) * t.element_size()) % 16:
+            return f"{name} is not 16-byte aligned for TMA"
+    return None
+
+
+def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None) -> bool:
+    """Whether :func:`fwd_step` runs this call (see :func:`why_not`)."""
+    return why_not(q, k, v, softcap) is None
+
+
+def _desc(t: torch.Tensor, rows: int) -> Any:
+    """3-D TMA descriptor ``[B, S, H * D]`` over ``t [B, S, H, D]``, block ``[1, rows, D]``."""
+    b, s, h, d = t.shape
+    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d], layout)
+
+
+def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+             scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
+             window: tuple[int, int] = (-1, -1)) -> None:
+    """Continue ``(out, lse)`` over ``k, v`` in place: :func:`ds_burst.kernels.triton_attn.fwd_step`'s contract,
+    for the calls :func:`applicable` accepts (the caller checks; shapes are checked there)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    lo, hi = window_bounds(causal, window)
+    has_lo, has_hi = lo != math.inf, hi != math.inf
+    bm, bn, stages, warps = _CONFIGS[d]
+    grid = (triton.cdiv(sq, bm), b * hq)
+    args = (_desc(k, bn), _desc(v, bn), out, lse, *out.stride(), *lse.stride(),
+            hq, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
+            float(scale) * _LOG2E)
+    meta = dict(HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
+    if WARP_SPECIALIZE:
+        # 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at
+        # launch; the producer gives its warpgroup's down to 24 and the consumers take 240 each.
+        _fwd_kernel_ws[grid](_desc(q, bm // 2), *args, **meta, num_warps=4, maxnreg=168)
+    else:
+        _fwd_kernel[grid](_desc(q, bm), *args, **meta, num_warps=warps)

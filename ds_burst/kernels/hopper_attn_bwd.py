@@ -1,0 +1,323 @@
+"""Hopper (sm_90) backward tiles in Gluon, with precomputed global ``lse`` and ``delta``: one program per key tile
+(128 keys) and kv head adds this block's dK, dV and dQ.
+
+Same contract as :func:`ds_burst.kernels.triton_attn.bwd_step` for the calls :mod:`ds_burst.kernels.hopper_attn`
+covers (sm_90, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, TMA-addressable q/k/v/dout), non-deterministic
+only: dQ is added with fp32 atomics (``deterministic=True`` stays on the ``tl`` kernels, which have a separate,
+atomic-free dQ pass).
+
+Partitions of one program (warp specialisation)::
+
+    producer, 1 warp     K, V halves once; then Q and dO tiles (64 queries) of every visible query tile of every
+                         query head of the kv head, into a 2-slot ring (TMA, mbarriers)
+    consumer 0 and 1     4 warps each, 64 of the 128 keys each:
+                           S^T = K Q^T, dP^T = V dO^T            (wgmma, fp32 in registers)
+                           P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked by global positions
+                           dS^T = P^T * (dP^T - delta)
+                           dV += P^T dO, dK += dS^T Q             (P^T, dS^T as register A operands)
+                           dQ_part = dS K (dS^T through shared memory) -> fp32 atomics into dq
+    epilogue             dK * scale and dV added to the fp32 accumulators in global memory
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ds_burst.core.mask import window_bounds
+from ds_burst.kernels import hopper_attn as _fwd
+
+__all__ = ["bwd_step"]
+
+_LOG2E = 1.4426950408889634
+
+if _fwd.AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    @gluon.jit
+    def _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Query tiles that see keys ``[n0, n0 + BLOCK_N)``: ``(start, n_a, n_b, n_c)`` as in the forward's key
+        span (the first ``n_a`` and last ``n_c`` tiles need the element mask). A key tile that overhangs ``Sk`` is
+        masked throughout, so the zero rows TMA reads past the end never count."""
+        n_last = gl.minimum(n0 + BLOCK_N, Sk) - 1
+        lo_any = n0 * 0
+        hi_any = lo_any + Sq
+        f_lo = lo_any
+        f_hi = hi_any
+        if HAS_HI:
+            lo_any = gl.maximum(n0 - delta0 - win_r, 0)
+            f_lo = gl.maximum(n_last - delta0 - win_r, 0)
+        if HAS_LO:
+            hi_any = gl.minimum(n_last - delta0 + win_l + 1, Sq)
+            f_hi = gl.minimum(n0 - delta0 + win_l + 1, Sq)
+        f_hi = gl.where(n0 + BLOCK_N > Sk, f_lo, f_hi)
+        hi_any = gl.maximum(hi_any, lo_any)
+        has_full = f_lo < f_hi
+        end_a = gl.where(has_full, f_lo, hi_any)
+        end_a = gl.maximum(end_a, lo_any)
+        n_a = (end_a - lo_any + BLOCK_M - 1) // BLOCK_M
+        start_b = lo_any + n_a * BLOCK_M
+        n_b = gl.where(has_full, gl.maximum(f_hi - start_b, 0) // BLOCK_M, 0)
+        start_c = start_b + n_b * BLOCK_M
+        n_c = (gl.maximum(hi_any - start_c, 0) + BLOCK_M - 1) // BLOCK_M
+        return lo_any, n_a, n_b, n_c
+
+    @gluon.jit
+    def _red_add_v4(ptrs, vals, ok):
+        """``*ptrs += vals`` where ``ok``, as ``red.global.add.v4.f32`` on four consecutive elements a thread
+        holds (sm_90): a quarter of the atomic operations of one-float atomics. ``ptrs``/``vals`` must come in a
+        layout with four consecutive columns per thread."""
+        return gl.inline_asm_elementwise(
+            asm="""{
+            .reg .pred p;
+            setp.ne.b32 p, $8, 0;
+            @p red.relaxed.gpu.global.add.v4.f32 [$4], {$12, $13, $14, $15};
+            mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;
+            }""",
+            constraints="=r,=r,=r,=r,l,l,l,l,r,r,r,r,r,r,r,r",
+            args=[ptrs.to(gl.int64, bitcast=True), ok.to(gl.int32), vals.to(gl.int32, bitcast=True)],
+            dtype=gl.int32, is_pure=False, pack=4)
+
+    @gluon.jit
+    def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
+                      q_ready, do_ready, q_empty, do_empty,
+                      Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh, ses, sqb, sqs, sqh, sqd,
+                      skb, sks, skh, skd, svb, svs, svh, svd,
+                      Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, wg,
+                      HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr):
+        """One warp: the two K and V halves of the program's key tile, then Q and dO of every visible query tile
+        of every query head of the kv head, in the consumers' order."""
+        HALF: gl.constexpr = BLOCK_N // 2
+        pid_bh = gl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        n0 = gl.program_id(0) * BLOCK_N
+        start, n_a, n_b, n_c = _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        nq = n_a + n_b + n_c
+        col_k = hk * HEAD_DIM
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, n0, col_k], kv_bar, k_smem.index(0))
+        tma.async_copy_global_to_shared(k_desc, [b, n0 + HALF, col_k], kv_bar, k_smem.index(1))
+        tma.async_copy_global_to_shared(v_desc, [b, n0, col_k], kv_bar, v_smem.index(0))
+        tma.async_copy_global_to_shared(v_desc, [b, n0 + HALF, col_k], kv_bar, v_smem.index(1))
+        for it in range(G * nq):
+            hh = it // nq
+            row = start + (it - hh * nq) * BLOCK_M
+            col_q = (hk * G + hh) * HEAD_DIM
+            slot = it % STAGES
+            ph = ((it // STAGES) & 1) ^ 1
+            mbarrier.wait(q_empty.index(slot), ph)
+            mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, row, col_q], q_ready.index(slot), q_smem.index(slot))
+            mbarrier.wait(do_empty.index(slot), ph)
+            mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [b, row, col_q], do_ready.index(slot), do_smem.index(slot))
+
+    @gluon.jit
+    def _bwd_consumer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
+                      q_ready, do_ready, q_empty, do_empty,
+                      Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh, ses, sqb, sqs, sqh, sqd,
+                      skb, sks, skh, skd, svb, svs, svh, svd,
+                      Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, wg,
+                      HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr):
+        """One warpgroup: dK and dV of keys ``n0 + wg * BLOCK_N / 2`` onwards (half the tile), and their share
+        of dQ, over every query tile the producer delivers."""
+        dtype: gl.constexpr = q_desc.dtype
+        HALF: gl.constexpr = BLOCK_N // 2
+        pid_bh = gl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        n0 = gl.program_id(0) * BLOCK_N
+        start, n_a, n_b, n_c = _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        nq = n_a + n_b + n_c
+        k0 = n0 + wg * HALF
+
+        # S^T, dP^T: [HALF keys, BLOCK_M queries]; dK, dV: [HALF keys, HEAD_DIM]; dQ: [BLOCK_M, HEAD_DIM].
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        DQ_COLS: gl.constexpr = HEAD_DIM // 2
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, DQ_COLS, 16])
+        key_l: gl.constexpr = gl.SliceLayout(1, st_layout)
+        qry_l: gl.constexpr = gl.SliceLayout(0, st_layout)
+
+        k_tile = k_smem.index(wg).reshape([HALF, HEAD_DIM])
+        v_tile = v_smem.index(wg).reshape([HALF, HEAD_DIM])
+        ds_tile = ds_smem.index(wg)
+        offs_k = k0 + gl.arange(0, HALF, layout=key_l)
+        offs_q = gl.arange(0, BLOCK_M, layout=qry_l)
+        dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+        b64 = b.to(gl.int64)
+        red_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // DQ_COLS, DQ_COLS // 4], [4, 1], [1, 0])
+        rows_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, red_layout))
+        cols_dq = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, red_layout))
+        cols_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        mbarrier.wait(kv_bar, phase=0)
+
+        for it in range(G * nq):
+            hh = it // nq
+            t = it - hh * nq
+            m = start + t * BLOCK_M
+            h64 = (hk * G + hh).to(gl.int64)
+            slot = it % STAGES
+            ph = (it // STAGES) & 1
+            q_tile = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            do_tile = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+
+            mbarrier.wait(q_ready.index(slot), ph)
+            st_tok = warpgroup_mma(k_tile, q_tile.permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32, st_layout),
+                                   use_acc=False, is_async=True)
+            qm = m + offs_q
+            q_ok = qm < Sq
+            lse = gl.load(Lse + b64 * slb + h64 * slh + qm * sls, mask=q_ok, other=float("inf"))
+            dlt = gl.load(Delta + b64 * seb + h64 * seh + qm * ses, mask=q_ok, other=0.0)
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            mbarrier.wait(do_ready.index(slot), ph)
+            dpt_tok = warpgroup_mma(v_tile, do_tile.permute((1, 0)),
+                                    gl.zeros([HALF, BLOCK_M], gl.float32, st_layout), use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok,))
+            pt = gl.exp2(st * qk_scale - lse2[None, :])
+            if t < n_a or t >= n_a + n_b:
+                # Key j sees queries j - delta0 - win_r .. j - delta0 + win_l: bounds per key row, no 2-D
+                # index tensor.
+                ok = (qm < Sq)[None, :] & (offs_k < Sk)[:, None]
+                if HAS_LO:
+                    ok = ok & (qm[None, :] <= (offs_k - delta0 + win_l)[:, None])
+                if HAS_HI:
+                    ok = ok & (qm[None, :] >= (offs_k - delta0 - win_r)[:, None])
+                pt = gl.where(ok, pt, 0.0)
+            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok,))
+            dst = pt * (dpt - dlt[None, :])
+            pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+            dv_tok = warpgroup_mma(pt16, do_tile, dv, is_async=True)
+            ds16 = dst.to(dtype)
+            ds_tile.store(ds16)
+            ds_op = gl.convert_layout(ds16, a_layout)
+            dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
+            # dK and dV first, so that P^T and dS^T leave the registers before dQ's accumulator arrives.
+            dv, dk, pt16, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt16, ds_op))
+            fence_async_shared()
+            mbarrier.arrive(do_empty.index(slot), count=1)
+            mbarrier.arrive(q_empty.index(slot), count=1)
+            q_rows = m + rows_dq
+            row_off = q_rows.to(gl.int64) * sqs
+            q_ok = (q_rows < Sq)[:, None] & (cols_dq >= 0)[None, :]
+            # dQ in two column halves (half the accumulator registers), each moved to four-columns-a-thread and
+            # added with vector fp32 atomics; row offsets in 64 bits from this step's rows.
+            for c in gl.static_range(2 if WITH_DQ else 0):
+                dq_tok = warpgroup_mma(ds_tile.permute((1, 0)), k_tile.slice(c * DQ_COLS, DQ_COLS, dim=1),
+                                       gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
+                                       is_async=True)
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
+                dq_ptrs = (DQ + b64 * sqb + h64 * sqh + c * DQ_COLS * sqd) + (row_off[:, None]
+                                                                              + cols_dq[None, :] * sqd)
+                _red_add_v4(dq_ptrs, gl.convert_layout(dq * sm_scale, red_layout), q_ok)
+
+        rows_k = gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+        k_ok = ((k0 + rows_k) < Sk)[:, None]
+        hk64 = hk.to(gl.int64)
+        k064 = k0.to(gl.int64)
+        dk_ptrs = (DK + b64 * skb + hk64 * skh + k064 * sks) + (rows_k[:, None] * sks + cols_d[None, :] * skd)
+        gl.store(dk_ptrs, gl.load(dk_ptrs, mask=k_ok, other=0.0) + dk * sm_scale, mask=k_ok)
+        dv_ptrs = (DV + b64 * svb + hk64 * svh + k064 * svs) + (rows_k[:, None] * svs + cols_d[None, :] * svd)
+        gl.store(dv_ptrs, gl.load(dv_ptrs, mask=k_ok, other=0.0) + dv, mask=k_ok)
+
+    @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
+    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, Lse, Delta, DQ, DK, DV,
+                    slb, slh, sls, seb, seh, ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd,
+                    Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale,
+                    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
+                    num_warps: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        HALF: gl.constexpr = BLOCK_N // 2
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_M], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF, HEAD_DIM], v_desc.layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_M], ds_layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
+            mbarrier.init(do_empty.index(i), count=2)
+        fence_async_shared()
+        zero = gl.program_id(0) * 0
+        gl.warp_specialize([
+            (_bwd_consumer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
+                             q_ready, do_ready, q_empty, do_empty, Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh,
+                             ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, Hkv, Sq, Sk, G,
+                             delta0, win_l, win_r, qk_scale, sm_scale, zero,
+                             HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, WITH_DQ)),
+            (_bwd_consumer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
+                             q_ready, do_ready, q_empty, do_empty, Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh,
+                             ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, Hkv, Sq, Sk, G,
+                             delta0, win_l, win_r, qk_scale, sm_scale, zero + 1,
+                             HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, WITH_DQ)),
+            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
+                             q_ready, do_ready, q_empty, do_empty, Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh,
+                             ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, Hkv, Sq, Sk, G,
+                             delta0, win_l, win_r, qk_scale, sm_scale, zero,
+                             HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, WITH_DQ)),
+        ], [4, 1], [240, 24])
+
+
+# Diagnostics only (launch/bench_tiles.py): False leaves dQ out, to time what its atomics cost. Never False in use.
+WITH_DQ: bool = True
+
+# (BLOCK_M queries per step, BLOCK_N keys per program, STAGES of the Q/dO ring)
+_CONFIGS: dict[int, tuple[int, int, int]] = {128: (64, 128, 2), 64: (64, 128, 2)}
+
+
+def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, softcap: float | None,
+               deterministic: bool) -> bool:
+    """Whether :func:`bwd_step` runs this call: the forward's rules (:func:`hopper_attn.why_not`), the same for
+    ``dout``, and ``deterministic=False`` (dQ by atomics)."""
+    if deterministic or _fwd.why_not(q, k, v, softcap) is not None:
+        return False
+    return _fwd.why_not(dout, k, v, None) is None and dout.dtype == q.dtype
+
+
+def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+             delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, scale: float,
+             q_offset: int = 0, k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1)) -> None:
+    """Add this block's gradients to the fp32 ``dq``, ``dk``, ``dv`` (``triton_attn.bwd_step``'s contract, for
+    the calls :func:`applicable` accepts; the caller checks shapes)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    lo, hi = window_bounds(causal, window)
+    has_lo, has_hi = lo != math.inf, hi != math.inf
+    bm, bn, stages = _CONFIGS[d]
+    grid = (-(-sk // bn), b * hkv)
+    _bwd_kernel[grid](
+        _fwd._desc(q, bm), _fwd._desc(k, bn // 2), _fwd._desc(v, bn // 2), _fwd._desc(dout, bm),
+        lse, delta, dq, dk, dv, *lse.stride(), *delta.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        hkv, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
+        float(scale) * _LOG2E, float(scale),
+        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, WITH_DQ=WITH_DQ,
+        num_warps=4, maxnreg=168,
+    )
+

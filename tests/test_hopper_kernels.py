@@ -1,0 +1,187 @@
+"""The Gluon Hopper tiles (ds_burst.kernels.hopper_attn) against the float64 PyTorch reference, on an sm_90 GPU.
+
+Every mask case the ``tl`` kernels take: global q/k offsets (ring steps), causal diagonal and straddling blocks,
+zigzag halves (one query half against one key half), sliding windows, GQA/MQA, ragged sizes that end inside a
+tile, a carried state from an earlier step, and rows that see no key. Real sizes (up to 16K) in bf16 and fp16.
+Off the GPU (CPU CI, other GPUs) the module's applicability rules are tested and the GPU cases skip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ds_burst.kernels import hopper_attn as ha  # noqa: E402
+from ds_burst.kernels import hopper_attn_bwd as hb  # noqa: E402
+from ds_burst.kernels import reference as ref  # noqa: E402
+
+ON_HOPPER = (torch.cuda.is_available() and ha.AVAILABLE and torch.cuda.get_device_capability()[0] == 9
+             and ha.why_not(*(torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16),) * 3, None) is None)
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU with Gluon (triton 3.6)")
+gpu = pytest.mark.gpu
+
+# dtype -> relative L2 tolerance on out / lse against float64 (the ``tl`` kernels' table).
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+class Case:
+    """One forward tile: sizes, heads, head dim, mask (causal, window) and global offsets."""
+
+    def __init__(self, name: str, sq: int, sk: int, hq: int, hkv: int, d: int, causal: bool,
+                 window: tuple[int, int] = (-1, -1), q_off: int = 0, k_off: int = 0, b: int = 1,
+                 carried: bool = False) -> None:
+        self.name, self.sq, self.sk, self.hq, self.hkv, self.d = name, sq, sk, hq, hkv, d
+        self.causal, self.window, self.q_off, self.k_off = causal, window, q_off, k_off
+        self.b, self.carried = b, carried
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def mask_kw(self) -> dict:
+        return dict(q_offset=self.q_off, k_offset=self.k_off, causal=self.causal, window=self.window)
+
+
+CASES = [
+    Case("full-square-d128", 4096, 4096, 8, 8, 128, False),
+    Case("causal-square-d128", 4096, 4096, 8, 8, 128, True),
+    Case("causal-square-d64-gqa4", 4096, 4096, 8, 2, 64, True),
+    Case("full-ragged-d128-b2", 1000, 1777, 4, 2, 128, False, b=2),
+    Case("causal-ragged-d64", 1999, 1999, 4, 1, 64, True),
+    Case("ring-step-past-keys-carried", 2048, 2048, 4, 2, 128, True, q_off=2048, k_off=0, carried=True),
+    Case("ring-diagonal-offset-carried", 3000, 3000, 4, 4, 128, True, q_off=6000, k_off=6000, carried=True),
+    Case("zigzag-late-q-early-k", 1024, 1024, 4, 2, 128, True, q_off=7168, k_off=1024, carried=True),
+    Case("zigzag-straddle", 1536, 1024, 4, 2, 64, True, q_off=1000, k_off=1200, carried=True),
+    Case("causal-rows-empty", 512, 700, 4, 2, 128, True, q_off=0, k_off=300),
+    Case("window-both-sides", 3000, 3000, 4, 2, 128, False, window=(257, 63)),
+    Case("window-causal-offsets", 2048, 4096, 4, 4, 64, True, window=(1000, 0), q_off=4096, k_off=1024,
+         carried=True),
+    Case("long-causal-d128", 16384, 16384, 4, 1, 128, True),
+]
+
+
+def _inputs(c: Case, dtype: torch.dtype, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(c.b, c.sq, c.hq, c.d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(c.b, c.sk, c.hkv, c.d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(c.b, c.sk, c.hkv, c.d, device="cuda", dtype=dtype, generator=g)
+    if c.carried:  # a state from an earlier ring step: some rows with keys, some (every 7th) without
+        out = torch.randn(c.b, c.sq, c.hq, c.d, device="cuda", generator=g)
+        lse = torch.randn(c.b, c.hq, c.sq, device="cuda", generator=g) * 2 + 3
+        lse[:, :, ::7] = -math.inf
+        out[:, ::7] = 0
+    else:
+        out = torch.zeros(c.b, c.sq, c.hq, c.d, device="cuda")
+        lse = torch.full((c.b, c.hq, c.sq), -math.inf, device="cuda")
+    return q, k, v, out, lse
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    fin = torch.isfinite(y)
+    assert torch.equal(fin, torch.isfinite(x)), "the -inf pattern of lse differs from the reference"
+    x, y = x[fin].double(), y[fin].double()
+    return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(params=[True, False], ids=["warp-specialised", "one-partition"])
+def design(request):
+    """Both forward designs: producer warp + two consumer warpgroups, and the single 8-warp partition."""
+    ha.WARP_SPECIALIZE = request.param
+    yield request.param
+    ha.WARP_SPECIALIZE = True
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_forward_matches_float64_reference(case: Case, dtype: torch.dtype, design: bool) -> None:
+    q, k, v, out, lse = _inputs(case, dtype, seed=sum(map(ord, case.name)))
+    assert ha.applicable(q, k, v), ha.why_not(q, k, v, None)
+    scale = case.d ** -0.5
+    out64, lse64 = out.double(), lse.double()
+    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, **case.mask_kw())
+    o, l_ = out.clone(), lse.clone()
+    ha.fwd_step(q, k, v, o, l_, scale=scale, **case.mask_kw())
+    torch.cuda.synchronize()
+    assert _rel(l_, lse64) < TOL[dtype] / 10
+    assert _rel(o, out64) < TOL[dtype]
+    # rows that saw no key keep their state bitwise
+    untouched = torch.isneginf(lse64) & torch.isneginf(lse)
+    if untouched.any():
+        assert torch.equal(o.permute(0, 2, 1, 3)[untouched], out.permute(0, 2, 1, 3)[untouched])
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.sq * c.sk <= 4096 * 4096], ids=repr)
+def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype) -> None:
+    """dQ, dK, dV added to carried fp32 accumulators, with global lse (this block's, raised where the case
+    carries a state: other blocks' keys) and delta, against the float64 reference."""
+    q, k, v, _, _ = _inputs(case, dtype, seed=sum(map(ord, case.name)) + 1)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
+    scale = case.d ** -0.5
+    out64 = torch.zeros(q.shape, device="cuda", dtype=torch.float64)
+    lse64 = torch.full((case.b, case.hq, case.sq), -math.inf, device="cuda", dtype=torch.float64)
+    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, **case.mask_kw())
+    if case.carried:
+        lse64 = lse64 + torch.rand(lse64.shape, device="cuda", generator=g, dtype=torch.float64)
+    lse = lse64.float()
+    delta = torch.randn(lse.shape, device="cuda", generator=g)
+    init = [torch.randn(t.shape, device="cuda", generator=g) for t in (q, k, v)]
+    grads = [x.clone() for x in init]
+    want = [x.double() for x in init]
+    ref.bwd_step(q.double(), k.double(), v.double(), dout.double(), lse.double(), delta.double(), *want,
+                 scale=scale, **case.mask_kw())
+    assert hb.applicable(q, k, v, dout, None, deterministic=False)
+    hb.bwd_step(q, k, v, dout, lse, delta, *grads, scale=scale, **case.mask_kw())
+    torch.cuda.synchronize()
+    for name, got, exp, start in zip(("dq", "dk", "dv"), grads, want, init):
+        # the increments, not the accumulators (a dropped gradient must not hide behind the carried values)
+        assert _rel(got.double() - start.double(), exp - start.double()) < 2 * TOL[dtype], name
+
+
+@gpu
+@needs_hopper
+def test_triton_fwd_step_routes_to_hopper_and_matches_tl() -> None:
+    """``triton_attn.fwd_step`` hands covered calls to the Hopper kernel; the ``tl`` kernel gives the same result
+    within bf16 rounding, and a call it does not cover (softcap) still runs on ``tl``."""
+    from ds_burst.kernels import triton_attn as ta
+
+    c = CASES[1]
+    q, k, v, out, lse = _inputs(c, torch.bfloat16, seed=3)
+    kw = dict(scale=c.d ** -0.5, **c.mask_kw())
+    runs = {}
+    for use in (True, False):
+        ta.USE_HOPPER = use
+        try:
+            o, l_ = out.clone(), lse.clone()
+            ta.fwd_step(q, k, v, o, l_, **kw)
+            runs[use] = (o, l_)
+        finally:
+            ta.USE_HOPPER = ha.AVAILABLE
+    assert _rel(runs[True][0], runs[False][0]) < 1e-2
+    assert _rel(runs[True][1], runs[False][1]) < 1e-3
+    assert not ha.applicable(q, k, v, softcap=30.0)
+
+
+def test_applicability_rules() -> None:
+    """What the Hopper path refuses is named (and then runs on the ``tl`` kernels): wrong device or dtype,
+    head dims other than 64/128, softcap, heads not side by side in a row."""
+    x = torch.empty(1, 8, 2, 128)
+    assert ha.why_not(x, x, x, None) is not None  # CPU (or off, or no Gluon)
+    if not ON_HOPPER:
+        return
+    cu = torch.empty(1, 256, 4, 128, device="cuda", dtype=torch.bfloat16)
+    assert ha.why_not(cu, cu, cu, None) is None
+    assert "softcap" in ha.why_not(cu, cu, cu, 20.0)
+    assert "dtype" in ha.why_not(cu.float(), cu.float(), cu.float(), None)
+    d96 = torch.empty(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
+    assert "head dims" in ha.why_not(d96, d96, d96, None)
+    heads_first = torch.empty(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    assert "side by side" in ha.why_not(heads_first, cu, cu, None)
