@@ -3,7 +3,8 @@
     python launch/bench_kernels.py --out results/kernels.json [--seqs 8192 32768 131072] [--head-dims 64 128]
 
 For every shape (B=1, H=32, bf16) and causal/non-causal: forward and forward+backward time of
-``burst_attn_func(kernel="triton")`` on one process (the same tiles the ring runs), of its PyTorch tiles
+``burst_attn_func(kernel="triton")`` on one process (the same tiles the ring runs; on sm_90 its forward runs the
+Gluon Hopper kernels, ``ds-burst-triton-tl`` keeps the portable ``tl`` kernels), of its PyTorch tiles
 (``kernel="torch"``, only for S <= 8K) and of SDPA with the cuDNN and flash backends.
 TFLOP/s: forward ``4*B*H*S^2*D`` (halved when causal), backward 2.5x forward. Prints a table, writes JSON
 and, with matplotlib, a plot next to the JSON.
@@ -42,6 +43,10 @@ def _burst(kernel):
     return run
 
 
+# Methods timed with the Triton tiles kept on their portable ``tl`` kernels (forward and backward).
+_TL_ONLY = {"ds-burst-triton-tl"}
+
+
 def _time_method(fn, q, k, v, do, causal: bool, flops: float, iters: int) -> dict:
     """Forward and forward+backward times, TFLOP/s and peak memory of one method on one shape."""
     torch.cuda.empty_cache()
@@ -65,15 +70,24 @@ def main() -> None:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--methods", nargs="+", default=None, help="subset of the methods to time (default: all)")
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend
 
+    from ds_burst.kernels import triton_attn
+
     methods = {
         "ds-burst-triton": _burst("triton"),
+        "ds-burst-triton-tl": _burst("triton"),
         "ds-burst-torch": _burst("torch"),
         "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION),
     }
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            ap.error(f"unknown methods {unknown}; known: {sorted(methods)}")
+        methods = {m: f for m, f in methods.items() if m in args.methods}
     rows = []
     gpu = torch.cuda.get_device_name()
     for d in args.head_dims:
@@ -87,10 +101,13 @@ def main() -> None:
                     if name == "ds-burst-torch" and s > 8192:
                         continue
                     row = {"method": name, "S": s, "D": d, "H": args.heads, "causal": causal, "gpu": gpu}
+                    triton_attn.USE_HOPPER = triton_attn.hopper_attn.AVAILABLE and name not in _TL_ONLY
                     try:
                         row.update(_time_method(fn, q, k, v, do, causal, flops, args.iters))
                     except Exception as exc:  # noqa: BLE001 - record the failure in the table
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                    finally:
+                        triton_attn.USE_HOPPER = triton_attn.hopper_attn.AVAILABLE
                     rows.append(row)
                     print(row, flush=True)
                 del q, k, v, do
