@@ -51,7 +51,7 @@ def _tiles(s: int) -> list[dict]:
     ]
 
 
-def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str, with_diagnostics: bool) -> list[dict]:
+def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[dict]:
     """Rows for one tile kind: the Hopper kernels, the ``tl`` kernels and (square tiles, forward) cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -74,15 +74,14 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str, with_diag
                 ta.USE_HOPPER, ta.hopper_attn.WARP_SPECIALIZE = ta.hopper_attn.AVAILABLE, True
         return run
 
-    def backward(use: bool, with_dq: bool = True):
+    def backward(use: bool):
         def run() -> None:
             saved = ta.USE_HOPPER, ta.USE_HOPPER_BWD
             ta.USE_HOPPER = ta.USE_HOPPER_BWD = use
-            ta.hopper_attn_bwd.WITH_DQ = with_dq
             try:
                 ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, **kw)
             finally:
-                (ta.USE_HOPPER, ta.USE_HOPPER_BWD), ta.hopper_attn_bwd.WITH_DQ = saved, True
+                ta.USE_HOPPER, ta.USE_HOPPER_BWD = saved
         return run
 
     def cudnn() -> None:
@@ -110,8 +109,6 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str, with_diag
     delta = ta.bwd_preprocess(out.to(q.dtype), dout)
     dq, dk, dv = torch.zeros_like(out), torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
     bwd = {"hopper": backward(True), "tl": backward(False)}
-    if with_diagnostics:
-        bwd["hopper-without-dq"] = backward(True, with_dq=False)
     for name, fn in bwd.items():
         row = next((r for r in rows if r["method"] == name), None)
         if row is None:
@@ -133,8 +130,6 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--diagnostics", action="store_true",
-                    help="also time the Hopper backward without its dQ part (wrong gradients; cost breakdown only)")
     ap.add_argument("--tiles", nargs="+", default=None, help="subset of the tile kinds (default: all)")
     args = ap.parse_args()
 
@@ -144,7 +139,7 @@ def main() -> None:
         for t in _tiles(s):
             if args.tiles and t["kind"] not in args.tiles:
                 continue
-            rows += _time_tile(t, s, args.heads, args.head_dim, args.iters, gpu, args.diagnostics)
+            rows += _time_tile(t, s, args.heads, args.head_dim, args.iters, gpu)
     for r in rows:  # ratio to the hopper kernel's square-causal tile of the same size (the plain tile)
         base = next((x for x in rows if x["method"] == r["method"] and x["S"] == r["S"]
                      and x["tile"] == "square-causal" and "fwd_tflops" in x), None)

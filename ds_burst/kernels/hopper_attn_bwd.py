@@ -22,6 +22,7 @@ Partitions of one program (warp specialisation)::
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ if _fwd.AVAILABLE:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     @gluon.jit
     def _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
@@ -61,6 +63,9 @@ if _fwd.AVAILABLE:
             hi_any = gl.minimum(n_last - delta0 + win_l + 1, Sq)
             f_hi = gl.minimum(n0 - delta0 + win_l + 1, Sq)
         f_hi = gl.where(n0 + BLOCK_N > Sk, f_lo, f_hi)
+        # TMA reads lse and delta from the first row on: keep its byte offset 64-byte aligned (rows before the
+        # band are masked to zero).
+        lo_any = (lo_any // 16) * 16
         hi_any = gl.maximum(hi_any, lo_any)
         has_full = f_lo < f_hi
         end_a = gl.where(has_full, f_lo, hi_any)
@@ -73,31 +78,31 @@ if _fwd.AVAILABLE:
         return lo_any, n_a, n_b, n_c
 
     @gluon.jit
-    def _red_add_v4(ptrs, vals, ok):
-        """``*ptrs += vals`` where ``ok``, as ``red.global.add.v4.f32`` on four consecutive elements a thread
-        holds (sm_90): a quarter of the atomic operations of one-float atomics. ``ptrs``/``vals`` must come in a
-        layout with four consecutive columns per thread."""
+    def _red_add_v2(ptrs, vals, ok):
+        """``*ptrs += vals`` where ``ok``, as ``red.global.add.v2.f32`` on the two consecutive columns each thread
+        holds in a wgmma accumulator (sm_90): half the atomic operations of one-float atomics, no layout change.
+        ``ptrs`` of both elements of a pair point at the first (so the compiler keeps one address per pair)."""
         return gl.inline_asm_elementwise(
             asm="""{
             .reg .pred p;
-            setp.ne.b32 p, $8, 0;
-            @p red.relaxed.gpu.global.add.v4.f32 [$4], {$12, $13, $14, $15};
-            mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;
+            setp.ne.b32 p, $4, 0;
+            @p red.relaxed.gpu.global.add.v2.f32 [$2], {$6, $7};
+            mov.b32 $0, 0; mov.b32 $1, 0;
             }""",
-            constraints="=r,=r,=r,=r,l,l,l,l,r,r,r,r,r,r,r,r",
+            constraints="=r,=r,l,l,r,r,r,r",
             args=[ptrs.to(gl.int64, bitcast=True), ok.to(gl.int32), vals.to(gl.int32, bitcast=True)],
-            dtype=gl.int32, is_pure=False, pack=4)
+            dtype=gl.int32, is_pure=False, pack=2)
 
     @gluon.jit
-    def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
-                      q_ready, do_ready, q_empty, do_empty,
-                      Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh, ses, sqb, sqs, sqh, sqd,
-                      skb, sks, skh, skd, svb, svs, svh, svd,
-                      Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, wg,
-                      HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr):
-        """One warp: the two K and V halves of the program's key tile, then Q and dO of every visible query tile
-        of every query head of the kv head, in the consumers' order."""
+    def _bwd_producer(descs, bufs, bars, outs, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: K and V of the program's key tile (two row halves, and K again in two column halves for
+        dQ), then Q, dO, lse and delta of every visible query tile of every query head of the kv head, in the
+        consumers' order, into a ``STAGES``-slot ring."""
+        q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc = descs
+        q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem = bufs
+        kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free = bars
+        Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale = dims
         HALF: gl.constexpr = BLOCK_N // 2
         pid_bh = gl.program_id(1)
         b = pid_bh // Hkv
@@ -106,36 +111,43 @@ if _fwd.AVAILABLE:
         start, n_a, n_b, n_c = _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
         nq = n_a + n_b + n_c
         col_k = hk * HEAD_DIM
-        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
+                        + 2 * kc_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b, n0, col_k], kv_bar, k_smem.index(0))
         tma.async_copy_global_to_shared(k_desc, [b, n0 + HALF, col_k], kv_bar, k_smem.index(1))
         tma.async_copy_global_to_shared(v_desc, [b, n0, col_k], kv_bar, v_smem.index(0))
         tma.async_copy_global_to_shared(v_desc, [b, n0 + HALF, col_k], kv_bar, v_smem.index(1))
+        tma.async_copy_global_to_shared(kc_desc, [b, n0, col_k], kv_bar, kc_smem.index(0))
+        tma.async_copy_global_to_shared(kc_desc, [b, n0, col_k + HEAD_DIM // 2], kv_bar, kc_smem.index(1))
         for it in range(G * nq):
             hh = it // nq
             row = start + (it - hh * nq) * BLOCK_M
-            col_q = (hk * G + hh) * HEAD_DIM
+            hq = hk * G + hh
             slot = it % STAGES
             ph = ((it // STAGES) & 1) ^ 1
             mbarrier.wait(q_empty.index(slot), ph)
-            mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, row, col_q], q_ready.index(slot), q_smem.index(slot))
+            mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes + lse_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, row, hq * HEAD_DIM], q_ready.index(slot), q_smem.index(slot))
+            tma.async_copy_global_to_shared(lse_desc, [b, hq, row], q_ready.index(slot), lse_smem.index(slot))
             mbarrier.wait(do_empty.index(slot), ph)
-            mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(do_desc, [b, row, col_q], do_ready.index(slot), do_smem.index(slot))
+            mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes + dl_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [b, row, hq * HEAD_DIM], do_ready.index(slot),
+                                            do_smem.index(slot))
+            tma.async_copy_global_to_shared(dl_desc, [b, hq, row], do_ready.index(slot), dl_smem.index(slot))
 
     @gluon.jit
-    def _bwd_consumer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
-                      q_ready, do_ready, q_empty, do_empty,
-                      Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh, ses, sqb, sqs, sqh, sqd,
-                      skb, sks, skh, skd, svb, svs, svh, svd,
-                      Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, wg,
-                      HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr):
-        """One warpgroup: dK and dV of keys ``n0 + wg * BLOCK_N / 2`` onwards (half the tile), and their share
-        of dQ, over every query tile the producer delivers."""
+    def _bwd_consumer(descs, bufs, bars, outs, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup: dK and dV of keys ``n0 + wg * BLOCK_N / 2`` onwards (half the tile), and dQ's columns
+        ``wg * HEAD_DIM / 2`` onwards over all the tile's keys (both halves of dS^T, through shared memory)."""
+        q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc = descs
+        q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem = bufs
+        kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free = bars
+        DQ, DK, DV, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh = outs
+        Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale = dims
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_N // 2
+        DQC: gl.constexpr = HEAD_DIM // 2
         pid_bh = gl.program_id(1)
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
@@ -144,30 +156,28 @@ if _fwd.AVAILABLE:
         nq = n_a + n_b + n_c
         k0 = n0 + wg * HALF
 
-        # S^T, dP^T: [HALF keys, BLOCK_M queries]; dK, dV: [HALF keys, HEAD_DIM]; dQ: [BLOCK_M, HEAD_DIM].
+        # S^T, dP^T: [HALF keys, BLOCK_M queries]; dK, dV: [HALF keys, HEAD_DIM]; dQ part: [BLOCK_M, DQC].
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, HEAD_DIM, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        DQ_COLS: gl.constexpr = HEAD_DIM // 2
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, DQ_COLS, 16])
+                                                            instr_shape=[16, DQC, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         key_l: gl.constexpr = gl.SliceLayout(1, st_layout)
         qry_l: gl.constexpr = gl.SliceLayout(0, st_layout)
 
         k_tile = k_smem.index(wg).reshape([HALF, HEAD_DIM])
         v_tile = v_smem.index(wg).reshape([HALF, HEAD_DIM])
-        ds_tile = ds_smem.index(wg)
+        kc_tile = kc_smem.index(wg).reshape([BLOCK_N, DQC])
         offs_k = k0 + gl.arange(0, HALF, layout=key_l)
         offs_q = gl.arange(0, BLOCK_M, layout=qry_l)
         dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
         b64 = b.to(gl.int64)
-        red_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // DQ_COLS, DQ_COLS // 4], [4, 1], [1, 0])
-        rows_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, red_layout))
-        cols_dq = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, red_layout))
-        cols_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        rows_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+        # both columns of a thread's pair address the first one (see _red_add_v2)
+        pair_cols = (gl.arange(0, DQC, layout=gl.SliceLayout(0, dq_layout)) // 2) * 2 + wg * DQC
         mbarrier.wait(kv_bar, phase=0)
 
         for it in range(G * nq):
@@ -177,128 +187,158 @@ if _fwd.AVAILABLE:
             h64 = (hk * G + hh).to(gl.int64)
             slot = it % STAGES
             ph = (it // STAGES) & 1
+            par = it & 1
             q_tile = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
             do_tile = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
 
             mbarrier.wait(q_ready.index(slot), ph)
             st_tok = warpgroup_mma(k_tile, q_tile.permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32, st_layout),
                                    use_acc=False, is_async=True)
-            qm = m + offs_q
-            q_ok = qm < Sq
-            lse = gl.load(Lse + b64 * slb + h64 * slh + qm * sls, mask=q_ok, other=float("inf"))
-            dlt = gl.load(Delta + b64 * seb + h64 * seh + qm * ses, mask=q_ok, other=0.0)
-            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             mbarrier.wait(do_ready.index(slot), ph)
             dpt_tok = warpgroup_mma(v_tile, do_tile.permute((1, 0)),
                                     gl.zeros([HALF, BLOCK_M], gl.float32, st_layout), use_acc=False, is_async=True)
+            qm = m + offs_q
+            lse = lse_smem.index(slot).reshape([BLOCK_M]).load(qry_l)
+            # rows past Sq (zero-filled by TMA) and rows that saw no key contribute nothing
+            lse2 = gl.where((lse == float("-inf")) | (qm >= Sq), float("inf"), lse * 1.4426950408889634)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok,))
             pt = gl.exp2(st * qk_scale - lse2[None, :])
             if t < n_a or t >= n_a + n_b:
-                # Key j sees queries j - delta0 - win_r .. j - delta0 + win_l: bounds per key row, no 2-D
-                # index tensor.
+                # Key j sees queries j - delta0 - win_r .. j - delta0 + win_l: bounds per key row.
                 ok = (qm < Sq)[None, :] & (offs_k < Sk)[:, None]
                 if HAS_LO:
                     ok = ok & (qm[None, :] <= (offs_k - delta0 + win_l)[:, None])
                 if HAS_HI:
                     ok = ok & (qm[None, :] >= (offs_k - delta0 - win_r)[:, None])
                 pt = gl.where(ok, pt, 0.0)
+            dlt = dl_smem.index(slot).reshape([BLOCK_M]).load(qry_l)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok,))
             dst = pt * (dpt - dlt[None, :])
             pt16 = gl.convert_layout(pt.to(dtype), a_layout)
             dv_tok = warpgroup_mma(pt16, do_tile, dv, is_async=True)
             ds16 = dst.to(dtype)
-            ds_tile.store(ds16)
+            # dS^T of both warpgroups goes through shared memory (double-buffered by parity) for dQ = dS K.
+            mbarrier.wait(ds_free.index(par), ((it // 2) & 1) ^ 1)
+            if wg == 0:  # this warpgroup's half of the rows (slices take constant offsets)
+                ds_smem.index(par).slice(0, HALF, dim=0).store(ds16)
+            else:
+                ds_smem.index(par).slice(HALF, HALF, dim=0).store(ds16)
             ds_op = gl.convert_layout(ds16, a_layout)
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
-            # dK and dV first, so that P^T and dS^T leave the registers before dQ's accumulator arrives.
-            dv, dk, pt16, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt16, ds_op))
             fence_async_shared()
-            mbarrier.arrive(do_empty.index(slot), count=1)
+            mbarrier.arrive(ds_ready.index(par), count=1)
+            mbarrier.wait(ds_ready.index(par), (it // 2) & 1)
+            ds_all = ds_smem.index(par)
+            dq_tok = warpgroup_mma(ds_all.permute((1, 0)), kc_tile, gl.zeros([BLOCK_M, DQC], gl.float32, dq_layout),
+                                   use_acc=False, is_async=True)
+            dv, dk, dq, pt16, ds_op = warpgroup_mma_wait(num_outstanding=0,
+                                                         deps=(dv_tok, dk_tok, dq_tok, pt16, ds_op))
             mbarrier.arrive(q_empty.index(slot), count=1)
+            mbarrier.arrive(do_empty.index(slot), count=1)
+            mbarrier.arrive(ds_free.index(par), count=1)
             q_rows = m + rows_dq
-            row_off = q_rows.to(gl.int64) * sqs
-            q_ok = (q_rows < Sq)[:, None] & (cols_dq >= 0)[None, :]
-            # dQ in two column halves (half the accumulator registers), each moved to four-columns-a-thread and
-            # added with vector fp32 atomics; row offsets in 64 bits from this step's rows.
-            for c in gl.static_range(2 if WITH_DQ else 0):
-                dq_tok = warpgroup_mma(ds_tile.permute((1, 0)), k_tile.slice(c * DQ_COLS, DQ_COLS, dim=1),
-                                       gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
-                                       is_async=True)
-                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
-                dq_ptrs = (DQ + b64 * sqb + h64 * sqh + c * DQ_COLS * sqd) + (row_off[:, None]
-                                                                              + cols_dq[None, :] * sqd)
-                _red_add_v4(dq_ptrs, gl.convert_layout(dq * sm_scale, red_layout), q_ok)
+            dq_ptrs = (DQ + b64 * sqb + h64 * sqh) + (q_rows.to(gl.int64)[:, None] * sqs + pair_cols[None, :])
+            _red_add_v2(dq_ptrs, dq * sm_scale, (q_rows < Sq)[:, None] & (pair_cols >= 0)[None, :])
 
         rows_k = gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
-        k_ok = ((k0 + rows_k) < Sk)[:, None]
+        cols_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        k_ok = ((k0 + rows_k) < Sk)[:, None] & (cols_d >= 0)[None, :]
         hk64 = hk.to(gl.int64)
         k064 = k0.to(gl.int64)
-        dk_ptrs = (DK + b64 * skb + hk64 * skh + k064 * sks) + (rows_k[:, None] * sks + cols_d[None, :] * skd)
+        dk_ptrs = (DK + b64 * skb + hk64 * skh + k064 * sks) + (rows_k[:, None] * sks + cols_d[None, :])
         gl.store(dk_ptrs, gl.load(dk_ptrs, mask=k_ok, other=0.0) + dk * sm_scale, mask=k_ok)
-        dv_ptrs = (DV + b64 * svb + hk64 * svh + k064 * svs) + (rows_k[:, None] * svs + cols_d[None, :] * svd)
+        dv_ptrs = (DV + b64 * svb + hk64 * svh + k064 * svs) + (rows_k[:, None] * svs + cols_d[None, :])
         gl.store(dv_ptrs, gl.load(dv_ptrs, mask=k_ok, other=0.0) + dv, mask=k_ok)
 
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
-    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, Lse, Delta, DQ, DK, DV,
-                    slb, slh, sls, seb, seh, ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd,
+    def _bwd_kernel(q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc, DQ, DK, DV,
+                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
                     Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale,
                     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_N // 2
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_M], dtype)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], lse_desc.layout)
+        dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], dl_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF, HEAD_DIM], k_desc.layout)
+        kc_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM // 2], kc_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF, HEAD_DIM], v_desc.layout)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_M], ds_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=2)
+            mbarrier.init(q_empty.index(i), count=2)  # both consumer warpgroups release a slot
             mbarrier.init(do_empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)
+            mbarrier.init(ds_free.index(i), count=2)
         fence_async_shared()
-        zero = gl.program_id(0) * 0
+        descs = (q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc)
+        bufs = (q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem)
+        bars = (kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free)
+        outs = (DQ, DK, DV, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh)
+        dims = (Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale)
+        zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
-            (_bwd_consumer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
-                             q_ready, do_ready, q_empty, do_empty, Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh,
-                             ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, Hkv, Sq, Sk, G,
-                             delta0, win_l, win_r, qk_scale, sm_scale, zero,
-                             HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, WITH_DQ)),
-            (_bwd_consumer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
-                             q_ready, do_ready, q_empty, do_empty, Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh,
-                             ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, Hkv, Sq, Sk, G,
-                             delta0, win_l, win_r, qk_scale, sm_scale, zero + 1,
-                             HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, WITH_DQ)),
-            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, ds_smem, kv_bar,
-                             q_ready, do_ready, q_empty, do_empty, Lse, Delta, DQ, DK, DV, slb, slh, sls, seb, seh,
-                             ses, sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, Hkv, Sq, Sk, G,
-                             delta0, win_l, win_r, qk_scale, sm_scale, zero,
-                             HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, WITH_DQ)),
+            (_bwd_consumer, (descs, bufs, bars, outs, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES)),
+            (_bwd_consumer, (descs, bufs, bars, outs, dims, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES)),
+            (_bwd_producer, (descs, bufs, bars, outs, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES)),
         ], [4, 1], [240, 24])
 
-
-# Diagnostics only (launch/bench_tiles.py): False leaves dQ out, to time what its atomics cost. Never False in use.
-WITH_DQ: bool = True
 
 # (BLOCK_M queries per step, BLOCK_N keys per program, STAGES of the Q/dO ring)
 _CONFIGS: dict[int, tuple[int, int, int]] = {128: (64, 128, 2), 64: (64, 128, 2)}
 
 
-def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, softcap: float | None,
+def _row_desc(t: torch.Tensor, rows: int) -> Any:
+    """TMA descriptor over the fp32 ``t [B, H, S]`` (``lse``, ``delta``), block ``[1, 1, rows]``."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], layout)
+
+
+def _col_desc(t: torch.Tensor, rows: int) -> Any:
+    """TMA descriptor ``[B, S, H * D]`` over ``t [B, S, H, D]`` with block ``[1, rows, D / 2]`` (half the
+    columns: dQ's share of each consumer warpgroup)."""
+    b, s, h, d = t.shape
+    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d // 2], gdt)
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2], layout)
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """Whether the fp32 ``[B, H, S]`` tensor ``t`` can be read by TMA (contiguous rows, 16-byte aligned)."""
+    return (t.dtype == torch.float32 and t.stride(2) == 1 and t.data_ptr() % 16 == 0
+            and all((st * 4) % 16 == 0 for st in t.stride()[:2]))
+
+
+def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+               delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softcap: float | None,
                deterministic: bool) -> bool:
-    """Whether :func:`bwd_step` runs this call: the forward's rules (:func:`hopper_attn.why_not`), the same for
-    ``dout``, and ``deterministic=False`` (dQ by atomics)."""
+    """Whether :func:`bwd_step` runs this call: the forward's rules (:func:`hopper_attn.why_not`) for q/k/v and
+    dout, ``deterministic=False`` (dQ by atomics), TMA-readable fp32 ``lse``/``delta`` and fp32 gradient
+    accumulators with contiguous head dims."""
     if deterministic or _fwd.why_not(q, k, v, softcap) is not None:
         return False
-    return _fwd.why_not(dout, k, v, None) is None and dout.dtype == q.dtype
+    if _fwd.why_not(dout, k, v, None) is not None or dout.dtype != q.dtype:
+        return False
+    if not (_tma_rows(lse) and _tma_rows(delta)):
+        return False
+    return all(t.dtype == torch.float32 and t.stride(3) == 1 for t in (dq, dk, dv))
 
 
 def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
@@ -313,11 +353,12 @@ def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     bm, bn, stages = _CONFIGS[d]
     grid = (-(-sk // bn), b * hkv)
     _bwd_kernel[grid](
-        _fwd._desc(q, bm), _fwd._desc(k, bn // 2), _fwd._desc(v, bn // 2), _fwd._desc(dout, bm),
-        lse, delta, dq, dk, dv, *lse.stride(), *delta.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        _fwd._desc(q, bm), _fwd._desc(k, bn // 2), _col_desc(k, bn), _fwd._desc(v, bn // 2), _fwd._desc(dout, bm),
+        _row_desc(lse, bm), _row_desc(delta, bm), dq, dk, dv,
+        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
         hkv, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
         float(scale) * _LOG2E, float(scale),
-        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, WITH_DQ=WITH_DQ,
+        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
         num_warps=4, maxnreg=168,
     )
-

@@ -805,8 +805,8 @@ def bwd_step(
         return
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
-    if (USE_HOPPER and USE_HOPPER_BWD and all(t.dtype == torch.float32 for t in (lse, delta, dq, dk, dv))
-            and hopper_attn_bwd.applicable(q, k, v, dout, softcap, deterministic)):
+    if USE_HOPPER and USE_HOPPER_BWD and hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv,
+                                                                     softcap, deterministic):
         hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
                                  k_offset=k_offset, causal=causal, window=window)
         return
