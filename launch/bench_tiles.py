@@ -10,10 +10,9 @@ For each local size S (B=1, bf16, D=128, Hq=Hkv=heads) and each tile kind a ring
 * ``window``: a sliding window of 4096 keys to the left, at offsets (causal);
 
 times ``triton_attn.fwd_step`` and ``bwd_step`` (backward TFLOP/s: 2.5x the forward's FLOPs) with the Gluon
-Hopper kernels (``hopper``: the warp-specialised forward, and the Gluon backward that ``DS_BURST_HOPPER_BWD=1``
-turns on; ``hopper-1p``: the forward as one 8-warp partition) and with the portable ``tl`` kernels, and, on the
-square tiles, torch SDPA's cuDNN forward. TFLOP/s count visible (query, key) pairs only. Prints a table, writes
-JSON (and a bar plot beside it, with matplotlib).
+Hopper kernels (``hopper``: ``kernels/hopper_attn.py`` and ``hopper_attn_bwd.py``) and with the portable ``tl``
+kernels (``tl``), and, on the square tiles, torch SDPA's cuDNN forward. TFLOP/s count visible (query, key) pairs
+only. Prints a table, writes JSON (and a bar plot beside it, with matplotlib).
 """
 
 from __future__ import annotations
@@ -65,13 +64,13 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[d
     flops = 4.0 * hh * d * _pairs(t["sq"], t["sk"], t["q_off"], t["k_off"], t["causal"], t["window"])
     kw = dict(scale=d ** -0.5, q_offset=t["q_off"], k_offset=t["k_off"], causal=t["causal"], window=t["window"])
 
-    def tiles(use: bool, ws: bool = True):
+    def tiles(use: bool):
         def run() -> None:
-            ta.USE_HOPPER, ta.hopper_attn.WARP_SPECIALIZE = use, ws
+            ta.USE_HOPPER = use
             try:
                 ta.fwd_step(q, k, v, out, lse, **kw)
             finally:
-                ta.USE_HOPPER, ta.hopper_attn.WARP_SPECIALIZE = ta.hopper_attn.AVAILABLE, True
+                ta.USE_HOPPER = ta.hopper_attn.AVAILABLE
         return run
 
     def backward(use: bool):
@@ -89,7 +88,7 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[d
             F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=t["causal"])
 
-    methods = {"hopper": tiles(True), "hopper-1p": tiles(True, ws=False), "tl": tiles(False)}
+    methods = {"hopper": tiles(True), "tl": tiles(False)}
     if t["q_off"] == t["k_off"] and t["window"] == (-1, -1):
         methods["sdpa-cudnn"] = cudnn
     rows = []
@@ -152,6 +151,7 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], path: str) -> None:
+    """Bars of forward (top) and backward (bottom) TFLOP/s per tile kind, one column per local size."""
     try:
         import matplotlib
 
@@ -160,16 +160,21 @@ def _plot(rows: list[dict], path: str) -> None:
     except ImportError:
         return
     seqs = sorted({r["S"] for r in rows})
-    fig, axes = plt.subplots(1, len(seqs), figsize=(4.5 * len(seqs), 3.4), squeeze=False)
-    for ax, s in zip(axes[0], seqs):
-        kinds = [t["kind"] for t in _tiles(s)]
-        for j, m in enumerate(("hopper", "hopper-1p", "tl", "sdpa-cudnn")):
-            ys = [next((r["fwd_tflops"] for r in rows if r["method"] == m and r["S"] == s and r["tile"] == kd
-                        and "fwd_tflops" in r), 0.0) for kd in kinds]
-            ax.bar([i + 0.2 * j for i in range(len(kinds))], ys, width=0.2, label=m)
-        ax.set_xticks([i + 0.2 for i in range(len(kinds))], kinds, rotation=20, fontsize=7)
-        ax.set_title(f"local S={s}")
-        ax.set_ylabel("fwd TFLOP/s")
+    methods = [m for m in ("hopper", "hopper-1p", "tl", "sdpa-cudnn") if any(r["method"] == m for r in rows)]
+    fig, axes = plt.subplots(2, len(seqs), figsize=(4.8 * len(seqs), 6.4), squeeze=False)
+    width = 0.8 / len(methods)
+    for col, s in enumerate(seqs):
+        kinds = [t["kind"] for t in _tiles(s) if any(r["tile"] == t["kind"] and r["S"] == s for r in rows)]
+        for row, key in enumerate(("fwd_tflops", "bwd_tflops")):
+            ax = axes[row][col]
+            for j, m in enumerate(methods):
+                ys = [next((r[key] for r in rows if r["method"] == m and r["S"] == s and r["tile"] == kd
+                            and key in r), 0.0) for kd in kinds]
+                ax.bar([i + width * j for i in range(len(kinds))], ys, width=width, label=m)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(kinds))], kinds, rotation=20, fontsize=7)
+            ax.set_title(f"local S={s}: {'forward' if row == 0 else 'backward'}")
+            ax.set_ylabel(f"{'fwd' if row == 0 else 'bwd'} TFLOP/s")
+            ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

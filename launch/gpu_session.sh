@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
-# Stages: env tests tests_triton tests_new overhead documents ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
+# Stages: env tests tests_triton tests_hopper tests_new overhead documents tiles ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
 # memory calibrate.
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
@@ -48,6 +48,13 @@ for spec in "$@"; do
     tests_triton)
       timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_triton_kernels.py >"$OUT/gpu_tests_triton.log" 2>&1
       grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_triton.log" | tail -20 ;;
+    tests_hopper)  # the Gluon Hopper tiles against float64 (forward and backward, every mask case)
+      timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_hopper_kernels.py >"$OUT/gpu_tests_hopper.log" 2>&1
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_hopper.log" | tail -20 ;;
+    tiles)  # ring-step tile kinds: Hopper tiles against the tl tiles and cuDNN, forward and backward
+      timeout "$limit" python3 launch/bench_tiles.py --out "$OUT/tiles.json" --seqs 16384 32768 65536 --iters 2 \
+        >"$OUT/tiles.log" 2>&1
+      echo "rc=$?"; tail -20 "$OUT/tiles.log" ;;
     ring)  # flat ring, both fast kernels, against every peer, 128K and 256K
       ring ring --check --kernels triton sdpa --schedules ring --seqs 131072 262144 --kv-heads 32 8 ;;
     ring_sched)  # topology-aware schedules (2 GPUs = 2 nodes x 1 GPU)

@@ -86,19 +86,11 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(params=[True, False], ids=["warp-specialised", "one-partition"])
-def design(request):
-    """Both forward designs: producer warp + two consumer warpgroups, and the single 8-warp partition."""
-    ha.WARP_SPECIALIZE = request.param
-    yield request.param
-    ha.WARP_SPECIALIZE = True
-
-
 @gpu
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_forward_matches_float64_reference(case: Case, dtype: torch.dtype, design: bool) -> None:
+def test_forward_matches_float64_reference(case: Case, dtype: torch.dtype) -> None:
     q, k, v, out, lse = _inputs(case, dtype, seed=sum(map(ord, case.name)))
     assert ha.applicable(q, k, v), ha.why_not(q, k, v, None)
     scale = case.d ** -0.5

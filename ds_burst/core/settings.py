@@ -5,8 +5,8 @@
 | ``DS_BURST_COMM_TIMEOUT`` | 300 on gloo, none on NCCL | bound of a P2P/validation wait, s |
 | ``DS_BURST_KERNEL_CACHE`` | ``~/.cache/ds_burst/kernel_choice.json`` | ``auto`` picks file; ``0``: memory |
 | ``DS_BURST_TRITON_AUTOTUNE`` | ``1`` | autotune the Triton tiles (``0``: fixed configs) |
-| ``DS_BURST_HOPPER_KERNELS`` | ``1`` | Gluon Hopper forward tiles on sm_90 where they apply (``0``: ``tl`` only) |
-| ``DS_BURST_HOPPER_BWD`` | ``0`` | also the Gluon Hopper backward (``1``; slower than ``tl`` on H200 today) |
+| ``DS_BURST_HOPPER_KERNELS`` | ``1`` | Gluon Hopper tiles on sm_90 where they apply (``0``: ``tl`` only) |
+| ``DS_BURST_HOPPER_BWD`` | ``1`` | the Gluon Hopper backward too (``0``: Hopper forward, ``tl`` backward) |
 | ``DS_BURST_SDPA_BACKENDS`` | ``cudnn,flash`` | order of torch's fused ops tried by ``kernel="sdpa"`` |
 | ``DS_BURST_SDPA_BWD_ROWS`` | ``16384`` | query rows per backward chunk of the sdpa tiles |
 | ``DS_BURST_SDPA_SELFCHECK`` | ``1`` | check each fused op once against the reference before use |

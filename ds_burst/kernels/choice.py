@@ -35,8 +35,8 @@ Timer = Callable[[str, tuple[int, int, int, int, int], torch.dtype, torch.device
 
 def shape_key(q: torch.Tensor, k: torch.Tensor, causal: bool, world: int) -> str:
     """Cache key of a call: device name, dtype, ``B, S_local, Hq, Hkv, D``, causal, the ring size, and which
-    Triton tiles run (``tiles:hopper-fwd`` where the Gluon Hopper forward takes the call), so that a pick
-    measured with other tiles is measured again."""
+    Triton tiles run (``tiles:hopper-fwd`` / ``hopper-fwd+bwd`` where the Gluon Hopper kernels take the call), so
+    that a pick measured with other tiles is measured again."""
     dev = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
     b, s, hq, d = q.shape
     dtype = str(q.dtype).removeprefix("torch.")
@@ -45,14 +45,16 @@ def shape_key(q: torch.Tensor, k: torch.Tensor, causal: bool, world: int) -> str
 
 
 def _triton_tiles(q: torch.Tensor, k: torch.Tensor) -> str:
-    """``hopper-fwd`` where ``kernel="triton"`` runs this call's forward on the Gluon Hopper kernel, else ``tl``."""
+    """Which Triton tiles ``kernel="triton"`` runs for this call: ``tl``, ``hopper-fwd`` or ``hopper-fwd+bwd``."""
     if q.device.type != "cuda":
         return "tl"
     try:
         from ds_burst.kernels import triton_attn
     except ImportError:
         return "tl"
-    return "hopper-fwd" if triton_attn.USE_HOPPER and triton_attn.hopper_attn.applicable(q, k, k) else "tl"
+    if not (triton_attn.USE_HOPPER and triton_attn.hopper_attn.applicable(q, k, k)):
+        return "tl"
+    return "hopper-fwd+bwd" if triton_attn.USE_HOPPER_BWD else "hopper-fwd"
 
 
 def candidates(q: torch.Tensor, window_finite: bool, backward: str, deterministic: bool) -> list[str]:

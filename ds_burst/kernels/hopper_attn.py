@@ -1,6 +1,7 @@
-"""Hopper (sm_90) forward tiles in Gluon: TMA loads into a multi-stage K/V ring in shared memory, ``wgmma`` with
-the probabilities fed to the second matmul from registers, and the next tile's ``Q K^T`` issued before this
-tile's softmax so that the tensor cores and the softmax overlap.
+"""Hopper (sm_90) forward tiles in Gluon: a producer warp streams K and V through a multi-stage shared-memory ring
+by TMA, two consumer warpgroups each run the online softmax of half of a 128-row query tile with ``wgmma``, the
+probabilities fed to the second matmul from registers, and the next tile's ``Q K^T`` issued before this tile's
+softmax so that the tensor cores and the softmax overlap.
 
 Same contract as :func:`ds_burst.kernels.triton_attn.fwd_step` (and the reference): the carried state
 ``out [B, Sq, Hq, D]`` (fp32, normalised) and ``lse [B, Hq, Sq]`` (fp32, natural log, ``-inf`` = no key yet) is
@@ -9,23 +10,22 @@ causal, windows) with the same three key ranges as the ``tl`` kernel (masked, ma
 
 What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, and
 q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads ``D``, 16-byte aligned), so
-that a 3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`applicable` says whether a call is covered;
-:mod:`ds_burst.kernels.triton_attn` asks it and keeps its ``tl`` kernel for everything else (other GPUs, the CPU
-interpreter, where Gluon does not run).
+that a 3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`why_not` names what a call lacks;
+:mod:`ds_burst.kernels.triton_attn` asks :func:`applicable` and keeps its ``tl`` kernel for everything else
+(other GPUs, the CPU interpreter, where Gluon does not run).
 
-Layout of one program (``num_warps = 8``: two warpgroups share one 128-row query tile, 64 rows each)::
+One program (query tile of ``BLOCK_M = 128`` rows, one query head; heaviest causal tiles first)::
 
-    Q tile      [BLOCK_M, D]   shared, loaded once by TMA
-    K, V ring   STAGES x [BLOCK_N, D] each, TMA, one mbarrier per slot and operand
-    S = Q K^T   registers (wgmma accumulator), fp32
-    P           registers, bf16/fp16, the A operand of O += P V
-    O           registers (wgmma accumulator), fp32
+    producer, 1 warp, 24 registers   Q halves once; K_j, V_j into slot j % STAGES after both consumers freed it
+    consumer 0 / 1, 4 warps each,    rows m0 + 64 * wg .. + 64:
+    240 registers                      S = Q K^T (wgmma, fp32 in registers), softmax in the log2 domain,
+                                       P (bf16/fp16, registers) as the A operand of O += P V
 
-Loop over key tiles ``j`` (after a peeled first tile)::
+Consumer loop over key tiles ``j`` (after a peeled first tile)::
 
     wait K_j; issue S_j = Q K_j^T; wait V_{j-1}; issue O += P_{j-1} V_{j-1}
-    wait S_j; softmax (row max, exp2, row sum) while O += P V runs
-    wait O; rescale O by exp2(m_old - m_new); refill the freed slot with tile j + STAGES - 1
+    wait S_j (K_j's slot is free); softmax of S_j while O += P V runs
+    wait O (V_{j-1}'s slot is free); rescale O by exp2(m_old - m_new)
 """
 
 from __future__ import annotations
@@ -64,14 +64,6 @@ _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128)
 
 if AVAILABLE:
-
-    @gluon.jit
-    def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, slot, b, row, col):
-        """Issue the TMA loads of one K tile and one V tile into ring slot ``slot``."""
-        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, row, col], k_bar.index(slot), k_smem.index(slot))
-        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, row, col], v_bar.index(slot), v_smem.index(slot))
 
     @gluon.jit
     def _masked_scores(s, n, offs_m, offs_n, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):
@@ -138,135 +130,8 @@ if AVAILABLE:
         n_c = (gl.maximum(hi_any - start_c, 0) + BLOCK_N - 1) // BLOCK_N
         return lo_any, n_a, n_b, n_c
 
-    @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
-    def _fwd_kernel(q_desc, k_desc, v_desc, Out, Lse,
-                    sob, sos, soh, sod, slb, slh, sls,
-                    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
-                    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    num_warps: gl.constexpr):
-        dtype: gl.constexpr = q_desc.dtype
-        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (causal) tiles first
-        pid_bh = gl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        hk = h // G
-        m0 = pid_m * BLOCK_M
-
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        srow: gl.constexpr = gl.SliceLayout(1, s_layout)
-        orow: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bar.index(i), count=1)
-            mbarrier.init(v_bar.index(i), count=1)
-        fence_async_shared()
-
-        start, n_a, n_b, n_c = _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-        total = n_a + n_b + n_c
-        col_q = h * HEAD_DIM
-        col_k = hk * HEAD_DIM
-
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, m0, col_q], q_bar, q_smem)
-        for i in gl.static_range(STAGES - 1):
-            if i < total:
-                _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, b, start + i * BLOCK_N, col_k)
-
-        # Carried state: rows with lse = -inf have seen no key yet. The pointers are built again for the store,
-        # so that they do not stay live (in registers) through the loop.
-        o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, m0, Sq, sob, sos, soh, sod, slb, slh, sls,
-                                                     o_layout, BLOCK_M, HEAD_DIM)
-        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-        has_prev = lse_in != float("-inf")
-        m_in = gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
-        acc = gl.load(o_ptrs, mask=o_mask & has_prev[:, None], other=0.0)
-        m_i = gl.convert_layout(m_in, srow)
-        l_i = gl.convert_layout(gl.where(has_prev, 1.0, 0.0), srow)
-
-        offs_ms = m0 + gl.arange(0, BLOCK_M, layout=srow)
-        offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
-        mbarrier.wait(q_bar, phase=0)
-
-        if total > 0:
-            # First tile (peeled): S_0, softmax, no P V yet.
-            mbarrier.wait(k_bar.index(0), phase=0)
-            s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-            if n_a > 0 or n_b == 0:
-                s = _masked_scores(s, start, offs_ms, offs_ns, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-            acc = acc * gl.convert_layout(alpha, orow)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            if STAGES - 1 < total:
-                _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, STAGES - 1, b,
-                         start + (STAGES - 1) * BLOCK_N, col_k)
-
-            for j in range(1, total):
-                slot = j % STAGES
-                prev = (j - 1) % STAGES
-                mbarrier.wait(k_bar.index(slot), phase=(j // STAGES) & 1)
-                s_tok = warpgroup_mma(q_tile, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-                mbarrier.wait(v_bar.index(prev), phase=((j - 1) // STAGES) & 1)
-                o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-                if j < n_a or j >= n_a + n_b:
-                    s = _masked_scores(s, start + j * BLOCK_N, offs_ms, offs_ns, Sk, delta0, win_l, win_r,
-                                       HAS_LO, HAS_HI)
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-                p16 = p.to(dtype)
-                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-                acc = acc * gl.convert_layout(alpha, orow)[:, None]
-                p_op = gl.convert_layout(p16, p_layout)
-                nxt = j + STAGES - 1
-                if nxt < total:
-                    _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, prev, b, start + nxt * BLOCK_N, col_k)
-
-            last = (total - 1) % STAGES
-            mbarrier.wait(v_bar.index(last), phase=((total - 1) // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))[0]
-
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bar.index(i))
-            mbarrier.invalidate(v_bar.index(i))
-
-        l_o = gl.convert_layout(l_i, orow)
-        m_o = gl.convert_layout(m_i, orow)
-        has = l_o != 0.0
-        l_safe = gl.where(has, l_o, 1.0)
-        out = gl.where(has[:, None], acc / l_safe[:, None], 0.0)
-        o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, m0, Sq, sob, sos, soh, sod, slb, slh, sls,
-                                                     o_layout, BLOCK_M, HEAD_DIM)
-        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-        has_prev = lse_in != float("-inf")
-        m_in = gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
-        lse_in_s = gl.where(has_prev, lse_in, 0.0)
-        m_in_s = gl.where(has_prev, m_in, 0.0)
-        lse_prev = lse_in_s + (m_o - m_in_s) * 0.6931471805599453 + gl.log(l_safe)
-        lse_new = m_o * 0.6931471805599453 + gl.log(l_safe)
-        lse_out = gl.where(has_prev, lse_prev, gl.where(has, lse_new, float("-inf")))
-        gl.store(o_ptrs, out, mask=o_mask)
-        gl.store(l_ptrs, lse_out, mask=row_ok)
-
-
     @gluon.jit
-    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+    def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                      Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
                      wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -294,7 +159,7 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(v_desc, [b, row, col_k], v_ready.index(slot), v_smem.index(slot))
 
     @gluon.jit
-    def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+    def _fwd_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                      Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
                      wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -395,14 +260,14 @@ if AVAILABLE:
         gl.store(l_ptrs, lse_out, mask=row_ok)
 
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
-    def _fwd_kernel_ws(q_desc, k_desc, v_desc, Out, Lse,
+    def _fwd_kernel(q_desc, k_desc, v_desc, Out, Lse,
                        sob, sos, soh, sod, slb, slh, sls,
                        Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
                        HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        num_warps: gl.constexpr):
         """Warp-specialised forward: the default partition (4 warps) and one worker (4 warps) each run
-        :func:`_ws_consumer` on half of the query tile; one worker warp runs :func:`_ws_producer`."""
+        :func:`_fwd_consumer` on half of the query tile; one worker warp runs :func:`_fwd_producer`."""
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -421,24 +286,20 @@ if AVAILABLE:
         fence_async_shared()
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
-            (_ws_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+            (_fwd_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
                             v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
                             win_r, qk_scale, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-            (_ws_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+            (_fwd_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
                             v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
                             win_r, qk_scale, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+            (_fwd_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
                             v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
                             win_r, qk_scale, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
         ], [4, 1], [240, 24])
 
 
-# Whether fwd_step runs the warp-specialised kernel (producer warp, two consumer warpgroups) or the single-partition
-# one (8 warps that load and compute). Benchmarks and tests flip it.
-WARP_SPECIALIZE: bool = True
-
-# Tiles per head dim: (BLOCK_M, BLOCK_N, STAGES, num_warps). Shared memory: Q + STAGES * (K + V) tiles.
-_CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 3, 8), 64: (128, 128, 4, 8)}
+# Tiles per head dim: (BLOCK_M, BLOCK_N, STAGES). Shared memory: Q + STAGES * (K + V) tiles (224 KiB at D = 128).
+_CONFIGS: dict[int, tuple[int, int, int]] = {128: (128, 128, 3), 64: (128, 128, 4)}
 
 
 @functools.cache
@@ -489,15 +350,13 @@ def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     sk, hkv = k.shape[1], k.shape[2]
     lo, hi = window_bounds(causal, window)
     has_lo, has_hi = lo != math.inf, hi != math.inf
-    bm, bn, stages, warps = _CONFIGS[d]
+    bm, bn, stages = _CONFIGS[d]
     grid = (triton.cdiv(sq, bm), b * hq)
-    args = (_desc(k, bn), _desc(v, bn), out, lse, *out.stride(), *lse.stride(),
-            hq, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
-            float(scale) * _LOG2E)
-    meta = dict(HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
-    if WARP_SPECIALIZE:
-        # 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at
-        # launch; the producer gives its warpgroup's down to 24 and the consumers take 240 each.
-        _fwd_kernel_ws[grid](_desc(q, bm // 2), *args, **meta, num_warps=4, maxnreg=168)
-    else:
-        _fwd_kernel[grid](_desc(q, bm), *args, **meta, num_warps=warps)
+    # 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at launch;
+    # the producer gives its warpgroup's down to 24 and the consumers take 240 each.
+    _fwd_kernel[grid](
+        _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), out, lse, *out.stride(), *lse.stride(),
+        hq, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
+        float(scale) * _LOG2E,
+        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=4, maxnreg=168,
+    )

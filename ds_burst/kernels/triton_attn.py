@@ -25,6 +25,9 @@ Design (docs/KERNELS.md has more):
   ``exp2`` form in the interpreter) and a value head dim ``HEAD_DV`` padded to ``BLOCK_DV`` like ``HEAD_DIM``.
 * Under ``TRITON_INTERPRET=1`` (CPU) a single small config is used; on GPU the kernels are autotuned over a
   small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
+* On sm_90 (H100, H200) the launchers hand the calls that :mod:`ds_burst.kernels.hopper_attn` covers to its
+  Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`); these ``tl`` kernels stay the
+  portable path (other GPUs, the interpreter, softcap, ``Dv != D``, other head dims, ``deterministic=True``).
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATOMIC_DQ_WHEN_NONDETERMINISTIC = False
 
 # Whether fwd_step hands the calls that hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, no softcap,
-# TMA-addressable strides) to the Gluon forward. Benchmarks flip it to time the ``tl`` kernels on the same GPU.
+# TMA-addressable strides) to the Gluon forward (DS_BURST_HOPPER_KERNELS=0: never). Benchmarks flip it to time
+# the ``tl`` kernels on the same GPU.
 USE_HOPPER: bool = hopper_attn.AVAILABLE
-# Whether bwd_step also hands them (deterministic=False only) to the Gluon backward, hopper_attn_bwd. Off unless
-# DS_BURST_HOPPER_BWD=1: measured on H200 it is slower than the ``tl`` backward (docs/BENCHMARKS.md, 2026-12-01).
-USE_HOPPER_BWD: bool = hopper_attn.AVAILABLE and settings.flag(settings.HOPPER_BWD, False)
+# Whether bwd_step also hands those calls (with deterministic=False, TMA-readable lse/delta) to the Gluon
+# backward, hopper_attn_bwd (DS_BURST_HOPPER_BWD=0: the ``tl`` backward). On H200 at 32K it matched or beat the
+# ``tl`` backward on every ring-step tile kind measured (docs/BENCHMARKS.md, 2026-12-01).
+USE_HOPPER_BWD: bool = hopper_attn.AVAILABLE and settings.flag(settings.HOPPER_BWD, True)
 
 # Tile sizes used in interpreter mode (tests may change them); BLOCK_M tiles queries, BLOCK_N keys.
 _INTERPRET_BLOCKS: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 16}
