@@ -184,3 +184,5 @@ def test_applicability_rules() -> None:
     assert "head dims" in ha.why_not(d96, d96, d96, None)
     heads_first = torch.empty(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     assert "side by side" in ha.why_not(heads_first, cu, cu, None)
+    short = torch.empty(1, 100, 4, 128, device="cuda", dtype=torch.bfloat16)
+    assert "shorter" in ha.why_not(short, cu, cu, None) and "shorter" in ha.why_not(cu, short, short, None)

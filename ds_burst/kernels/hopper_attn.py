@@ -8,9 +8,10 @@ Same contract as :func:`ds_burst.kernels.triton_attn.fwd_step` (and the referenc
 loaded, continued over the keys of this call and stored; masks by global positions (``q_offset - k_offset``,
 causal, windows) with the same three key ranges as the ``tl`` kernel (masked, mask-free, masked); GQA by index.
 
-What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, and
-q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads ``D``, 16-byte aligned), so
-that a 3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`why_not` names what a call lacks;
+What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, at least
+128 query and key rows, and q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads
+``D``, 16-byte aligned), so that a 3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`why_not` names
+what a call lacks;
 :mod:`ds_burst.kernels.triton_attn` asks :func:`applicable` and keeps its ``tl`` kernel for everything else
 (other GPUs, the CPU interpreter, where Gluon does not run).
 
@@ -62,6 +63,7 @@ except Exception:  # pragma: no cover - older/newer triton without these names
 _ENABLED: bool = AVAILABLE and settings.flag(settings.HOPPER_KERNELS, True) and not settings.triton_interpret()
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128)
+_MIN_ROWS = 128  # one query / key tile: the TMA boxes never exceed the tensor
 
 if AVAILABLE:
 
@@ -320,6 +322,9 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | 
         return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} (equal, one of {_HEAD_DIMS})"
     if softcap is not None:
         return "softcap"
+    if q.shape[1] < _MIN_ROWS or k.shape[1] < _MIN_ROWS:
+        # tested on H200 from 512 rows up; smaller tiles (short document pieces) stay on the tl kernels
+        return f"a tile shorter than {_MIN_ROWS} rows (q {q.shape[1]}, k {k.shape[1]})"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1 or t.stride(2) != d:
             return f"{name} heads are not side by side in a row (strides {t.stride()})"
