@@ -1,21 +1,24 @@
 """Hopper (sm_90) backward tiles in Gluon, with precomputed global ``lse`` and ``delta``: one program per key tile
 (128 keys) and kv head adds this block's dK, dV and dQ.
 
-Same contract as :func:`ds_burst.kernels.triton_attn.bwd_step` for the calls :mod:`ds_burst.kernels.hopper_attn`
-covers (sm_90, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, TMA-addressable q/k/v/dout), non-deterministic
-only: dQ is added with fp32 atomics (``deterministic=True`` stays on the ``tl`` kernels, which have a separate,
-atomic-free dQ pass).
+Same contract as :func:`ds_burst.kernels.triton_attn.bwd_step` for the calls :func:`applicable` accepts: what
+:mod:`ds_burst.kernels.hopper_attn` covers (sm_90, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, at least 128
+rows, TMA-addressable q/k/v/dout), fp32 ``lse``/``delta`` rows TMA can read, fp32 gradient accumulators with a
+contiguous head dim, and ``deterministic=False``: dQ is added with fp32 atomics (``deterministic=True`` stays on
+the ``tl`` kernels, whose separate dQ pass uses none).
 
 Partitions of one program (warp specialisation)::
 
-    producer, 1 warp     K, V halves once; then Q and dO tiles (64 queries) of every visible query tile of every
-                         query head of the kv head, into a 2-slot ring (TMA, mbarriers)
+    producer, 1 warp     K and V once (two 64-key halves; K again as two 64-column halves), then Q, dO, lse and
+                         delta of every visible 64-row query tile of every query head of the kv head, into a
+                         2-slot ring (TMA, mbarriers)
     consumer 0 and 1     4 warps each, 64 of the 128 keys each:
                            S^T = K Q^T, dP^T = V dO^T            (wgmma, fp32 in registers)
                            P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked by global positions
                            dS^T = P^T * (dP^T - delta)
                            dV += P^T dO, dK += dS^T Q             (P^T, dS^T as register A operands)
-                           dQ_part = dS K (dS^T through shared memory) -> fp32 atomics into dq
+                           dS^T -> shared memory (both halves, double-buffered; ready/free mbarriers)
+                           dQ[:, wg * D/2 : (wg + 1) * D/2] = dS K over all 128 keys -> red.global.add.v2.f32
     epilogue             dK * scale and dV added to the fp32 accumulators in global memory
 """
 
