@@ -91,9 +91,10 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[d
     methods = {"hopper": tiles(True), "tl": tiles(False)}
     if t["q_off"] == t["k_off"] and t["window"] == (-1, -1):
         methods["sdpa-cudnn"] = cudnn
+    shape = {"tile": t["kind"], "S": s, "sq": t["sq"], "sk": t["sk"], "H": hh, "D": d, "gpu": gpu}
     rows = []
     for name, fn in methods.items():
-        row = {"method": name, "tile": t["kind"], "S": s, "sq": t["sq"], "sk": t["sk"], "H": hh, "D": d, "gpu": gpu}
+        row = {"method": name, **shape}
         try:
             out.zero_(), lse.fill_(-math.inf)
             ms = cuda_time_ms(fn, warmup=1, iters=iters)
@@ -111,8 +112,7 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[d
     for name, fn in bwd.items():
         row = next((r for r in rows if r["method"] == name), None)
         if row is None:
-            row = {"method": name, "tile": t["kind"], "S": s, "sq": t["sq"], "sk": t["sk"], "H": hh, "D": d,
-                   "gpu": gpu}
+            row = {"method": name, **shape}
             rows.append(row)
         try:
             ms = cuda_time_ms(fn, warmup=1, iters=iters)

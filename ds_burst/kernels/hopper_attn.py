@@ -106,6 +106,22 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
+    def _split_span(lo_any, hi_any, f_lo, f_hi, BLOCK: gl.constexpr):
+        """Split the rows ``[lo_any, hi_any)`` into tiles of ``BLOCK`` from ``lo_any``: ``(lo_any, n_a, n_b, n_c)``,
+        masked tiles below the fully visible rows ``[f_lo, f_hi)``, mask-free tiles inside them, masked tiles
+        above (the ``tl`` kernels' ``_tile_ranges``; the backward's query span uses it too)."""
+        hi_any = gl.maximum(hi_any, lo_any)
+        has_full = f_lo < f_hi
+        end_a = gl.where(has_full, f_lo, hi_any)
+        end_a = gl.maximum(end_a, lo_any)
+        n_a = (end_a - lo_any + BLOCK - 1) // BLOCK
+        start_b = lo_any + n_a * BLOCK
+        n_b = gl.where(has_full, gl.maximum(f_hi - start_b, 0) // BLOCK, 0)
+        start_c = start_b + n_b * BLOCK
+        n_c = (gl.maximum(hi_any - start_c, 0) + BLOCK - 1) // BLOCK
+        return lo_any, n_a, n_b, n_c
+
+    @gluon.jit
     def _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """Key tiles of the query tile at row ``m0``: ``(start, n_a, n_b, n_c)``, tiles ``start + t * BLOCK_N``;
@@ -121,29 +137,31 @@ if AVAILABLE:
         if HAS_HI:
             hi_any = gl.minimum(m_last + delta0 + win_r + 1, Sk)
             f_hi = gl.minimum(m0 + delta0 + win_r + 1, Sk)
-        hi_any = gl.maximum(hi_any, lo_any)
-        has_full = f_lo < f_hi
-        end_a = gl.where(has_full, f_lo, hi_any)
-        end_a = gl.maximum(end_a, lo_any)
-        n_a = (end_a - lo_any + BLOCK_N - 1) // BLOCK_N
-        start_b = lo_any + n_a * BLOCK_N
-        n_b = gl.where(has_full, gl.maximum(f_hi - start_b, 0) // BLOCK_N, 0)
-        start_c = start_b + n_b * BLOCK_N
-        n_c = (gl.maximum(hi_any - start_c, 0) + BLOCK_N - 1) // BLOCK_N
-        return lo_any, n_a, n_b, n_c
+        return _split_span(lo_any, hi_any, f_lo, f_hi, BLOCK_N)
 
     @gluon.jit
-    def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                     Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
-                     wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: the two Q halves, then every K and V tile of the span, each into the next free ring slot."""
+    def _program_tile(Hq, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """This program's batch, query head, first query row (heaviest causal tiles first) and key span
+        (:func:`_key_span`), the same in every partition."""
         pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = pid_bh // Hq
         h = pid_bh % Hq
         m0 = pid_m * BLOCK_M
         start, n_a, n_b, n_c = _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        return b, h, m0, start, n_a, n_b, n_c
+
+    @gluon.jit
+    def _fwd_producer(descs, bufs, bars, state, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: the two Q halves, then every K and V tile of the span, each into the next free ring slot."""
+        q_desc, k_desc, v_desc = descs
+        q_smem, k_smem, v_smem = bufs
+        q_bar, k_ready, v_ready, k_empty, v_empty = bars
+        Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale = dims
+        b, h, m0, start, n_a, n_b, n_c = _program_tile(Hq, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M,
+                                                       BLOCK_N)
         total = n_a + n_b + n_c
         col_k = (h // G) * HEAD_DIM
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
@@ -161,20 +179,19 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(v_desc, [b, row, col_k], v_ready.index(slot), v_smem.index(slot))
 
     @gluon.jit
-    def _fwd_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                     Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
-                     wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    def _fwd_consumer(descs, bufs, bars, state, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """One warpgroup: the online softmax of query rows ``m0 + wg * BLOCK_M / 2`` onwards (half the tile) over
         every tile of the span; arrives on a slot's empty barrier once its matmul on the slot is done."""
+        q_desc, k_desc, v_desc = descs
+        q_smem, k_smem, v_smem = bufs
+        q_bar, k_ready, v_ready, k_empty, v_empty = bars
+        Out, Lse, sob, sos, soh, sod, slb, slh, sls = state
+        Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale = dims
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_M // 2
-        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        m0 = pid_m * BLOCK_M
-        start, n_a, n_b, n_c = _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        b, h, m0, start, n_a, n_b, n_c = _program_tile(Hq, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M,
+                                                       BLOCK_N)
         total = n_a + n_b + n_c
         r0 = m0 + wg * HALF
 
@@ -263,11 +280,11 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
     def _fwd_kernel(q_desc, k_desc, v_desc, Out, Lse,
-                       sob, sos, soh, sod, slb, slh, sls,
-                       Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
-                       HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       num_warps: gl.constexpr):
+                    sob, sos, soh, sod, slb, slh, sls,
+                    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
+                    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    num_warps: gl.constexpr):
         """Warp-specialised forward: the default partition (4 warps) and one worker (4 warps) each run
         :func:`_fwd_consumer` on half of the query tile; one worker warp runs :func:`_fwd_producer`."""
         dtype: gl.constexpr = q_desc.dtype
@@ -286,17 +303,19 @@ if AVAILABLE:
             mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a slot
             mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
+        descs = (q_desc, k_desc, v_desc)
+        bufs = (q_smem, k_smem, v_smem)
+        bars = (q_bar, k_ready, v_ready, k_empty, v_empty)
+        state = (Out, Lse, sob, sos, soh, sod, slb, slh, sls)
+        dims = (Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale)
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
-            (_fwd_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                            v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
-                            win_r, qk_scale, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-            (_fwd_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                            v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
-                            win_r, qk_scale, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-            (_fwd_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                            v_empty, Out, Lse, sob, sos, soh, sod, slb, slh, sls, Hq, Sq, Sk, G, delta0, win_l,
-                            win_r, qk_scale, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+            (_fwd_consumer, (descs, bufs, bars, state, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES)),
+            (_fwd_consumer, (descs, bufs, bars, state, dims, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES)),
+            (_fwd_producer, (descs, bufs, bars, state, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES)),
         ], [4, 1], [240, 24])
 
 

@@ -69,16 +69,20 @@ if _fwd.AVAILABLE:
         # TMA reads lse and delta from the first row on: keep its byte offset 64-byte aligned (rows before the
         # band are masked to zero).
         lo_any = (lo_any // 16) * 16
-        hi_any = gl.maximum(hi_any, lo_any)
-        has_full = f_lo < f_hi
-        end_a = gl.where(has_full, f_lo, hi_any)
-        end_a = gl.maximum(end_a, lo_any)
-        n_a = (end_a - lo_any + BLOCK_M - 1) // BLOCK_M
-        start_b = lo_any + n_a * BLOCK_M
-        n_b = gl.where(has_full, gl.maximum(f_hi - start_b, 0) // BLOCK_M, 0)
-        start_c = start_b + n_b * BLOCK_M
-        n_c = (gl.maximum(hi_any - start_c, 0) + BLOCK_M - 1) // BLOCK_M
-        return lo_any, n_a, n_b, n_c
+        return _fwd._split_span(lo_any, hi_any, f_lo, f_hi, BLOCK_M)
+
+    @gluon.jit
+    def _program_keys(Hkv, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """This program's batch, kv head, first key row and query span (:func:`_query_span`): ``(b, hk, n0,
+        start, nq, n_a, n_b)`` with ``nq`` query tiles, the first ``n_a`` and those from ``n_a + n_b`` on masked;
+        the same in every partition."""
+        pid_bh = gl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        n0 = gl.program_id(0) * BLOCK_N
+        start, n_a, n_b, n_c = _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        return b, hk, n0, start, n_a + n_b + n_c, n_a, n_b
 
     @gluon.jit
     def _red_add_v2(ptrs, vals, ok):
@@ -107,12 +111,8 @@ if _fwd.AVAILABLE:
         kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free = bars
         Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale = dims
         HALF: gl.constexpr = BLOCK_N // 2
-        pid_bh = gl.program_id(1)
-        b = pid_bh // Hkv
-        hk = pid_bh % Hkv
-        n0 = gl.program_id(0) * BLOCK_N
-        start, n_a, n_b, n_c = _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-        nq = n_a + n_b + n_c
+        b, hk, n0, start, nq, n_a, n_b = _program_keys(Hkv, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M,
+                                                       BLOCK_N)
         col_k = hk * HEAD_DIM
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
                         + 2 * kc_desc.block_type.nbytes)
@@ -151,12 +151,8 @@ if _fwd.AVAILABLE:
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_N // 2
         DQC: gl.constexpr = HEAD_DIM // 2
-        pid_bh = gl.program_id(1)
-        b = pid_bh // Hkv
-        hk = pid_bh % Hkv
-        n0 = gl.program_id(0) * BLOCK_N
-        start, n_a, n_b, n_c = _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-        nq = n_a + n_b + n_c
+        b, hk, n0, start, nq, n_a, n_b = _program_keys(Hkv, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M,
+                                                       BLOCK_N)
         k0 = n0 + wg * HALF
 
         # S^T, dP^T: [HALF keys, BLOCK_M queries]; dK, dV: [HALF keys, HEAD_DIM]; dQ part: [BLOCK_M, DQC].
