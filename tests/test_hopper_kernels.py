@@ -20,7 +20,7 @@ from ds_burst.kernels import hopper_attn_bwd as hb  # noqa: E402
 from ds_burst.kernels import reference as ref  # noqa: E402
 
 ON_HOPPER = (torch.cuda.is_available() and ha.AVAILABLE and torch.cuda.get_device_capability()[0] == 9
-             and ha.why_not(*(torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16),) * 3, None) is None)
+             and ha.why_not(*(torch.empty(1, 128, 1, 128, device="cuda", dtype=torch.bfloat16),) * 3, None) is None)
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU with Gluon (triton 3.6)")
 gpu = pytest.mark.gpu
 
@@ -136,6 +136,8 @@ def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype) -> N
                  scale=scale, **case.mask_kw())
     assert hb.applicable(q, k, v, dout, lse, delta, *grads, None, deterministic=False)
     assert not hb.applicable(q, k, v, dout, lse, delta, *grads, None, deterministic=True)
+    heads_apart = torch.zeros(case.b, case.hq, case.sq, case.d, device="cuda").transpose(1, 2)
+    assert not hb.applicable(q, k, v, dout, lse, delta, heads_apart, *grads[1:], None, deterministic=False)
     if case.sq % 4:  # rows of lse not 16-byte aligned: refused (the tl backward runs such calls)
         assert not hb.applicable(q, k, v, dout, lse.contiguous(), delta, *grads, None, deterministic=False)
     hb.bwd_step(q, k, v, dout, lse, delta, *grads, scale=scale, **case.mask_kw())
@@ -167,6 +169,16 @@ def test_triton_fwd_step_routes_to_hopper_and_matches_tl() -> None:
     assert _rel(runs[True][0], runs[False][0]) < 1e-2
     assert _rel(runs[True][1], runs[False][1]) < 1e-3
     assert not ha.applicable(q, k, v, softcap=30.0)
+
+
+@gpu
+def test_cases_run_on_sm90() -> None:
+    """On an sm_90 GPU with Gluon and the kernels on, the GPU cases run: a probe that stopped matching the
+    applicability rules would skip every one of them."""
+    if not (torch.cuda.is_available() and ha._ENABLED and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("not an sm_90 GPU with the Gluon kernels on")
+    probe = torch.empty(1, 128, 1, 128, device="cuda", dtype=torch.bfloat16)
+    assert ON_HOPPER, ha.why_not(probe, probe, probe, None)
 
 
 def test_applicability_rules() -> None:

@@ -3,23 +3,28 @@
 
 Same contract as :func:`ds_burst.kernels.triton_attn.bwd_step` for the calls :func:`applicable` accepts: what
 :mod:`ds_burst.kernels.hopper_attn` covers (sm_90, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, at least 128
-rows, TMA-addressable q/k/v/dout), fp32 ``lse``/``delta`` rows TMA can read, fp32 gradient accumulators with a
-contiguous head dim, and ``deterministic=False``: dQ is added with fp32 atomics (``deterministic=True`` stays on
-the ``tl`` kernels, whose separate dQ pass uses none).
+rows, TMA-addressable q/k/v/dout), fp32 ``lse``/``delta`` rows TMA can read, an fp32 ``dq`` accumulator TMA can
+address (heads side by side), fp32 ``dk``/``dv`` with a contiguous head dim, and ``deterministic=False``: dQ is
+added with TMA reduce-adds from many programs (``deterministic=True`` stays on the ``tl`` kernels, whose separate
+dQ pass adds none).
 
 Partitions of one program (warp specialisation)::
 
     producer, 1 warp     K and V once (two 64-key halves; K again as two 64-column halves), then Q, dO, lse and
                          delta of every visible 64-row query tile of every query head of the kv head, into a
                          2-slot ring (TMA, mbarriers)
-    consumer 0 and 1     4 warps each, 64 of the 128 keys each:
+    consumer 0 and 1     4 warps each, 64 of the 128 keys each; step i:
                            S^T = K Q^T, dP^T = V dO^T            (wgmma, fp32 in registers)
                            P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked by global positions
                            dS^T = P^T * (dP^T - delta)
                            dV += P^T dO, dK += dS^T Q             (P^T, dS^T as register A operands)
                            dS^T -> shared memory (both halves, double-buffered; ready/free mbarriers)
-                           dQ[:, wg * D/2 : (wg + 1) * D/2] = dS K over all 128 keys -> red.global.add.v2.f32
-    epilogue             dK * scale and dV added to the fp32 accumulators in global memory
+                           dQ of step i - 1: dQ[:, wg * D/2 : (wg + 1) * D/2] = dS K over all 128 keys,
+                             through a shared staging tile into a TMA reduce-add (fp32) on the accumulator
+    epilogue             dK * scale and dV added to the fp32 accumulators (red.global.add.v2.f32)
+
+dQ runs one step behind so that a warpgroup never waits for the other's dS^T of the step it is on: the two drift
+apart by up to a step and their softmax phases stop coinciding (in lockstep the tensor cores idle through both).
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ if _fwd.AVAILABLE:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if hasattr(tma, "async_atomic_add"):  # public from triton 3.7 on
+        _tma_add = tma.async_atomic_add
+    else:  # triton 3.6: the builder's TMA reduce (cp.reduce.async.bulk.tensor ... .add)
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_add(tensor_desc, coord, src, _semantic=None):
+            """``global[tensor_desc at coord] += src`` (shared memory, fp32) by TMA; rows outside the tensor are
+            dropped."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
 
     @gluon.jit
     def _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
@@ -101,13 +120,22 @@ if _fwd.AVAILABLE:
             dtype=gl.int32, is_pure=False, pack=2)
 
     @gluon.jit
+    def _add_dq(dq_desc, stage, b, row, col, dq):
+        """``dQ[b, row:, col:] += dq`` by a TMA reduce-add from the warpgroup's staging buffer ``stage`` (rows
+        past the tensor are dropped); first waits until the previous reduce has read ``stage``."""
+        tma.store_wait(0)
+        stage.reshape([dq.shape[0], dq.shape[1]]).store(dq)
+        fence_async_shared()
+        _tma_add(dq_desc, [b, row, col], stage)
+
+    @gluon.jit
     def _bwd_producer(descs, bufs, bars, outs, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """One warp: K and V of the program's key tile (two row halves, and K again in two column halves for
         dQ), then Q, dO, lse and delta of every visible query tile of every query head of the kv head, in the
         consumers' order, into a ``STAGES``-slot ring."""
         q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc = descs
-        q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem = bufs
+        q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem = bufs
         kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free = bars
         Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale = dims
         HALF: gl.constexpr = BLOCK_N // 2
@@ -144,9 +172,9 @@ if _fwd.AVAILABLE:
         """One warpgroup: dK and dV of keys ``n0 + wg * BLOCK_N / 2`` onwards (half the tile), and dQ's columns
         ``wg * HEAD_DIM / 2`` onwards over all the tile's keys (both halves of dS^T, through shared memory)."""
         q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc = descs
-        q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem = bufs
+        q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem = bufs
         kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free = bars
-        DQ, DK, DV, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh = outs
+        dq_desc, DK, DV, skb, sks, skh, svb, svs, svh = outs
         Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale = dims
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_N // 2
@@ -174,16 +202,16 @@ if _fwd.AVAILABLE:
         dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
         b64 = b.to(gl.int64)
-        rows_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-        # both columns of a thread's pair address the first one (see _red_add_v2)
-        pair_cols = (gl.arange(0, DQC, layout=gl.SliceLayout(0, dq_layout)) // 2) * 2 + wg * DQC
+        dq_stage = dq_smem.index(wg)
         mbarrier.wait(kv_bar, phase=0)
+        n_it = G * nq
+        prev_m = Sq  # query rows and dQ column of the previous step, whose dQ this step adds (none before step 0)
+        prev_c = hk * G * HEAD_DIM + wg * DQC
 
-        for it in range(G * nq):
+        for it in range(n_it):
             hh = it // nq
             t = it - hh * nq
             m = start + t * BLOCK_M
-            h64 = (hk * G + hh).to(gl.int64)
             slot = it % STAGES
             ph = (it // STAGES) & 1
             par = it & 1
@@ -226,32 +254,42 @@ if _fwd.AVAILABLE:
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
             fence_async_shared()
             mbarrier.arrive(ds_ready.index(par), count=1)
-            mbarrier.wait(ds_ready.index(par), (it // 2) & 1)
-            ds_all = ds_smem.index(par)
-            dq_tok = warpgroup_mma(ds_all.permute((1, 0)), kc_tile, gl.zeros([BLOCK_M, DQC], gl.float32, dq_layout),
-                                   use_acc=False, is_async=True)
+            # dQ of the previous step, one step behind, so that neither warpgroup waits for the other's dS^T of
+            # this step (step 0 multiplies a buffer not yet written and adds nothing: prev_m = Sq).
+            mbarrier.wait(ds_ready.index(1 - par), ((it + 1) // 2 + 1) & 1)
+            dq_tok = warpgroup_mma(ds_smem.index(1 - par).permute((1, 0)), kc_tile,
+                                   gl.zeros([BLOCK_M, DQC], gl.float32, dq_layout), use_acc=False, is_async=True)
             dv, dk, dq, pt16, ds_op = warpgroup_mma_wait(num_outstanding=0,
                                                          deps=(dv_tok, dk_tok, dq_tok, pt16, ds_op))
             mbarrier.arrive(q_empty.index(slot), count=1)
             mbarrier.arrive(do_empty.index(slot), count=1)
-            mbarrier.arrive(ds_free.index(par), count=1)
-            q_rows = m + rows_dq
-            dq_ptrs = (DQ + b64 * sqb + h64 * sqh) + (q_rows.to(gl.int64)[:, None] * sqs + pair_cols[None, :])
-            _red_add_v2(dq_ptrs, dq * sm_scale, (q_rows < Sq)[:, None] & (pair_cols >= 0)[None, :])
+            mbarrier.arrive(ds_free.index(1 - par), count=1, pred=it > 0)
+            _add_dq(dq_desc, dq_stage, b, prev_m, prev_c, dq * sm_scale)
+            prev_m = m
+            prev_c = (hk * G + hh) * HEAD_DIM + wg * DQC
 
+        if n_it > 0:  # the last step's dQ
+            last = n_it - 1
+            mbarrier.wait(ds_ready.index(last & 1), (last // 2) & 1)
+            dq = warpgroup_mma(ds_smem.index(last & 1).permute((1, 0)), kc_tile,
+                               gl.zeros([BLOCK_M, DQC], gl.float32, dq_layout), use_acc=False)
+            _add_dq(dq_desc, dq_stage, b, prev_m, prev_c, dq * sm_scale)
+        tma.store_wait(0)
+
+        # dK * scale and dV added to the accumulators (this program is the only one adding to these rows)
         rows_k = gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
-        cols_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-        k_ok = ((k0 + rows_k) < Sk)[:, None] & (cols_d >= 0)[None, :]
+        pair_d = (gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)) // 2) * 2
+        k_ok = ((k0 + rows_k) < Sk)[:, None] & (pair_d >= 0)[None, :]
         hk64 = hk.to(gl.int64)
         k064 = k0.to(gl.int64)
-        dk_ptrs = (DK + b64 * skb + hk64 * skh + k064 * sks) + (rows_k[:, None] * sks + cols_d[None, :])
-        gl.store(dk_ptrs, gl.load(dk_ptrs, mask=k_ok, other=0.0) + dk * sm_scale, mask=k_ok)
-        dv_ptrs = (DV + b64 * svb + hk64 * svh + k064 * svs) + (rows_k[:, None] * svs + cols_d[None, :])
-        gl.store(dv_ptrs, gl.load(dv_ptrs, mask=k_ok, other=0.0) + dv, mask=k_ok)
+        dk_ptrs = (DK + b64 * skb + hk64 * skh + k064 * sks) + (rows_k[:, None] * sks + pair_d[None, :])
+        _red_add_v2(dk_ptrs, dk * sm_scale, k_ok)
+        dv_ptrs = (DV + b64 * svb + hk64 * svh + k064 * svs) + (rows_k[:, None] * svs + pair_d[None, :])
+        _red_add_v2(dv_ptrs, dv, k_ok)
 
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
-    def _bwd_kernel(q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc, DQ, DK, DV,
-                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
+    def _bwd_kernel(q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc, dq_desc, DK, DV,
+                    skb, sks, skh, svb, svs, svh,
                     Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale,
                     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -267,6 +305,7 @@ if _fwd.AVAILABLE:
         kc_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM // 2], kc_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF, HEAD_DIM], v_desc.layout)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -285,9 +324,9 @@ if _fwd.AVAILABLE:
             mbarrier.init(ds_free.index(i), count=2)
         fence_async_shared()
         descs = (q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc)
-        bufs = (q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem)
+        bufs = (q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem)
         bars = (kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free)
-        outs = (DQ, DK, DV, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh)
+        outs = (dq_desc, DK, DV, skb, sks, skh, svb, svs, svh)
         dims = (Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale)
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
@@ -319,6 +358,21 @@ def _col_desc(t: torch.Tensor, rows: int) -> Any:
     return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2], layout)
 
 
+def _acc_desc(t: torch.Tensor, rows: int) -> Any:
+    """TMA descriptor ``[B, S, H * D]`` over the fp32 accumulator ``t [B, S, H, D]`` with block
+    ``[1, rows, D / 2]``: the target of each consumer warpgroup's dQ reduce-add."""
+    b, s, h, d = t.shape
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d // 2], gl.float32)
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2], layout)
+
+
+def _tma_acc(t: torch.Tensor) -> bool:
+    """Whether TMA can address the fp32 ``[B, S, H, D]`` accumulator ``t`` as ``[B, S, H * D]`` (heads side by
+    side, 16-byte aligned)."""
+    return (t.dtype == torch.float32 and t.stride(3) == 1 and t.stride(2) == t.shape[3]
+            and t.data_ptr() % 16 == 0 and all((st * 4) % 16 == 0 for st in t.stride()[:2]))
+
+
 def _tma_rows(t: torch.Tensor) -> bool:
     """Whether the fp32 ``[B, H, S]`` tensor ``t`` can be read by TMA (contiguous rows, 16-byte aligned)."""
     return (t.dtype == torch.float32 and t.stride(2) == 1 and t.data_ptr() % 16 == 0
@@ -329,15 +383,15 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Te
                delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softcap: float | None,
                deterministic: bool) -> bool:
     """Whether :func:`bwd_step` runs this call: the forward's rules (:func:`hopper_attn.why_not`) for q/k/v and
-    dout, ``deterministic=False`` (dQ by atomics), TMA-readable fp32 ``lse``/``delta`` and fp32 gradient
-    accumulators with contiguous head dims."""
+    dout, ``deterministic=False`` (dQ by atomics), TMA-readable fp32 ``lse``/``delta``, an fp32 ``dq`` TMA can
+    address (heads side by side) and fp32 ``dk``/``dv`` with contiguous head dims."""
     if deterministic or _fwd.why_not(q, k, v, softcap) is not None:
         return False
     if _fwd.why_not(dout, k, v, None) is not None or dout.dtype != q.dtype:
         return False
     if not (_tma_rows(lse) and _tma_rows(delta)):
         return False
-    return all(t.dtype == torch.float32 and t.stride(3) == 1 for t in (dq, dk, dv))
+    return _tma_acc(dq) and all(t.dtype == torch.float32 and t.stride(3) == 1 for t in (dk, dv))
 
 
 def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
@@ -353,8 +407,8 @@ def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     grid = (-(-sk // bn), b * hkv)
     _bwd_kernel[grid](
         _fwd._desc(q, bm), _fwd._desc(k, bn // 2), _col_desc(k, bn), _fwd._desc(v, bn // 2), _fwd._desc(dout, bm),
-        _row_desc(lse, bm), _row_desc(delta, bm), dq, dk, dv,
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        _row_desc(lse, bm), _row_desc(delta, bm), _acc_desc(dq, bm), dk, dv,
+        dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         hkv, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
         float(scale) * _LOG2E, float(scale),
