@@ -147,6 +147,83 @@ def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype) -> N
         assert _rel(got.double() - start.double(), exp - start.double()) < 2 * TOL[dtype], name
 
 
+WHOLE = [c for c in CASES if not c.carried and c.sq * c.sk <= 4096 * 4096]
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", WHOLE, ids=repr)
+def test_attend_whole_block_matches_float64_reference(case: Case, dtype: torch.dtype) -> None:
+    """``triton_attn.attend`` / ``attend_bwd`` (one rank, the whole block): the output in the input dtype and lse
+    written without a state, dK/dV written directly and dQ, against float64; both refuse what they do not cover
+    (softcap, ``deterministic=True``, lse rows TMA cannot read)."""
+    from ds_burst.kernels import triton_attn as ta
+
+    q, k, v, _, _ = _inputs(case, dtype, seed=sum(map(ord, case.name)) + 2)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
+    scale = case.d ** -0.5
+    q64, k64, v64, do64 = (x.double() for x in (q, k, v, dout))
+    out64 = torch.zeros(q.shape, device="cuda", dtype=torch.float64)
+    lse64 = torch.full((case.b, case.hq, case.sq), -math.inf, device="cuda", dtype=torch.float64)
+    ref.fwd_step(q64, k64, v64, out64, lse64, scale=scale, **case.mask_kw())
+    got = ta.attend(q, k, v, scale=scale, **case.mask_kw())
+    assert got is not None
+    out, lse = got
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert _rel(lse, lse64) < TOL[dtype] / 10
+    assert _rel(out.float(), out64) < TOL[dtype]
+    want = [torch.zeros(x.shape, device="cuda", dtype=torch.float64) for x in (q, k, v)]
+    delta64 = (do64 * out64).sum(-1).transpose(1, 2)
+    ref.bwd_step(q64, k64, v64, do64, lse64, delta64, *want, scale=scale, **case.mask_kw())
+    grads = ta.attend_bwd(q, k, v, out, dout, lse, scale=scale, **case.mask_kw())
+    if case.sq % 4:  # lse / delta rows not 16-byte aligned for TMA: refused (the general path runs the tl backward)
+        assert grads is None
+        return
+    assert grads is not None
+    for name, got_g, exp in zip(("dq", "dk", "dv"), grads, want):
+        assert got_g.dtype == dtype, name
+        assert _rel(got_g.float(), exp) < 2 * TOL[dtype], name
+    assert ta.attend(q, k, v, scale=scale, softcap=30.0, **case.mask_kw()) is None
+    assert ta.attend_bwd(q, k, v, out, dout, lse, scale=scale, deterministic=True, **case.mask_kw()) is None
+
+
+@gpu
+@needs_hopper
+def test_burst_attn_func_one_rank_uses_attend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one rank ``burst_attn_func(kernel="triton")`` runs the whole block through ``attend``/``attend_bwd``
+    (one launch each way) and matches the ``tl`` path that runs with the Hopper kernels off."""
+    import ds_burst
+    from ds_burst.kernels import triton_attn as ta
+
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = ta.attend, ta.attend_bwd
+
+    def count_fwd(*a, **kw):
+        calls["fwd"] += 1
+        return fwd(*a, **kw)
+
+    def count_bwd(*a, **kw):
+        calls["bwd"] += 1
+        return bwd(*a, **kw)
+
+    monkeypatch.setattr(ta, "attend", count_fwd)
+    monkeypatch.setattr(ta, "attend_bwd", count_bwd)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v, do = (torch.randn(1, 2048, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    runs = []
+    for hopper in (True, False):
+        monkeypatch.setattr(ta, "USE_HOPPER", hopper)
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out = ds_burst.burst_attn_func(qq, kk, vv, causal=True, kernel="triton")
+        out.backward(do)
+        runs.append((out.detach(), qq.grad, kk.grad, vv.grad))
+    assert calls == {"fwd": 2, "bwd": 2}  # called both times; with the Hopper kernels off they return None
+    for a, b in zip(*runs):
+        assert _rel(a.float(), b.float()) < 2e-2
+
+
 @gpu
 @needs_hopper
 def test_triton_fwd_step_routes_to_hopper_and_matches_tl() -> None:

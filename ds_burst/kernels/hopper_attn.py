@@ -7,6 +7,8 @@ Same contract as :func:`ds_burst.kernels.triton_attn.fwd_step` (and the referenc
 ``out [B, Sq, Hq, D]`` (fp32, normalised) and ``lse [B, Hq, Sq]`` (fp32, natural log, ``-inf`` = no key yet) is
 loaded, continued over the keys of this call and stored; masks by global positions (``q_offset - k_offset``,
 causal, windows) with the same three key ranges as the ``tl`` kernel (masked, mask-free, masked); GQA by index.
+``fwd_step(..., fresh=True)`` starts from no state: nothing is read, every row is written, and ``out`` may have the
+input dtype (the one-rank path, :func:`ds_burst.kernels.triton_attn.attend`).
 
 What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, at least
 128 query and key rows, and q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads
@@ -80,10 +82,18 @@ if AVAILABLE:
         return gl.where(ok, s, float("-inf"))
 
     @gluon.jit
+    def _opaque(x):
+        """``x`` (int32) through a move the compiler can neither see through nor move (not pure)."""
+        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _state_ptrs(Out, Lse, b, h, m0, Sq, sob, sos, soh, sod, slb, slh, sls, layout: gl.constexpr,
                     BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
         """Pointers and masks of the carried ``out`` rows (in ``layout``) and ``lse`` entries of one query tile."""
-        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        # Row indices through an opaque move: the compiler then neither keeps the [rows, HEAD_DIM] offsets of the
+        # state load live through the key loop for the store (they spilled: 1.2 KB a thread) nor shares them;
+        # recomputing them after the loop costs a few integer ops.
+        rows = _opaque(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout)))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
         row_ok = (m0 + rows) < Sq
         m64 = m0.to(gl.int64)
@@ -154,7 +164,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _fwd_producer(descs, bufs, bars, state, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      FRESH: gl.constexpr):
         """One warp: the two Q halves, then every K and V tile of the span, each into the next free ring slot."""
         q_desc, k_desc, v_desc = descs
         q_smem, k_smem, v_smem = bufs
@@ -180,7 +191,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _fwd_consumer(descs, bufs, bars, state, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      FRESH: gl.constexpr):
         """One warpgroup: the online softmax of query rows ``m0 + wg * BLOCK_M / 2`` onwards (half the tile) over
         every tile of the span; arrives on a slot's empty barrier once its matmul on the slot is done."""
         q_desc, k_desc, v_desc = descs
@@ -203,13 +215,18 @@ if AVAILABLE:
         srow: gl.constexpr = gl.SliceLayout(1, s_layout)
         orow: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-        o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, r0, Sq, sob, sos, soh, sod, slb, slh, sls,
-                                                     o_layout, HALF, HEAD_DIM)
-        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
-        has_prev = lse_in != float("-inf")
-        acc = gl.load(o_ptrs, mask=o_mask & has_prev[:, None], other=0.0)
-        m_i = gl.convert_layout(gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf")), srow)
-        l_i = gl.convert_layout(gl.where(has_prev, 1.0, 0.0), srow)
+        if FRESH:  # no state yet: nothing to read
+            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+            m_i = gl.full([HALF], float("-inf"), gl.float32, srow)
+            l_i = gl.zeros([HALF], gl.float32, srow)
+        else:
+            o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, r0, Sq, sob, sos, soh, sod, slb, slh, sls,
+                                                         o_layout, HALF, HEAD_DIM)
+            lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+            has_prev = lse_in != float("-inf")
+            acc = gl.load(o_ptrs, mask=o_mask & has_prev[:, None], other=0.0)
+            m_i = gl.convert_layout(gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf")), srow)
+            l_i = gl.convert_layout(gl.where(has_prev, 1.0, 0.0), srow)
 
         offs_ms = r0 + gl.arange(0, HALF, layout=srow)
         offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -257,12 +274,16 @@ if AVAILABLE:
 
         o_ptrs, o_mask, l_ptrs, row_ok = _state_ptrs(Out, Lse, b, h, r0, Sq, sob, sos, soh, sod, slb, slh, sls,
                                                      o_layout, HALF, HEAD_DIM)
-        lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        if FRESH:
+            lse_in = gl.full([HALF], float("-inf"), gl.float32, orow)
+        else:
+            lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
         _store_state(o_ptrs, o_mask, l_ptrs, row_ok, acc, lse_in, l_i, m_i, orow)
 
     @gluon.jit
     def _store_state(o_ptrs, o_mask, l_ptrs, row_ok, acc, lse_in, l_i, m_i, orow: gl.constexpr):
-        """Normalise and store ``(out, lse)``; rows that saw no key in this call keep their ``lse`` bitwise."""
+        """Normalise and store ``(out, lse)`` (``out`` rounded to the output's dtype); rows that saw no key in
+        this call keep their ``lse`` bitwise."""
         has_prev = lse_in != float("-inf")
         m_in = gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
         l_o = gl.convert_layout(l_i, orow)
@@ -283,10 +304,11 @@ if AVAILABLE:
                     sob, sos, soh, sod, slb, slh, sls,
                     Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
                     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FRESH: gl.constexpr,
                     num_warps: gl.constexpr):
-        """Warp-specialised forward: the default partition (4 warps) and one worker (4 warps) each run
-        :func:`_fwd_consumer` on half of the query tile; one worker warp runs :func:`_fwd_producer`."""
+        """Warp-specialised forward (``FRESH``: no carried state to read, ``out`` of any float dtype): the default
+        partition (4 warps) and one worker (4 warps) each run :func:`_fwd_consumer` on half of the query tile; one
+        worker warp runs :func:`_fwd_producer`."""
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -311,11 +333,11 @@ if AVAILABLE:
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
             (_fwd_consumer, (descs, bufs, bars, state, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES)),
+                             STAGES, FRESH)),
             (_fwd_consumer, (descs, bufs, bars, state, dims, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES)),
+                             STAGES, FRESH)),
             (_fwd_producer, (descs, bufs, bars, state, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES)),
+                             STAGES, FRESH)),
         ], [4, 1], [240, 24])
 
 
@@ -357,19 +379,29 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float
     return why_not(q, k, v, softcap) is None
 
 
+@functools.cache
+def _smem_layout(block: tuple[int, ...], dtype: torch.dtype) -> Any:
+    """The NVMMA shared layout Gluon picks for a TMA block of ``dtype`` (built once per block shape)."""
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gdt)
+
+
 def _desc(t: torch.Tensor, rows: int) -> Any:
     """3-D TMA descriptor ``[B, S, H * D]`` over ``t [B, S, H, D]``, block ``[1, rows, D]``."""
     b, s, h, d = t.shape
-    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d], layout)
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d],
+                            _smem_layout((1, rows, d), t.dtype))
 
 
 def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
              scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
-             window: tuple[int, int] = (-1, -1)) -> None:
+             window: tuple[int, int] = (-1, -1), fresh: bool = False) -> None:
     """Continue ``(out, lse)`` over ``k, v`` in place: :func:`ds_burst.kernels.triton_attn.fwd_step`'s contract,
-    for the calls :func:`applicable` accepts (the caller checks; shapes are checked there)."""
+    for the calls :func:`applicable` accepts (the caller checks; shapes are checked there).
+
+    ``fresh=True``: no state yet, so ``out`` and ``lse`` are only written (their contents are ignored; every row
+    is written, rows without keys as ``0`` / ``-inf``) and ``out`` may have any float dtype (the normalised
+    output is rounded to it once)."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     lo, hi = window_bounds(causal, window)
@@ -382,5 +414,6 @@ def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), out, lse, *out.stride(), *lse.stride(),
         hq, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
         float(scale) * _LOG2E,
-        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=4, maxnreg=168,
+        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, FRESH=fresh, num_warps=4,
+        maxnreg=168,
     )

@@ -130,7 +130,8 @@ if _fwd.AVAILABLE:
 
     @gluon.jit
     def _bwd_producer(descs, bufs, bars, outs, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      KV_OUT: gl.constexpr):
         """One warp: K and V of the program's key tile (two row halves, and K again in two column halves for
         dQ), then Q, dO, lse and delta of every visible query tile of every query head of the kv head, in the
         consumers' order, into a ``STAGES``-slot ring."""
@@ -168,7 +169,8 @@ if _fwd.AVAILABLE:
 
     @gluon.jit
     def _bwd_consumer(descs, bufs, bars, outs, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      KV_OUT: gl.constexpr):
         """One warpgroup: dK and dV of keys ``n0 + wg * BLOCK_N / 2`` onwards (half the tile), and dQ's columns
         ``wg * HEAD_DIM / 2`` onwards over all the tile's keys (both halves of dS^T, through shared memory)."""
         q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc = descs
@@ -276,23 +278,33 @@ if _fwd.AVAILABLE:
             _add_dq(dq_desc, dq_stage, b, prev_m, prev_c, dq * sm_scale)
         tma.store_wait(0)
 
-        # dK * scale and dV added to the accumulators (this program is the only one adding to these rows)
+        # dK * scale and dV: stored (KV_OUT) or added to the accumulators (this program is the only one writing
+        # these rows)
         rows_k = gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
-        pair_d = (gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)) // 2) * 2
-        k_ok = ((k0 + rows_k) < Sk)[:, None] & (pair_d >= 0)[None, :]
+        cols_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        if not KV_OUT:
+            cols_d = (cols_d // 2) * 2  # pairs address their first column (_red_add_v2)
+        k_ok = ((k0 + rows_k) < Sk)[:, None] & (cols_d >= 0)[None, :]
         hk64 = hk.to(gl.int64)
         k064 = k0.to(gl.int64)
-        dk_ptrs = (DK + b64 * skb + hk64 * skh + k064 * sks) + (rows_k[:, None] * sks + pair_d[None, :])
-        _red_add_v2(dk_ptrs, dk * sm_scale, k_ok)
-        dv_ptrs = (DV + b64 * svb + hk64 * svh + k064 * svs) + (rows_k[:, None] * svs + pair_d[None, :])
-        _red_add_v2(dv_ptrs, dv, k_ok)
+        # one pointer tensor at a time (each takes 2 registers an element)
+        dk_ptrs = (DK + b64 * skb + hk64 * skh + k064 * sks) + (rows_k[:, None] * sks + cols_d[None, :])
+        if KV_OUT:
+            gl.store(dk_ptrs, dk * sm_scale, mask=k_ok)
+        else:
+            _red_add_v2(dk_ptrs, dk * sm_scale, k_ok)
+        dv_ptrs = (DV + b64 * svb + hk64 * svh + k064 * svs) + (rows_k[:, None] * svs + cols_d[None, :])
+        if KV_OUT:
+            gl.store(dv_ptrs, dv, mask=k_ok)
+        else:
+            _red_add_v2(dv_ptrs, dv, k_ok)
 
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
     def _bwd_kernel(q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc, dq_desc, DK, DV,
                     skb, sks, skh, svb, svs, svh,
                     Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale,
                     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KV_OUT: gl.constexpr,
                     num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_N // 2
@@ -331,11 +343,11 @@ if _fwd.AVAILABLE:
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
             (_bwd_consumer, (descs, bufs, bars, outs, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES)),
+                             STAGES, KV_OUT)),
             (_bwd_consumer, (descs, bufs, bars, outs, dims, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES)),
+                             STAGES, KV_OUT)),
             (_bwd_producer, (descs, bufs, bars, outs, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES)),
+                             STAGES, KV_OUT)),
         ], [4, 1], [240, 24])
 
 
@@ -343,27 +355,29 @@ if _fwd.AVAILABLE:
 _CONFIGS: dict[int, tuple[int, int, int]] = {128: (64, 128, 2), 64: (64, 128, 2)}
 
 
+_ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3) if _fwd.AVAILABLE else None
+"""Unswizzled fp32 rows: the shared layout of the lse / delta blocks."""
+
+
 def _row_desc(t: torch.Tensor, rows: int) -> Any:
     """TMA descriptor over the fp32 ``t [B, H, S]`` (``lse``, ``delta``), block ``[1, 1, rows]``."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], _ROW_LAYOUT)
 
 
 def _col_desc(t: torch.Tensor, rows: int) -> Any:
     """TMA descriptor ``[B, S, H * D]`` over ``t [B, S, H, D]`` with block ``[1, rows, D / 2]`` (half the
     columns: dQ's share of each consumer warpgroup)."""
     b, s, h, d = t.shape
-    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d // 2], gdt)
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2], layout)
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2],
+                            _fwd._smem_layout((1, rows, d // 2), t.dtype))
 
 
 def _acc_desc(t: torch.Tensor, rows: int) -> Any:
     """TMA descriptor ``[B, S, H * D]`` over the fp32 accumulator ``t [B, S, H, D]`` with block
     ``[1, rows, D / 2]``: the target of each consumer warpgroup's dQ reduce-add."""
     b, s, h, d = t.shape
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d // 2], gl.float32)
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2], layout)
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2],
+                            _fwd._smem_layout((1, rows, d // 2), torch.float32))
 
 
 def _tma_acc(t: torch.Tensor) -> bool:
@@ -381,24 +395,30 @@ def _tma_rows(t: torch.Tensor) -> bool:
 
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
                delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softcap: float | None,
-               deterministic: bool) -> bool:
+               deterministic: bool, kv_out: bool = False) -> bool:
     """Whether :func:`bwd_step` runs this call: the forward's rules (:func:`hopper_attn.why_not`) for q/k/v and
     dout, ``deterministic=False`` (dQ by atomics), TMA-readable fp32 ``lse``/``delta``, an fp32 ``dq`` TMA can
-    address (heads side by side) and fp32 ``dk``/``dv`` with contiguous head dims."""
+    address (heads side by side) and fp32 ``dk``/``dv`` with contiguous head dims (with ``kv_out``, the outputs
+    ``dk``/``dv`` of :func:`bwd_step` may have any float dtype)."""
     if deterministic or _fwd.why_not(q, k, v, softcap) is not None:
         return False
     if _fwd.why_not(dout, k, v, None) is not None or dout.dtype != q.dtype:
         return False
     if not (_tma_rows(lse) and _tma_rows(delta)):
         return False
-    return _tma_acc(dq) and all(t.dtype == torch.float32 and t.stride(3) == 1 for t in (dk, dv))
+    return _tma_acc(dq) and all((kv_out and t.is_floating_point() or t.dtype == torch.float32) and t.stride(3) == 1
+                                for t in (dk, dv))
 
 
 def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, scale: float,
-             q_offset: int = 0, k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1)) -> None:
+             q_offset: int = 0, k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1),
+             kv_out: bool = False) -> None:
     """Add this block's gradients to the fp32 ``dq``, ``dk``, ``dv`` (``triton_attn.bwd_step``'s contract, for
-    the calls :func:`applicable` accepts; the caller checks shapes)."""
+    the calls :func:`applicable` accepts; the caller checks shapes).
+
+    ``kv_out=True``: ``dk`` and ``dv`` are outputs, not accumulators: every row is written (rounded once to
+    their dtype, which may be any float type) and their contents are ignored; ``dq`` is still added to."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     lo, hi = window_bounds(causal, window)
@@ -412,6 +432,6 @@ def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
         dv.stride(0), dv.stride(1), dv.stride(2),
         hkv, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
         float(scale) * _LOG2E, float(scale),
-        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, KV_OUT=kv_out,
         num_warps=4, maxnreg=168,
     )

@@ -28,6 +28,9 @@ Design (docs/KERNELS.md has more):
 * On sm_90 (H100, H200) the launchers hand the calls that :mod:`ds_burst.kernels.hopper_attn` covers to its
   Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`); these ``tl`` kernels stay the
   portable path (other GPUs, the interpreter, softcap, ``Dv != D``, other head dims, ``deterministic=True``).
+* One rank, the whole block as the only tile: :func:`attend` / :func:`attend_bwd` run it in one Hopper launch
+  each way with the outputs written in the input dtype (no fp32 state or gradient buffers for out, dK, dV), or
+  return ``None`` where the Hopper kernels do not cover the call.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from ds_burst.core import settings
 from ds_burst.core.mask import BlockKind, classify_block, window_bounds
 from ds_burst.kernels import hopper_attn, hopper_attn_bwd
 
-__all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "supports", "supports_variant", "MAX_HEAD_DIM", "INTERPRET"]
+__all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "attend", "attend_bwd", "supports", "supports_variant",
+           "MAX_HEAD_DIM", "INTERPRET"]
 
 INTERPRET: bool = settings.triton_interpret()
 """True when Triton runs kernels in its interpreter (CPU tensors). Read once, at import."""
@@ -849,3 +853,48 @@ def bwd_step(
     else:
         fixed = _fixed_meta("q", max(bd, bdv))
         _bwd_q_kernel[q_grid(fixed)](*q_args, **common, **fixed)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+    window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The whole block in one Hopper launch (a call's only tile, one rank): ``(out [B, Sq, Hq, D]`` in the input
+    dtype, ``lse [B, Hq, Sq]`` fp32), written directly (no fp32 state to zero, read or convert), or ``None`` when
+    the Hopper forward does not cover the call (the caller then runs the general path on these kernels)."""
+    _check_inputs(q, k, v)
+    if not (USE_HOPPER and hopper_attn.applicable(q, k, v, softcap)):
+        return None
+    b, sq, hq, _ = q.shape
+    out = torch.empty(b, sq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
+                         window=window, fresh=True)
+    return out, lse
+
+
+def attend_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, *,
+    scale: float, causal: bool = False, window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
+    deterministic: bool = False, softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Gradients of the whole block (:func:`attend`) in the input dtype: delta, then one Hopper backward launch
+    that writes dK and dV directly (no fp32 buffers for them) and adds dQ into one fp32 buffer; ``None`` when the
+    Hopper backward does not cover the call (``deterministic=True`` among others: the general path then runs)."""
+    if deterministic or not (USE_HOPPER and USE_HOPPER_BWD) or dout.shape != out.shape:
+        return None
+    b, sq, hq, d = q.shape
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    dout = dout.contiguous()
+    _check_shape("lse", lse, (b, hq, sq))
+    dq = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    delta = lse  # stand-in with the same layout for the applicability check (delta is computed only if it passes)
+    if not hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv, softcap, deterministic, kv_out=True):
+        return None
+    delta = bwd_preprocess(out, dout)
+    hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
+                             k_offset=k_offset, causal=causal, window=window, kv_out=True)
+    return dq.to(q.dtype), dk, dv
+
