@@ -9,7 +9,8 @@ the final ones, so every kernel's backward is unchanged, and ``d sink_h = -sum_q
 Inside a selective-checkpointing region (:mod:`ds_burst.attention.selective`) the re-run in backward reuses the
 output and lse kept from the first run instead of running the ring forward again (all of it or the early half).
 A plan whose only tile is the whole local block (one rank) calls the kernel's one-call ``attend``/``attend_bwd``
-when it has them (the fused SDPA ops: no fp32 state, no merge, no conversions) and the ring path otherwise.
+when it has them (the fused SDPA ops, or the Triton kernels' single Hopper launch: no fp32 state, no merge, no
+conversions) and the ring path where they return ``None`` or do not exist.
 """
 
 from __future__ import annotations
