@@ -258,6 +258,17 @@ def test_cases_run_on_sm90() -> None:
     assert ON_HOPPER, ha.why_not(probe, probe, probe, None)
 
 
+def test_attend_refuses_off_hopper() -> None:
+    """Off an sm_90 GPU (here: CPU tensors) the one-rank entry points return ``None``, so ``burst_attn_func``
+    runs its general path."""
+    from ds_burst.kernels import triton_attn as ta
+
+    x = torch.randn(1, 256, 2, 64)
+    assert ta.attend(x, x, x, scale=0.125, causal=True) is None
+    lse = torch.zeros(1, 2, 256)
+    assert ta.attend_bwd(x, x, x, x, x, lse, scale=0.125, causal=True) is None
+
+
 def test_applicability_rules() -> None:
     """What the Hopper path refuses is named (and then runs on the ``tl`` kernels): wrong device or dtype,
     head dims other than 64/128, softcap, heads not side by side in a row."""

@@ -881,7 +881,8 @@ def attend_bwd(
     """Gradients of the whole block (:func:`attend`) in the input dtype: delta, then one Hopper backward launch
     that writes dK and dV directly (no fp32 buffers for them) and adds dQ into one fp32 buffer; ``None`` when the
     Hopper backward does not cover the call (``deterministic=True`` among others: the general path then runs)."""
-    if deterministic or not (USE_HOPPER and USE_HOPPER_BWD) or dout.shape != out.shape:
+    if (deterministic or not (USE_HOPPER and USE_HOPPER_BWD) or dout.shape != out.shape
+            or not hopper_attn.applicable(q, k, v, softcap)):  # before allocating anything
         return None
     b, sq, hq, d = q.shape
     if dout.dtype != q.dtype:
