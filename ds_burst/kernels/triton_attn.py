@@ -889,12 +889,11 @@ def attend_bwd(
         dout = dout.to(q.dtype)
     dout = dout.contiguous()
     _check_shape("lse", lse, (b, hq, sq))
+    delta = bwd_preprocess(out, dout)
     dq = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    delta = lse  # stand-in with the same layout for the applicability check (delta is computed only if it passes)
     if not hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv, softcap, deterministic, kv_out=True):
-        return None
-    delta = bwd_preprocess(out, dout)
+        return None  # e.g. lse / delta rows TMA cannot read (the general path computes delta again)
     hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
                              k_offset=k_offset, causal=causal, window=window, kv_out=True)
     return dq.to(q.dtype), dk, dv
