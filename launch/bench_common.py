@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -93,3 +95,31 @@ def device_meta() -> dict:
     except ImportError:
         pass
     return meta
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``None`` without matplotlib (plots are
+    optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+@contextlib.contextmanager
+def hopper_kernels(on: bool) -> Iterator[None]:
+    """Inside: the Triton tiles run the Gluon Hopper kernels where they apply, as configured (``on``; the
+    ``DS_BURST_HOPPER_*`` switches hold), or only the portable ``tl`` kernels; the settings are restored after."""
+    from ds_burst.kernels import triton_attn as ta
+
+    saved = ta.USE_HOPPER, ta.USE_HOPPER_BWD
+    ta.USE_HOPPER, ta.USE_HOPPER_BWD = (saved[0] and on, saved[1] and on)
+    try:
+        yield
+    finally:
+        ta.USE_HOPPER, ta.USE_HOPPER_BWD = saved
+

@@ -3,8 +3,8 @@
     python launch/bench_kernels.py --out results/kernels.json [--seqs 8192 32768 131072] [--head-dims 64 128]
 
 For every shape (B=1, H=32, bf16) and causal/non-causal: forward and forward+backward time of
-``burst_attn_func(kernel="triton")`` on one process (the same tiles the ring runs; on sm_90 its forward runs the
-Gluon Hopper kernels, ``ds-burst-triton-tl`` keeps the portable ``tl`` kernels), of its PyTorch tiles
+``burst_attn_func(kernel="triton")`` on one process (the same tiles the ring runs; on sm_90 they run the Gluon
+Hopper kernels, forward and backward, ``ds-burst-triton-tl`` keeps the portable ``tl`` kernels), of its PyTorch tiles
 (``kernel="torch"``, only for S <= 8K) and of SDPA with the cuDNN and flash backends.
 TFLOP/s: forward ``4*B*H*S^2*D`` (halved when causal), backward 2.5x forward. Prints a table, writes JSON
 and, with matplotlib, a plot next to the JSON.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import attn_flops, cuda_time_ms, device_meta, print_table, write_json  # noqa: E402
+from bench_common import attn_flops, cuda_time_ms, device_meta, hopper_kernels, print_table, pyplot, write_json  # noqa: E402
 
 
 def _sdpa(backend):
@@ -74,8 +74,6 @@ def main() -> None:
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend
 
-    from ds_burst.kernels import triton_attn
-
     methods = {
         "ds-burst-triton": _burst("triton"),
         "ds-burst-triton-tl": _burst("triton"),
@@ -101,13 +99,11 @@ def main() -> None:
                     if name == "ds-burst-torch" and s > 8192:
                         continue
                     row = {"method": name, "S": s, "D": d, "H": args.heads, "causal": causal, "gpu": gpu}
-                    triton_attn.USE_HOPPER = triton_attn.hopper_attn.AVAILABLE and name not in _TL_ONLY
                     try:
-                        row.update(_time_method(fn, q, k, v, do, causal, flops, args.iters))
+                        with hopper_kernels(name not in _TL_ONLY):
+                            row.update(_time_method(fn, q, k, v, do, causal, flops, args.iters))
                     except Exception as exc:  # noqa: BLE001 - record the failure in the table
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                    finally:
-                        triton_attn.USE_HOPPER = triton_attn.hopper_attn.AVAILABLE
                     rows.append(row)
                     print(row, flush=True)
                 del q, k, v, do
@@ -127,12 +123,8 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     combos = sorted({(r["D"], r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(combos), figsize=(4.5 * len(combos), 3.6), squeeze=False)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import device_meta, print_table, write_json  # noqa: E402
+from bench_common import device_meta, print_table, pyplot, write_json  # noqa: E402
 
 GIB = float(1 << 30)
 VARIANTS = {  # name: (activation checkpointing, ModelConfig changes, buffer pool on)
@@ -223,12 +223,8 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 def plot(rows: list[dict], path: str) -> None:
     """Measured and predicted peak GiB per method, one panel per part."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     parts = [p for p in ("attention", "model") if any(r["part"] == p and r.get("peak_gib") for r in rows)]
     if not parts:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import attn_flops, device_meta, dist_time_ms, print_table, write_json  # noqa: E402
+from bench_common import attn_flops, device_meta, dist_time_ms, print_table, pyplot, write_json  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -132,12 +132,8 @@ def _time_method(fn, q, k, v, do, iters: int) -> dict:
 
 def plot(rows: list[dict], path: str) -> None:
     """Forward+backward time against S, one panel per KV-head count, one line per method."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     kv = sorted({r["Hkv"] for r in rows})
     methods = sorted({r["method"] for r in rows})

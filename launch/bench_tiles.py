@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import cuda_time_ms, device_meta, print_table, write_json  # noqa: E402
+from bench_common import cuda_time_ms, device_meta, hopper_kernels, print_table, pyplot, write_json  # noqa: E402
 
 
 def _pairs(sq: int, sk: int, q_off: int, k_off: int, causal: bool, window: tuple[int, int]) -> int:
@@ -66,21 +66,14 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[d
 
     def tiles(use: bool):
         def run() -> None:
-            ta.USE_HOPPER = use
-            try:
+            with hopper_kernels(use):
                 ta.fwd_step(q, k, v, out, lse, **kw)
-            finally:
-                ta.USE_HOPPER = ta.hopper_attn.AVAILABLE
         return run
 
     def backward(use: bool):
         def run() -> None:
-            saved = ta.USE_HOPPER, ta.USE_HOPPER_BWD
-            ta.USE_HOPPER = ta.USE_HOPPER_BWD = use
-            try:
+            with hopper_kernels(use):
                 ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, **kw)
-            finally:
-                ta.USE_HOPPER, ta.USE_HOPPER_BWD = saved
         return run
 
     def cudnn() -> None:
@@ -152,15 +145,11 @@ def main() -> None:
 
 def _plot(rows: list[dict], path: str) -> None:
     """Bars of forward (top) and backward (bottom) TFLOP/s per tile kind, one column per local size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     seqs = sorted({r["S"] for r in rows})
-    methods = [m for m in ("hopper", "hopper-1p", "tl", "sdpa-cudnn") if any(r["method"] == m for r in rows)]
+    methods = [m for m in ("hopper", "tl", "sdpa-cudnn") if any(r["method"] == m for r in rows)]
     fig, axes = plt.subplots(2, len(seqs), figsize=(4.8 * len(seqs), 6.4), squeeze=False)
     width = 0.8 / len(methods)
     for col, s in enumerate(seqs):

@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import device_meta, print_table, write_json  # noqa: E402
+from bench_common import device_meta, print_table, pyplot, write_json  # noqa: E402
 from train import apply_overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,12 +142,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str, capacity: float | None) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for m in METHODS:
