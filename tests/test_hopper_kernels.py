@@ -79,6 +79,14 @@ def _inputs(c: Case, dtype: torch.dtype, seed: int):
     return q, k, v, out, lse
 
 
+def _ref_fresh(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """``(out, lse)`` of the block from no state, by the float64 reference."""
+    out64 = torch.zeros(q.shape, device="cuda", dtype=torch.float64)
+    lse64 = torch.full((case.b, case.hq, case.sq), -math.inf, device="cuda", dtype=torch.float64)
+    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, **case.mask_kw())
+    return out64, lse64
+
+
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     fin = torch.isfinite(y)
     assert torch.equal(fin, torch.isfinite(x)), "the -inf pattern of lse differs from the reference"
@@ -118,9 +126,7 @@ def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype) -> N
     g = torch.Generator(device="cuda").manual_seed(7)
     dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
     scale = case.d ** -0.5
-    out64 = torch.zeros(q.shape, device="cuda", dtype=torch.float64)
-    lse64 = torch.full((case.b, case.hq, case.sq), -math.inf, device="cuda", dtype=torch.float64)
-    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, **case.mask_kw())
+    _, lse64 = _ref_fresh(case, q, k, v, scale)
     if case.carried:
         lse64 = lse64 + torch.rand(lse64.shape, device="cuda", generator=g, dtype=torch.float64)
     # lse and delta in rows padded to 16 bytes (TMA reads them): strided views, as the ring may hand them
@@ -165,9 +171,7 @@ def test_attend_whole_block_matches_float64_reference(case: Case, dtype: torch.d
     dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
     scale = case.d ** -0.5
     q64, k64, v64, do64 = (x.double() for x in (q, k, v, dout))
-    out64 = torch.zeros(q.shape, device="cuda", dtype=torch.float64)
-    lse64 = torch.full((case.b, case.hq, case.sq), -math.inf, device="cuda", dtype=torch.float64)
-    ref.fwd_step(q64, k64, v64, out64, lse64, scale=scale, **case.mask_kw())
+    out64, lse64 = _ref_fresh(case, q, k, v, scale)
     got = ta.attend(q, k, v, scale=scale, **case.mask_kw())
     assert got is not None
     out, lse = got
