@@ -42,7 +42,7 @@ import torch
 from ds_burst.core import settings
 from ds_burst.core.mask import window_bounds
 
-__all__ = ["AVAILABLE", "applicable", "fwd_step", "why_not"]
+__all__ = ["AVAILABLE", "applicable", "fwd_step", "tma_aligned", "why_not"]
 
 try:  # Gluon's API moves between Triton releases; written against triton 3.6.
     import triton
@@ -350,6 +350,13 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
+def tma_aligned(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor over ``t``'s first three dims can start at its data and step by its two outer
+    strides (16-byte multiples, as TMA requires)."""
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 and (t.stride(1) * es) % 16 == 0
+
+
 def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
     """``None`` when :func:`fwd_step` covers this call, else the reason it does not (for logs and tests)."""
     if not _ENABLED:
@@ -369,7 +376,7 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1 or t.stride(2) != d:
             return f"{name} heads are not side by side in a row (strides {t.stride()})"
-        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or (t.stride(1) * t.element_size()) % 16:
+        if not tma_aligned(t):
             return f"{name} is not 16-byte aligned for TMA"
     return None
 

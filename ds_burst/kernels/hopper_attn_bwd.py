@@ -383,14 +383,12 @@ def _acc_desc(t: torch.Tensor, rows: int) -> Any:
 def _tma_acc(t: torch.Tensor) -> bool:
     """Whether TMA can address the fp32 ``[B, S, H, D]`` accumulator ``t`` as ``[B, S, H * D]`` (heads side by
     side, 16-byte aligned)."""
-    return (t.dtype == torch.float32 and t.stride(3) == 1 and t.stride(2) == t.shape[3]
-            and t.data_ptr() % 16 == 0 and all((st * 4) % 16 == 0 for st in t.stride()[:2]))
+    return t.dtype == torch.float32 and t.stride(3) == 1 and t.stride(2) == t.shape[3] and _fwd.tma_aligned(t)
 
 
 def _tma_rows(t: torch.Tensor) -> bool:
     """Whether the fp32 ``[B, H, S]`` tensor ``t`` can be read by TMA (contiguous rows, 16-byte aligned)."""
-    return (t.dtype == torch.float32 and t.stride(2) == 1 and t.data_ptr() % 16 == 0
-            and all((st * 4) % 16 == 0 for st in t.stride()[:2]))
+    return t.dtype == torch.float32 and t.stride(2) == 1 and _fwd.tma_aligned(t)
 
 
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
