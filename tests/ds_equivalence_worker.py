@@ -58,7 +58,8 @@ def run(topo, data: TokenFile, mbs: int, steps: int, ckpt: str, layout: str, zer
         if gpu:
             b = {k: v.cuda() for k, v in b.items()}
         logits = engine(b["input_ids"], b["position_ids"])
-        loss = sequence_parallel_loss(logits, b["labels"], topo, sp_grads_averaged=sp_grads_averaged(config))
+        averaged = sp_grads_averaged(config, model=engine.module)
+        loss = sequence_parallel_loss(logits, b["labels"], topo, sp_grads_averaged=averaged)
         engine.backward(loss)
         g = {n: safe_get_full_grad(p).detach().float().cpu() for n, p in engine.module.named_parameters()}
         engine.step()

@@ -338,9 +338,9 @@ def test_attention_matches_sdpa_with_documents():
     for r in res:
         assert r["err"] < 1e-5, r
         assert r["docs_err"] < 1e-5 and r["cu_err"] < 1e-5 and r["docs_vs_one_doc"] > 1e-2, r
-        assert "packed batch refused (attention)" in r["refused_rows"], r
+        assert "packed batch refused (attention position_ids)" in r["refused_rows"], r
         assert "rows of the batch hold different documents" in r["refused_rows"], r
-        assert r["mpu"] == ("Topology", 2) and r["replaced"] and r["ran"] and r["restored"], r
+        assert r["mpu"] == ("ParallelStateSP", 2) and r["replaced"] and r["ran"] and r["restored"], r
 
 
 def _packed_model_worker(rank: int, world: int) -> dict:
@@ -444,50 +444,117 @@ def _rel2(a: list[float], b: list[float]) -> float:
 
 
 def _loss_worker(rank: int, world: int) -> dict:
+    """A sequence whose first half (rank 0's shard) holds no labelled token, logits ``hidden @ W`` with ``W`` a
+    parameter shared by the SP ranks (what DeepSpeed reduces). For each case (no ZeRO and ZeRO-3 with the
+    installed DeepSpeed, ZeRO-3 as DeepSpeed 0.20.2 reduces): ds-burst's loss with
+    ``sp_grads_averaged(config, version)`` and transformers' ``deepspeed_sp_compute_loss`` on this rank's shard
+    (ZeRO-3 seen through an ``HfDeepSpeedConfig``, the DeepSpeed version through ``importlib.metadata``, as
+    transformers reads them), ``W``'s gradient reduced over the SP ranks as that DeepSpeed does (a sum, or an
+    average when ``sp_grads_averaged``) and with the other convention, and the SP=1 gradient of the full mean."""
+    import importlib.metadata
+
     import deepspeed.utils.groups as ds_groups
-    from transformers.integrations.deepspeed import deepspeed_sp_compute_loss
+    import torch.distributed as dist
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        deepspeed_sp_compute_loss,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     from ds_burst import init_sequence_parallel
-    from ds_burst.training.losses import sequence_parallel_loss
+    from ds_burst.training.losses import sequence_parallel_loss, sp_grads_averaged
 
     topo = init_sequence_parallel(world)
-    V, S = 11, 12
+    V, S, H = 11, 12, 5
     g = torch.Generator().manual_seed(5)
-    full_logits = torch.randn(1, S, V, generator=g, dtype=torch.float64)
+    hidden = torch.randn(1, S, H, generator=g, dtype=torch.float64)
+    w0 = torch.randn(H, V, generator=g, dtype=torch.float64)
     full_shift = torch.randint(0, V, (1, S), generator=g)
     full_shift[:, : S // 2 + 1] = -100  # prompt: rank 0's half has no labelled token
     sl = slice(6 * rank, 6 * rank + 6)
-    ref = torch.nn.functional.cross_entropy(full_logits[0], full_shift[0], ignore_index=-100)
-    # ds-burst
-    logits = full_logits[:, sl].clone().requires_grad_(True)
-    ours = sequence_parallel_loss(logits, full_shift[:, sl], topo, sp_grads_averaged=True)
-    ours.backward()
-    # transformers' Trainer path under sp_backend="deepspeed" (its model loss gets shift_labels)
-    logits_t = full_logits[:, sl].clone().requires_grad_(True)
+    w_ref = w0.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(hidden[0] @ w_ref, full_shift[0], ignore_index=-100)
+    ref.backward()
+    assert w_ref.grad is not None and bool(w_ref.grad.abs().sum() > 0)
 
-    def model(**inputs):
-        loss = ForCausalLMLoss(logits_t, None, V, shift_labels=inputs["shift_labels"])
-        return types.SimpleNamespace(loss=loss)
+    def reduced(grad: torch.Tensor, averaged: bool) -> torch.Tensor:
+        """DeepSpeed's reduction over the SP ranks (dp = 1): the sum, divided by P when it averages."""
+        r = grad.clone()
+        dist.all_reduce(r, group=topo.get_sequence_parallel_group())
+        return r / world if averaged else r
 
-    old = ds_groups.mpu
-    ds_groups.mpu = topo
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    cases = {  # name -> (DeepSpeed config, DeepSpeed version to answer for: None = the installed one)
+        "no_zero": ({"zero_optimization": {"stage": 0}}, None),
+        "zero3": ({"zero_optimization": {"stage": 3}}, None),
+        "zero3_deepspeed_0.20.2": ({"zero_optimization": {"stage": 3}}, "0.20.2"),
+    }
+    real_version = importlib.metadata.version
+    old_mpu = ds_groups.mpu
+
+    def _lm_head_model(h: torch.Tensor, weight: torch.Tensor, loss_fn):
+        """What the Trainer calls: ``model(**inputs).loss``, the model's loss on this rank's ``shift_labels``."""
+        def model(**inputs):
+            return types.SimpleNamespace(loss=loss_fn(h @ weight, None, V, shift_labels=inputs["shift_labels"]))
+        return model
+
+    ds_groups.mpu = topo  # transformers takes the SP group from deepspeed.utils.groups
+    out: dict = {"ref": ref.item()}
     try:
-        pc = types.SimpleNamespace(sp_backend="deepspeed", sp_size=world)
-        theirs = deepspeed_sp_compute_loss(None, model, {"shift_labels": full_shift[:, sl]}, False, pc)
+        for name, (cfg, ds_version) in cases.items():
+            averaged = sp_grads_averaged(cfg, ds_version)
+            w = w0.clone().requires_grad_(True)
+            ours = sequence_parallel_loss(hidden[:, sl] @ w, full_shift[:, sl], topo, sp_grads_averaged=averaged)
+            ours.backward()
+            w_t = w0.clone().requires_grad_(True)
+            model = _lm_head_model(hidden[:, sl], w_t, ForCausalLMLoss)
+            hf_config = HfDeepSpeedConfig(copy.deepcopy(cfg)) if cfg["zero_optimization"]["stage"] == 3 else None
+            if hf_config is None:
+                unset_hf_deepspeed_config()
+            if ds_version is not None:
+                importlib.metadata.version = (  # type: ignore[assignment]
+                    lambda pkg, v=ds_version: v if pkg == "deepspeed" else real_version(pkg))
+            try:
+                zero3_seen = is_deepspeed_zero3_enabled()
+                pc = types.SimpleNamespace(sp_backend="deepspeed", sp_size=world)
+                theirs = deepspeed_sp_compute_loss(None, model, {"shift_labels": full_shift[:, sl]}, False, pc)
+            finally:
+                importlib.metadata.version = real_version  # type: ignore[assignment]
+                unset_hf_deepspeed_config()
+                del hf_config
+            theirs.backward()
+            out[name] = {
+                "averaged": averaged, "zero3_seen": zero3_seen, "ours": ours.item(), "theirs": theirs.item(),
+                "local_diff": float((w.grad - w_t.grad).abs().max()), "local_norm": float(w.grad.abs().sum()),
+                "ours_vs_sp1": rel(reduced(w.grad, averaged), w_ref.grad),
+                "theirs_vs_sp1": rel(reduced(w_t.grad, averaged), w_ref.grad),
+                "other_convention_vs_sp1": rel(reduced(w.grad, not averaged), w_ref.grad),
+            }
     finally:
-        ds_groups.mpu = old
-    theirs.backward()
-    return {"ours": ours.item(), "theirs": theirs.item(), "ref": ref.item(),
-            "grad_finite": bool(torch.isfinite(logits.grad).all()),
-            "grad_diff": float((logits.grad - logits_t.grad).abs().max()),
-            "grad_norm": float(logits.grad.abs().sum())}
+        ds_groups.mpu = old_mpu
+    return out
 
 
 def test_loss_with_a_rank_without_labels():
+    """ds-burst's SP loss and transformers' Trainer loss (the installed version) give the same value and the same
+    per-rank gradients, and after the DeepSpeed reduction of each case the SP=1 gradient, for no ZeRO, ZeRO-3 of
+    the installed DeepSpeed and ZeRO-3 as DeepSpeed >= 0.20.2 sums it; the other convention would be off by P."""
     res = values(run_ranks(_loss_worker, 2, timeout=120))
+    names = ("no_zero", "zero3", "zero3_deepspeed_0.20.2")
     for r in res:
-        assert abs(r["ours"] - r["ref"]) < 1e-9 * abs(r["ref"]), r
-        assert abs(r["theirs"] - r["ref"]) < 1e-6 * abs(r["ref"]), r
-        assert r["grad_finite"] and r["grad_diff"] < 1e-6, r  # transformers computes in fp32
-    assert res[0]["grad_norm"] == 0.0 and res[1]["grad_norm"] > 0  # rank 0 has no labelled token
+        assert set(r) == {"ref", *names}, r
+        assert r["no_zero"]["averaged"] is False and r["zero3_deepspeed_0.20.2"]["averaged"] is False, r
+        for name in names:
+            c = r[name]
+            assert c["zero3_seen"] is (name != "no_zero"), (name, c)
+            assert abs(c["ours"] - r["ref"]) < 1e-9 * abs(r["ref"]), (name, c)
+            assert abs(c["theirs"] - r["ref"]) < 1e-6 * abs(r["ref"]), (name, c)
+            assert c["local_diff"] < 1e-6, (name, c)  # transformers computes in fp32
+            assert c["ours_vs_sp1"] < 1e-9 and c["theirs_vs_sp1"] < 1e-6, (name, c)
+            assert c["other_convention_vs_sp1"] > 0.4, (name, c)  # off by a factor 2: the check can fail
+    for name in names:  # rank 0 has no labelled token: no gradient, never NaN
+        assert res[0][name]["local_norm"] == 0.0 and res[1][name]["local_norm"] > 0, name

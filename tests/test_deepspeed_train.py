@@ -3,9 +3,11 @@
 Runs tests/ds_equivalence_worker.py under the DeepSpeed launcher (CPU ranks, gloo): SP=1 on 1 rank with
 full-sequence attention (micro batch 2) is the reference; SP=2 on 2 ranks (micro batch 2) and dp=2 x sp=2
 on 4 ranks (micro batch 1 each: the same 2 samples per step) must match it for 3 optimizer steps, with
-activation checkpointing off and on (torch.utils.checkpoint and deepspeed.checkpointing), and for both
-DeepSpeed ZeRO-3 gradient paths (reduce-scatter, which averages over the SP ranks, and all-reduce, which
-sums over them).
+activation checkpointing off and on (torch.utils.checkpoint and deepspeed.checkpointing), with ZeRO-3's
+reduce-scatter (DeepSpeed < 0.20.2 averages over the SP ranks), ZeRO-3's non-contiguous all-reduce path (which
+averages too) and ZeRO-2 (which sums): the worker scales the loss per ``sp_grads_averaged(config)``, so a wrong
+convention there leaves every gradient off by a factor 2 and fails the comparison (each reference gradient is
+checked to be non-zero). tests/test_deepspeed_convention.py covers every ZeRO stage and path in one backward.
 
 Tolerances (fp32): loss relative 1e-5; every gradient tensor max |diff| <= 1e-4 * max |reference| (measured:
 ~7e-7 at step 1, ~2e-5 after two Adam steps).
@@ -27,6 +29,9 @@ WORKER = "tests/ds_equivalence_worker.py"
 RUNS = {
     "sp1": (1, ["--sp", "1", "--mbs", "2"]),
     "sp2": (2, ["--sp", "2", "--mbs", "2"]),
+    "sp2_noncontiguous": (2, ["--sp", "2", "--mbs", "2", "--zero",
+                              '{"stage": 3, "reduce_scatter": false, "contiguous_gradients": false}']),
+    "sp2_zero2": (2, ["--sp", "2", "--mbs", "2", "--zero", '{"stage": 2}']),
     "sp2_allreduce": (2, ["--sp", "2", "--mbs", "2", "--zero", '{"stage": 3, "reduce_scatter": false}']),
     "dp2_sp2": (4, ["--sp", "2", "--mbs", "1"]),
 }
@@ -54,11 +59,12 @@ def _compare(ref: dict, got: dict) -> None:
         for name in ga:
             err = float((ga[name] - gb[name]).abs().max())
             scale = float(ga[name].abs().max())
+            assert scale > 0, f"step {step} {name}: zero reference gradient (the comparison could not fail)"
             assert err <= GRAD_RTOL * scale, f"step {step} {name}: grad diff {err:.3g} (max |grad| {scale:.3g})"
 
 
 @pytest.mark.parametrize("ckpt", ["off", "torch", "deepspeed"])
-@pytest.mark.parametrize("run", ["sp2", "sp2_allreduce", "dp2_sp2"])
+@pytest.mark.parametrize("run", ["sp2", "sp2_noncontiguous", "sp2_zero2", "sp2_allreduce", "dp2_sp2"])
 def test_matches_sp1(results, run, ckpt):
     key = f"ckpt={ckpt}"
     assert results[run]["world"] == RUNS[run][0]
