@@ -92,6 +92,17 @@ def default_peak_tflops(device: Any) -> float | None:
     return None
 
 
+def format_flops(tflops: float) -> str:
+    """A FLOP rate given in TFLOP/s, three significant digits in the largest unit that keeps it >= 1 (a CPU run's
+    rate would print as 0.00 TFLOP/s): ``"294 TFLOP/s"``, ``"41.7 GFLOP/s"``, ``"12.3 MFLOP/s"``."""
+    if not math.isfinite(tflops):
+        return f"{tflops} TFLOP/s"
+    for unit, scale in (("TFLOP/s", 1.0), ("GFLOP/s", 1e-3), ("MFLOP/s", 1e-6), ("kFLOP/s", 1e-9)):
+        if abs(tflops) >= scale:
+            return f"{tflops / scale:.3g} {unit}"
+    return f"{tflops * 1e12:.3g} FLOP/s"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
@@ -178,7 +189,7 @@ def init_topology(rt: Runtime) -> Topology:
     return topo
 
 
-def resolve_ds_config(ds_config: dict[str, Any], tc: TrainConfig, topo: Topology,
+def resolve_ds_config(ds_config: dict[str, Any], tc: TrainConfig, data_parallel_size: int,
                       device: torch.device) -> tuple[bool, int, int]:
     """Fill in ``ds_config`` in place (bf16 from train.precision, scheduler ``total_num_steps: "auto"``,
     train_batch_size, steps_per_print); return ``(use_bf16, micro batch size, gradient accumulation steps)``."""
@@ -189,9 +200,38 @@ def resolve_ds_config(ds_config: dict[str, Any], tc: TrainConfig, topo: Topology
         sched["params"]["total_num_steps"] = tc.steps
     mbs = int(ds_config.get("train_micro_batch_size_per_gpu", 1))
     gas = int(ds_config.get("gradient_accumulation_steps", 1))
-    ds_config.setdefault("train_batch_size", mbs * gas * topo.data_parallel_size)
+    ds_config.setdefault("train_batch_size", mbs * gas * data_parallel_size)
     ds_config.setdefault("steps_per_print", 10**9)
     return use_bf16, mbs, gas
+
+
+def print_config(ds_config: dict[str, Any], tc: TrainConfig, local_rank: int) -> dict[str, Any]:
+    """``--print-config``: resolve the config as a run would and print it as JSON on rank 0 (``RANK``, default 0),
+    without torch.distributed, DeepSpeed or a device context, so it takes a second by hand and under the launcher.
+
+    The world size is the launcher's ``WORLD_SIZE``; run by hand (no ``WORLD_SIZE``) it is the config's
+    ``sequence_parallel_size`` (one data-parallel replica), which a note on stderr says. The device decides bf16
+    (``train.precision: auto``) as in a run: CUDA when available. Returns the printed object."""
+    import torch
+
+    from ds_burst.attention.config import BurstConfig
+
+    burst = BurstConfig.from_ds_config(ds_config)  # the same checks as a run
+    ds_config.pop("burst_attention", None)
+    sp = burst.sequence_parallel_size
+    launched = os.environ.get("WORLD_SIZE")
+    world = int(launched) if launched else sp
+    if world % sp:
+        raise ValueError(f"sequence_parallel_size={sp} does not divide the world size {world} (WORLD_SIZE)")
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    resolve_ds_config(ds_config, tc, world // sp, device)
+    resolved = {"deepspeed": ds_config, "burst_attention": burst.to_dict(), "train": asdict(tc)}
+    if int(os.environ.get("RANK", "0")) == 0:
+        source = "WORLD_SIZE" if launched else "not launched: one data-parallel replica assumed"
+        print(f"[train] resolved config for world size {world} = dp {world // sp} x sp {sp} ({source}), device "
+              f"{device.type}", file=sys.stderr, flush=True)
+        print(json.dumps(resolved, indent=2), flush=True)
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +301,11 @@ def build_engine(rt: Runtime, ds_config: dict[str, Any], tc: TrainConfig, topo: 
 
     burst = rt.burst
     mcfg = ModelConfig.from_dict(tc.model)
-    rt.say(schedule_report(topo.schedule, tc.seq_len, topo.sequence_parallel_size, topo.gpus_per_node,
-                           mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, 2 if rt.device.type == "cuda" else 4))
+    report = schedule_report(topo.schedule, tc.seq_len, topo.sequence_parallel_size, topo.gpus_per_node,
+                             mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, 2 if rt.device.type == "cuda" else 4)
+    if rt.device.type != "cuda":  # the predicted times are for GPU figures (H200 defaults): not this run's
+        report = report.splitlines()[-1] + " (cost-model times are GPU predictions: not printed for a CPU run)"
+    rt.say(report)
     torch.manual_seed(tc.seed)
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     init_ctx: Any = contextlib.nullcontext()
@@ -285,7 +328,8 @@ def build_engine(rt: Runtime, ds_config: dict[str, Any], tc: TrainConfig, topo: 
     engine, _, _, _ = ds_burst.deepspeed_initialize(model, ds_config, topo)
     return Job(rt=rt, tc=tc, ds_config=ds_config, topo=topo, mcfg=mcfg, engine=engine, attention=attention,
                layout=burst.layout if attention == "burst" else "contiguous",  # Ulysses takes contiguous shards
-               use_bf16=use_bf16, zero_stage=stage, mbs=mbs, gas=gas, sp_grads_averaged=sp_grads_averaged(ds_config),
+               use_bf16=use_bf16, zero_stage=stage, mbs=mbs, gas=gas,
+               sp_grads_averaged=sp_grads_averaged(ds_config, model=engine.module),
                peak_tflops=tc.peak_tflops if tc.peak_tflops is not None else default_peak_tflops(rt.device))
 
 
@@ -349,6 +393,9 @@ def open_logs(job: Job, start: int, mode: str, why: str) -> Logs:
                 f"device {job.device}, {'bf16' if job.use_bf16 else 'fp32'}, ZeRO stage {job.zero_stage}, "
                 f"model {mcfg.num_params() / 1e6:.2f}M params, seq_len {tc.seq_len}, {job.tokens_per_step} "
                 f"tokens/step, attention {job.attention}, layout {job.layout}")
+        if job.mcfg.lm_head_chunk_tokens is not None:
+            job.say("training accuracy not measured (chunked LM head: no logits); the held-out evaluation at the "
+                    "end measures it")
         if tc.wandb.enabled:
             import wandb
 
@@ -425,8 +472,9 @@ def train_step(job: Job, step: int) -> dict[str, Any]:
         "step": step + 1,
         "loss": float(stats[0]),
         "lr": float(engine.get_lr()[0]),
-        "retrieval_acc": float(stats[1] / stats[2]) if stats[2] > 0 else float("nan"),
-        "retrieval_acc_far": float(stats[3] / stats[4]) if stats[4] > 0 else float("nan"),
+        # None when not measured: chunked LM head (no logits), no far answers (token files, packed documents)
+        "retrieval_acc": float(stats[1] / stats[2]) if stats[2] > 0 else None,
+        "retrieval_acc_far": float(stats[3] / stats[4]) if stats[4] > 0 else None,
         "tokens_per_s": tps,
         "tflops_per_gpu": tflops,
         "mfu": tflops / job.peak_tflops if job.peak_tflops else None,
@@ -448,14 +496,15 @@ def log_step(job: Job, logs: Logs, rec: dict[str, Any]) -> None:
     if logs.run is not None:
         logs.run.log({k: v for k, v in rec.items() if v is not None and k != "step"}, step=step)
     if logs.bar is not None:
-        logs.bar.set_postfix(loss=f"{rec['loss']:.3f}", far_acc=f"{rec['retrieval_acc_far']:.2f}",
-                             tok_s=f"{rec['tokens_per_s']:.0f}")
+        far = {} if rec["retrieval_acc_far"] is None else {"far_acc": f"{rec['retrieval_acc_far']:.2f}"}
+        logs.bar.set_postfix(loss=f"{rec['loss']:.3f}", **far, tok_s=f"{rec['tokens_per_s']:.0f}")
         logs.bar.update(1)
     if step % job.tc.log_interval == 0 or step == steps:
         mfu = f" MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
-        msg = (f"step {step}/{steps} loss {rec['loss']:.4f} acc {rec['retrieval_acc']:.3f} "
-               f"far {rec['retrieval_acc_far']:.3f} lr {rec['lr']:.2e} {rec['step_time_s']:.2f} s "
-               f"{rec['tokens_per_s']:.0f} tok/s {rec['tflops_per_gpu']:.3f} TFLOP/s/GPU{mfu} "
+        measured = (("acc", rec["retrieval_acc"]), ("far", rec["retrieval_acc_far"]))
+        acc = "".join(f" {name} {v:.3f}" for name, v in measured if v is not None)  # only what this step measured
+        msg = (f"step {step}/{steps} loss {rec['loss']:.4f}{acc} lr {rec['lr']:.2e} {rec['step_time_s']:.2f} s "
+               f"{rec['tokens_per_s']:.0f} tok/s {format_flops(rec['tflops_per_gpu'])}/GPU{mfu} "
                f"mem {rec['peak_mem_gib']:.2f} GiB comm {rec['attn_comm_bytes'] / 2**20:.1f} MiB")
         if logs.bar is not None:
             logs.bar.write(f"[train] {msg}")
@@ -594,7 +643,7 @@ def report(job: Job, logs: Logs, summary: dict[str, Any], history: list[dict[str
         mfu_txt = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
         job.say(f"throughput over steps {len(history) - len(timed_steps(history)) + 1}-{len(history)}: "
                 f"{summary['tokens_per_s']:.0f} tokens/s, "
-                f"{summary['tflops_per_gpu']:.2f} TFLOP/s per GPU{mfu_txt}, {summary['step_time_s']:.3f} s/step; "
+                f"{format_flops(summary['tflops_per_gpu'])} per GPU{mfu_txt}, {summary['step_time_s']:.3f} s/step; "
                 f"peak memory {summary['peak_mem_gib']:.2f} GiB (max over ranks); "
                 f"summary in {os.path.join(tc.output_dir, 'summary.json')}")
     if logs.run is not None:
@@ -611,14 +660,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one training job; return its summary on every rank (``{}`` with --print-config)."""
     args = parse_args(argv)
     ds_config, tc = load_config(args.config, args.override)
+    if args.print_config:  # no torch.distributed, no DeepSpeed engine: fast by hand and under the launcher
+        print_config(ds_config, tc, args.local_rank)
+        return {}
     mode, why = set_wandb_env(ds_config, tc)
     rt = init_runtime(ds_config, args.local_rank)
     topo = init_topology(rt)
-    use_bf16, mbs, gas = resolve_ds_config(ds_config, tc, topo, rt.device)
-    if args.print_config:
-        rt.say(json.dumps({"deepspeed": ds_config, "burst_attention": rt.burst.to_dict(), "train": asdict(tc)},
-                          indent=2))
-        return {}
+    use_bf16, mbs, gas = resolve_ds_config(ds_config, tc, topo.data_parallel_size, rt.device)
 
     job = build_engine(rt, ds_config, tc, topo, use_bf16, mbs, gas)
     job.source = make_data_source(tc, job.mcfg.vocab_size)

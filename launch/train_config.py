@@ -98,7 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the DeepSpeed launcher; do not pass by hand")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config on rank 0 and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (JSON, rank 0) and exit, without starting torch.distributed; "
+                   "by hand the world size is sequence_parallel_size, under the launcher WORLD_SIZE")
     return p.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -105,6 +106,78 @@ def test_help_is_accurate():
     assert out.returncode == 0
     for flag in ("--config", "--override", "--print-config", "KEY=VALUE"):
         assert flag in out.stdout
+
+
+def _train_module():
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import train as train_script
+    finally:
+        sys.path.pop(0)
+    return train_script
+
+
+def test_print_config_without_distributed(monkeypatch, capsys):
+    """--print-config resolves the config without the runtime (no torch.distributed, no DeepSpeed engine): by hand
+    the world is the SP size, under a launcher WORLD_SIZE, and only rank 0 prints."""
+    train_script = _train_module()
+
+    def no_runtime(*args, **kwargs):
+        raise AssertionError("--print-config started the distributed runtime")
+
+    monkeypatch.setattr(train_script, "init_runtime", no_runtime)
+    with open(REPO / "configs/cpu_tiny.json") as f:
+        raw = json.load(f)
+    batch = raw["train_micro_batch_size_per_gpu"] * raw.get("gradient_accumulation_steps", 1)
+    argv = ["--config", str(REPO / "configs/cpu_tiny.json"), "--print-config", "--override", "train.steps=3"]
+    for env, dp, prints in (({}, 1, True), ({"WORLD_SIZE": "4", "RANK": "0"}, 2, True),
+                            ({"WORLD_SIZE": "4", "RANK": "3"}, 2, False)):
+        for key in ("WORLD_SIZE", "RANK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert train_script.main(argv) == {}
+        out = capsys.readouterr()
+        if not prints:
+            assert out.out == "" and out.err == ""
+            continue
+        cfg = json.loads(out.out)  # stdout is the JSON alone
+        assert cfg["deepspeed"]["train_batch_size"] == batch * dp and cfg["train"]["steps"] == 3, cfg
+        assert "burst_attention" not in cfg["deepspeed"] and cfg["burst_attention"]["sequence_parallel_size"] == 2
+        assert cfg["deepspeed"]["bf16"]["enabled"] is torch.cuda.is_available()
+        assert f"dp {dp} x sp 2" in out.err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="does not divide the world size 3"):
+        train_script.main(argv)
+    assert not torch.distributed.is_initialized()
+
+
+def test_print_config_under_the_launcher():
+    log = deepspeed_launch(2, "launch/train.py", ["--config", "configs/cpu_tiny.json", "--print-config"], timeout=300)
+    assert log.count('"deepspeed": {') == 1 and "dp 1 x sp 2 (WORLD_SIZE)" in log, log[-3000:]
+
+
+def test_step_log_prints_only_measured_numbers(tmp_path, capsys):
+    """A step without accuracy (chunked LM head, token files) prints none (no "acc nan"), null in metrics.jsonl;
+    a CPU-sized FLOP rate prints in a unit that shows it (not "0.000 TFLOP/s")."""
+    train_script = _train_module()
+    job = types.SimpleNamespace(is_main=True, tc=types.SimpleNamespace(steps=2, log_interval=1),
+                                say=lambda msg: print(f"[train] {msg}"))
+    logs = train_script.Logs(str(tmp_path / "metrics.jsonl"), "disabled")
+    rec = {"step": 1, "loss": 2.0, "lr": 1e-3, "retrieval_acc": None, "retrieval_acc_far": None,
+           "tokens_per_s": 1000.0, "tflops_per_gpu": 2.5e-5, "mfu": None, "step_time_s": 0.5, "data_time_s": 0.01,
+           "attn_comm_bytes": 2**20, "peak_mem_gib": 0.1, "rss_mib": 100.0}
+    train_script.log_step(job, logs, rec)
+    line = capsys.readouterr().out
+    assert " acc " not in line and " far " not in line and "nan" not in line and "25 MFLOP/s/GPU" in line, line
+    train_script.log_step(job, logs, dict(rec, step=2, retrieval_acc=0.5, retrieval_acc_far=0.25, tflops_per_gpu=294.4,
+                                          mfu=0.297))
+    line = capsys.readouterr().out
+    assert "loss 2.0000 acc 0.500 far 0.250 lr" in line and "294 TFLOP/s/GPU MFU 29.7%" in line, line
+    m = _metrics(tmp_path)
+    assert m[0]["retrieval_acc"] is None and m[1]["retrieval_acc_far"] == 0.25
+    assert [train_script.format_flops(x) for x in (989.0, 0.0417, 1.23e-5, 0.0)] == [
+        "989 TFLOP/s", "41.7 GFLOP/s", "12.3 MFLOP/s", "0 FLOP/s"]
 
 
 def test_config_loading_and_overrides(tmp_path):

@@ -47,15 +47,33 @@ from ds_burst.cli.projection import plot_projection, project, projection_markdow
 from ds_burst.core.cost_model import (
     HARDWARE_FIELDS,
     Hardware,
+    Prediction,
     Problem,
     choose,
-    format_table,
     load_calibration,
     predict,
     rates_from_kernel_bench,
     read_json,
     split_bench_arg,
 )
+
+
+def readable(x: float, decimals: int = 1) -> str:
+    """``x`` with ``decimals`` decimals, or three significant digits where that would print 0 (``0.0123``, ``4.5e-05``
+    ms on the small problems of a CPU run) or drop the sign: a printed number is never a rounded-away 0."""
+    if x == 0 or abs(x) >= 10.0**-decimals:
+        return f"{x:.{decimals}f}"
+    return f"{x:.3g}"
+
+
+def format_predictions(preds: list[Prediction]) -> str:
+    """Fixed-width table of predictions, fastest first (times in ms, see :func:`readable`)."""
+    head = f"{'schedule':14s} {'backward':8s} {'fwd ms':>10s} {'bwd ms':>10s} {'total ms':>10s} {'exposed':>9s}  note"
+    lines = [head]
+    for x in sorted(preds, key=lambda x: x.total_ms):
+        lines.append(f"{x.schedule:14s} {x.backward:8s} {readable(x.fwd_ms):>10s} {readable(x.bwd_ms):>10s} "
+                     f"{readable(x.total_ms):>10s} {readable(x.exposed_comm_ms):>9s}  {x.note}".rstrip())
+    return "\n".join(lines)
 
 
 def _memory_report(args: argparse.Namespace) -> str:
@@ -74,7 +92,7 @@ def _memory_report(args: argparse.Namespace) -> str:
                           offload_optimizer=args.offload_optimizer)
     lines = [f"memory per GPU (GiB): S={args.seq}, SP={sp}, DP={args.dp}, ZeRO-{args.zero_stage}, "
              f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
-    lines += [f"  {k:20s} {v:10.2f}" for k, v in est.items()]
+    lines += [f"  {k:20s} {readable(v, 2):>10s}" for k, v in est.items()]
     return "\n".join(lines)
 
 
@@ -236,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"problem": asdict(prob), "hardware": asdict(hw),
                           "predictions": [x.to_dict() for x in preds], "choice": asdict(best)}, indent=1))
         return
-    print(format_table(preds))
-    print(f"choice: schedule={best.schedule} backward={best.backward} ({best.total_ms:.1f} ms predicted"
+    print(format_predictions(preds))
+    print(f"choice: schedule={best.schedule} backward={best.backward} ({readable(best.total_ms)} ms predicted"
           f"{'' if args.all else ', implemented schedules only'})")
     if args.calibration or args.kernel_bench:
         print(f"hardware: {_describe(hw)}")

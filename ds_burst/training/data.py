@@ -276,20 +276,37 @@ def sample_indices(step: int, micro_step: int, grad_accum: int, dp_rank: int, dp
     return list(range(base, base + micro_batch))
 
 
+@functools.lru_cache(maxsize=16)
+def _global_index_np(layout: str, sp_rank: int, sp_size: int, seq_len: int) -> np.ndarray:
+    """:func:`ds_burst.core.layout.global_index` as an int64 array (cached; never handed out, only copied)."""
+    return np.asarray(global_index(layout, sp_rank, sp_size, seq_len), dtype=np.int64)
+
+
+def shard_index(layout: str, sp_rank: int, sp_size: int, seq_len: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[seq_len // sp_size]`` int64 tensor on ``device``: the global positions (in local order) that SP rank
+    ``sp_rank`` holds under ``layout``. Built from a host-side cache: a host-to-device copy, never a read back."""
+    return torch.tensor(_global_index_np(layout, sp_rank, sp_size, seq_len), dtype=torch.long, device=device)
+
+
 def shard_batch_local(
     input_ids: torch.Tensor, labels: torch.Tensor, sp_rank: int, sp_size: int, layout: str
 ) -> dict[str, torch.Tensor]:
     """This SP rank's shard of full-sequence ``[B, S]`` tensors under ``layout`` (no communication):
-    ``input_ids``, ``labels`` and the global ``position_ids``."""
+    ``input_ids``, ``labels`` and the global ``position_ids``. Each output stays on its input's device
+    (``position_ids`` on ``input_ids``'); nothing is read back to the host."""
     check_layout(layout)
     seq = input_ids.shape[-1]
+    if labels.shape[-1] != seq:
+        raise ValueError(f"labels hold {labels.shape[-1]} positions, input_ids {seq}")
     div = needs_divisor(layout, sp_size)
     if seq % div:
         raise ValueError(f"sequence length {seq} is not divisible by {div} ({layout} layout over {sp_size} ranks)")
-    idx = torch.tensor(global_index(layout, sp_rank, sp_size, seq), dtype=torch.long)
+    idx = shard_index(layout, sp_rank, sp_size, seq, input_ids.device)
+    lab_idx = idx if labels.device == input_ids.device else shard_index(layout, sp_rank, sp_size, seq, labels.device)
     return {
         "input_ids": input_ids.index_select(-1, idx),
-        "labels": labels.index_select(-1, idx),
+        "labels": labels.index_select(-1, lab_idx),
         "position_ids": idx[None].expand(input_ids.shape[0], -1).contiguous(),
     }
 
@@ -318,17 +335,18 @@ def _rank_counts(layout: str, sp_size: int, seq_len: int) -> tuple[np.ndarray, n
 
 
 def far_labels(labels: torch.Tensor, sources: torch.Tensor, layout: str, sp_size: int) -> torch.Tensor:
-    """``labels [S]`` kept only where no token of the asked fact (``sources [S, 2]``, spans from
+    """``labels [..., S]`` kept only where no token of the asked fact (``sources [..., S, 2]``, spans from
     :meth:`RetrievalTask.sources`) is on the SP rank that holds the question under ``layout``;
-    ``IGNORE_INDEX`` elsewhere. With ``sp_size == 1`` the two halves of the sequence count as two ranks."""
-    own, counts = _rank_counts(layout, sp_size, labels.shape[-1])
-    pos = (labels != IGNORE_INDEX).nonzero().flatten().numpy()
-    a, b = sources[pos, 0].numpy(), sources[pos, 1].numpy()
-    r = own[pos]
-    near = (a < 0) | (counts[r, np.maximum(b, 0)] - counts[r, np.maximum(a, 0)] > 0)
-    out = labels.clone()
-    out[torch.from_numpy(pos[near])] = IGNORE_INDEX
-    return out
+    ``IGNORE_INDEX`` elsewhere. With ``sp_size == 1`` the two halves of the sequence count as two ranks.
+    Computed on ``labels``' device (``sources`` are moved there) without reading anything back to the host."""
+    own_np, counts_np = _rank_counts(layout, sp_size, labels.shape[-1])
+    device = labels.device
+    own = torch.as_tensor(own_np, device=device)
+    counts = torch.as_tensor(counts_np, device=device)
+    src = sources.to(device)
+    a, b = src[..., 0], src[..., 1]
+    near = (a < 0) | (counts[own, b.clamp(min=0)] - counts[own, a.clamp(min=0)] > 0)
+    return labels.masked_fill(near, IGNORE_INDEX)
 
 
 def make_batch(
@@ -351,8 +369,8 @@ def make_batch(
         ids, labels = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         out = shard_batch_local(ids, labels, sp_rank, sp_size, layout)
         idx = out["position_ids"][0]
-        in_doc = torch.cat([torch.arange(n) for n in lengths])
-        doc = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])
+        in_doc = torch.cat([torch.arange(n, device=idx.device) for n in lengths])
+        doc = torch.cat([torch.full((n,), d, device=idx.device) for d, n in enumerate(lengths)])
         out["position_ids"] = in_doc[idx][None].expand(ids.shape[0], -1).contiguous()
         out["doc_ids"] = doc[idx][None].expand(ids.shape[0], -1).contiguous()
         moved: dict[str, Any] = {k: v.to(device) for k, v in out.items()}
@@ -363,9 +381,8 @@ def make_batch(
     labels = torch.stack([p[1] for p in pairs])
     out = shard_batch_local(ids, labels, sp_rank, sp_size, layout)
     if isinstance(source, RetrievalTask):
-        far = torch.stack([far_labels(p[1], source.sources(i), layout, sp_size) for p, i in zip(pairs, indices)])
-        idx = torch.tensor(global_index(layout, sp_rank, sp_size, ids.shape[-1]), dtype=torch.long)
-        out["far_labels"] = far.index_select(-1, idx)
+        far = far_labels(labels, torch.stack([source.sources(i) for i in indices]), layout, sp_size)
+        out["far_labels"] = far.index_select(-1, shard_index(layout, sp_rank, sp_size, ids.shape[-1], far.device))
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -374,12 +391,12 @@ def boundaries_from_position_ids(position_ids: torch.Tensor) -> list[int] | None
     ``[B, S]``) whose positions restart at 0 at every document (what transformers' packing collators pass), or
     ``None`` when they never restart (one document). Every row must hold the same documents (the boundaries
     apply to each row). Reads the tensor on the host (call it in the data path, not per layer)."""
-    pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
-    starts = [(row == 0).nonzero().flatten().tolist() for row in pos]
+    zero = (position_ids.reshape(-1, position_ids.shape[-1]) == 0).cpu()  # the one read back: a bool mask
+    starts = [row.nonzero().flatten().tolist() for row in zero]
     if any(s != starts[0] for s in starts[1:]):
         raise ValueError("packed position_ids: the rows of the batch hold different documents; ds-burst applies one "
                          "set of document boundaries to every row (pack each row alike, or use batch size 1)")
-    seq = pos.shape[-1]
+    seq = zero.shape[-1]
     cu = sorted({0, *starts[0], seq})
     return None if len(cu) == 2 else cu
 
