@@ -129,7 +129,8 @@ def worker_bad(rank, world):
     bad = {
         "start": [1, 5, s],
         "end": [0, 5, s - 1],
-        "order": [0, 5, 5, s],
+        "order": [0, 6, 5, s],
+        "per-row boundaries": [[0, 5, s]],
         "float": torch.tensor([0.0, 5.0, float(s)]),
         "2d": torch.tensor([[0, 5, s]]),
         "one boundary": [0],
@@ -146,6 +147,9 @@ def worker_bad(rank, world):
             got[name] = f"{type(exc).__name__}: {exc}"
     out = ds_burst.burst_attn_func(q, q, q, causal=True, cu_seqlens=[0, 5, s])  # still works afterwards
     got["afterwards"] = bool(torch.isfinite(out).all())
+    # an empty document (a repeated boundary, which flash-attn's varlen convention allows) holds no token
+    empty = ds_burst.burst_attn_func(q, q, q, causal=True, cu_seqlens=[0, 5, 5, s, s])
+    got["afterwards"] &= bool(torch.equal(empty, out))
     got["distributed attention"] = distributed_attention_error(rank, world)
     return got
 

@@ -45,29 +45,43 @@ def _inputs(rank: int, world: int, s_local: int = 16, seed: int = 0):
 
 def worker_counts(rank: int, world: int):
     import ds_burst
+    from ds_burst.attention import validate
     from ds_burst.attention.call_plan import PLANS
 
     counts = _count_calls()  # installed before ds_burst's first call: the wrappers are what it calls
+    headers = [0]
+    exchange = validate.exchange_header
+
+    def counted_header(*a, **kw):
+        headers[0] += 1
+        return exchange(*a, **kw)
+
+    validate.exchange_header = counted_header
     q, k, v = _inputs(rank, world)
     out = {}
-    for mode in (True, "always"):
-        ds_burst.burst_attn_func(q, k, v, check_inputs=mode).sum().backward()  # warm-up (validates once)
+    for mode, finite in ((True, False), ("always", False), (True, True)):
+        ds_burst.burst_attn_func(q, k, v, check_inputs=mode, check_finite=finite).sum().backward()  # warm-up
         misses = PLANS.misses
         counts.update(collective=0, p2p=0)
+        headers[0] = 0
         for _ in range(3):
-            o = ds_burst.burst_attn_func(q, k, v, check_inputs=mode)
+            o = ds_burst.burst_attn_func(q, k, v, check_inputs=mode, check_finite=finite)
             o.sum().backward()
-        out[str(mode)] = dict(counts, misses=PLANS.misses - misses)
+        out[f"{mode}-{finite}"] = dict(counts, misses=PLANS.misses - misses, headers=headers[0])
     return out
 
 
 def test_no_collectives_after_warmup_only_ring_p2p():
     for res in values(run_ranks(worker_counts, 2, timeout=120)):
-        assert res["True"]["collective"] == 0, res
-        assert res["True"]["p2p"] > 0, res  # the ring ran
-        assert res["True"]["misses"] == 0, res
-        # the debugging mode validates on every call: the counter sees it (so the check above can fail)
-        assert res["always"]["collective"] >= 3, res
+        steady = res["True-False"]
+        assert steady["collective"] == 0, res
+        assert steady["headers"] == 3, res  # one header round per call, the same on every rank
+        assert steady["p2p"] > steady["headers"], res  # the ring ran besides the headers
+        assert steady["misses"] == 0, res
+        # the debugging mode checks and plans on every call (still no collective)
+        assert res["always-False"]["collective"] == 0 and res["always-False"]["headers"] == 3, res
+        # the backward's NaN check is a collective per call: the counter sees it (so the first check can fail)
+        assert res["True-True"]["collective"] >= 3, res
 
 
 def worker_shape_change(rank: int, world: int):

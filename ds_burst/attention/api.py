@@ -1,13 +1,12 @@
 """Public entry point ``burst_attn_func``.
 
-A call builds its key from the shapes, dtypes, device, options and group. The first call of a key validates
-the input on every rank (one small all-gather: the same clear error everywhere, never a hang), resolves the
-schedule and builds the call plan (:mod:`ds_burst.attention.call_plan`); later calls of the key only look the
-plan up, so in steady state a call issues no collective and no host sync besides the ring's own P2P. A rank
-whose key changes while the others' does not (one rank changed its input shape) meets the others' ring
-messages instead of their validation: both sides give up within the communication timeout and raise a
-``ValueError`` naming what differs (each rank publishes its latest validated key in the process group's store).
-Under ``torch.compile`` the call is one custom op (:mod:`ds_burst.attention.compiled`).
+A call builds its key from the shapes, dtypes, device, options, group and documents. The first call of a key
+checks the input and builds the call plan (:mod:`ds_burst.attention.call_plan`); later calls only look it up.
+On every call the ranks of the group swap a small fixed-size header over the group's CPU channel
+(:mod:`ds_burst.attention.lookup`): ranks whose inputs disagree (also when only one of them changed its input
+while the others reuse their plan) raise the same ``ValueError`` at once, naming what differs; no NCCL
+collective and no device sync is added per call. Under ``torch.compile`` the call is one custom op
+(:mod:`ds_burst.attention.compiled`).
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ from ds_burst.attention import compiled
 from ds_burst.attention.function import BurstAttnFunction
 from ds_burst.attention.lookup import lookup_plan
 from ds_burst.attention.selective import active_keep
-from ds_burst.attention.validate import check_mode, diagnose_drift
-from ds_burst.dist.comm import CommTimeoutError
+from ds_burst.attention.validate import check_mode
 
 
 def burst_attn_func(
@@ -42,6 +40,7 @@ def burst_attn_func(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | list[int] | tuple[int, ...] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -53,8 +52,10 @@ def burst_attn_func(
         softmax_scale: defaults to ``D ** -0.5``.
         window_size: ``(left, right)`` sliding window as in flash-attn, ``-1`` unbounded. Out-of-reach
             blocks and whole ring hops are skipped.
-        group: process group, DeepSpeed ``mpu``/topology object, or ``None`` (world; single process
-            when torch.distributed is not initialised).
+        group: process group, DeepSpeed ``mpu``/topology object, or ``None``: the sequence-parallel group of the
+            current topology (:func:`ds_burst.init_sequence_parallel`) when one exists, else the world (a single
+            process when torch.distributed is not initialised). Pass ``torch.distributed.group.WORLD`` for the
+            world while a topology exists.
         layout: how the caller split the sequence, ``"contiguous"`` or ``"zigzag"``.
         backward: ``"burst"`` (Q, dO, lse, delta and dQ travel), ``"ring"`` (K, V, dK, dV travel) or
             ``"auto"`` (the one that sends fewer bytes for these head counts).
@@ -64,49 +65,57 @@ def burst_attn_func(
             across ranks: :mod:`ds_burst.kernels.choice`; torch on CPU).
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, S_local]`` (fp32, not differentiable).
         deterministic: bitwise-reproducible backward (no atomics in the kernels).
-        check_inputs: ``True`` or ``"once"`` (default): validate on every rank with one small all-gather the
-            first time this rank meets a shape/option key, then only look the key up; ``"always"``: the
-            all-gather on every call (debugging); ``False``: local checks only, also on new keys (ranks
-            that disagree then fail inside the ring, bounded by the communication timeout).
+        check_inputs: ``True`` or ``"once"`` (default): check the input locally the first time this rank meets a
+            shape/option key, and on every call swap a fixed-size header with the other ranks (CPU messages, no
+            device sync) so that ranks making different calls raise the same ``ValueError`` at once;
+            ``"always"``: also check locally and rebuild the plan on every call (debugging); ``False``: the
+            header goes to the two ring neighbours only (two messages instead of ``P - 1``; a rank whose
+            neighbours agree with it fails inside the ring when ranks further away disagree, bounded by the
+            communication timeout).
         schedule: ``"ring"`` (flat), ``"double_ring"`` or ``"ulysses_ring"`` (both need ``group`` to be the
             topology from :func:`ds_burst.init_sequence_parallel` made with that schedule; a double ring
             inside one node is the flat ring) or ``"auto"``; ``None`` takes the topology's schedule (flat
             ring for a plain process group).
             Sliding windows always use the flat ring, which stops early.
         check_finite: raise ``ValueError`` on every rank when any rank's q, k or v (forward) or output
-            gradient (backward) holds NaN/Inf, naming the rank and tensor (a collective check per call).
+            gradient (backward) holds NaN/Inf, naming the rank and tensor (a host read per call; the backward
+            check is a collective per call).
             Without it NaN/Inf in q, k or v propagate into the output as in torch SDPA (never a zeroed row).
         softcap: logit softcapping (Gemma 2): scores become ``softcap * tanh(s / softcap)`` with ``s`` the scaled
             score; ``None`` for none.
         sinks: ``[Hq]`` attention sinks (GPT-OSS): a learned per-head logit in the softmax denominator, merged
             once after the ring; it gets a gradient (this rank's queries' part).
         cu_seqlens: packed documents: the global boundaries ``[0, e1, ..., S]`` of the documents in the *full*
-            sequence (flash-attn varlen convention for one packed row, the same for every row of the batch and
-            on every rank); attention never crosses a boundary. A 1-D integer tensor or a list of ints; a CUDA
-            tensor costs one small device-to-host copy per call (pass it on the CPU). Tiles and ring hops
-            with no same-document work are skipped and the ranks' work is balanced from the document lengths
-            (docs/API.md, "Packed documents"). ``None``: one document. Not supported under ``torch.compile``.
+            sequence (one packed row, the same for every row of the batch and on every rank), or flash-attn's
+            offsets into the flattened batch ``[0, ..., B*S]`` when every row holds the same documents, or a pair
+            ``(cu_seqlens_q, cu_seqlens_k)`` that must be equal; attention never crosses a boundary; empty
+            documents (a repeated boundary) are allowed. A 1-D integer tensor or a list of ints; a tensor is read
+            on the host once per tensor object (the same CUDA tensor passed to every layer costs one copy). Tiles
+            and ring hops with no same-document work are skipped and the ranks' work is balanced from the
+            document lengths (docs/API.md, "Packed documents"). ``None``: one document. Works under
+            ``torch.compile``.
+        position_ids: packed documents given as this rank's positions ``[B, S_local]`` or ``[S_local]`` (in the
+            caller's ``layout``) that restart at 0 at every document start (Hugging Face packing); every rank's
+            positions are gathered over the group's CPU channel once per tensor object and the boundaries taken
+            from the full sequence. A jump that is not a restart at 0, or rows with different documents, raise
+            ``ValueError``. Give ``cu_seqlens`` or ``position_ids``, not both.
 
     Kernels that cannot honour ``softcap`` or ``Dv != D`` (sdpa's fused ops) are replaced for the call by one that
     can (Triton on CUDA where it supports the inputs, else the PyTorch reference).
 
     Returns:
-        ``out [B, S_local, Hq, D]`` in the input dtype (and ``lse`` when ``return_lse``).
+        ``out [B, S_local, Hq, Dv]`` (``Dv``: V's head dim) in the input dtype (and ``lse [B, Hq, S_local]`` when
+        ``return_lse``).
     """
     if torch.compiler.is_compiling():
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens (packed documents) is not supported under torch.compile yet")
         return compiled.call(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel,
-                             return_lse, deterministic, check_inputs, schedule, check_finite, softcap, sinks)
+                             return_lse, deterministic, check_inputs, schedule, check_finite, softcap, sinks,
+                             cu_seqlens, position_ids)
     plan = lookup_plan(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
                        deterministic, check_mode(check_inputs), schedule, check_finite, softcap, sinks,
-                       cu_seqlens=cu_seqlens)
+                       cu_seqlens=cu_seqlens, position_ids=position_ids)
     if plan.direct is not None and active_keep() is None:  # one rank, one fused op under torch's autograd
         out, lse = plan.direct(q, k, v)
         return (out, lse) if return_lse else out
-    try:
-        out, lse = BurstAttnFunction.apply(q, k, v, plan, sinks)
-    except CommTimeoutError as exc:
-        diagnose_drift(plan.info, plan.summary, exc)
-        raise
+    out, lse = BurstAttnFunction.apply(q, k, v, plan, sinks)
     return (out, lse) if return_lse else out

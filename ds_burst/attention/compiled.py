@@ -6,7 +6,9 @@ same plan cache, validation and ring as the eager path. Outputs of a custom op m
 backward re-derives the compute-layout tensors from q, k, v and the output (a relayout exchange when the
 caller's layout differs from the compute layout; nothing at one rank or in the compute layout). ``schedule=
 "ulysses_ring"`` and selective checkpointing are not supported under compile (a clear error). ``softcap`` is a
-float argument (``None`` for none) and ``sinks`` an optional tensor input that gets a gradient.
+float argument (``None`` for none) and ``sinks`` an optional tensor input that gets a gradient. Packed documents
+travel into the op as they were given: ``cu_seqlens`` as integer lists or tensors (``cu_seqlens_q``/``_k``) and
+``position_ids`` as a tensor, read inside the op exactly as in eager mode, so tracing needs no graph break.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from __future__ import annotations
 import torch
 
 from ds_burst.attention.call_plan import CallPlan
-from ds_burst.attention.function import backward_impl, forward_impl
+from ds_burst.attention.function import backward_impl, forward_impl, move_layout
 from ds_burst.attention.lookup import lookup_plan
 from ds_burst.attention.selective import active_keep
-from ds_burst.dist.relayout import relayout
 
 _GROUPS: dict[str, object] = {}
 
@@ -38,12 +39,39 @@ def _group(token: str) -> object:
     return None if token == "" else _GROUPS[token]
 
 
+Docs = tuple[list[int] | None, list[int] | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _split_docs(cu_seqlens: object, position_ids: torch.Tensor | None) -> Docs:
+    """``cu_seqlens`` / ``position_ids`` as the op's arguments: ``(q list, k list, q tensor, k tensor, positions)``.
+    Anything else (a bad type) goes in as a list for the op's validation to report."""
+    pair = (isinstance(cu_seqlens, tuple) and len(cu_seqlens) == 2
+            and all(isinstance(x, (list, tuple, torch.Tensor)) for x in cu_seqlens))
+    cq, ck = cu_seqlens if pair else (cu_seqlens, None)  # type: ignore[misc]
+    out: list = [None, None, None, None, position_ids]
+    for i, c in enumerate((cq, ck)):
+        if isinstance(c, torch.Tensor):
+            out[2 + i] = c
+        elif c is not None:
+            out[i] = list(c)  # type: ignore[call-overload]
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _join_docs(cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None, tk: torch.Tensor | None
+               ) -> object:
+    q = cq if cq is not None else tq
+    k = ck if ck is not None else tk
+    return q if k is None else (q, k)
+
+
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int,
           token: str, layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
-          schedule: str, check_finite: bool, softcap: float | None = None,
-          sinks: torch.Tensor | None = None) -> CallPlan:
+          schedule: str, check_finite: bool, softcap: float | None, sinks: torch.Tensor | None,
+          cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None, tk: torch.Tensor | None,
+          positions: torch.Tensor | None) -> CallPlan:
     plan = lookup_plan(q, k, v, causal, scale, (wl, wr), _group(token), layout, backward, kernel, True,
-                       deterministic, check_inputs, None if schedule == "" else schedule, check_finite, softcap, sinks)
+                       deterministic, check_inputs, None if schedule == "" else schedule, check_finite, softcap, sinks,
+                       cu_seqlens=_join_docs(cq, ck, tq, tk), position_ids=positions)
     if plan.ulysses is not None:
         raise ValueError("schedule='ulysses_ring' is not supported under torch.compile; use 'ring' or 'double_ring'")
     return plan
@@ -53,18 +81,19 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int,
                  wr: int, token: str, layout: str, backward: str, kernel: str, deterministic: bool,
                  check_inputs: str, schedule: str, check_finite: bool, softcap: float | None,
-                 sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sinks: torch.Tensor | None, cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None,
+                 tk: torch.Tensor | None, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if active_keep() is not None:
         raise ValueError("selective checkpointing (ds_burst.attention.selective) is not supported under torch.compile")
     plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
-                 schedule, check_finite, softcap, sinks)
+                 schedule, check_finite, softcap, sinks, cq, ck, tq, tk, positions)
     out, lse, _ = forward_impl(q, k, v, plan, sinks)
     return out.contiguous(), lse.contiguous()  # fresh tensors: forward_impl never returns an input
 
 
 @attention_op.register_fake
 def _(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs, schedule,
-      check_finite, softcap, sinks):
+      check_finite, softcap, sinks, cq, ck, tq, tk, positions):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out_shape = (*q.shape[:3], v.shape[3])
     return q.new_empty(out_shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
@@ -74,16 +103,18 @@ def _(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, determini
 def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           dout: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int, token: str,
                           layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
-                          schedule: str, check_finite: bool, softcap: float | None, sinks: torch.Tensor | None
+                          schedule: str, check_finite: bool, softcap: float | None, sinks: torch.Tensor | None,
+                          cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None,
+                          tk: torch.Tensor | None, positions: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
-                 schedule, check_finite, softcap, sinks)
-    src, dst, info = plan.user_layout, plan.compute_layout, plan.info
+                 schedule, check_finite, softcap, sinks, cq, ck, tq, tk, positions)
+    src, dst = plan.user_layout, plan.compute_layout
     if src == dst:
         saved = (q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
     else:
-        saved = (*(relayout(x.contiguous(), 1, src, dst, info) for x in (q, k, v, out)),  # type: ignore[assignment]
-                 relayout(lse.contiguous(), 2, src, dst, info))
+        saved = (*(move_layout(x.contiguous(), 1, plan, True) for x in (q, k, v, out)),  # type: ignore[assignment]
+                 move_layout(lse.contiguous(), 2, plan, True))
     grads = backward_impl(plan, saved, dout, sinks)  # type: ignore[arg-type]
     # the op's outputs are fixed: d sinks is zeros (never read) without sinks
     dsinks = grads[3] if sinks is not None else q.new_zeros(())
@@ -92,25 +123,37 @@ def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
 
 @attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, *args):
-    sinks = args[-1]
+    sinks = args[-6]
     dsinks = q.new_zeros(()) if sinks is None else torch.empty_like(sinks)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
+_N_OPTS = 13  # the op's arguments between v and sinks (causal ... softcap)
+
+
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, *opts = inputs
+    q, k, v, *rest = inputs
+    opts, sinks, (cq, ck, tq, tk, positions) = rest[:_N_OPTS], rest[_N_OPTS], rest[_N_OPTS + 1:]
     out, lse = output
-    sinks = opts[-1]
-    ctx.save_for_backward(q, k, v, out, lse, *(() if sinks is None else (sinks,)))
-    ctx.opts = opts[:-1]
+    tensors = [q, k, v, out, lse]
+    slots = {}  # the optional tensor inputs the backward needs, by position among the saved tensors
+    for name, t in (("sinks", sinks), ("tq", tq), ("tk", tk), ("positions", positions)):
+        if t is not None:
+            slots[name] = len(tensors)
+            tensors.append(t)
+    ctx.save_for_backward(*tensors)
+    ctx.opts, ctx.lists, ctx.slots = opts, (cq, ck), slots
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):  # noqa: ANN001, ANN202
-    q, k, v, out, lse, *rest = ctx.saved_tensors
-    sinks = rest[0] if rest else None
-    dq, dk, dv, dsinks = attention_backward_op(q, k, v, out, lse, dout.contiguous(), *ctx.opts, sinks)
-    return (dq, dk, dv) + (None,) * len(ctx.opts) + (dsinks if sinks is not None else None,)
+    saved = ctx.saved_tensors
+    q, k, v, out, lse = saved[:5]
+    sinks, tq, tk, positions = (saved[ctx.slots[n]] if n in ctx.slots else None
+                                for n in ("sinks", "tq", "tk", "positions"))
+    dq, dk, dv, dsinks = attention_backward_op(q, k, v, out, lse, dout.contiguous(), *ctx.opts, sinks,
+                                               *ctx.lists, tq, tk, positions)
+    return (dq, dk, dv) + (None,) * _N_OPTS + (dsinks if sinks is not None else None,) + (None,) * 5
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -119,13 +162,13 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
          window_size: tuple[int, int], group: object, layout: str, backward: str, kernel: str, return_lse: bool,
          deterministic: bool, check_inputs: bool | str, schedule: str | None, check_finite: bool,
-         softcap: float | None = None, sinks: torch.Tensor | None = None
-         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         softcap: float | None = None, sinks: torch.Tensor | None = None, cu_seqlens: object = None,
+         position_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``burst_attn_func`` while dynamo traces: the custom op."""
     mode = "once" if check_inputs is True else ("local" if check_inputs is False else str(check_inputs))
     scale = None if softmax_scale is None else float(softmax_scale)
     out, lse = attention_op(q, k, v, bool(causal), scale, int(window_size[0]), int(window_size[1]),
                             group_token(group), layout, backward, kernel, bool(deterministic), mode,
                             "" if schedule is None else schedule, bool(check_finite),
-                            None if softcap is None else float(softcap), sinks)
+                            None if softcap is None else float(softcap), sinks, *_split_docs(cu_seqlens, position_ids))
     return (out, lse) if return_lse else out

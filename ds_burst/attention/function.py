@@ -62,7 +62,7 @@ def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, plan
     return part.to(sinks.dtype)
 
 
-def _move(x: torch.Tensor, dim: int, plan: CallPlan, to_compute: bool, phase: str = "relayout") -> torch.Tensor:
+def move_layout(x: torch.Tensor, dim: int, plan: CallPlan, to_compute: bool, phase: str = "relayout") -> torch.Tensor:
     """``x`` from the caller's layout to the compute layout (or back): half-chunk relayout, or the chunk
     assignment of packed documents (:attr:`CallPlan.chunks`)."""
     src, dst = plan.user_layout, plan.compute_layout
@@ -81,7 +81,7 @@ def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if src == dst:
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()  # no copies when already dense
     else:
-        qc, kc, vc = (_move(x.contiguous(), 1, plan, True) for x in (q, k, v))
+        qc, kc, vc = (move_layout(x.contiguous(), 1, plan, True) for x in (q, k, v))
     if spec is not None:  # heads to the node's ranks, all the node's tokens to each
         qc = uly.to_node(qc, spec, "a2a")
         kc, vc = (uly.to_node(uly.repeat_kv(x, spec.kv_repeat), spec, "a2a") for x in (kc, vc))
@@ -93,7 +93,7 @@ def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out_c, lse = uly.from_node(out_c, spec, "a2a"), uly.lse_to_shard(lse, spec, "a2a")
     if src == dst:
         return out_c, lse, saved
-    return _move(out_c, 1, plan, False), _move(lse, 2, plan, False), saved
+    return move_layout(out_c, 1, plan, False), move_layout(lse, 2, plan, False), saved
 
 
 def backward_impl(plan: CallPlan, saved: Saved, dout: torch.Tensor, sinks: torch.Tensor | None = None
@@ -105,7 +105,7 @@ def backward_impl(plan: CallPlan, saved: Saved, dout: torch.Tensor, sinks: torch
     if plan.check_finite:
         check_finite_grad(dout, info)
     dout = dout.to(qc.dtype)
-    dout_c = dout if src == dst else _move(dout.contiguous(), 1, plan, True, "bwd_relayout")
+    dout_c = dout if src == dst else move_layout(dout.contiguous(), 1, plan, True, "bwd_relayout")
     if spec is not None:
         dout_c = uly.to_node(dout_c, spec, "bwd_a2a")
     kernel = plan.setup.kernel
@@ -133,7 +133,7 @@ def backward_impl(plan: CallPlan, saved: Saved, dout: torch.Tensor, sinks: torch
         dk, dv = (uly.sum_repeated(uly.from_node(g.to(acc), spec, "bwd_a2a"), spec.kv_repeat) for g in (dk, dv))
     dk, dv = dk.to(qc.dtype), dv.to(qc.dtype)
     if src != dst:
-        dq, dk, dv = (_move(g, 1, plan, False, "bwd_relayout") for g in (dq, dk, dv))
+        dq, dk, dv = (move_layout(g, 1, plan, False, "bwd_relayout") for g in (dq, dk, dv))
     return (dq, dk, dv) if dsinks is None else (dq, dk, dv, dsinks)
 
 

@@ -1,12 +1,12 @@
 """Input validation that raises the same clear error on every rank of the group, never a hang.
 
-Each rank checks its own arguments, then the ranks all-gather a short integer summary (shapes, dtype,
-options and an error flag). If any rank failed a local check, every rank raises that rank's error; if
-the summaries disagree (different ``S_local``, dtype, options ...), every rank raises a ``ValueError``
-naming the field and the values seen. The public op runs this once per call key (see
-:mod:`ds_burst.attention.api`). Before the all-gather each rank publishes its summary in the process
-group's store, and the all-gather's wait is bounded by the communication timeout, so a rank that meets a
-new key alone (the others run the ring of their cached key) can say what differs: :func:`diagnose_drift`.
+Each rank checks its own arguments (once per call key: :func:`local_error`), then, on every call, the ranks swap
+a fixed-size header over the group's CPU channel (:func:`agree`; gloo, no device sync, no NCCL op): an error
+flag, whether the rank has the call's plan cached, and a short integer summary of the call (shapes, dtype,
+options, documents). If any rank failed a local check, every rank raises that rank's error; if the summaries
+disagree, every rank raises a ``ValueError`` naming each field that differs with every rank's current value.
+Because every rank sends the same messages whatever its plan cache holds, a rank whose input changed while the
+others reuse their cached plan fails on every rank at once, and the process group stays usable.
 """
 
 from __future__ import annotations
@@ -16,21 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_burst.attention.host import host_values
 from ds_burst.core import settings
 from ds_burst.core.documents import check_boundaries, fingerprint
 from ds_burst.core.options import BACKWARDS, KERNELS, LAYOUTS, SCHEDULES
-from ds_burst.dist.comm import (
-    CommTimeoutError,
-    GroupInfo,
-    all_gather_ints,
-    all_gather_objects,
-    exchange,
-    publish_ints,
-    published_ints,
-)
+from ds_burst.dist.comm import GroupInfo, exchange_header
 from ds_burst.ring.ulysses_ring import check_heads
 
-__all__ = ["BACKWARDS", "SCHEDULES", "AttnArgs", "validate", "check_mode", "check_neighbours", "diagnose_drift"]
+__all__ = ["BACKWARDS", "SCHEDULES", "AttnArgs", "Agreement", "agree", "check_mode", "finite_counts", "local_error",
+           "raise_local", "read_boundaries", "summary"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
 
@@ -54,30 +48,75 @@ class AttnArgs:
     has_sinks: bool = False  # a per-head sink logit in the softmax denominator (GPT-OSS)
     cu_seqlens: tuple[int, ...] | None = None  # global document boundaries as read (checked in validation)
     cu_error: tuple[str, str] | None = None  # (exception class, message) when cu_seqlens could not be read
+    deterministic: bool = False
 
 
-def read_boundaries(cu_seqlens: object) -> tuple[tuple[int, ...] | None, tuple[str, str] | None]:
-    """``(boundaries, None)`` or ``(None, (exception class, message))`` for a ``cu_seqlens`` argument.
+_PER_ROW = ("ds-burst applies one set of document boundaries to every row of the batch: pass the boundaries of one "
+            "row [0, e1, ..., S], or flash-attn's offsets into the flattened batch [0, ..., B*S] with the same "
+            "documents in every row")
 
-    Accepts ``None``, a 1-D integer tensor (a CUDA tensor costs one small device-to-host copy, a sync, per call:
-    pass a CPU tensor or a list) or a sequence of Python ints. Start, end and order are checked in validation,
-    which knows ``S``.
+
+def _int_list(name: str, value: object) -> tuple[list[int] | None, tuple[str, str] | None]:
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            return None, ("TypeError", f"{name} must be an integer tensor, got dtype {value.dtype}")
+        if value.dim() != 1:
+            return None, ("ValueError", f"{name} must be 1-D, got shape {tuple(value.shape)}; {_PER_ROW}")
+        return [int(x) for x in host_values(value)], None
+    if isinstance(value, (list, tuple)):
+        for x in value:
+            if isinstance(x, (list, tuple, torch.Tensor)):
+                return None, ("TypeError", f"{name} must be a flat list of ints, got a nested {type(x).__name__}; "
+                                           f"{_PER_ROW}")
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                return None, ("TypeError", f"{name} entries must be ints, got {type(x).__name__} {x!r}")
+        return [int(x) for x in value], None
+    return None, ("TypeError", f"{name} must be None, a 1-D integer tensor or a list of ints, got "
+                               f"{type(value).__name__}")
+
+
+def _is_pair(value: object) -> bool:
+    return (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(x, (list, tuple, torch.Tensor)) for x in value))
+
+
+def read_boundaries(cu_seqlens: object, batch: int, total: int
+                    ) -> tuple[tuple[int, ...] | None, tuple[str, str] | None]:
+    """``(boundaries, None)`` or ``(None, (exception class, message))`` for a ``cu_seqlens`` argument of a call
+    with ``batch`` rows of ``total`` tokens (the full sequence).
+
+    Accepts ``None``; the boundaries of one row ``[0, e1, ..., S]``; flash-attn's offsets into the flattened
+    batch ``[0, ..., B*S]`` when every row holds the same documents; as a 1-D integer tensor (read on the host
+    once per tensor object and version: a CUDA tensor passed to every layer costs one copy) or a list of ints;
+    or a pair ``(cu_seqlens_q, cu_seqlens_k)``, which must be equal (self-attention). Empty documents (a
+    repeated boundary) are dropped. ``(None, None)`` for a single document.
     """
     if cu_seqlens is None:
         return None, None
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
-            return None, ("TypeError", f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
-        if cu_seqlens.dim() != 1:
-            return None, ("ValueError", f"cu_seqlens must be 1-D, got shape {tuple(cu_seqlens.shape)}")
-        return tuple(int(x) for x in cu_seqlens.tolist()), None
-    if isinstance(cu_seqlens, (list, tuple)):
-        for x in cu_seqlens:
-            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-                return None, ("TypeError", f"cu_seqlens entries must be ints, got {type(x).__name__} {x!r}")
-        return tuple(int(x) for x in cu_seqlens), None
-    return None, ("TypeError", f"cu_seqlens must be None, a 1-D integer tensor or a list of ints, got "
-                               f"{type(cu_seqlens).__name__}")
+    if _is_pair(cu_seqlens):
+        (cq, eq), (ck, ek) = (_int_list(n, x) for n, x in zip(("cu_seqlens_q", "cu_seqlens_k"), cu_seqlens))
+        if eq or ek:
+            return None, eq or ek
+        if cq != ck:
+            return None, ("ValueError", f"cu_seqlens_q {cq[:8]} and cu_seqlens_k {ck[:8]} differ (self-attention over "
+                                        "packed documents needs one set of boundaries)")
+        cu = cq
+    else:
+        cu, err = _int_list("cu_seqlens", cu_seqlens)
+        if err:
+            return None, err
+    assert cu is not None
+    if batch > 1 and cu and cu[-1] == batch * total and total != batch * total:
+        rows = [sorted({0, total, *(c - r * total for c in cu if r * total <= c <= (r + 1) * total)})
+                for r in range(batch)]
+        if any(r != rows[0] for r in rows[1:]):
+            return None, ("ValueError", f"cu_seqlens: the rows of the batch hold different documents; {_PER_ROW}")
+        cu = rows[0]
+    try:
+        docs = check_boundaries(cu, total)
+    except ValueError as exc:
+        return None, ("ValueError", str(exc))
+    return (docs if len(docs) > 2 else None), None
 
 
 def _sinks_error(sinks: object, q: torch.Tensor) -> str | None:
@@ -92,7 +131,7 @@ def _sinks_error(sinks: object, q: torch.Tensor) -> str | None:
     return None
 
 
-def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, sinks: object = None
+def local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, sinks: object = None
                  ) -> tuple[str, str] | None:
     """This rank's first problem as ``(exception class name, message)``, or ``None``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -159,19 +198,8 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, 
         )
     if a.kernel == "sdpa" and a.backward == "burst":
         return "ValueError", "kernel='sdpa' needs the output in its backward: use backward='ring' or 'auto'"
-    if a.check_finite:
-        named = (("q", q), ("k", k), ("v", v)) + ((("sinks", sinks),) if sinks is not None else ())
-        for name, t in named:
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                return "ValueError", f"{name} contains {bad} NaN/Inf values (check_finite=True)"
     if a.cu_error is not None:
         return a.cu_error
-    if a.cu_seqlens is not None:
-        try:
-            check_boundaries(a.cu_seqlens, q.shape[1] * info.world)
-        except ValueError as exc:
-            return "ValueError", str(exc)
     if a.kernel == "triton":
         if q.dtype == torch.float64:
             return "ValueError", "kernel='triton' does not support float64 inputs; use kernel='torch'"
@@ -180,10 +208,11 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, 
     return None
 
 
-def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | None = None) -> dict[str, int]:
+def summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | None = None) -> tuple[int, ...]:
+    """The integers every rank compares: shapes, dtype, options, documents (in ``_FIELD_NAMES`` order)."""
     scale_bits = -1 if a.softmax_scale is None else int(round(float(a.softmax_scale) * 1e9))
     softcap_bits = -1 if a.softcap is None else int(round(float(a.softcap) * 1e9))
-    return {
+    fields = {
         "batch": q.shape[0],
         "S_local": q.shape[1],
         "Hq": q.shape[2],
@@ -206,13 +235,15 @@ def _summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | No
         "sinks": int(a.has_sinks),
         "documents": fingerprint(a.cu_seqlens)[0],
         "cu_seqlens crc32": fingerprint(a.cu_seqlens)[1],
+        "deterministic": int(a.deterministic),
     }
+    return tuple(fields.values())
 
 
 _FIELD_NAMES = ("batch", "S_local", "Hq", "Hkv", "head dim", "dtype", "device type", "causal", "window left",
                 "window right", "softmax_scale", "layout", "backward", "kernel", "return_lse", "schedule",
-                "check_finite", "value head dim", "softcap", "sinks", "documents", "cu_seqlens crc32")
-_N_FIELDS = len(_FIELD_NAMES)  # the all-gathered row is the error flag plus these
+                "check_finite", "value head dim", "softcap", "sinks", "documents", "cu_seqlens crc32", "deterministic")
+_N_FIELDS = len(_FIELD_NAMES)
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 
 
@@ -227,101 +258,79 @@ def check_mode(check_inputs: object) -> str:
     raise ValueError(f"check_inputs must be True, False, 'once' or 'always', got {check_inputs!r}")
 
 
-_TAG = "validate"
+def finite_counts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: object = None) -> tuple[int, ...]:
+    """NaN/Inf counts of q, k, v and sinks (``check_finite=True``; one host read of four small reductions)."""
+    named = [q, k, v] + ([sinks] if isinstance(sinks, torch.Tensor) else [])
+    counts = torch.stack([(~torch.isfinite(t)).sum() for t in named]).tolist()
+    return tuple(int(x) for x in counts) + (0,) * (4 - len(named))
 
 
-def validate(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, collective: bool = True,
-             sinks: object = None) -> tuple[int, ...]:
-    """Raise the same ``ValueError``/``TypeError`` on every rank when any rank's input is bad; return this
-    rank's summary (the values the ranks compared)."""
-    err = _local_error(q, k, v, a, info, sinks)
-    if info.world == 1 or not collective:
-        if err:
-            raise _EXC[err[0]](err[1])
-        return tuple(_summary(q, k, a, v).values())  # type: ignore[arg-type]
-    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    if err is None:
-        summary = _summary(q, k, a, v)  # type: ignore[arg-type]
-        values = [0, *summary.values()]
-    else:
-        summary = {}
-        values = [1] + [0] * _N_FIELDS
-    publish_ints(info, _TAG, values)
-    try:
-        rows = all_gather_ints(info, values, device, bounded=True)
-    except CommTimeoutError as exc:
-        diagnose_drift(info, tuple(values[1:]), exc)
-        raise
-    if any(row[0] for row in rows):
-        errs = all_gather_objects(info, err)
-        r, (cls, msg) = next((r, e) for r, e in enumerate(errs) if e is not None)  # type: ignore[misc]
-        raise _EXC[cls](f"rank {r}: {msg}")
-    names = list(summary)
-    for i, name in enumerate(names, start=1):
+_FINITE_NAMES = ("q", "k", "v", "sinks")
+# the header every rank sends every other rank of the group on every call (see :func:`agree`)
+_HEADER = ("error", "plan cached", "documents known", *_FIELD_NAMES, *(f"non-finite {n}" for n in _FINITE_NAMES))
+_DOC_FIELDS = ("documents", "cu_seqlens crc32")
+UNKNOWN_DOCS = 2  # "documents known" value of a rank whose documents come from positions not yet gathered
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What the ranks found out about each other in one header round."""
+
+    all_cached: bool  # every rank has the call's plan (none builds, so none issues the build's collectives)
+    docs_unknown: bool  # some rank still has to gather position_ids for its documents
+
+
+def header(err: tuple[str, str] | None, cached: bool, docs_state: int, summary: tuple[int, ...],
+           finite: tuple[int, ...]) -> list[int]:
+    """This rank's header: error flag, cache state, documents state, the call summary, non-finite counts."""
+    body = list(summary) if err is None else [0] * _N_FIELDS
+    return [int(err is not None), int(cached), docs_state, *body, *(finite or (0,) * len(_FINITE_NAMES))]
+
+
+def agree(chan: GroupInfo, err: tuple[str, str] | None, cached: bool, docs_state: int, summary: tuple[int, ...],
+          finite: tuple[int, ...] = (), neighbours_only: bool = False) -> Agreement:
+    """One header round over the group's CPU channel; raise the same error on every rank when any rank's input is
+    bad (its own message, read from the store), when the ranks are not making the same call (every field that
+    differs, with each rank's current value), or when ``check_finite`` found NaN/Inf on a rank.
+
+    Every rank sends the same fixed-size message whatever its plan cache holds, so a rank that changed its input
+    alone fails on every rank at once and the process group stays usable (docs/RELIABILITY.md).
+    ``neighbours_only`` (``check_inputs=False``): only the two ring neighbours are compared; a rank whose neighbours
+    agree with it learns of a problem further away inside the ring (bounded by the communication timeout)."""
+    note = None if err is None else f"{err[0]}\n{err[1]}"
+    heard, read_note = exchange_header(chan, header(err, cached, docs_state, summary, finite), note, neighbours_only)
+    ranks = [r for r, row in enumerate(heard) if row is not None]
+    rows = [heard[r] for r in ranks]
+    bad = next((r for r, row in zip(ranks, rows) if row[0]), None)
+    if bad is not None:
+        cls, _, msg = read_note(bad).partition("\n")
+        raise _EXC.get(cls, ValueError)(f"rank {bad}: {msg}")
+    unknown = any(row[2] == UNKNOWN_DOCS for row in rows)
+    diffs = []
+    for i, name in enumerate(_FIELD_NAMES, start=3):
+        if unknown and name in _DOC_FIELDS:
+            continue  # compared in the round after the positions are gathered
         seen = [row[i] for row in rows]
         if len(set(seen)) > 1:
-            raise ValueError(f"{name} differs across the ranks of the sequence-parallel group: {_decode(name, seen)}")
-    return tuple(values[1:])
-
-
-def check_neighbours(info: GroupInfo, mine: tuple[int, ...] | None, device: torch.device) -> None:
-    """``check_inputs=False``: exchange this call's summary with both ring neighbours (fixed-size P2P messages,
-    no collective) and raise ``ValueError`` naming what differs on both sides of a link whose ranks disagree.
-    ``mine=None``: this rank failed its own checks (it re-raises its error after telling its neighbours).
-
-    Without it a shard-length mismatch reaches the ring's K/V messages, where gloo silently accepts a shorter
-    message on one side while the other aborts. A rank whose neighbours agree with it but whose ring has a
-    failed rank elsewhere fails inside the ring (a closed connection or the communication timeout).
-    """
-    if info.world == 1:
-        return
-    rank, world = info.rank, info.world
-    prev, nxt = (rank - 1) % world, (rank + 1) % world
-    row = [1] + [0] * _N_FIELDS if mine is None else [0, *mine]
-    me = torch.tensor(row, dtype=torch.int64, device=device)
-    got = [torch.empty_like(me), torch.empty_like(me)]
-    exchange(info, "validate", [(me, nxt), (me, prev)], [(got[0], prev), (got[1], nxt)])
-    if mine is None:
-        return
-    names = list(_FIELD_NAMES)
-    diffs = []
-    for peer, theirs in ((prev, got[0].tolist()), (nxt, got[1].tolist())):
-        if theirs[0]:
-            diffs.append(f"rank {peer} failed its own input checks")
-            continue
-        for i, (a, b) in enumerate(zip(mine, theirs[1:])):
-            if a != b:
-                diffs.append(f"{names[i]}: {_decode(names[i], [a, b], [rank, peer])}")
+            diffs.append(f"{name} differs across the ranks of the sequence-parallel group: "
+                         f"{_decode(name, seen, ranks)}")
     if diffs:
-        raise ValueError(f"ds-burst rank {rank}: the ranks of the sequence-parallel group are not running the same "
-                         f"attention call ({'; '.join(dict.fromkeys(diffs))}; check_inputs=False compares ring "
-                         "neighbours only)")
+        raise ValueError("ds-burst: the ranks are not making the same attention call: " + "; ".join(diffs))
+    first = 3 + _N_FIELDS
+    for r, row in zip(ranks, rows):
+        for name, n in zip(_FINITE_NAMES, row[first:]):
+            if n:
+                raise ValueError(f"rank {r}: {name} contains {n} NaN/Inf values (check_finite=True)")
+    return Agreement(all(row[1] for row in rows), unknown)
 
 
-def diagnose_drift(info: GroupInfo, mine: tuple[int, ...], exc: BaseException) -> None:
-    """After a communication timeout: raise ``ValueError`` naming what differs when another rank's latest
-    validated call (published in the store) is not this rank's ``mine``; return when nothing is known to differ.
-    """
-    if info.world == 1 or not mine:
-        return
-    rows = published_ints(info, _TAG)
-    names = list(_FIELD_NAMES)
-    diffs = []
-    for r, row in enumerate(rows):
-        if row is None or r == info.rank:
-            continue
-        if row[0]:
-            diffs.append(f"rank {r} failed its own input checks")
-            continue
-        for i, name in enumerate(names):
-            if i < len(row) - 1 and row[i + 1] != mine[i]:
-                diffs.append(f"{name}: {_decode(name, [mine[i], row[i + 1]], [info.rank, r])}")
-    if diffs:
-        raise ValueError(
-            f"ds-burst rank {info.rank}: the ranks of the sequence-parallel group are not running the same "
-            f"attention call ({'; '.join(dict.fromkeys(diffs))}); one rank changed its input after the others "
-            f"had validated theirs, so they waited on each other until the communication timeout"
-        ) from exc
+def raise_local(err: tuple[str, str] | None, finite: tuple[int, ...] = ()) -> None:
+    """Without a header round (one rank, ``check_inputs=False``): raise this rank's own error."""
+    if err is not None:
+        raise _EXC[err[0]](err[1])
+    for name, n in zip(_FINITE_NAMES, finite):
+        if n:
+            raise ValueError(f"{name} contains {n} NaN/Inf values (check_finite=True)")
 
 
 def _decode(name: str, seen: list[int], ranks: list[int] | None = None) -> str:

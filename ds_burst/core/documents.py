@@ -33,8 +33,9 @@ BALANCE_SLACK = 1.05  # a layout needing no moves is kept when its busiest rank 
 
 
 def check_boundaries(values: Sequence[int], total: int) -> Docs:
-    """The boundaries as a tuple of ints, or ``ValueError`` naming what is wrong (start 0, end ``total``,
-    strictly increasing)."""
+    """The boundaries as a tuple of ints without empty documents, or ``ValueError`` naming what is wrong (start 0,
+    end ``total``, non-decreasing). A repeated boundary (``[0, 5, 5, S]``: an empty document, which flash-attn's
+    varlen convention allows and some collators emit) holds no token and is dropped."""
     docs = tuple(int(x) for x in values)
     if len(docs) < 2:
         raise ValueError(f"cu_seqlens needs at least two boundaries [0, ..., S], got {list(docs)}")
@@ -43,10 +44,10 @@ def check_boundaries(values: Sequence[int], total: int) -> Docs:
     if docs[-1] != total:
         raise ValueError(f"cu_seqlens must end at the full sequence length S={total} (S_local * P), got {docs[-1]}")
     for i in range(1, len(docs)):
-        if docs[i] <= docs[i - 1]:
-            raise ValueError(f"cu_seqlens must be strictly increasing: cu_seqlens[{i - 1}]={docs[i - 1]} >= "
+        if docs[i] < docs[i - 1]:
+            raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i - 1}]={docs[i - 1]} > "
                              f"cu_seqlens[{i}]={docs[i]}")
-    return docs
+    return tuple(x for i, x in enumerate(docs) if i == 0 or x != docs[i - 1])
 
 
 def fingerprint(docs: Docs | None) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +82,28 @@ def is_cpu_backend(info: GroupInfo) -> bool:
     return info.group is None or _is_cpu_backend(info)
 
 
+_DEFAULT: list[object] = []  # the current topology, set by ds_burst.init_sequence_parallel
+
+
+def set_default_group(group: object | None) -> None:
+    """Make ``group`` (a topology / ``mpu``) what ``group=None`` means from now on (``None``: the world)."""
+    _DEFAULT[:] = [] if group is None else [group]
+
+
+def default_group() -> object | None:
+    """What ``group=None`` stands for: the current topology (:func:`ds_burst.init_sequence_parallel`) while its
+    process groups live, else ``None`` (the world, or one process without torch.distributed)."""
+    if not _DEFAULT or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return _DEFAULT[0]
+
+
 def resolve_group(group: object) -> GroupInfo:
-    """Accept ``None`` (world, or a single process when torch.distributed is not initialised), a
-    ``ProcessGroup``, or any object with ``get_sequence_parallel_group()`` (a DeepSpeed ``mpu``)."""
+    """Accept ``None`` (the current topology's sequence-parallel group when one exists, else the world, or a
+    single process when torch.distributed is not initialised), a ``ProcessGroup``, or any object with
+    ``get_sequence_parallel_group()`` (a DeepSpeed ``mpu``)."""
+    if group is None:
+        group = default_group()
     if group is not None and hasattr(group, "get_sequence_parallel_group"):
         group = group.get_sequence_parallel_group()
     if group is None:
@@ -207,10 +227,11 @@ class P2PBatch:
     messages.
     """
 
-    def __init__(self, info: GroupInfo, phase: str, step: int | None = None) -> None:
+    def __init__(self, info: GroupInfo, phase: str, step: int | None = None, counted: bool = True) -> None:
         self.info = info
         self.phase = phase
         self.step = step
+        self.counted = counted  # add the bytes sent to comm_stats() (not for control messages)
         self._ops: list[dist.P2POp] = []
         self._desc: list[str] = []
         self._reqs: list = []
@@ -232,7 +253,8 @@ class P2PBatch:
         tag = self._tag("s", to_rank)
         self._ops.append(dist.P2POp(dist.isend, tensor, self.info.global_rank(to_rank), self.info.group, tag))
         self._desc.append(f"send of {self._what(tensor)} to rank {to_rank}")
-        COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
+        if self.counted:
+            COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
 
     def recv(self, tensor: torch.Tensor, from_rank: int) -> None:
         """Queue receiving into a contiguous ``tensor`` from group rank ``from_rank``."""
@@ -364,7 +386,70 @@ def _bounded_wait(work: Any, info: GroupInfo, timeout: float, what: str) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# The process group's store: what each rank last validated (read only on the error path)
+# Per-call headers on a CPU channel
+
+
+_CHANNELS: dict[object, GroupInfo | None] = {}
+_HEADER_SEQ: dict[object, int] = defaultdict(int)
+
+
+def header_channel(info: GroupInfo) -> GroupInfo | None:
+    """The CPU channel of ``info``'s group, on which every attention call swaps its header (host memory only:
+    no device sync, no op on the group's own NCCL stream): the group itself when its backend takes CPU tensors
+    (gloo), else a gloo group of the same ranks, made on first use (every member of the group reaches its first
+    call together). ``None`` for one rank and for torch's fake backend (no peers to hear from)."""
+    if info.world == 1 or info.group is None:
+        return None
+    if info.group in _CHANNELS:
+        return _CHANNELS[info.group]
+    backend = str(dist.get_backend(info.group))
+    if backend == "fake":
+        chan = None
+    elif "gloo" in backend or "mpi" in backend:
+        chan = info
+    else:
+        ranks = [info.global_rank(r) for r in range(info.world)]
+        twin = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+        chan = GroupInfo(twin, info.rank, info.world)
+    _CHANNELS[info.group] = chan
+    return chan
+
+
+def exchange_header(chan: GroupInfo, values: list[int], note: str | None = None, neighbours_only: bool = False
+                    ) -> tuple[list[list[int] | None], Callable[[int], str]]:
+    """Send ``values`` (the same length on every rank) to every other rank of ``chan`` (or only to the two ring
+    neighbours) and receive theirs, in one batch of CPU messages; waits are bounded by the communication timeout.
+    ``note``: a text the others can read through the returned function (``read(rank)``; the error path only: it
+    goes through the store).
+
+    Returns the values of every rank heard from (``None`` for the others), in group-rank order."""
+    seq = _HEADER_SEQ[chan.group]
+    _HEADER_SEQ[chan.group] = seq + 1
+    store = _store()
+    if note is not None and store is not None:
+        store.set(_store_key(chan, f"note/{seq}", chan.rank), note)
+    mine = torch.tensor(values, dtype=torch.int64)
+    peers = sorted({(chan.rank - 1) % chan.world, (chan.rank + 1) % chan.world} - {chan.rank}) if neighbours_only \
+        else [r for r in range(chan.world) if r != chan.rank]
+    rows: list[torch.Tensor | None] = [mine if r == chan.rank else None for r in range(chan.world)]
+    batch = P2PBatch(chan, "header", counted=False)
+    for r in peers:
+        rows[r] = torch.empty_like(mine)
+        batch.recv(rows[r], r)
+    for r in peers:
+        batch.send(mine, r)
+    batch.commit().wait()
+
+    def read(rank: int) -> str:
+        if store is None:
+            return "ValueError\nthis rank's input failed its checks (no store to read its message from)"
+        return store.get(_store_key(chan, f"note/{seq}", rank)).decode()
+
+    return [None if row is None else row.tolist() for row in rows], read
+
+
+# ---------------------------------------------------------------------------------------------
+# The process group's store: error messages of a header round (read only on the error path)
 
 
 def _store() -> Any:
@@ -377,29 +462,6 @@ def _store() -> Any:
 def _store_key(info: GroupInfo, tag: str, group_rank: int) -> str:
     ranks = "-".join(str(info.global_rank(r)) for r in range(info.world))
     return f"ds_burst/{tag}/{ranks}/{group_rank}"
-
-
-def publish_ints(info: GroupInfo, tag: str, values: list[int]) -> None:
-    """Record this rank's latest ``values`` under ``tag`` in the default store (one host round trip)."""
-    store = _store() if info.world > 1 else None
-    if store is not None:
-        store.set(_store_key(info, tag, info.rank), ",".join(str(int(x)) for x in values))
-
-
-def published_ints(info: GroupInfo, tag: str) -> list[list[int] | None]:
-    """Every group member's latest published ``values`` under ``tag`` (``None`` where nothing was published)."""
-    store = _store()
-    rows: list[list[int] | None] = [None] * info.world
-    if store is None:
-        return rows
-    for r in range(info.world):
-        key = _store_key(info, tag, r)
-        try:
-            if store.check([key]):
-                rows[r] = [int(x) for x in store.get(key).decode().split(",")]
-        except Exception:  # noqa: BLE001 - diagnosis only
-            rows[r] = None
-    return rows
 
 
 def all_gather_objects(info: GroupInfo, obj: object) -> list[object]:

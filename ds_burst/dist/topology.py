@@ -11,10 +11,10 @@
 Every rank creates every group in the same order, as ``torch.distributed.new_group`` requires.
 
 The returned :class:`Topology` is what ``deepspeed.initialize(..., mpu=topology)`` expects. With it,
-DeepSpeed 0.19.8 reduces gradients over the sequence-data-parallel group and divides them by the
-data-parallel size only, i.e. gradients are **summed over the SP ranks** and averaged over DP replicas
-(``zero/stage3.py``: ``div_(world / sequence_parallel_size)``); :func:`ds_burst.training.losses.sequence_parallel_loss`
-is written for that convention. The batch size DeepSpeed checks is ``micro * accumulation * dp``.
+DeepSpeed reduces gradients over the sequence-data-parallel group; whether that sums or averages over the SP
+ranks depends on the DeepSpeed version, ZeRO stage and path (see
+:func:`ds_burst.training.losses.sp_grads_averaged`). The batch size DeepSpeed checks is ``micro * accumulation *
+dp``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ds_burst.core import settings
 from ds_burst.core.options import SCHEDULES
-from ds_burst.dist.comm import GroupInfo, NodeGroups
+from ds_burst.dist.comm import GroupInfo, NodeGroups, set_default_group
 
 LATER_SCHEDULES: tuple[str, ...] = ()
 
@@ -78,7 +78,7 @@ def detect_gpus_per_node(world_size: int) -> int:
     return world_size
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a topology is a set of live process groups
 class Topology:
     """Sequence/data parallel groups of this rank; implements the DeepSpeed ``mpu`` interface.
 
@@ -239,6 +239,7 @@ def init_sequence_parallel(
         if r == rank:
             topo.mp_group = g
     _CURRENT = topo
+    set_default_group(topo)  # group=None now means this topology's SP group
     return topo
 
 
@@ -298,3 +299,4 @@ def reset_topology() -> None:
     """Forget the current topology (the process groups themselves are not destroyed)."""
     global _CURRENT
     _CURRENT = None
+    set_default_group(None)

@@ -112,10 +112,13 @@ def hf_burst_attention(
 
     Applied: ``scaling``, ``sliding_window``, ``softcap`` (Gemma 2 logit softcapping), ``s_aux`` (GPT-OSS attention
     sinks, ``[Hq]``), ``is_causal`` (else ``module.is_causal``), a value head dim other than the q/k one (MLA),
-    packed documents as ``cu_seq_lens_q``/``cu_seq_lens_k`` (see :func:`shard_batch`; ``max_length_q``/``_k``
-    carry nothing ds-burst needs); ``position_ids`` must be given when the sequence is split (RoPE positions
-    must be global). Refused with a ``ValueError``: dropout > 0, an attention mask, ``output_attentions=True``
-    and any keyword not listed here or in ``_NO_EFFECT``.
+    packed documents: ``cu_seq_lens_q``/``cu_seq_lens_k`` when given (full-sequence boundaries, see
+    :func:`shard_batch`, or offsets into the flattened batch; ``max_length_q``/``_k`` carry nothing ds-burst
+    needs), else the ``position_ids``, whose restarts at 0 start documents as in transformers' flash-attention
+    backends (every rank's positions are gathered once per forward: ``burst_attn_func(position_ids=...)``).
+    ``position_ids`` must be given when the sequence is split (RoPE positions must be global). Refused with a
+    ``ValueError``: dropout > 0, an attention mask, ``output_attentions=True``, positions that jump without
+    restarting at 0, rows with different documents, and any keyword not listed here or in ``_NO_EFFECT``.
     """
     if dropout and dropout > 0:
         raise ValueError(f"ds-burst attention: attention dropout={dropout} > 0 is not supported (set attention_dropout"
@@ -139,7 +142,13 @@ def hf_burst_attention(
     window = (-1, -1)
     if sliding_window is not None:
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
-    docs = _documents(kwargs, query.shape[0], query.shape[2], group)
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    documents: dict[str, Any] = {}
+    if cu_q is not None or cu_k is not None:  # full-sequence boundaries (or flattened-batch offsets), read in the op
+        documents["cu_seqlens"] = (cu_q, cu_k) if (cu_q is not None and cu_k is not None and cu_q is not cu_k) \
+            else (cu_q if cu_q is not None else cu_k)
+    elif position_ids is not None:  # packed documents restart their positions at 0 (gathered once per forward)
+        documents["position_ids"] = position_ids
     out = burst_attn_func(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -151,25 +160,11 @@ def hf_burst_attention(
         layout=layout,
         softcap=None if softcap is None else float(softcap),
         sinks=s_aux,
-        cu_seqlens=docs,
+        **documents,
         **(burst_options or {}),
     )
     assert isinstance(out, torch.Tensor)
     return out
-
-
-def _documents(kwargs: dict[str, Any], batch: int, s_local: int, topo: Any) -> list[int] | None:
-    """Full-sequence document boundaries from transformers' ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs."""
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None and cu_k is None:
-        return None
-    sp = _sp_size(topo)
-    seq = s_local * sp
-    got = [boundaries_from_cu_seq_lens(c, batch, seq) for c in (cu_q, cu_k) if c is not None]
-    if len(got) == 2 and got[0] != got[1]:
-        raise ValueError("ds-burst attention: cu_seq_lens_q and cu_seq_lens_k differ (self-attention over packed "
-                         "documents needs the same boundaries)")
-    return got[0]
 
 
 def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:
@@ -188,9 +183,28 @@ def register(layout: str = "zigzag", topology: Topology | None = None, **burst_o
 
 
 def setup(sequence_parallel_size: int, gpus_per_node: int | None = None, schedule: str = "auto",
-          layout: str = "zigzag", **burst_options: Any) -> Topology:
+          layout: str = "zigzag", **burst_options: Any) -> Topology | None:
     """Create the sequence/data-parallel groups (:func:`ds_burst.init_sequence_parallel`) and register
-    ``attn_implementation="burst"``. Call on every rank after ``deepspeed.init_distributed()``."""
+    ``attn_implementation="burst"``. Call on every rank after ``deepspeed.init_distributed()``.
+
+    ``sequence_parallel_size=1`` in a single process without torch.distributed (no process group and no launcher
+    ``WORLD_SIZE`` above 1) only registers the attention and returns ``None``: there are no groups to make, and
+    ``None`` is what every ds-burst function takes for "one process" (:func:`shard_batch` returns the whole
+    sequence, :func:`sequence_parallel_loss` the plain mean, the attention runs on the local tensors). With a
+    process group, ``sequence_parallel_size=1`` returns a :class:`Topology` (data parallelism over every rank)
+    as for any other size. Returns the topology (the DeepSpeed ``mpu``) otherwise.
+    """
+    from ds_burst.core import settings
+    from ds_burst.dist.comm import initialized as comm_initialized
+
+    if sequence_parallel_size == 1 and not comm_initialized():
+        launched = settings.launcher_world_size()
+        if launched > 1:
+            raise RuntimeError(f"setup(1): the launcher started WORLD_SIZE={launched} processes but no "
+                               "torch.distributed process group is initialised; call deepspeed.init_distributed() "
+                               "first (or run a single process)")
+        register(layout, None, **burst_options)
+        return None
     topo = init_sequence_parallel(sequence_parallel_size, gpus_per_node, schedule)
     register(layout, topo, **burst_options)
     return topo
@@ -206,7 +220,14 @@ def shard_batch(batch: dict[str, torch.Tensor], mpu: Any = None, layout: str | N
     Packed documents (``position_ids`` restarting at 0, or ``cu_seq_lens_q``/``cu_seq_lens_k`` of the unsharded
     batch): the result also holds ``cu_seq_lens_q``/``cu_seq_lens_k``, the full-sequence boundaries (lists) to
     pass to the model.
+
+    Tensors may live on any device (CUDA included); the outputs are on ``input_ids``' device and the shard indices
+    are built there. The only reads back to the host are the ones whose answer the host needs: the padding check
+    of an ``attention_mask`` (one bool) and the document boundaries of a packed batch (a bool mask of
+    ``position_ids``, or ``cu_seq_lens_*`` given as a tensor).
     """
+    from ds_burst.training.data import shard_index
+
     topo = mpu if mpu is not None else get_topology()
     sp_rank = topo.get_sequence_parallel_rank() if topo is not None else 0
     sp_size = topo.get_sequence_parallel_world_size() if topo is not None else 1
@@ -228,8 +249,9 @@ def shard_batch(batch: dict[str, torch.Tensor], mpu: Any = None, layout: str | N
     out = shard_batch_local(ids, shift, sp_rank, sp_size, layout)
     result = {"input_ids": out["input_ids"], "shift_labels": out["labels"], "position_ids": out["position_ids"]}
     if "position_ids" in batch:
-        idx = out["position_ids"][0].to(batch["position_ids"].device)
-        result["position_ids"] = batch["position_ids"].index_select(-1, idx)
+        given = batch["position_ids"]
+        result["position_ids"] = given.index_select(-1, shard_index(layout, sp_rank, sp_size, ids.shape[-1],
+                                                                    given.device))
     docs = None
     if batch.get("cu_seq_lens_q") is not None or batch.get("cu_seq_lens_k") is not None:
         cu = batch.get("cu_seq_lens_q", batch.get("cu_seq_lens_k"))
