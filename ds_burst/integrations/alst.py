@@ -13,8 +13,16 @@ Accelerate (``ParallelismConfig(sp_backend="deepspeed", sp_size=N)``), the Huggi
 attention is BurstAttention on the local contiguous shards (``burst_attn_func(..., layout="contiguous")``,
 which rebalances the causal work internally) instead of two all-to-alls around a full-sequence local
 attention, so any head count works (Ulysses needs ``Hq % P == 0`` and ``Hkv % P == 0`` or ``P % Hkv == 0``).
-The ``mpu`` returned is a :class:`ds_burst.Topology`. :func:`ds_burst.patch_deepspeed` puts both classes in
-DeepSpeed's module, where Accelerate and the Trainer look them up.
+:func:`ds_burst.patch_deepspeed` puts both classes in DeepSpeed's module, where Accelerate and the Trainer look
+them up.
+
+The ``mpu`` returned is a :class:`ParallelStateSP`: to DeepSpeed it is what ALST's mpu (the module
+``deepspeed.runtime.sequence_parallel.parallel_state_sp``) is: the same functions, the
+``initialize_sequence_parallel`` attribute DeepSpeed tests for, model-parallel names aliasing the sequence-parallel
+ones and no ``get_data_parallel_group``, so a plain ``deepspeed.initialize(mpu=mpu)`` partitions ZeRO-3 parameters
+over the world and reduces gradients over the sequence-data-parallel group exactly as with ALST. It is
+backed by ds-burst's groups (:func:`ds_burst.init_sequence_parallel`) and ds-burst's code takes it as a group (it
+has ``get_sequence_parallel_group()``).
 
 Packed batches (several documents per row: ``position_ids`` restarting at 0, what transformers' packing
 collators pass, or TRL's padding-free ``cu_seq_lens_q``/``cu_seq_lens_k``) train through the documents path: the
@@ -30,29 +38,33 @@ that disagree.
 
 Differences from ALST: a missing ``position_ids`` is filled with ``0..S-1`` (or, with ``cu_seq_lens_q``, the
 per-document positions) by the adapter (ALST raises); packed batches work with any attention key (ALST needs
-flash-attention's varlen path).
+flash-attention's varlen path); ``register_with_transformers`` may be called again (it reuses the groups; ALST's
+asserts), and in eval mode with ``disable_in_eval=True`` the original attention gets the mask transformers built
+(ALST passes ``None``; the same logits without padding).
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
+import re
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from ds_burst.attention.positions import boundaries_from_positions
 from ds_burst.dist.comm import all_gather_objects, all_gather_tensor, resolve_group
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
 from ds_burst.integrations.hf import hf_burst_attention
-from ds_burst.integrations.zero import check_zero3_partitioning, partition_over_sequence_data_parallel
-from ds_burst.training.data import IGNORE_INDEX, boundaries_from_cu_seq_lens, boundaries_from_position_ids
+from ds_burst.training.data import IGNORE_INDEX, boundaries_from_cu_seq_lens
+from ds_burst.training.losses import check_trainer_sp_gradients
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BurstSPAttentionHF", "BurstSPDataLoaderAdapter", "documents_from_batch", "documents_from_position_ids",
-           "positions_from_documents", "register_with_transformers", "unregister_from_transformers"]
+__all__ = ["BurstSPAttentionHF", "BurstSPDataLoaderAdapter", "ParallelStateSP", "documents_from_batch",
+           "documents_from_position_ids", "positions_from_documents", "register_with_transformers",
+           "unregister_from_transformers"]
 
 PACKED_ERROR = "ds-burst: packed batch refused ({where}): {why}"
 
@@ -65,6 +77,8 @@ _NO_ATTENTION_KEYS = ("seq_idx", "shift_labels")
 
 # attention functions replaced by register_with_transformers: key -> the original function
 _REPLACED: dict[str, Any] = {}
+# a Hub kernel attention key, ``owner/name[@revision][:function]`` (transformers registers it lazily)
+_HUB_KERNEL_KEY = re.compile(r"[^/:]+/[^/:]+(@[^/:]+)?(:[^/:]+)?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,31 +87,12 @@ _REPLACED: dict[str, Any] = {}
 
 def documents_from_position_ids(position_ids: torch.Tensor, where: str = "") -> list[int] | None:
     """Full-sequence document boundaries ``[0, e1, ..., S]`` of a ``[B, S]`` (or ``[S]``) ``position_ids`` tensor of
-    the *full* (unsharded) sequence, or ``None`` for one document per row.
-
-    A document starts wherever the positions restart at 0 (what transformers' packing collators and TRL pass;
-    the convention of :func:`ds_burst.training.data.boundaries_from_position_ids`). Raises ``ValueError``
-    ("packed batch refused") when a row's positions jump without restarting at 0 (no document boundary can be
-    told apart from a gap) or when the rows of the batch hold different documents (one set of boundaries applies
-    to every row of a ``burst_attn_func`` call). Reads the tensor on the host.
-    """
-    pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
-    if pos.shape[-1] < 2:
-        return None
-    jump = (pos[:, 1:] != pos[:, :-1] + 1) & (pos[:, 1:] != 0)
-    if bool(jump.any()):
-        row, t = (int(x) for x in torch.nonzero(jump)[0])
-        raise ValueError(PACKED_ERROR.format(
-            where=where or "position_ids",
-            why=f"row {row}: position_ids jump from {int(pos[row, t])} to {int(pos[row, t + 1])} at token {t + 1} "
-                "without restarting at 0; ds-burst reads a document start only where the positions restart at 0"))
-    try:
-        return boundaries_from_position_ids(pos)
-    except ValueError as exc:
-        starts = [[int(t) for t in torch.nonzero(row == 0).flatten()][:8] for row in pos]
-        raise ValueError(PACKED_ERROR.format(
-            where=where or "position_ids",
-            why=f"{exc} (document starts per row: {starts})")) from None
+    the *full* (unsharded) sequence, or ``None`` for one document per row: documents start where the positions
+    restart at 0 (:func:`ds_burst.attention.positions.boundaries_from_positions`, which raises ``ValueError``,
+    "packed batch refused", for a jump that is not a restart and for rows with different documents). Reads the
+    tensor on the host."""
+    docs = boundaries_from_positions(position_ids.detach().cpu(), where or "position_ids")
+    return None if docs is None else list(docs)
 
 
 def positions_from_documents(cu: list[int], batch: int) -> torch.Tensor:
@@ -143,6 +138,84 @@ def documents_from_batch(sample: dict[str, Any], where: str = "") -> list[int] |
                 where=where, why=f"the documents of cu_seq_lens ({docs[:8]}) and of position_ids (restarts at 0: "
                                  f"{from_pos[:8]}) differ; RoPE would not get the per-document positions"))
     return None if len(docs) == 2 else docs
+
+
+# ---------------------------------------------------------------------------------------------
+# The mpu
+
+
+class ParallelStateSP:
+    """The ``mpu`` of :meth:`BurstSPAttentionHF.register_with_transformers`: DeepSpeed ALST's ``parallel_state_sp``
+    interface over ds-burst's groups.
+
+    DeepSpeed tells ALST's mpu (the module ``deepspeed.runtime.sequence_parallel.parallel_state_sp``) apart by its
+    ``initialize_sequence_parallel`` attribute and by the absence of ``get_data_parallel_group``: ZeRO-3 then
+    partitions a plain model over the world, gradients are reduced over the sequence-data-parallel group, the
+    data-parallel size is ``world / sequence_parallel_size`` and there is no model parallelism. This object has
+    exactly the functions that module has, with the same meaning, so ``deepspeed.initialize(mpu=...)`` does with it
+    what it does with ALST's: the same partitioning, reductions and scaling, hence the same numbers. As in ALST, the
+    model-parallel functions alias the sequence-parallel ones.
+
+    ds-burst takes it wherever it takes a group or topology (``get_sequence_parallel_group()``); ``schedule`` and
+    ``node_groups`` are the topology's, so attention runs the schedule the topology was made for.
+
+    Args:
+        topology: the :class:`ds_burst.Topology` whose groups back it (:func:`ds_burst.init_sequence_parallel`).
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+
+    def __repr__(self) -> str:
+        t = self.topology
+        return f"ParallelStateSP(sequence_parallel_size={t.sequence_parallel_size}, world_size={t.world_size})"
+
+    @property
+    def schedule(self) -> str:
+        """The topology's ring schedule (read by ds-burst's attention when given this object as its group)."""
+        return self.topology.schedule
+
+    @property
+    def node_groups(self) -> Any:
+        """The topology's node subgroups (``None`` inside one node)."""
+        return self.topology.node_groups
+
+    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
+        """ALST's group creation. The groups exist already: the same size is a no-op, another size raises
+        ``ValueError`` (call :func:`register_with_transformers` with that size instead)."""
+        have = self.topology.sequence_parallel_size
+        if sequence_parallel_size != have:
+            raise ValueError(f"ds-burst: the sequence-parallel groups of this mpu have sequence_parallel_size={have}, "
+                             f"not {sequence_parallel_size}; register_with_transformers makes groups of another size")
+
+    def get_sequence_parallel_group(self) -> Any:
+        """This rank's sequence-parallel group."""
+        return self.topology.get_sequence_parallel_group()
+
+    def get_sequence_data_parallel_group(self) -> Any:
+        """The sequence-data-parallel group (all ranks): ZeRO's reductions run here."""
+        return self.topology.get_sequence_data_parallel_group()
+
+    def get_sequence_parallel_world_size(self) -> int:
+        """``P``."""
+        return self.topology.get_sequence_parallel_world_size()
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        """The ranks of the sequence-data-parallel group (the world)."""
+        return self.topology.get_sequence_data_parallel_world_size()
+
+    def get_sequence_parallel_rank(self) -> int:
+        """This rank's index in its sequence-parallel group."""
+        return self.topology.get_sequence_parallel_rank()
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        """This rank's index in the sequence-data-parallel group."""
+        return self.topology.get_sequence_data_parallel_rank()
+
+    # ALST's aliases: model parallel = sequence parallel
+    get_model_parallel_rank = get_sequence_parallel_rank
+    get_model_parallel_world_size = get_sequence_parallel_world_size
+    get_model_parallel_group = get_sequence_parallel_group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,24 +281,6 @@ class BurstSPAttentionHF(torch.nn.Module):
         self.disable_in_eval = disable_in_eval
         self.core_attn_implementation: str | None = None  # set by register_with_transformers
         self.burst_options = dict(burst_options)
-        self._checked: Any = None  # (weak reference to the last position_ids, its document boundaries)
-
-    def documents(self, position_ids: torch.Tensor) -> list[int] | None:
-        """Full-sequence document boundaries of this call's ``position_ids`` shard: the shards of the SP group are
-        gathered and the boundaries taken from the full sequence (:func:`documents_from_position_ids`), so every
-        rank gets the same list (or the same ``ValueError``).
-
-        Done once per ``position_ids`` tensor (every layer of one forward passes the same object; every rank
-        runs the same layers, so all ranks take part in the same gathers)."""
-        if self._checked is not None and self._checked[0]() is position_ids:
-            return self._checked[1]
-        full = position_ids
-        info = resolve_group(self.process_group)
-        if info.world > 1:
-            full = torch.cat(all_gather_tensor(info, position_ids), dim=-1)
-        docs = documents_from_position_ids(full, "attention")
-        self._checked = (weakref.ref(position_ids), docs)
-        return docs
 
     def forward(
         self,
@@ -246,9 +301,9 @@ class BurstSPAttentionHF(torch.nn.Module):
                 by global position).
             **kwargs: ``position_ids`` (required, this rank's shard of the global positions); packed documents as
                 ``cu_seq_lens_q``/``cu_seq_lens_k`` (full-sequence boundaries, the same on every rank:
-                :class:`BurstSPDataLoaderAdapter` adds them), else taken from the SP group's gathered
-                ``position_ids`` (:meth:`documents`); ``seq_idx`` (TRL) and ``shift_labels`` are dropped; the rest
-                is applied or refused as for ``attn_implementation="burst"``
+                :class:`BurstSPDataLoaderAdapter` adds them), else taken from the restarts of the SP group's
+                ``position_ids`` (gathered once per forward); ``seq_idx`` (TRL) and ``shift_labels`` are dropped;
+                the rest is applied or refused as for ``attn_implementation="burst"``
                 (``ds_burst.integrations.hf.hf_burst_attention``: ``scaling``, ``sliding_window``, ``softcap``,
                 ``s_aux``, ``is_causal``, ...).
 
@@ -268,11 +323,8 @@ class BurstSPAttentionHF(torch.nn.Module):
                              "rank's shard of the global positions); use BurstSPDataLoaderAdapter, which adds them")
         for k in _NO_ATTENTION_KEYS:
             kwargs.pop(k, None)
-        if kwargs.get("cu_seq_lens_q") is None and kwargs.get("cu_seq_lens_k") is None:
-            # no boundaries from the data path: the full sequence's position_ids (gathered) give them
-            docs = self.documents(position_ids)
-            if docs is not None:
-                kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = docs
+        # without cu_seq_lens from the data path, hf_burst_attention takes the documents from the position_ids'
+        # restarts, gathered over the SP group once per forward (burst_attn_func(position_ids=...))
         # transformers built a mask for the key this class took over; like ALST it is not used (causality is by
         # global position); every other keyword is applied or refused by hf_burst_attention
         out = hf_burst_attention(module, query, key, value, None, group=self.process_group, layout="contiguous",
@@ -291,58 +343,88 @@ class BurstSPAttentionHF(torch.nn.Module):
         disable_in_eval: bool = False,
         max_length: int | None = None,
         **burst_options: Any,
-    ) -> Topology | None:
+    ) -> ParallelStateSP | None:
         """ALST's ``register_with_transformers``: make ``core_attn_implementation`` run BurstAttention.
 
         Creates (or reuses) the sequence-parallel groups (:func:`ds_burst.init_sequence_parallel`) and replaces
         ``ALL_ATTENTION_FUNCTIONS[core_attn_implementation]`` by a BurstAttention wrapper, so the model keeps its
-        ``_attn_implementation`` (and transformers' branches on it). Returns the :class:`ds_burst.Topology`
-        (a DeepSpeed ``mpu``), or ``None`` when ``sequence_parallel_size == 1`` (nothing is done).
+        ``_attn_implementation`` (and transformers' branches on it). Returns the DeepSpeed ``mpu``, a
+        :class:`ParallelStateSP` (to DeepSpeed what ALST's ``parallel_state_sp`` is, so a plain
+        ``deepspeed.initialize(mpu=mpu)`` partitions and reduces as with ALST), or ``None`` when
+        ``sequence_parallel_size == 1`` (nothing is done).
+
+        Accepts what ALST accepts and refuses what it refuses, with ALST's wording (``ValueError``): a loaded model
+        (or anything with ``.config``, e.g. a PEFT model) whose ``_attn_implementation`` differs from
+        ``core_attn_implementation`` ("... does not match model config attn_implementation=..."), ``"eager"`` and
+        ``"paged|eager"``, a key transformers does not know ("... is not a valid attn_implementation. The choices
+        are ..."); a Hub kernel key (``owner/name[@revision][:function]``, e.g. ``"kernels-community/flash-attn2"``)
+        is first registered by transformers' ``lazy_import_flash_attention``.
 
         Args:
             model_name_or_path: the model (or anything with ``.config``), or a hub name / local path.
-            core_attn_implementation: the model's attention key, e.g. ``"sdpa"`` or ``"flash_attention_2"``.
+            core_attn_implementation: the model's attention key, e.g. ``"sdpa"``, ``"flash_attention_2"`` or a Hub
+                kernel.
             sequence_parallel_size: SP size ``P`` (1: disabled).
-            micro_batch_size: micro batch size per rank.
-            seq_length: the fixed global sequence length (needed when ``seq_length_is_variable=False``).
+            micro_batch_size: micro batch size per rank (kept for compatibility; any batch size works).
+            seq_length: the fixed global sequence length: used (and must be divisible by ``P``) when
+                ``seq_length_is_variable=False``, unused otherwise (as in ALST).
             seq_length_is_variable: whether the sequence length may change between batches.
             disable_in_eval: in eval mode run the original attention (no SP).
-            max_length: deprecated alias of ``seq_length``.
+            max_length: deprecated alias of ``seq_length`` (a warning; ``seq_length`` wins when both are given).
             **burst_options: passed to every :func:`ds_burst.burst_attn_func` call.
         """
         if sequence_parallel_size == 1:
             return None
-        if seq_length is None and max_length is not None:
-            log.warning("register_with_transformers: max_length is deprecated, use seq_length")
-            seq_length = max_length
+        if max_length is not None:
+            log.warning("register_with_transformers: the max_length argument is deprecated, use seq_length")
+            if seq_length is None:
+                seq_length = max_length
         if not seq_length_is_variable and seq_length is None:
-            raise ValueError("seq_length_is_variable=False needs seq_length (the fixed global sequence length)")
+            raise ValueError("Either `seq_length_is_variable` needs to be `True` or `seq_length` needs to be set to an "
+                             "integer value of the fixed sequence length (ds-burst register_with_transformers)")
         from transformers import AutoConfig
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        impl = core_attn_implementation
         loaded = hasattr(model_name_or_path, "config")
         config = model_name_or_path.config if loaded else AutoConfig.from_pretrained(model_name_or_path)
-        if loaded:
+        if loaded:  # only a loaded model's config holds the implementation it resolved; a bare config says "eager"
             current = getattr(config, "_attn_implementation", None)
-            if current is not None and current != core_attn_implementation:
-                raise ValueError(f"core_attn_implementation={core_attn_implementation!r} does not match the model's "
-                                 f"attn_implementation={current!r}; set both to the same value")
-        if core_attn_implementation in ("eager", "paged|eager"):
-            raise ValueError(f"{core_attn_implementation!r} cannot be intercepted (transformers calls its eager "
-                             "attention directly); load the model with attn_implementation='sdpa'")
-        original = _REPLACED.get(core_attn_implementation)
+            if current is not None and current != impl:
+                raise ValueError(f"core_attn_implementation='{impl}' does not match model config "
+                                 f"attn_implementation='{current}'. Set both to the same value so the "
+                                 "sequence-parallel attention can intercept the active attention path.")
+        if impl in ("eager", "paged|eager"):
+            raise ValueError(f"{impl} attn_implementation isn't currently supported by sequence parallelism "
+                             "(ds-burst, as DeepSpeed ALST): eager attention needs a 4D attention_mask, which a "
+                             "sequence shard cannot use. Use any flash attention variant, 'flex_attention', 'sdpa', "
+                             "or a hub-hosted kernel (e.g. 'kernels-community/flash-attn2').")
+        original = _REPLACED.get(impl)
         if original is None:
-            if core_attn_implementation not in ALL_ATTENTION_FUNCTIONS:
-                raise ValueError(f"{core_attn_implementation!r} is not a valid attn_implementation; choices: "
+            if isinstance(impl, str) and _HUB_KERNEL_KEY.fullmatch(impl):
+                # transformers registers Hub kernels lazily: do it before looking the key up, as ALST does
+                try:
+                    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+                except ImportError as exc:
+                    raise ImportError("Hub kernel attention requires a transformers version exposing "
+                                      "`transformers.modeling_flash_attention_utils.lazy_import_flash_attention`."
+                                      ) from exc
+                lazy_import_flash_attention(impl)
+            if impl not in ALL_ATTENTION_FUNCTIONS:
+                raise ValueError(f"{impl} is not a valid attn_implementation. The choices are "
                                  f"{ALL_ATTENTION_FUNCTIONS.valid_keys()}")
-            original = ALL_ATTENTION_FUNCTIONS[core_attn_implementation]
+            original = ALL_ATTENTION_FUNCTIONS[impl]
+        if not seq_length_is_variable and seq_length % sequence_parallel_size != 0:  # type: ignore[operator]
+            raise ValueError(f"seq_length={seq_length} is not divisible by sequence_parallel_size="
+                             f"{sequence_parallel_size}")
 
+        # the HF Trainer's loss with the running DeepSpeed config: refuse combinations whose SP gradients are not
+        # the SP=1 gradients (ds_burst.training.losses.sp_grads_averaged has the table)
+        check_trainer_sp_gradients(sequence_parallel_size,
+                                   model_name_or_path if isinstance(model_name_or_path, torch.nn.Module) else None)
         topo = get_topology()
         if topo is None or topo.get_sequence_parallel_world_size() != sequence_parallel_size:
             topo = init_sequence_parallel(sequence_parallel_size)
-        if seq_length is not None and seq_length % sequence_parallel_size != 0:
-            raise ValueError(f"seq_length={seq_length} is not divisible by sequence_parallel_size="
-                             f"{sequence_parallel_size}")
         text = config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         battn = cls(
@@ -359,7 +441,7 @@ class BurstSPAttentionHF(torch.nn.Module):
             disable_in_eval=disable_in_eval,
             **burst_options,
         )
-        battn.core_attn_implementation = core_attn_implementation
+        battn.core_attn_implementation = impl
 
         def burst_sp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -367,60 +449,11 @@ class BurstSPAttentionHF(torch.nn.Module):
             mask = attention_mask if (not module.training and disable_in_eval) else None
             return battn(module, query, key, value, mask, *args, **kwargs)
 
-        if loaded and isinstance(model_name_or_path, torch.nn.Module):
-            partition_for_zero3(model_name_or_path, topo)
         burst_sp_attention.burst_attention = battn  # type: ignore[attr-defined]
-        _REPLACED[core_attn_implementation] = original
-        ALL_ATTENTION_FUNCTIONS[core_attn_implementation] = burst_sp_attention
-        return topo
-
-
-def _strip_auto(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip_auto(v) for k, v in obj.items() if v != "auto"}
-    return obj
-
-
-def _zero3_config() -> dict[str, Any] | None:
-    """The DeepSpeed config of the running HF Trainer / Accelerate job if it is ZeRO-3, else ``None``."""
-    config = None
-    try:
-        from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            config = deepspeed_config()
-    except ImportError:
-        pass
-    if config is None:
-        try:
-            from accelerate.state import AcceleratorState
-
-            plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
-            config = plugin.deepspeed_config if plugin is not None else None
-        except (ImportError, AttributeError):
-            config = None
-    if not config or int((config.get("zero_optimization") or {}).get("stage", 0)) != 3:
-        return None
-    return config
-
-
-def partition_for_zero3(model: torch.nn.Module, topology: Topology) -> None:
-    """Under ZeRO-3, partition ``model``'s not yet partitioned parameters over the sequence-data-parallel group.
-
-    DeepSpeed 0.19.8 partitions a plain model over ``mpu.get_data_parallel_group()`` (the DP replicas only) when
-    the mpu is not its own ALST module: the SP ranks' gradients would never be summed (see
-    :func:`ds_burst.deepspeed_initialize`). ALST's mpu gets the world group. So before Accelerate calls
-    ``deepspeed.initialize(mpu=topology)`` the model is converted here with ``deepspeed.zero.Init(module=model,
-    data_parallel_group=<sequence-data-parallel group>)``; a model already built under ``zero.Init`` (the HF
-    ``from_pretrained`` path with ZeRO-3) is only checked. No-op without a ZeRO-3 config.
-    """
-    config = _zero3_config()
-    if config is None:
-        return
-    minimal = {k: _strip_auto(config[k]) for k in ("zero_optimization", "fp16", "bf16") if k in config}
-    minimal["train_micro_batch_size_per_gpu"] = 1
-    partition_over_sequence_data_parallel(model, minimal, topology)
-    check_zero3_partitioning(model, topology)
+        _REPLACED[impl] = original
+        ALL_ATTENTION_FUNCTIONS[impl] = burst_sp_attention
+        # ZeRO-3 needs nothing here: with this mpu DeepSpeed partitions a plain model over the world, as for ALST
+        return ParallelStateSP(topo)
 
 
 def register_with_transformers(
@@ -433,7 +466,7 @@ def register_with_transformers(
     disable_in_eval: bool = False,
     max_length: int | None = None,
     **burst_options: Any,
-) -> Topology | None:
+) -> ParallelStateSP | None:
     """:meth:`BurstSPAttentionHF.register_with_transformers` as a function
     (``ds_burst.hf.register_with_transformers``)."""
     return BurstSPAttentionHF.register_with_transformers(

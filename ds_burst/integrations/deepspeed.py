@@ -14,12 +14,15 @@ An explicit attention-mask tensor, or attention dropout > 0 in training, raises 
 ``patch_deepspeed()`` makes ``deepspeed.sequence.layer.DistributedAttention`` resolve to this class (for
 code that looks it up after the patch, e.g. Megatron-DeepSpeed models built after the call), and ALST's
 ``UlyssesSPAttentionHF``/``UlyssesSPDataLoaderAdapter`` (Accelerate, HF Trainer, TRL) resolve to
-:mod:`ds_burst.integrations.alst`'s drop-ins.
+:mod:`ds_burst.integrations.alst`'s drop-ins. DeepSpeed's classes taken before the patch keep working as
+DeepSpeed's, side by side with ds-burst's.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
+import types
 from typing import Any
 
 import torch
@@ -274,11 +277,12 @@ class DistributedAttention(torch.nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
-_ORIGINAL: dict[str, Any] = {}
 _ALST_MODULE = "deepspeed.runtime.sequence_parallel.ulysses_sp"
 _ALST_NAMES = {"UlyssesSPAttentionHF": "BurstSPAttentionHF", "UlyssesSPDataLoaderAdapter": "BurstSPDataLoaderAdapter"}
 # (module, attribute, DeepSpeed's object) for every binding patch_deepspeed replaced
 _PATCHED: list[tuple[Any, str, Any]] = []
+# (DeepSpeed's class, attribute, DeepSpeed's own method) for every method patch_deepspeed gave pinned globals
+_PINNED: list[tuple[type, str, Any]] = []
 
 
 def _rebind(module: Any, name: str, new: Any) -> None:
@@ -288,34 +292,99 @@ def _rebind(module: Any, name: str, new: Any) -> None:
         setattr(module, name, new)
 
 
+class _PinnedGlobals(dict):
+    """The globals of a copy of one of DeepSpeed's methods: the names :func:`patch_deepspeed` rebinds in the
+    method's module resolve to DeepSpeed's own classes, every other name to the module's namespace, looked up at
+    each use (a later change to the module is seen as by the original method)."""
+
+    def __init__(self, module_globals: dict[str, Any], pinned: dict[str, Any]) -> None:
+        super().__init__(pinned)
+        self["__builtins__"] = module_globals.get("__builtins__", builtins)
+        self.module_globals = module_globals
+        self.pinned = frozenset(pinned)
+
+    def __missing__(self, name: str) -> Any:
+        return self.module_globals[name]
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """Names a code object (with the functions nested in it) may load as globals."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _pinned_copy(value: Any, scope: _PinnedGlobals) -> Any:
+    """A copy of the function, classmethod, staticmethod or property ``value`` whose functions run with the globals
+    ``scope``, or ``None`` when none of its functions names a pinned class."""
+    if isinstance(value, types.FunctionType):
+        if not _global_names(value.__code__) & scope.pinned:
+            return None
+        fn = types.FunctionType(value.__code__, scope, value.__name__, value.__defaults__, value.__closure__)
+        fn.__kwdefaults__ = None if value.__kwdefaults__ is None else dict(value.__kwdefaults__)
+        fn.__qualname__, fn.__doc__, fn.__module__ = value.__qualname__, value.__doc__, value.__module__
+        fn.__annotations__ = dict(value.__annotations__)
+        fn.__dict__.update(value.__dict__)
+        return fn
+    if isinstance(value, (classmethod, staticmethod)):
+        inner = _pinned_copy(value.__func__, scope)
+        return None if inner is None else type(value)(inner)
+    if isinstance(value, property):
+        parts = (value.fget, value.fset, value.fdel)
+        copies = [None if f is None else _pinned_copy(f, scope) for f in parts]
+        if all(c is None for c in copies):
+            return None
+        return property(*(c if c is not None else f for c, f in zip(copies, parts)), value.__doc__)
+    return None
+
+
+def _pin_methods(module: Any, pinned: dict[str, type]) -> None:
+    """Keep DeepSpeed's classes ``pinned`` (global name in ``module`` -> class) working once the names are rebound:
+    every method of theirs that refers to one of the names as a module global (``super(DistributedAttention,
+    self)``, ``UlyssesSPAttentionHF(...)`` in ``register_with_transformers``) is replaced by a copy that resolves
+    the names to DeepSpeed's own classes. Recorded in ``_PINNED`` for :func:`unpatch_deepspeed`."""
+    scope = _PinnedGlobals(vars(module), pinned)
+    for cls in pinned.values():
+        for attr, value in list(vars(cls).items()):
+            copy = _pinned_copy(value, scope)
+            if copy is not None:
+                _PINNED.append((cls, attr, value))
+                setattr(cls, attr, copy)
+
+
 def patch_deepspeed() -> None:
     """Make every DeepSpeed Ulysses entry point run BurstAttention.
 
-    * ``deepspeed.sequence.layer.DistributedAttention`` -> :class:`DistributedAttention`;
+    * ``deepspeed.sequence.layer.DistributedAttention`` -> :class:`DistributedAttention`, for code that looks the
+      name up after this call;
     * ALST's ``deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF`` and
       ``UlyssesSPDataLoaderAdapter`` -> :class:`ds_burst.integrations.alst.BurstSPAttentionHF` and
-      :class:`~ds_burst.integrations.alst.BurstSPDataLoaderAdapter` (same signatures). Accelerate
-      (``ParallelismConfig(sp_backend="deepspeed")``), the Hugging Face ``Trainer`` and TRL import them from
-      that module when they prepare the model, so call this before ``Trainer(...)``/``accelerator.prepare``.
+      :class:`~ds_burst.integrations.alst.BurstSPDataLoaderAdapter` (same signatures), in that module and in every
+      loaded module that bound the names at import time (``from ... import UlyssesSPAttentionHF``). Accelerate
+      (``ParallelismConfig(sp_backend="deepspeed")``), the Hugging Face ``Trainer`` and TRL import them from that
+      module when they prepare the model, so call this before ``Trainer(...)``/``accelerator.prepare``.
 
-    Modules already loaded that bound those names at import time (``from ... import UlyssesSPAttentionHF``)
-    are rebound as well. Affects code that looks the names up after this call. Idempotent; undo with
-    :func:`unpatch_deepspeed`.
+    DeepSpeed's own classes stay DeepSpeed's: a reference taken before this call (Megatron-DeepSpeed's
+    ``from deepspeed.sequence.layer import DistributedAttention`` at import), a subclass of one, or an object of one
+    still constructs and behaves exactly as DeepSpeed's, side by side with ds-burst's classes (their methods that
+    name their class by its module global, e.g. ``super(DistributedAttention, self)``, get copies that resolve the
+    name to DeepSpeed's class). Idempotent; undo with :func:`unpatch_deepspeed`.
     """
     import sys
 
     import deepspeed.runtime.sequence_parallel.ulysses_sp as ulysses_sp
     import deepspeed.sequence.layer as ds_layer
 
-
     if ds_layer.DistributedAttention is not DistributedAttention:
-        _ORIGINAL["layer"] = ds_layer.DistributedAttention
-        ds_layer.DistributedAttention = DistributedAttention  # type: ignore[misc]
-    originals = {name: getattr(ulysses_sp, name) for name in _ALST_NAMES}
-    for name, burst_name in _ALST_NAMES.items():
-        new = getattr(alst, burst_name)
-        if originals[name] is new:
-            continue  # already patched
+        _pin_methods(ds_layer, {"DistributedAttention": ds_layer.DistributedAttention})
+        _rebind(ds_layer, "DistributedAttention", DistributedAttention)
+    originals = {name: getattr(ulysses_sp, name) for name, burst in _ALST_NAMES.items()
+                 if getattr(ulysses_sp, name) is not getattr(alst, burst)}  # not patched yet
+    _pin_methods(ulysses_sp, originals)
+    for name in originals:
+        new = getattr(alst, _ALST_NAMES[name])
         _rebind(ulysses_sp, name, new)
         for mod in list(sys.modules.values()):
             if mod is None or mod is ulysses_sp or mod is alst:
@@ -330,14 +399,13 @@ def patch_deepspeed() -> None:
 
 def unpatch_deepspeed() -> None:
     """Restore DeepSpeed's own ``DistributedAttention``, ``UlyssesSPAttentionHF`` and
-    ``UlyssesSPDataLoaderAdapter`` everywhere :func:`patch_deepspeed` replaced them, and the transformers
-    attention functions that ds-burst's ``register_with_transformers`` replaced (no-op if not patched)."""
-    import deepspeed.sequence.layer as ds_layer
-
-
-    if "layer" in _ORIGINAL:
-        ds_layer.DistributedAttention = _ORIGINAL.pop("layer")  # type: ignore[misc]
+    ``UlyssesSPDataLoaderAdapter`` everywhere :func:`patch_deepspeed` replaced them, their own methods, and the
+    transformers attention functions that ds-burst's ``register_with_transformers`` replaced (no-op if not
+    patched)."""
     while _PATCHED:
         module, name, old = _PATCHED.pop()
         setattr(module, name, old)
+    while _PINNED:
+        cls, attr, method = _PINNED.pop()
+        setattr(cls, attr, method)
     alst.unregister_from_transformers()
