@@ -8,6 +8,8 @@ setup(
     description="BurstAttention: topology-aware ring attention for long-context training with DeepSpeed",
     python_requires=">=3.10",
     packages=find_packages(include=["ds_burst", "ds_burst.*"]),
+    # the cost model's default rates (measured figures with their sources), read at import
+    package_data={"ds_burst.core": ["rates/*.json"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],

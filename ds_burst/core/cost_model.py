@@ -24,8 +24,39 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
 
 from ds_burst.core.cost import backward_bytes_per_token
+
+RATES_FORMAT = "ds-burst-rates/1"
+#: the figures every rates file holds (the defaults of :class:`Hardware` that are numbers)
+RATE_FIGURES = ("fwd_tflops", "bwd_tflops", "intra_gbps", "inter_gbps", "a2a_intra_gbps", "a2a_inter_gbps",
+                "intra_latency_s", "inter_latency_s")
+#: the rates file ``Hardware()`` starts from, in ``ds_burst/core/rates/``
+DEFAULT_RATES = "h200.json"
+
+
+def read_rates(name: str = DEFAULT_RATES) -> dict[str, float]:
+    """The figures of a rates file shipped in ``ds_burst/core/rates/`` (each with the source it was taken from:
+    a results file of ``docs/results`` and its date, or ``assumed``). Raises ``ValueError`` for a file that
+    lacks a figure or its source, or holds one it should not."""
+    text = resources.files("ds_burst.core").joinpath("rates", name).read_text()
+    data = json.loads(text)
+    figures = data.get("figures") if isinstance(data, dict) and data.get("format") == RATES_FORMAT else None
+    if not isinstance(figures, dict):
+        raise ValueError(f"rates file {name}: expected format {RATES_FORMAT!r} with a 'figures' object")
+    if sorted(figures) != sorted(RATE_FIGURES):
+        raise ValueError(f"rates file {name}: figures {sorted(figures)}, expected {sorted(RATE_FIGURES)}")
+    out = {}
+    for key, entry in figures.items():
+        value = entry.get("value") if isinstance(entry, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not entry.get("source"):
+            raise ValueError(f"rates file {name}: {key} needs a numeric 'value' and a 'source'")
+        out[key] = float(value)
+    return out
+
+
+_DEFAULTS = read_rates()  # read once, at import
 
 
 @dataclass(frozen=True)
@@ -36,16 +67,18 @@ class Hardware:
     rates are for unmasked tiles (every zigzag ring step after the local one, and all of non-causal
     attention), ``None`` = the causal rate. ``peer_*`` are the local-attention rates of the DeepSpeed-Ulysses
     comparison (``None`` = the same kernel as ds-burst). ``python -m ds_burst.plan calibrate`` measures them.
+    The defaults of the numeric figures come from ``ds_burst/core/rates/h200.json`` (:func:`read_rates`), which
+    names the measurement (or the assumption) behind each.
     """
 
-    fwd_tflops: float = 520.0  # ds-burst Triton forward, H200, 32K causal, D=128 (docs/BENCHMARKS.md)
-    bwd_tflops: float = 373.0  # ds-burst Triton backward alone at the same shape (2.5x fwd FLOPs)
-    intra_gbps: float = 260.0  # NVLink ring step (send next, recv prev), H200 measured
-    inter_gbps: float = 50.0  # 400 Gb/s InfiniBand, one NIC per GPU
-    a2a_intra_gbps: float = 277.0  # all-to-all bus bandwidth inside a node, H200 measured
-    a2a_inter_gbps: float = 45.0  # all-to-all bus bandwidth across nodes (estimate)
-    intra_latency_s: float = 20e-6
-    inter_latency_s: float = 30e-6
+    fwd_tflops: float = _DEFAULTS["fwd_tflops"]
+    bwd_tflops: float = _DEFAULTS["bwd_tflops"]
+    intra_gbps: float = _DEFAULTS["intra_gbps"]
+    inter_gbps: float = _DEFAULTS["inter_gbps"]
+    a2a_intra_gbps: float = _DEFAULTS["a2a_intra_gbps"]
+    a2a_inter_gbps: float = _DEFAULTS["a2a_inter_gbps"]
+    intra_latency_s: float = _DEFAULTS["intra_latency_s"]
+    inter_latency_s: float = _DEFAULTS["inter_latency_s"]
     fwd_tflops_full: float | None = None
     bwd_tflops_full: float | None = None
     peer_fwd_tflops: float | None = None

@@ -308,7 +308,7 @@ class BurstSPAttentionHF(torch.nn.Module):
                 ``s_aux``, ``is_causal``, ...).
 
         Returns:
-            ``(out [B, s, Hq, D], None)``.
+            ``(out [B, s, Hq, Dv], None)`` (``Dv``: the value head dim).
         """
         if not module.training and self.disable_in_eval:
             return self.attn(module, query, key, value, attention_mask, *args, **kwargs)

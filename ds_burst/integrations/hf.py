@@ -107,7 +107,7 @@ def hf_burst_attention(
     **kwargs: Any,
 ) -> torch.Tensor:
     """BurstAttention on transformers' attention-function tensors: ``query [B, Hq, s, D]``, ``key/value
-    [B, Hkv, s, D]`` (this rank's shard) -> ``[B, s, Hq, D]``. Shared by ``attn_implementation="burst"`` and the
+    [B, Hkv, s, Dv]`` (this rank's shard) -> ``[B, s, Hq, Dv]``. Shared by ``attn_implementation="burst"`` and the
     ALST drop-in (:mod:`ds_burst.integrations.alst`).
 
     Applied: ``scaling``, ``sliding_window``, ``softcap`` (Gemma 2 logit softcapping), ``s_aux`` (GPT-OSS attention
