@@ -227,11 +227,10 @@ class P2PBatch:
     messages.
     """
 
-    def __init__(self, info: GroupInfo, phase: str, step: int | None = None, counted: bool = True) -> None:
+    def __init__(self, info: GroupInfo, phase: str, step: int | None = None) -> None:
         self.info = info
         self.phase = phase
         self.step = step
-        self.counted = counted  # add the bytes sent to comm_stats() (not for control messages)
         self._ops: list[dist.P2POp] = []
         self._desc: list[str] = []
         self._reqs: list = []
@@ -253,8 +252,7 @@ class P2PBatch:
         tag = self._tag("s", to_rank)
         self._ops.append(dist.P2POp(dist.isend, tensor, self.info.global_rank(to_rank), self.info.group, tag))
         self._desc.append(f"send of {self._what(tensor)} to rank {to_rank}")
-        if self.counted:
-            COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
+        COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
 
     def recv(self, tensor: torch.Tensor, from_rank: int) -> None:
         """Queue receiving into a contiguous ``tensor`` from group rank ``from_rank``."""
@@ -432,13 +430,24 @@ def exchange_header(chan: GroupInfo, values: list[int], note: str | None = None,
     peers = sorted({(chan.rank - 1) % chan.world, (chan.rank + 1) % chan.world} - {chan.rank}) if neighbours_only \
         else [r for r in range(chan.world) if r != chan.rank]
     rows: list[torch.Tensor | None] = [mine if r == chan.rank else None for r in range(chan.world)]
-    batch = P2PBatch(chan, "header", counted=False)
+    works = []  # plain isend/irecv: on gloo they start at once (batch_isend_irecv measured slower here)
     for r in peers:
         rows[r] = torch.empty_like(mine)
-        batch.recv(rows[r], r)
+        works.append((dist.irecv(rows[r], chan.global_rank(r), group=chan.group), f"receive from rank {r}"))
     for r in peers:
-        batch.send(mine, r)
-    batch.commit().wait()
+        works.append((dist.isend(mine, chan.global_rank(r), group=chan.group), f"send to rank {r}"))
+    timeout = comm_timeout(chan)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for work, what in works:
+        try:
+            _wait_until(work, True, deadline)
+        except (RuntimeError, TimeoutError) as exc:
+            where = f"ds-burst rank {chan.rank} (the per-call header, group of {chan.world}): {what}"
+            if timeout is not None and _is_timeout(exc):
+                raise CommTimeoutError(f"{where} did not complete within the ds-burst communication timeout of "
+                                       f"{timeout:g}s ({COMM_TIMEOUT_ENV}); that rank is not making this call") \
+                    from exc
+            raise RuntimeError(f"{where} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
 
     def read(rank: int) -> str:
         if store is None:
