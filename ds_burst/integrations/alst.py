@@ -70,10 +70,6 @@ PACKED_ERROR = "ds-burst: packed batch refused ({where}): {why}"
 
 # flash-attention varlen keys that describe the documents of a packed batch
 _DOC_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-# keywords that reach the attention function through model(**batch) but do not concern attention: TRL's
-# padding-free seq_idx (document index per token, for linear-attention convolutions) and the Trainer's
-# shift_labels (deepspeed_sp_compute_loss passes the adapter's batch to the model, which hands its **kwargs on)
-_NO_ATTENTION_KEYS = ("seq_idx", "shift_labels")
 
 # attention functions replaced by register_with_transformers: key -> the original function
 _REPLACED: dict[str, Any] = {}
@@ -321,8 +317,6 @@ class BurstSPAttentionHF(torch.nn.Module):
         if position_ids is None:
             raise ValueError("ds-burst attention under sequence parallelism needs position_ids in every forward (this "
                              "rank's shard of the global positions); use BurstSPDataLoaderAdapter, which adds them")
-        for k in _NO_ATTENTION_KEYS:
-            kwargs.pop(k, None)
         # without cu_seq_lens from the data path, hf_burst_attention takes the documents from the position_ids'
         # restarts, gathered over the SP group once per forward (burst_attn_func(position_ids=...))
         # transformers built a mask for the key this class took over; like ALST it is not used (causality is by

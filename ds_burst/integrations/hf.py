@@ -61,8 +61,11 @@ _STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
 
 # Keywords transformers' models pass to the attention function besides the ones applied below, that do not change
 # the attention result (cache bookkeeping, output flags); every other keyword is refused with a ValueError.
+# shift_labels: the HF Trainer's SP loss input, handed on with the model's keywords; seq_idx: TRL's padding-free
+# document index per token (for linear-attention convolutions): the documents reach attention as cu_seq_lens or
+# position_ids
 _NO_EFFECT = ("use_cache", "cache_position", "output_router_logits", "output_hidden_states", "return_dict",
-              "num_items_in_batch", "layer_idx", "shift_labels")  # shift_labels: the HF Trainer's SP loss input
+              "num_items_in_batch", "layer_idx", "shift_labels", "seq_idx")
 
 
 def _sp_size(group: Any) -> int:
