@@ -10,8 +10,20 @@ The only ds-burst line is ``ds_burst.patch_deepspeed()`` before the Trainer is b
 documents (20 + 12 or 18 + 14 tokens, each with its own prompt) that TRL packs (``packing=True``, BFD, padding-free)
 into rows of ``SEQ`` tokens: ``position_ids`` restart at 0 per document and the collator adds ``cu_seq_lens_q``;
 ds-burst's adapter turns them into full-sequence document boundaries and attention stays inside each document
-(documents span the SP ranks). Run it with ``--nproc_per_node 1`` for the one-process reference (transformers' sdpa
-with its block-diagonal packed mask). ``--out FILE`` writes the per-step losses and ds-burst's ring bytes as JSON.
+(documents span the SP ranks). With the HF ``Trainer``, ``--packing`` gives the same documents, two per step, to
+transformers' ``DataCollatorWithFlattening`` (``position_ids`` restarting at 0; ``--flash-kwargs`` adds its
+``cu_seq_lens_q``/``_k`` tensors). Run it with ``--nproc_per_node 1`` for the one-process reference (transformers'
+sdpa with its block-diagonal packed mask). ``--out FILE`` writes the per-step losses and ds-burst's ring bytes as
+JSON.
+
+One process, ds-burst's Hugging Face backend itself (``attn_implementation="burst"``, registered by
+``ds_burst.hf.register()``) against transformers' sdpa on the same packed batches, e.g. on one GPU::
+
+    torchrun --nproc_per_node 1 examples/hf_trainer_sp.py --packing --attn burst --out burst.json
+    torchrun --nproc_per_node 1 examples/hf_trainer_sp.py --packing --attn sdpa --out sdpa.json
+
+``--bf16`` trains in bf16 (DeepSpeed's bf16 mode; a CUDA device). ``--attn burst`` is for one process: with SP > 1
+keep the default sdpa, whose attention function the ALST drop-in replaces.
 """
 
 from __future__ import annotations
@@ -34,20 +46,28 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--packing", action="store_true", help="TRL: pack documents (position_ids restart per document)")
+    ap.add_argument("--packing", action="store_true",
+                    help="pack documents (position_ids restart per document): TRL packing=True, or the HF Trainer "
+                    "with DataCollatorWithFlattening")
+    ap.add_argument("--flash-kwargs", action="store_true",
+                    help="HF Trainer with --packing: the collator also returns cu_seq_lens_q/_k (tensors)")
+    ap.add_argument("--attn", choices=["sdpa", "burst"], default="sdpa",
+                    help="the model's attn_implementation (burst: ds-burst's backend, ds_burst.hf.register())")
+    ap.add_argument("--bf16", action="store_true", help="train in bf16 (DeepSpeed bf16; needs a CUDA device)")
     ap.add_argument("--out", default=None, help="write {'losses': [...], 'comm': {...}} here (rank 0)")
     ap.add_argument("--output-dir", default="/tmp/ds_burst_hf_trainer_sp")
     return ap.parse_args()
 
 
-def tiny_llama(heads: int, kv_heads: int) -> torch.nn.Module:
+def tiny_llama(heads: int, kv_heads: int, attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny random Llama (2 layers, head dim 8), fp32, with ``attn_implementation=attn``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
                       max_position_embeddings=4 * SEQ, attention_dropout=0.0, tie_word_embeddings=False)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
 
 
 def tiny_tokenizer() -> object:
@@ -71,13 +91,24 @@ def samples(n: int) -> list[dict[str, list[int]]]:
     return out
 
 
+def documents(data: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """Each sample cut into two documents (20 + 12 or 18 + 14 tokens), each with its own prompt (``labels`` -100)."""
+    docs = []
+    for i, s in enumerate(data):
+        cut = 20 if i % 2 == 0 else 18
+        for lo, hi, prompt in ((0, cut, 3 + i % 4), (cut, SEQ, 2)):
+            ids = s["input_ids"][lo:hi]
+            docs.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return docs
+
+
 def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
 
 
-def ds_config() -> dict:
+def ds_config(bf16: bool = False) -> dict:
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "zero_optimization": {"stage": 3}, "fp16": {"enabled": False}, "bf16": {"enabled": False},
+            "zero_optimization": {"stage": 3}, "fp16": {"enabled": False}, "bf16": {"enabled": bf16},
             "gradient_clipping": 1.0}
 
 
@@ -87,6 +118,10 @@ def main() -> None:
 
     if args.backend == "burst":
         ds_burst.patch_deepspeed()  # before the Trainer/Accelerator is created
+    if args.attn == "burst":
+        import ds_burst.hf
+
+        ds_burst.hf.register()  # attn_implementation="burst" (one process: the local tensors, no ring)
 
     import deepspeed
     from accelerate.utils import ParallelismConfig
@@ -97,11 +132,16 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sp = args.sp or world
-    common = dict(output_dir=args.output_dir, per_device_train_batch_size=1, max_steps=args.steps, learning_rate=1e-2,
+    if args.attn == "burst" and sp > 1:
+        raise SystemExit("--attn burst runs ds-burst's HF backend in one process; with SP > 1 keep --attn sdpa (the "
+                         "ALST drop-in replaces its attention function)")
+    hf_packing = args.packing and args.trainer == "hf"
+    common = dict(output_dir=args.output_dir, per_device_train_batch_size=2 if hf_packing else 1,
+                  max_steps=args.steps, learning_rate=1e-2,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no",
-                  report_to="none", seed=0, bf16=False, fp16=False, data_seed=0, use_cpu=not torch.cuda.is_available(),
-                  train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
-                  deepspeed=ds_config())
+                  report_to="none", seed=0, bf16=args.bf16, fp16=False, data_seed=0,
+                  use_cpu=not torch.cuda.is_available(), train_sampling_strategy="sequential",
+                  dataloader_num_workers=0, remove_unused_columns=False, deepspeed=ds_config(args.bf16))
     if sp > 1:
         common["parallelism_config"] = ParallelismConfig(
             sp_backend="deepspeed", sp_size=sp,
@@ -114,7 +154,7 @@ def main() -> None:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    model = tiny_llama(args.heads, args.kv_heads)
+    model = tiny_llama(args.heads, args.kv_heads, args.attn)
     data = samples(args.steps * max(sp, 1) * 2)
     if args.trainer == "trl":
         from datasets import Dataset
@@ -123,16 +163,17 @@ def main() -> None:
         rows = [{"input_ids": s["input_ids"], "completion_mask": [int(x != -100) for x in s["labels"]]}
                 for s in data]
         if args.packing:  # two documents per sample (each with a prompt), packed by TRL into rows of SEQ tokens
-            docs = []
-            for i, r in enumerate(rows):
-                cut = 20 if i % 2 == 0 else 18
-                for lo, hi, prompt in ((0, cut, 3 + i % 4), (cut, SEQ, 2)):
-                    docs.append({"input_ids": r["input_ids"][lo:hi],
-                                 "completion_mask": [0] * prompt + [1] * (hi - lo - prompt)})
-            rows = docs
+            rows = [{"input_ids": d["input_ids"], "completion_mask": [int(x != -100) for x in d["labels"]]}
+                    for d in documents(data)]
         targs = SFTConfig(**common, max_length=SEQ, packing=args.packing, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),
                              processing_class=tiny_tokenizer(), callbacks=[Record()])
+    elif hf_packing:  # two documents per step, flattened into one row of SEQ tokens by transformers' collator
+        from transformers import DataCollatorWithFlattening
+
+        flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=args.flash_kwargs)
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=documents(data),
+                          data_collator=flatten, callbacks=[Record()])
     else:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, data_collator=collate,
                           callbacks=[Record()])
@@ -143,7 +184,9 @@ def main() -> None:
     print(f"rank {rank}: losses {losses} ds-burst ring bytes {comm}", flush=True)
     if args.out and rank == 0:
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "comm": comm, "sp": sp, "backend": args.backend}, f)
+            json.dump({"losses": losses, "comm": comm, "sp": sp, "backend": args.backend,
+                       "attn_implementation": model.config._attn_implementation, "bf16": args.bf16,
+                       "device": str(trainer.args.device)}, f)
 
 
 if __name__ == "__main__":

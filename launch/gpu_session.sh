@@ -2,7 +2,7 @@
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_new overhead documents tiles ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
-# memory calibrate.
+# memory calibrate e2e.
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -118,6 +118,29 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       timeout "$limit" torchrun --nproc_per_node "$ngpu" -m ds_burst.plan calibrate --out "$OUT/calibration.json" \
         >"$OUT/calibrate.log" 2>&1
       echo "rc=$?"; tail -15 "$OUT/calibrate.log" ;;
+    e2e)  # one GPU, every user path, bf16 (docs: tests/test_gpu_e2e.py): launch/train.py plain + packed under the
+          # DeepSpeed launcher (ZeRO-3, wandb offline), then the GPU tests: HF families with packed documents three ways
+          # + shard_batch, HF Trainer / TRL vs sdpa, DistributedAttention, torch.compile; writes e2e_train.log,
+          # e2e_tests.log and e2e.json (measured errors, losses, train summaries) to $OUT. E2E_TRAIN_OVERRIDES: more
+          # launch/train.py --override entries (e.g. "train.steps=2 train.seq_len=256" for a CPU dry run). About 400 s on
+          # one H100 (train jobs ~100 s, tests ~290 s)
+      t0=$(date +%s); left() { echo $((limit - ($(date +%s) - t0) - ${1:-0})); }
+      export DS_BURST_E2E_JSON=$OUT/e2e.json; rm -f "$DS_BURST_E2E_JSON" "$OUT/e2e_train.log"
+      for name in tiny packed; do
+        rm -rf "/tmp/e2e_train_$name"
+        jl=$(left 200); [ "$jl" -gt 150 ] && jl=150
+        timeout "$jl" python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config "configs/gpu1_$name.json" \
+          --override "train.output_dir=/tmp/e2e_train_$name" ${E2E_TRAIN_OVERRIDES:-} >"/tmp/e2e_train_$name.log" 2>&1
+        rc=$?; echo "train $name rc=$rc"
+        { echo "=== train $name rc=$rc"; cat "/tmp/e2e_train_$name.log"; } >>"$OUT/e2e_train.log"
+        grep -E "\[train\] (step [0-9]+/|packed documents)|Error|error:" "/tmp/e2e_train_$name.log" | grep -v "^\[20" \
+          | tail -5 | cut -c1-220
+      done
+      timeout "$(left 15)" python3 -m pytest -q -m gpu -v -rs --durations=10 -p no:cacheprovider tests/test_gpu_e2e.py \
+        >"$OUT/e2e_tests.log" 2>&1
+      echo "pytest rc=$?"
+      grep -E "FAILED|ERROR|SKIPPED|passed|failed|deselected|Timeout" "$OUT/e2e_tests.log" | tail -25 | cut -c1-250
+      python3 launch/e2e_summary.py "$DS_BURST_E2E_JSON" --train tiny=/tmp/e2e_train_tiny packed=/tmp/e2e_train_packed ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "=== stage $stage done ($(date -u +%H:%M:%S))"
