@@ -256,7 +256,7 @@ def test_triton_fwd_step_routes_to_hopper_and_matches_tl() -> None:
 def test_cases_run_on_sm90() -> None:
     """On an sm_90 GPU with Gluon and the kernels on, the GPU cases run: a probe that stopped matching the
     applicability rules would skip every one of them."""
-    if not (torch.cuda.is_available() and ha._ENABLED and torch.cuda.get_device_capability()[0] == 9):
+    if not (torch.cuda.is_available() and ha.ENABLED and torch.cuda.get_device_capability()[0] == 9):
         pytest.skip("not an sm_90 GPU with the Gluon kernels on")
     probe = torch.empty(1, 128, 1, 128, device="cuda", dtype=torch.bfloat16)
     assert ON_HOPPER, ha.why_not(probe, probe, probe, None)

@@ -111,3 +111,52 @@ def test_a_wrong_kernel_fails_the_contract(monkeypatch: pytest.MonkeyPatch):
                                                {torch.float64: (1e-12, 1e-12)}))
     with pytest.raises(AssertionError):
         test_tile_contract("reference", torch.float64, "full-gqa")
+
+
+def _span_cases(n: int, seed: int):
+    """Random spans: lengths, offsets, mask, tile sizes, direction."""
+    g = torch.Generator().manual_seed(seed)
+    windows = [(-1, -1), (-1, 0), (5, 0), (0, 3), (7, 8), (-1, 3), (5, -1), (40, 0), (0, 0)]
+
+    def pick(hi: int) -> int:
+        return int(torch.randint(0, hi, (1,), generator=g))
+
+    for _ in range(n):
+        sq, sk = 1 + pick(90), 1 + pick(90)
+        yield (sq, sk, pick(120) - 60, bool(pick(2)), windows[pick(len(windows))], (16, 32, 64)[pick(3)],
+               (16, 32)[pick(2)], bool(pick(2)))
+
+
+@pytest.mark.parametrize("align", [1, 16])
+def test_span_arithmetic_matches_the_mask(align: int):
+    """``tile_math.span`` (the source the tl and Gluon kernels compile), as plain Python, against the mask of
+    ``core.mask``: every visible pair lies in a visited tile, every mask-free tile is visible to every row, and no
+    visited tile is invisible to every row, in both directions (``align=16``, the Hopper backward's: a start
+    rounded down may add one masked tile nobody sees)."""
+    from ds_burst.kernels import tile_math
+
+    for sq, sk, d0, causal, window, block_r, block_o, bwd in _span_cases(300, 11 + align):
+        if align > 1 and not bwd:
+            continue
+        if causal and window[1] > 0:
+            window = (window[0], 0)
+        vis = reference.visible_mask(d0, sq, 0, sk, causal, window, torch.device("cpu"))
+        if bwd:
+            vis = vis.T  # rows are keys
+        n_rows, n_other = vis.shape
+        flags = tile_math.mask_args(causal, window)
+        for r0 in range(0, n_rows, block_r):
+            rows = vis[r0:r0 + block_r]
+            start, n_a, n_b, n_c = tile_math.span(r0, n_rows, n_other, d0, flags[2], flags[3], flags[0], flags[1],
+                                                  bwd, align, block_r, block_o)
+            tiles = [start + t * block_o for t in range(n_a + n_b + n_c)]
+            where = (sq, sk, d0, causal, window, block_r, block_o, bwd, r0, start, n_a, n_b, n_c)
+            seen = torch.zeros(n_other, dtype=torch.bool)
+            for i, t in enumerate(tiles):
+                seen[max(t, 0):t + block_o] = True
+                masked = i < n_a or i >= n_a + n_b
+                assert rows[:, max(t, 0):t + block_o].any() or (align > 1 and masked), ("a tile nobody sees", where)
+            assert not (rows.any(0) & ~seen).any(), ("a visible pair outside the span", where)
+            for t in tiles[n_a:n_a + n_b]:
+                assert t + block_o <= n_other and rows[:, t:t + block_o].all(), ("a partly visible mask-free", where)
+                assert not (bwd and r0 + block_r > n_rows), ("a mask-free tile of an overhanging key tile", where)

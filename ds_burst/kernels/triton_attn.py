@@ -44,8 +44,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ds_burst.core import settings
-from ds_burst.core.mask import BlockKind, classify_block, window_bounds
-from ds_burst.kernels import hopper_attn, hopper_attn_bwd
+from ds_burst.core.mask import BlockKind, classify_block
+from ds_burst.kernels import hopper_attn, hopper_attn_bwd, tile_math
 
 __all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "attend", "attend_bwd", "supports", "supports_variant",
            "MAX_HEAD_DIM", "INTERPRET"]
@@ -83,45 +83,21 @@ _INTERPRET_BLOCKS: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 16}
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK: tl.constexpr):
-    """Split ``[lo_any, hi_any)`` into masked tiles, mask-free tiles inside ``[f_lo, f_hi)``, masked tiles.
-
-    Returns ``(start_a, n_a, start_b, n_b, start_c, n_c)``: tile counts of each range and their first index.
-    Mask-free tiles lie entirely in ``[f_lo, f_hi)``; masked ranges may overhang (the element mask covers it).
-    """
-    hi_any = tl.maximum(hi_any, lo_any)
-    has_full = f_lo < f_hi
-    end_a = tl.where(has_full, f_lo, hi_any)
-    end_a = tl.maximum(end_a, lo_any)
-    n_a = (end_a - lo_any + BLOCK - 1) // BLOCK
-    start_b = lo_any + n_a * BLOCK
-    n_b = tl.where(has_full, tl.maximum(f_hi - start_b, 0) // BLOCK, 0)
-    start_c = start_b + n_b * BLOCK
-    n_c = (tl.maximum(hi_any - start_c, 0) + BLOCK - 1) // BLOCK
-    return lo_any, n_a, start_b, n_b, start_c, n_c
+_span = triton.jit(tile_math.in_dialect(tile_math.span, tl))
+_finish = triton.jit(tile_math.in_dialect(tile_math.finish, tl))
 
 
 @triton.jit
-def _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles for the query tile starting at row ``m0``: see :func:`_tile_ranges`.
-
-    Query row ``i`` sees key ``j`` iff ``-win_l <= j - i - delta0 <= win_r`` (each side only if bounded),
-    with ``delta0 = q_offset - k_offset``.
-    """
-    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo_any = m0 * 0
-    hi_any = lo_any + Sk
-    f_lo = lo_any
-    f_hi = hi_any
-    if HAS_LO:
-        lo_any = tl.maximum(m0 + delta0 - win_l, 0)
-        f_lo = tl.maximum(m_last + delta0 - win_l, 0)
-    if HAS_HI:
-        hi_any = tl.minimum(m_last + delta0 + win_r + 1, Sk)
-        f_hi = tl.minimum(m0 + delta0 + win_r + 1, Sk)
-    return _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK_N)
+def _subrange(start, n_a, n_b, R: tl.constexpr, BLOCK: tl.constexpr):
+    """First tile row of range ``R`` of a span (:func:`tile_math.span`: 0 masked tiles below, 1 mask-free tiles,
+    2 masked tiles above)."""
+    if R == 0:
+        first = start
+    elif R == 1:
+        first = start + n_a * BLOCK
+    else:
+        first = start + n_a * BLOCK + n_b * BLOCK
+    return first
 
 
 @triton.jit
@@ -235,26 +211,14 @@ def _fwd_kernel(
     kT_ptrs = K + kv_off + offs_n[None, :] * sks + offs_d[:, None] * skd
     v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd
 
-    sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sa, na, offs_m, offs_n, offs_d, offs_dv, sks, svs,
-                               Sk, delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
-                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sb, nb, offs_m, offs_n, offs_d, offs_dv, sks, svs,
-                               Sk, delta0, win_l, win_r, qk_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
-                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sc, nc, offs_m, offs_n, offs_d, offs_dv, sks, svs,
-                               Sk, delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
-                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-
-    has = l_i != 0.0  # a NaN sum counts: non-finite inputs propagate as in torch SDPA, no row is zeroed
-    l_safe = tl.where(has, l_i, 1.0)
-    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-    # lse_in + (m - m_in) * ln2 + ln(l) keeps lse bitwise unchanged for rows that saw no new key.
-    lse_in_s = tl.where(has_prev, lse_in, 0.0)
-    m_in_s = tl.where(has_prev, m_in, 0.0)
-    lse_prev = lse_in_s + (m_i - m_in_s) * 0.6931471805599453 + tl.log(l_safe)
-    lse_new = m_i * 0.6931471805599453 + tl.log(l_safe)
-    lse_out = tl.where(has_prev, lse_prev, tl.where(has, lse_new, float("-inf")))
+    start, n_a, n_b, n_c = _span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, False, 1, BLOCK_M, BLOCK_N)
+    for r in tl.static_range(3):  # masked key tiles, mask-free key tiles, masked key tiles
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, kT_ptrs, v_ptrs, _subrange(start, n_a, n_b, r, BLOCK_N), (n_a, n_b, n_c)[r], offs_m,
+            offs_n, offs_d, offs_dv, sks, svs, Sk, delta0, win_l, win_r, qk_scale, cap2, MASKED=r != 1,
+            HAS_LO=HAS_LO, HAS_HI=HAS_HI, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, HEAD_DIM=HEAD_DIM, HEAD_DV=HEAD_DV,
+            BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH)
+    out, lse_out = _finish(acc, l_i, m_i, lse_in, has_prev, m_in)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(l_ptrs, lse_out.to(Lse.dtype.element_ty), mask=row_ok)
 
@@ -376,21 +340,7 @@ def _bwd_kv_kernel(
     v = tl.load(V + b64 * svb + hk64 * svh + n64 * svs + offs_c[:, None] * svs + offs_dv[None, :] * svd,
                 mask=v_mask, other=0.0)
 
-    # Query rows i that see key j: j - delta0 - win_r <= i <= j - delta0 + win_l.
-    n_last = tl.minimum(n0 + BLOCK_N, Sk) - 1
-    lo_any = n0 * 0
-    hi_any = lo_any + Sq
-    f_lo = lo_any
-    f_hi = hi_any
-    if HAS_HI:
-        lo_any = tl.maximum(n0 - delta0 - win_r, 0)
-        f_lo = tl.maximum(n_last - delta0 - win_r, 0)
-    if HAS_LO:
-        hi_any = tl.minimum(n_last - delta0 + win_l + 1, Sq)
-        f_hi = tl.minimum(n0 - delta0 + win_l + 1, Sq)
-    # A key tile that overhangs Sk is processed fully masked (keeps padded key rows out of dQ).
-    f_hi = tl.where(n0 + BLOCK_N > Sk, f_lo, f_hi)
-    sa, na, sb, nb, sc, nc = _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK_M)
+    start, n_a, n_b, n_c = _span(n0, Sk, Sq, delta0, win_l, win_r, HAS_LO, HAS_HI, True, 1, BLOCK_N, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -401,18 +351,13 @@ def _bwd_kv_kernel(
         lse_ptrs = Lse + b64 * slb + h64 * slh + offs_r * sls
         dl_ptrs = Delta + b64 * sdlb + h64 * sdlh + offs_r * sdls
         dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sa, na, offs_n, offs_r,
-                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
-                               sm_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
-                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sb, nb, offs_n, offs_r,
-                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
-                               sm_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
-                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sc, nc, offs_n, offs_r,
-                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
-                               sm_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
-                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
+        for r in tl.static_range(3):  # masked query tiles, mask-free query tiles, masked query tiles
+            dk, dv = _bwd_kv_inner(
+                dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, _subrange(start, n_a, n_b, r, BLOCK_M),
+                (n_a, n_b, n_c)[r], offs_n, offs_r, offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l,
+                win_r, qk_scale, sm_scale, cap2, MASKED=r != 1, HAS_LO=HAS_LO, HAS_HI=HAS_HI, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, HEAD_DIM=HEAD_DIM, HEAD_DV=HEAD_DV, BLOCK_M=BLOCK_M, DOT_PREC=DOT_PREC,
+                ATOMIC_DQ=ATOMIC_DQ, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH)
 
     dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + n64 * sdks + offs_c[:, None] * sdks + offs_d[None, :] * sdkd
     dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + n64 * sdvs + offs_c[:, None] * sdvs + offs_dv[None, :] * sdvd
@@ -511,16 +456,13 @@ def _bwd_q_kernel(
     kT_ptrs = K + b64 * skb + hk64 * skh + offs_n[None, :] * sks + offs_d[:, None] * skd
     vT_ptrs = V + b64 * svb + hk64 * svh + offs_n[None, :] * svs + offs_dv[:, None] * svd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sa, na, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
-                      delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sb, nb, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
-                      delta0, win_l, win_r, qk_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sc, nc, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
-                      delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
+    start, n_a, n_b, n_c = _span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, False, 1, BLOCK_M, BLOCK_N)
+    for r in tl.static_range(3):  # masked key tiles, mask-free key tiles, masked key tiles
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, _subrange(start, n_a, n_b, r, BLOCK_N), (n_a, n_b, n_c)[r],
+            offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk, delta0, win_l, win_r, qk_scale, cap2, MASKED=r != 1,
+            HAS_LO=HAS_LO, HAS_HI=HAS_HI, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, HEAD_DIM=HEAD_DIM, HEAD_DV=HEAD_DV,
+            BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH)
 
     dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + m64 * sdqs + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
     dq_old = tl.load(dq_ptrs, mask=mask, other=0.0)
@@ -693,12 +635,6 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def _mask_args(causal: bool, window: tuple[int, int]) -> tuple[bool, bool, int, int]:
-    lo, hi = window_bounds(causal, window)
-    has_lo, has_hi = lo != math.inf, hi != math.inf
-    return has_lo, has_hi, int(lo) if has_lo else 0, int(hi) if has_hi else 0
-
-
 def fwd_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -735,7 +671,7 @@ def fwd_step(
         hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
                              window=window)
         return
-    has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
+    has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
     bd, bdv = _block_d(d), _block_d(dv)
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, _seq_bucket(max(sq, sk)))
@@ -819,7 +755,7 @@ def bwd_step(
         hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
                                  k_offset=k_offset, causal=causal, window=window)
         return
-    has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
+    has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
     bd, bdv = _block_d(d), _block_d(d_v)
     g = hq // hkv
     atomic = (not deterministic) and ATOMIC_DQ_WHEN_NONDETERMINISTIC
