@@ -1,57 +1,76 @@
-"""Local kernel selection: which implementation of the per-block tiles a call uses.
+"""The local kernels by name: the records (:class:`~ds_burst.kernels.contract.KernelSpec`) of the built-in kernels
+(``torch``: :mod:`~ds_burst.kernels.reference`, ``triton``: :mod:`~ds_burst.kernels.triton_attn`, ``sdpa``:
+:mod:`~ds_burst.kernels.sdpa_attn`, each imported on first use) and of kernels added with :func:`register`.
 
-Every implementation exposes ``fwd_step``, ``bwd_preprocess`` and ``bwd_step`` with the contract of
-:mod:`ds_burst.kernels.reference` (the pure-PyTorch tiles). A kernel whose module sets ``BWD_NEEDS_OUT``
-also takes the final output of the queries as ``bwd_step(..., out=...)``.
+A caller names a kernel by its record's ``name``: ``burst_attn_func(kernel="torch")``, or the name of a registered
+kernel (register it on every rank, before the first call that names it); ``"auto"`` is resolved per call
+(:func:`resolve`, and the measured choice of :mod:`ds_burst.kernels.choice` on GPUs).
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 import torch
 
 from ds_burst.core.options import KERNELS
+from ds_burst.kernels.contract import KernelSpec
+
+_REGISTERED: dict[str, KernelSpec] = {}
+
+
+def names() -> tuple[str, ...]:
+    """Every value ``kernel=`` accepts: ``"auto"``, the built-in kernels, then the registered ones in order."""
+    return KERNELS + tuple(_REGISTERED)
+
+
+def register(spec: KernelSpec) -> None:
+    """Make ``spec`` selectable as ``kernel=spec.name`` in this process (again with the same record: no-op)."""
+    if spec.name in KERNELS or _REGISTERED.get(spec.name, spec) is not spec:
+        raise ValueError(f"a kernel named {spec.name!r} is already registered")
+    _REGISTERED[spec.name] = spec
+
+
+def unregister(name: str) -> None:
+    """Forget the registered kernel ``name`` (plans built with it keep it: ``clear_plans()`` drops them)."""
+    _REGISTERED.pop(name, None)
 
 
 def check_kernel(name: str) -> None:
-    """Raise ``ValueError`` for an unknown kernel name."""
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}: expected one of {KERNELS}")
+    """Raise ``ValueError`` for a name that is not a kernel."""
+    if name not in names():
+        raise ValueError(f"unknown kernel {name!r}: expected one of {names()}")
 
 
-def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Concrete kernel for ``name``: ``auto`` is Triton on CUDA (16-bit and fp32 inputs), torch otherwise."""
+def get(name: str) -> KernelSpec:
+    """The record of the concrete kernel ``name`` (not ``"auto"``: :func:`resolve` it first)."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name == "torch":
+        from ds_burst.kernels import reference
+
+        return reference.KERNEL
+    if name == "sdpa":
+        from ds_burst.kernels import sdpa_attn
+
+        return sdpa_attn.KERNEL
+    if name == "triton":
+        try:
+            from ds_burst.kernels import triton_attn
+        except ImportError as exc:
+            raise ValueError("kernel='triton' needs the triton package (pip install triton)") from exc
+        return triton_attn.KERNEL
+    raise ValueError(f"unknown kernel {name!r}: expected one of {names()[1:]}")
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Concrete kernel for ``name``: ``auto`` is Triton on CUDA (16-bit and fp32 inputs, when installed), torch
+    otherwise."""
     check_kernel(name)
     if name != "auto":
         return name
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton_available():
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        try:
+            get("triton")
+        except ValueError:
+            return "torch"
         return "triton"
     return "torch"
-
-
-def kernel_module(name: str) -> ModuleType:
-    """The module implementing concrete kernel ``name`` (``torch``, ``triton`` or ``sdpa``).
-
-    ``sdpa`` runs each tile on torch's fused attention ops (cuDNN, FlashAttention; the CPU flash op) where
-    the mask is expressible and falls back per tile otherwise; its backward needs the output (``BWD_NEEDS_OUT``),
-    so it runs with the K/V-travelling backward.
-    """
-    if name == "torch":
-        return importlib.import_module("ds_burst.kernels.reference")
-    if name == "triton":
-        if not _triton_available():
-            raise ValueError("kernel='triton' needs the triton package (pip install triton)")
-        return importlib.import_module("ds_burst.kernels.triton_attn")
-    if name == "sdpa":
-        return importlib.import_module("ds_burst.kernels.sdpa_attn")
-    raise ValueError(f"unknown kernel {name!r}")
-
-
-def _triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
