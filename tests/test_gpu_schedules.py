@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_ranks, values
+from kernel_utils import rel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,10 +29,6 @@ CASES = [
     ("ring", "auto", True, "zigzag", 8, 8, 128, 4096),
     ("ring", "auto", True, "zigzag", 16, 4, 128, 8192),
 ]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
 def _reference(q, k, v, do, causal):
@@ -64,7 +61,7 @@ def worker_cases(rank, world):
                                             is_causal=causal, enable_gqa=True).transpose(1, 2)
         o1.backward(do.bfloat16())
         single = [o1.detach(), qs.grad, ks.grad, vs.grad]
-        res.append([(_rel(a, r), _rel(b, r)) for a, b, r in zip(got, single, refs)])
+        res.append([(rel(a, r), rel(b, r)) for a, b, r in zip(got, single, refs)])
         del refs, got, single
         torch.cuda.empty_cache()
     return res
