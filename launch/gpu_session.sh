@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
-# Stages: env tests tests_triton tests_hopper tests_new overhead documents tiles ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
-# memory calibrate.
+# Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
+# equiv attn_mem llama8b train_burst train_ulysses memory calibrate.
+# Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
+# tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -51,6 +53,15 @@ for spec in "$@"; do
     tests_hopper)  # the Gluon Hopper tiles against float64 (forward and backward, every mask case)
       timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_hopper_kernels.py >"$OUT/gpu_tests_hopper.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_hopper.log" | tail -20 ;;
+    tests_kernels)  # every kernel test on the GPU: the gpu cases of the kernel files, then the conformance suite and
+                    # the contract / layering check (they run on CUDA here)
+      timeout "$limit" python3 -m pytest -q -v --durations=15 -m gpu tests/test_triton_kernels.py \
+        tests/test_triton_variants.py tests/test_hopper_kernels.py tests/test_sdpa_kernel.py \
+        tests/test_attention_variants.py tests/test_hot_path.py >"$OUT/gpu_tests_kernels.log" 2>&1
+      echo "rc=$?"
+      timeout "$limit" python3 -m pytest -q tests/test_kernel_conformance.py tests/test_layers.py \
+        >>"$OUT/gpu_tests_kernels.log" 2>&1
+      echo "rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_kernels.log" | tail -30 ;;
     tiles)  # ring-step tile kinds: Hopper tiles against the tl tiles and cuDNN, forward and backward
       timeout "$limit" python3 launch/bench_tiles.py --out "$OUT/tiles.json" --seqs 16384 32768 65536 --iters 2 \
         >"$OUT/tiles.log" 2>&1
