@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_ranks, values
-from kernel_utils import rel
+from kernel_utils import ref_grads, rel
 
 WORLDS = [1, 2, 3, 4]
 HQ = 4
@@ -65,16 +65,6 @@ def _mask(mask, s_local):
     return causal, (int(w[0] * s_local), int(w[1] * s_local))
 
 
-def _reference(q, k, v, do, sinks, causal, window, softcap):
-    from ds_burst.kernels.reference import naive_attention
-
-    qf, kf, vf = (x.detach().double().clone().requires_grad_() for x in (q, k, v))
-    sf = None if sinks is None else sinks.detach().double().clone().requires_grad_()
-    out, _ = naive_attention(qf, kf, vf, causal=causal, window=window, softcap=softcap, sinks=sf)
-    out.backward(do.double())
-    return [out.detach(), qf.grad, kf.grad, vf.grad, None if sf is None else sf.grad]
-
-
 def _distributed(q, k, v, do, sinks, causal, window, layout, backward, softcap, kernel="torch"):
     """This rank's call on its shards; returns gathered out, dq, dk, dv and the all-reduced d sinks."""
     import torch.distributed as dist
@@ -103,7 +93,7 @@ def worker_float64(rank, world):
         q, k, v, do, sinks = _inputs(world, idx, hkv, dv, with_sinks)
         causal, window = _mask(mask, q.shape[1] // world)
         got = _distributed(q, k, v, do, sinks, causal, window, layout, backward, softcap)
-        ref = _reference(q, k, v, do, sinks, causal, window, softcap)
+        ref = ref_grads(q, k, v, do, sinks=sinks, causal=causal, window=window, softcap=softcap)
         errs[CASE_IDS[idx]] = [None if r is None else rel(g, r) for g, r in zip(got, ref)]
     return errs
 
@@ -186,7 +176,7 @@ def test_sdpa_kernel_falls_back_or_runs_exactly(variant):
     ss = None if sinks is None else sinks.clone().requires_grad_()
     out = burst_attn_func(qq, kk, vv, causal=True, kernel="sdpa", softcap=softcap, sinks=ss)
     out.backward(do)
-    ref = _reference(q, k, v, do, sinks, True, (-1, -1), softcap)
+    ref = ref_grads(q, k, v, do, sinks=sinks, causal=True, window=(-1, -1), softcap=softcap)
     got = [out, qq.grad, kk.grad, vv.grad, None if ss is None else ss.grad]
     for g, r in zip(got, ref):
         if r is not None:
@@ -238,7 +228,7 @@ def _triton_case(dtype, device, variant, causal=True, window=(-1, -1), hkv=2, s=
     v = torch.randn(1, s, hkv, dv, generator=g, dtype=torch.float64)
     do = torch.randn(1, s, HQ, dv, generator=g, dtype=torch.float64)
     sinks = torch.randn(HQ, generator=g, dtype=torch.float64) if with_sinks else None
-    ref = _reference(q, k, v, do, sinks, causal, window, softcap)
+    ref = ref_grads(q, k, v, do, sinks=sinks, causal=causal, window=window, softcap=softcap)
     xs = [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v)]
     sl = None if sinks is None else sinks.to(device=device, dtype=torch.float32).requires_grad_()
     name = _plan_kernel(xs[0].detach(), xs[1].detach(), xs[2].detach(), "triton", softcap, sl)
@@ -290,7 +280,7 @@ def test_auto_kernel_variants_gpu(variant):
 
     softcap, with_sinks, dv = VARIANTS[variant]
     q, k, v, do, sinks = _inputs(1, 1, HQ, dv, with_sinks, per_rank=128)
-    ref = _reference(q, k, v, do, sinks, True, (-1, -1), softcap)
+    ref = ref_grads(q, k, v, do, sinks=sinks, causal=True, window=(-1, -1), softcap=softcap)
     xs = [x.cuda().bfloat16() for x in (q, k, v)]
     name = _plan_kernel(*xs, "auto", softcap, None if sinks is None else sinks.cuda())
     assert name == "triton"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_ranks, values
-from kernel_utils import rel
+from kernel_utils import ref_grads, rel
 
 WORLDS = [1, 2, 3, 4, 8]
 HQ = 8
@@ -62,15 +62,6 @@ def _run_case(q, k, v, do, causal, window, layout, backward, kernel="torch"):
         return [ds_burst.gather_sequence(t, 1, layout=layout) for t in (out, ql.grad, kl.grad, vl.grad)]
 
 
-def _reference(q, k, v, do, causal, window):
-    from ds_burst.kernels.reference import naive_attention
-
-    qf, kf, vf = (x.double().requires_grad_() for x in (q, k, v))
-    out, _ = naive_attention(qf, kf, vf, causal=causal, window=window)
-    out.backward(do.double())
-    return [out.detach(), qf.grad, kf.grad, vf.grad]
-
-
 def worker_float64(rank, world):
     errs = {}
     for idx, (mask, layout, backward, hkv) in enumerate(CASES):
@@ -78,7 +69,7 @@ def worker_float64(rank, world):
         q, k, v, do = _inputs(world, idx, hkv, d, torch.float64)
         causal, window = _resolve_mask(mask, q.shape[1] // world)
         got = _run_case(q, k, v, do, causal, window, layout, backward)
-        ref = _reference(q, k, v, do, causal, window)
+        ref = ref_grads(q, k, v, do, causal=causal, window=window)
         errs[(mask, layout, backward, hkv)] = max(rel(a, b) for a, b in zip(got, ref))
     return errs
 
@@ -126,7 +117,7 @@ def worker_low_precision(rank, world):
             causal, window = _resolve_mask(mask, q.shape[1] // world)
             got = _run_case(q, k, v, do, causal, window, layout, backward)
             single = _sdpa_single(q, k, v, do, causal, window)
-            ref = _reference(q, k, v, do, causal, window)
+            ref = ref_grads(q, k, v, do, causal=causal, window=window)
             res[(str(dtype), mask)] = [(rel(a, r), rel(b, r)) for a, b, r in zip(got, single, ref)]
     return res
 
@@ -159,7 +150,7 @@ def worker_bf16_large_ring(rank, world):
     for idx, mask in enumerate(("causal", "full")):
         q, k, v, do = _inputs(world, 50 + idx, HQ, 64, torch.bfloat16, batch=1, per_rank=64)
         causal, window = _resolve_mask(mask, q.shape[1] // world)
-        ref = _reference(q, k, v, do, causal, window)
+        ref = ref_grads(q, k, v, do, causal=causal, window=window)
         single = _sdpa_single(q, k, v, do, causal, window)
         got = _run_case(q, k, v, do, causal, window, "zigzag", "burst")
         bad = _run_case(q, k, v, do, causal, window, "zigzag", "burst", kernel="rounding")
@@ -410,7 +401,7 @@ def worker_kernels(rank, world, kernel):
         q, k, v, do = (torch.randn(1, s, h, 16, generator=g, dtype=torch.float64) for h in (2, hkv, hkv, 2))
         got = _run_case(q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), causal, window, layout, backward,
                         kernel=kernel)
-        ref = _reference(q, k, v, do, causal, window)
+        ref = ref_grads(q, k, v, do, causal=causal, window=window)
         errs.append(max(rel(a, b) for a, b in zip(got, ref)))
     return errs
 

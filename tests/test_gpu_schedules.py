@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_ranks, values
-from kernel_utils import rel
+from kernel_utils import ref_grads, rel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,16 +31,6 @@ CASES = [
 ]
 
 
-def _reference(q, k, v, do, causal):
-    """float64 attention by blocks of queries (no S x S x H float64 tensor at once)."""
-    from ds_burst.kernels.reference import naive_attention
-
-    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
-    ref, _ = naive_attention(qf, kf, vf, causal=causal)
-    ref.backward(do)
-    return [ref.detach(), qf.grad, kf.grad, vf.grad]
-
-
 def worker_cases(rank, world):
     import ds_burst
 
@@ -51,7 +41,7 @@ def worker_cases(rank, world):
         g = torch.Generator(device="cuda").manual_seed(idx)
         q, k, v, do = (torch.randn(1, s, h, d, device="cuda", generator=g, dtype=torch.float64)
                        for h in (hq, hkv, hkv, hq))
-        refs = _reference(q, k, v, do, causal)
+        refs = ref_grads(q, k, v, do, causal=causal)
         ql, kl, vl = (ds_burst.shard_sequence(x.bfloat16(), 1, layout=layout).requires_grad_() for x in (q, k, v))
         out = ds_burst.burst_attn_func(ql, kl, vl, causal=causal, layout=layout, kernel=kernel, group=topos[sched])
         out.backward(ds_burst.shard_sequence(do.bfloat16(), 1, layout=layout))

@@ -14,7 +14,7 @@ import torch
 
 from ds_burst.kernels import reference as ref
 from ds_burst.kernels import sdpa_attn as sa
-from kernel_utils import HAS_CUDA, Case, gen, gpu, randn, rel, requires_cuda
+from kernel_utils import HAS_CUDA, Case, gen, gpu, randn, rel
 
 CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
@@ -342,7 +342,6 @@ def _force_backend(monkeypatch: pytest.MonkeyPatch, backend: str, dtype: torch.d
 
 
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
 @pytest.mark.parametrize("c", GPU_CASES, ids=repr)
 def test_gpu_fwd_bwd(c: Case, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -357,7 +356,6 @@ def test_gpu_fwd_bwd(c: Case, backend: str, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @gpu
-@requires_cuda
 def test_gpu_flash_deterministic_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
     c = GPU_CASES[2]
     _force_backend(monkeypatch, "flash", torch.bfloat16, c.d)
@@ -376,7 +374,6 @@ def test_gpu_flash_deterministic_bitwise(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @gpu
-@requires_cuda
 def test_gpu_describe() -> None:
     text = sa.describe("cuda", torch.bfloat16, 128)
     assert "cudnn" in text and "flash" in text

@@ -12,14 +12,15 @@ import math
 import pytest
 import torch
 
-from kernel_utils import DEVICE, HAS_CUDA, Case, check_lse, gen, gpu, randn, rel, requires_cuda
+import kernel_utils as ku
+from kernel_utils import DEVICE, Case, gen, gpu, rel
 
 pytest.importorskip("triton")
 
 from ds_burst.kernels import reference as ref  # noqa: E402
 from ds_burst.kernels import triton_attn as ta  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ku.HAS_CUDA else [])
 ATOMIC = ta.Tiles(atomic_dq=True)  # deterministic=False runs the atomic dQ kernel path
 
 CASES = [
@@ -33,27 +34,6 @@ CASES = [
     Case("window-right-only", 33, 40, 4, 1, 32, False, (-1, 4), 20, 0),
     Case("causal-d80", 37, 37, 4, 2, 80, True, (-1, -1), 0, 0),
 ]
-
-
-def _narrow(full: torch.Tensor, dim: int, n: int, start: int) -> torch.Tensor:
-    """A slice ``[start, start + n)`` of ``full`` along ``dim``: a strided view into a bigger buffer."""
-    return full.narrow(dim, start, n)
-
-
-def _qkv(c: Case, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v with non-trivial strides: q from a packed buffer, k/v interleaved in one tensor."""
-    qbuf = randn((c.b, c.sq, c.hq + 1, c.d), g, dtype)
-    q = qbuf[:, :, 1:]
-    kv = randn((c.b, c.sk, 2, c.hkv, c.d), g, dtype)
-    return q, kv[:, :, 0], kv[:, :, 1]
-
-
-def _state(c: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A non-trivial running state as strided views: random out, finite lse except every third row."""
-    out = _narrow(randn((c.b, c.sq + 9, c.hq, c.d), g), 1, c.sq, 4)
-    lse = _narrow(randn((c.b, c.hq, c.sq + 5), g, scale=2.0), 2, c.sq, 3)
-    lse[:, :, ::3] = -math.inf
-    return out, lse
 
 
 def _no_key_rows(c: Case) -> torch.Tensor:
@@ -70,18 +50,9 @@ def _no_key_rows(c: Case) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_fwd_step_matches_reference(case: Case, dtype: torch.dtype) -> None:
-    g = gen(1000 + CASES.index(case))
-    q, k, v = _qkv(case, dtype, g)
-    out, lse = _state(case, g)
-    out0, lse0 = out.clone(), lse.clone()
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, **case.mask_kw())
-    tol = ta.KERNEL.tolerance[dtype][0]
-    assert rel(out, rout) < tol
-    check_lse(lse, rlse, tol)
-    # Rows that see no key keep their state bitwise (out rows whose lse is -inf become 0, as in the reference).
+    (out0, lse0), (out, lse) = ku.check_fwd(ta.TILES, case, dtype, gen(1000 + CASES.index(case)),
+                                         ta.KERNEL.tolerance[dtype][0])
+    # Rows that see no key keep their ku.state bitwise (out rows whose lse is -inf become 0, as in the reference).
     idle = _no_key_rows(case).to(DEVICE)
     if idle.any():
         had = torch.isfinite(lse0[:, :, idle])
@@ -93,11 +64,11 @@ def test_fwd_step_matches_reference(case: Case, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fwd_step_continuation(dtype: torch.dtype) -> None:
-    """Two calls over adjacent key ranges, from a non-trivial state, equal one reference call over both."""
+    """Two calls over adjacent key ranges, from a non-trivial ku.state, equal one reference call over both."""
     c = Case("cont", 41, 50, 4, 2, 32, True, (-1, -1), 30, 0)
     g = gen(7)
-    q, k, v = _qkv(c, dtype, g)
-    out, lse = _state(c, g)
+    q, k, v = ku.qkv(c, dtype, g)
+    out, lse = ku.state(c, g)
     rout, rlse = out.double(), lse.double()
     scale = 0.3
     split = 23
@@ -106,20 +77,20 @@ def test_fwd_step_continuation(dtype: torch.dtype) -> None:
     ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, q_offset=30, k_offset=0, causal=True)
     tol = ta.KERNEL.tolerance[dtype][0]
     assert rel(out, rout) < tol
-    check_lse(lse, rlse, tol)
+    assert rel(lse, rlse) < tol
 
 
 def test_fwd_step_fresh_state_matches_naive() -> None:
-    """From the empty state (lse = -inf) the result is plain attention."""
+    """From the empty ku.state (lse = -inf) the result is plain attention."""
     c = Case("fresh", 30, 30, 4, 2, 32, True, (9, 0), 0, 0)
     g = gen(8)
-    q, k, v = _qkv(c, torch.float32, g)
-    out = randn((1, c.sq, c.hq, c.d), g)
+    q, k, v = ku.qkv(c, torch.float32, g)
+    out = ku.randn((1, c.sq, c.hq, c.d), g)
     lse = torch.full((1, c.hq, c.sq), -math.inf, device=DEVICE)
     ta.fwd_step(q, k, v, out, lse, scale=0.2, causal=True, window=(9, 0))
     rout, rlse = ref.naive_attention(q.double(), k.double(), v.double(), causal=True, window=(9, 0), scale=0.2)
     assert rel(out, rout) < 1e-5
-    check_lse(lse, rlse, 1e-5)
+    assert rel(lse, rlse) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,47 +98,14 @@ def test_fwd_step_fresh_state_matches_naive() -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _bwd_inputs(c: Case, dtype: torch.dtype, g: torch.Generator):
-    """q, k, v, dout, a plausible global lse / delta, and random accumulators (dq as a strided view)."""
-    q, k, v = _qkv(c, dtype, g)
-    dout = randn((c.b, c.sq, c.hq, c.d), g, dtype)
-    scale = c.d**-0.5
-    _, blk_lse = ref.naive_attention(q.double(), k.double(), v.double(), scale=scale, **c.mask_kw())
-    # Global lse: this block's plus other keys elsewhere; rows without a key here still have a global lse.
-    extra = torch.rand(blk_lse.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    lse = torch.where(torch.isfinite(blk_lse), blk_lse + torch.log1p(extra), extra * 3).float()
-    delta = randn((c.b, c.hq, c.sq), g, scale=0.5)
-    dq = _narrow(randn((c.b, c.sq + 6, c.hq, c.d), g), 1, c.sq, 2)
-    dk = randn((c.b, c.sk, c.hkv, c.d), g)
-    dv = _narrow(randn((c.b, c.sk + 3, c.hkv, c.d), g), 1, c.sk, 3)
-    return q, k, v, dout, lse, delta, dq, dk, dv
-
-
-def _ref_bwd(c: Case, q, k, v, dout, lse, delta, dq, dk, dv, scale: float):
-    rdq, rdk, rdv = dq.double(), dk.double(), dv.double()
-    ref.bwd_step(q.double(), k.double(), v.double(), dout.double(), lse.double(), delta.double(), rdq, rdk, rdv,
-                 scale=scale, **c.mask_kw())
-    return rdq, rdk, rdv
-
-
 @pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_bwd_step_matches_reference(case: Case, dtype: torch.dtype, deterministic: bool) -> None:
-    if not deterministic and dtype != torch.float32 and not HAS_CUDA:
+    if not deterministic and dtype != torch.float32 and not ku.HAS_CUDA:
         pytest.skip("atomic dQ path covered in fp32 on CPU (interpreter time)")
-    g = gen(2000 + CASES.index(case))
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(case, dtype, g)
-    scale = case.d**-0.5
-    # The reference adds to the initial accumulators: compare the increments (relative to their size).
-    dq0, dk0, dv0 = dq.double(), dk.double(), dv.double()
-    rdq, rdk, rdv = _ref_bwd(case, q, k, v, dout, lse, delta, dq, dk, dv, scale)
-    ATOMIC.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, deterministic=deterministic,
-                    **case.mask_kw())
-    tol = ta.KERNEL.tolerance[dtype][1]
-    assert rel(dq.double() - dq0, rdq - dq0) < tol
-    assert rel(dk.double() - dk0, rdk - dk0) < tol
-    assert rel(dv.double() - dv0, rdv - dv0) < tol
+    ku.check_bwd(ATOMIC, case, dtype, gen(2000 + CASES.index(case)), ta.KERNEL.tolerance[dtype][1],
+              deterministic=deterministic)
 
 
 SWEEP_MASKS = [
@@ -192,28 +130,16 @@ def test_offset_sweep(causal: bool, window: tuple[int, int], block_m: int) -> No
         # Sq = 34: last query tile has 2 rows (bm16); Sq = 33: last tile has a single row (bm32).
         c = Case("sweep", 34 if block_m != 32 else 33, 35, 1, 1, 16, causal, window, 50 + d0, 50)
         g = gen(100 * i + int(causal))
-        q, k, v = _qkv(c, torch.float32, g)
-        out, lse = _state(c, g)
-        rout, rlse = out.double(), lse.double()
-        tiles.fwd_step(q, k, v, out, lse, scale=scale, **c.mask_kw())
-        ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, **c.mask_kw())
-        assert rel(out, rout) < 1e-5, d0
-        check_lse(lse, rlse, 1e-5)
-        q, k, v, dout, lse_g, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g)
-        dq0, dk0, dv0 = dq.double(), dk.double(), dv.double()
-        rdq, rdk, rdv = _ref_bwd(c, q, k, v, dout, lse_g, delta, dq, dk, dv, scale)
+        ku.check_fwd(tiles, c, torch.float32, g, 1e-5, scale=scale)
         for det in (True, False) if i % 4 == 0 else (True,):
-            a, b_, c_ = dq.clone(), dk.clone(), dv.clone()
-            tiles.bwd_step(q, k, v, dout, lse_g, delta, a, b_, c_, scale=scale, deterministic=det, **c.mask_kw())
-            for x, x0, r in ((a, dq0, rdq), (b_, dk0, rdk), (c_, dv0, rdv)):
-                assert rel(x.double() - x0, r - x0) < 1e-5, (d0, det)
+            ku.check_bwd(tiles, c, torch.float32, g, 1e-5, scale=scale, deterministic=det)
 
 
 def test_bwd_preprocess() -> None:
     g = gen(3)
     for dtype in (torch.float32, torch.float16):
-        out = _narrow(randn((2, 40, 3, 48), g, dtype), 1, 33, 5)
-        dout = randn((2, 33, 3, 48), g, dtype)
+        out = ku.randn((2, 40, 3, 48), g, dtype).narrow(1, 5, 33)
+        dout = ku.randn((2, 33, 3, 48), g, dtype)
         delta = ta.bwd_preprocess(out, dout)
         rdelta = ref.bwd_preprocess(out.double(), dout.double())
         assert delta.dtype == torch.float32 and delta.shape == (2, 3, 33)
@@ -223,7 +149,7 @@ def test_bwd_preprocess() -> None:
 def test_bwd_deterministic_bitwise() -> None:
     c = Case("det", 45, 40, 4, 2, 32, True, (-1, -1), 20, 10)
     g = gen(4)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(c, torch.float16, g)
+    q, k, v, dout, lse, delta, dq, dk, dv = ku.bwd_inputs(c, torch.float16, g)
     results = []
     for _ in range(2):
         a, b_, c_ = dq.clone(), dk.clone(), dv.clone()
@@ -246,8 +172,8 @@ def test_bwd_deterministic_bitwise() -> None:
 def test_empty_block_leaves_state_untouched(causal: bool, window: tuple[int, int], q_off: int, k_off: int) -> None:
     c = Case("empty", 30, 30, 4, 2, 32, causal, window, q_off, k_off)
     g = gen(5)
-    q, k, v, dout, lse_g, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g)
-    out, lse = _state(c, g)
+    q, k, v, dout, lse_g, delta, dq, dk, dv = ku.bwd_inputs(c, torch.float32, g)
+    out, lse = ku.state(c, g)
     snap = [t.clone() for t in (out, lse, dq, dk, dv)]
     ta.fwd_step(q, k, v, out, lse, scale=0.2, **c.mask_kw())
     ta.bwd_step(q, k, v, dout, lse_g, delta, dq, dk, dv, scale=0.2, **c.mask_kw())
@@ -256,22 +182,12 @@ def test_empty_block_leaves_state_untouched(causal: bool, window: tuple[int, int
         assert torch.equal(t, s)
 
 
-@pytest.mark.parametrize("d", [16, 24, 96, 256] if not HAS_CUDA else [16, 24, 32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("d", [16, 24, 96, 256] if not ku.HAS_CUDA else [16, 24, 32, 64, 80, 96, 128, 256])
 def test_head_dims(d: int) -> None:
     c = Case(f"d{d}", 21, 26, 2, 1, d, True, (-1, -1), 10, 0)
     g = gen(6 + d)
-    q, k, v = _qkv(c, torch.float32, g)
-    out, lse = _state(c, g)
-    rout, rlse = out.double(), lse.double()
-    ta.fwd_step(q, k, v, out, lse, scale=d**-0.5, **c.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=d**-0.5, **c.mask_kw())
-    assert rel(out, rout) < 1e-5
-    check_lse(lse, rlse, 1e-5)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g)
-    rdq, rdk, rdv = _ref_bwd(c, q, k, v, dout, lse, delta, dq, dk, dv, d**-0.5)
-    ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=d**-0.5, deterministic=True, **c.mask_kw())
-    for x, r in ((dq, rdq), (dk, rdk), (dv, rdv)):
-        assert rel(x, r) < 1e-5
+    ku.check_fwd(ta.TILES, c, torch.float32, g, 1e-5)
+    ku.check_bwd(ta.TILES, c, torch.float32, g, 1e-5)
 
 
 def test_head_dim_stride_and_block_shapes() -> None:
@@ -279,22 +195,22 @@ def test_head_dim_stride_and_block_shapes() -> None:
     tiles = ta.Tiles(interpret_blocks=(32, 16))
     c = Case("dstride", 35, 52, 4, 2, 32, True, (11, 0), 40, 0)
     g = gen(9)
-    q = randn((1, c.sq, c.hq, 2 * c.d), g)[..., ::2]
-    k = randn((1, c.sk, c.hkv, 2 * c.d), g)[..., 1::2]
-    v = randn((1, c.sk, c.hkv, c.d), g)
+    q = ku.randn((1, c.sq, c.hq, 2 * c.d), g)[..., ::2]
+    k = ku.randn((1, c.sk, c.hkv, 2 * c.d), g)[..., 1::2]
+    v = ku.randn((1, c.sk, c.hkv, c.d), g)
     assert q.stride(-1) == 2 and k.stride(-1) == 2
-    out, lse = _state(c, g)
+    out, lse = ku.state(c, g)
     rout, rlse = out.double(), lse.double()
     tiles.fwd_step(q, k, v, out, lse, scale=0.25, **c.mask_kw())
     ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=0.25, **c.mask_kw())
     assert rel(out, rout) < 1e-5
-    check_lse(lse, rlse, 1e-5)
-    dout = randn((1, c.sq, c.hq, c.d), g)
+    assert rel(lse, rlse) < 1e-5
+    dout = ku.randn((1, c.sq, c.hq, c.d), g)
     lse_g = torch.where(torch.isfinite(rlse), rlse, torch.zeros_like(rlse)).float()
-    delta = randn((1, c.hq, c.sq), g)
+    delta = ku.randn((1, c.hq, c.sq), g)
     for det in (True, False):
         dq, dk, dv = (torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v))
-        rdq, rdk, rdv = _ref_bwd(c, q, k, v, dout, lse_g, delta, dq, dk, dv, 0.25)
+        rdq, rdk, rdv = ku.ref_bwd(c, q, k, v, dout, lse_g, delta, dq, dk, dv, 0.25)
         tiles.bwd_step(q, k, v, dout, lse_g, delta, dq, dk, dv, scale=0.25, deterministic=det, **c.mask_kw())
         for x, r in ((dq, rdq), (dk, rdk), (dv, rdv)):
             assert rel(x, r) < 1e-5
@@ -308,7 +224,7 @@ def test_record_and_errors() -> None:
     assert "multiple" in ta.KERNEL.why_not(q, torch.zeros(1, 8, 3, 64, device=DEVICE))
     big_q, big_k = torch.zeros(1, 8, 4, 512, device=DEVICE), torch.zeros(1, 8, 2, 512, device=DEVICE)
     assert "head dim" in ta.KERNEL.why_not(big_q, big_k)
-    if not HAS_CUDA:  # the interpreter's bf16 dot is wrong: refused
+    if not ku.HAS_CUDA:  # the interpreter's bf16 dot is wrong: refused
         assert "bf16" in ta.KERNEL.why_not(q.bfloat16(), k.bfloat16())
     out, lse = torch.zeros_like(big_q), torch.zeros(1, 4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
@@ -335,31 +251,14 @@ GPU_CASES = [
 
 
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=repr)
 def test_gpu_large(case: Case, dtype: torch.dtype) -> None:
-    g = gen(3000 + GPU_CASES.index(case))
-    q, k, v = _qkv(case, dtype, g)
-    out, lse = _state(case, g)
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, **case.mask_kw())
+    seed = 3000 + GPU_CASES.index(case)
     tol_f, tol_b = ta.KERNEL.tolerance[dtype]
-    assert rel(out, rout) < tol_f
-    check_lse(lse, rlse, tol_f)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(case, dtype, g)
-    rdq, rdk, rdv = _ref_bwd(case, q, k, v, dout, lse, delta, dq, dk, dv, scale)
-    dq0, dk0, dv0 = dq.double(), dk.double(), dv.double()
-    runs = []
-    for det, atomic in ((True, False), (True, False), (False, True)):
-        a, b_, c_ = dq.clone(), dk.clone(), dv.clone()
-        ta.Tiles(atomic_dq=atomic).bwd_step(q, k, v, dout, lse, delta, a, b_, c_, scale=scale, deterministic=det,
-                                            **case.mask_kw())
-        for x, x0, r in ((a, dq0, rdq), (b_, dk0, rdk), (c_, dv0, rdv)):
-            assert rel(x.double() - x0, r - x0) < tol_b
-        runs.append((a, b_, c_))
+    ku.check_fwd(ta.TILES, case, dtype, gen(seed), tol_f)
+    runs = [ku.check_bwd(ta.Tiles(atomic_dq=atomic), case, dtype, gen(seed + 1), tol_b, deterministic=det)[1]
+            for det, atomic in ((True, False), (True, False), (False, True))]  # the same inputs each time
     for x, y in zip(runs[0], runs[1]):
         assert torch.equal(x, y), "deterministic=True must be bitwise reproducible"
 

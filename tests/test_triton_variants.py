@@ -12,14 +12,15 @@ import math
 import pytest
 import torch
 
-from kernel_utils import DEVICE, HAS_CUDA, Case, check_lse, gen, gpu, randn, rel, requires_cuda
+import kernel_utils as ku
+from kernel_utils import DEVICE, Case, gen, gpu, rel
 
 pytest.importorskip("triton")
 
 from ds_burst.kernels import reference as ref  # noqa: E402
 from ds_burst.kernels import triton_attn as ta  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ku.HAS_CUDA else [])
 SOFTCAPS = [2.0, 50.0]
 
 CASES = [
@@ -34,23 +35,6 @@ CASES = [
 ]
 
 
-def _qkv(c: Case, dtype: torch.dtype, g: torch.Generator, amp: float = 2.0):
-    """q, k, v with non-trivial strides (q from a wider buffer, k and v from one packed tensor); ``amp`` scales q
-    and k so that softcap 2.0 saturates the tanh for part of the scores."""
-    q = randn((c.b, c.sq, c.hq + 1, c.d), g, dtype, scale=amp)[:, :, 1:]
-    kv = randn((c.b, c.sk, c.hkv, c.d + c.dv), g, dtype)
-    k = (kv[..., :c.d].double() * amp).to(dtype)
-    return q, k, kv[..., c.d:]
-
-
-def _state(c: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A non-trivial running state as strided views: random out ``[B, Sq, Hq, Dv]``, lse -inf every third row."""
-    out = randn((c.b, c.sq + 9, c.hq, c.dv), g).narrow(1, 4, c.sq)
-    lse = randn((c.b, c.hq, c.sq + 5), g, scale=2.0).narrow(2, 3, c.sq)
-    lse[:, :, ::3] = -math.inf
-    return out, lse
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------------------
@@ -60,38 +44,30 @@ def _state(c: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_fwd_step_variants(case: Case, dtype: torch.dtype, softcap: float) -> None:
-    g = gen(1000 + CASES.index(case))
-    q, k, v = _qkv(case, dtype, g)
-    out, lse = _state(case, g)
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, softcap=softcap, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, softcap=softcap, **case.mask_kw())
-    tol = ta.KERNEL.tolerance[dtype][0]
-    assert rel(out, rout) < tol
-    check_lse(lse, rlse, tol)
+    ku.check_fwd(ta.TILES, case, dtype, gen(1000 + CASES.index(case)), ta.KERNEL.tolerance[dtype][0], softcap=softcap,
+              amp=2.0)
 
 
 @pytest.mark.parametrize("softcap", [None, *SOFTCAPS], ids=lambda s: "nocap" if s is None else f"cap{s:g}")
 def test_fwd_fresh_state_matches_naive(softcap: float | None) -> None:
-    """From the empty state the result is plain (softcapped) attention; Dv != D."""
+    """From the empty ku.state the result is plain (softcapped) attention; Dv != D."""
     c = Case("fresh", 30, 27, 4, 2, 24, True, (9, 0), 3, 0, dv=16)
     g = gen(8)
-    q, k, v = _qkv(c, torch.float32, g)
-    out = randn((1, c.sq, c.hq, c.dv), g)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
+    out = ku.randn((1, c.sq, c.hq, c.dv), g)
     lse = torch.full((1, c.hq, c.sq), -math.inf, device=DEVICE)
     ta.fwd_step(q, k, v, out, lse, scale=0.2, softcap=softcap, **c.mask_kw())
     rout, rlse = ref.naive_attention(q.double(), k.double(), v.double(), scale=0.2, softcap=softcap, **c.mask_kw())
     assert rel(out, rout.to(DEVICE)) < 1e-5
-    check_lse(lse, rlse.to(DEVICE), 1e-5)
+    assert rel(lse, rlse.to(DEVICE)) < 1e-5
 
 
 def test_fwd_continuation_softcap_mla() -> None:
     """Two calls over adjacent key ranges equal one reference call over both (softcap, Dv != D)."""
     c = Case("cont", 41, 50, 4, 2, 16, True, (-1, -1), 30, 0, dv=8)
     g = gen(7)
-    q, k, v = _qkv(c, torch.float32, g)
-    out, lse = _state(c, g)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
+    out, lse = ku.state(c, g)
     rout, rlse = out.double(), lse.double()
     split = 23
     kw = dict(scale=0.3, softcap=5.0, causal=True, q_offset=30)
@@ -99,7 +75,7 @@ def test_fwd_continuation_softcap_mla() -> None:
     ta.fwd_step(q, k[:, split:], v[:, split:], out, lse, k_offset=split, **kw)
     ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, k_offset=0, **kw)
     assert rel(out, rout) < 1e-5
-    check_lse(lse, rlse, 1e-5)
+    assert rel(lse, rlse) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -107,37 +83,10 @@ def test_fwd_continuation_softcap_mla() -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _bwd_inputs(c: Case, dtype: torch.dtype, g: torch.Generator, softcap: float | None):
-    """q, k, v, dout, a plausible global lse / delta, and random accumulators (dq, dv as strided views)."""
-    q, k, v = _qkv(c, dtype, g)
-    dout = randn((c.b, c.sq, c.hq, c.dv), g, dtype)
-    _, blk = ref.naive_attention(q.double(), k.double(), v.double(), scale=c.d**-0.5, softcap=softcap,
-                                 **c.mask_kw())
-    blk = blk.to(DEVICE)
-    extra = torch.rand(blk.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    lse = torch.where(torch.isfinite(blk), blk + torch.log1p(extra), extra * 3).float()
-    delta = randn((c.b, c.hq, c.sq), g, scale=0.5)
-    dq = randn((c.b, c.sq + 6, c.hq, c.d), g).narrow(1, 2, c.sq)
-    dk = randn((c.b, c.sk, c.hkv, c.d), g)
-    dv = randn((c.b, c.sk + 3, c.hkv, c.dv), g).narrow(1, 3, c.sk)
-    return q, k, v, dout, lse, delta, dq, dk, dv
-
-
 def _check_bwd(c: Case, dtype: torch.dtype, softcap: float | None, deterministic: bool, seed: int,
                tiles: ta.Tiles = ta.TILES) -> list[float]:
-    g = gen(seed)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(c, dtype, g, softcap)
-    scale = c.d**-0.5
-    # The reference adds to the initial accumulators: compare the increments (relative to their size).
-    x0 = [t.double() for t in (dq, dk, dv)]
-    r = [t.clone() for t in x0]
-    ref.bwd_step(q.double(), k.double(), v.double(), dout.double(), lse.double(), delta.double(), *r, scale=scale,
-                 softcap=softcap, **c.mask_kw())
-    tiles.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, softcap=softcap, deterministic=deterministic,
-                   **c.mask_kw())
-    errs = [rel(x.double() - a, b - a) for x, a, b in zip((dq, dk, dv), x0, r)]
-    assert max(errs) < ta.KERNEL.tolerance[dtype][1], errs
-    return errs
+    return ku.check_bwd(tiles, c, dtype, gen(seed), ta.KERNEL.tolerance[dtype][1], softcap=softcap, amp=2.0,
+                     deterministic=deterministic)[0]
 
 
 @pytest.mark.parametrize("softcap", SOFTCAPS, ids=lambda s: f"cap{s:g}")
@@ -165,21 +114,19 @@ def test_gradients_match_autograd(softcap: float | None) -> None:
     """Forward then backward through the Triton tiles equal float64 autograd of naive (softcapped) attention."""
     c = Case("grad", 27, 35, 4, 2, 24, True, (11, 0), 8, 0, dv=16)
     g = gen(17)
-    q, k, v = _qkv(c, torch.float32, g)
-    dout = randn((1, c.sq, c.hq, c.dv), g)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
+    dout = ku.randn((1, c.sq, c.hq, c.dv), g)
     scale = 0.3
-    qd, kd, vd = (t.double().cpu().requires_grad_() for t in (q, k, v))
-    rout, _ = ref.naive_attention(qd, kd, vd, scale=scale, softcap=softcap, **c.mask_kw())
-    rout.backward(dout.double().cpu())
+    rout, *rgrads = ku.ref_grads(q, k, v, dout, scale=scale, softcap=softcap, **c.mask_kw())
     out = torch.zeros(1, c.sq, c.hq, c.dv, device=DEVICE)
     lse = torch.full((1, c.hq, c.sq), -math.inf, device=DEVICE)
     ta.fwd_step(q, k, v, out, lse, scale=scale, softcap=softcap, **c.mask_kw())
-    assert rel(out, rout.detach()) < 1e-5
+    assert rel(out, rout) < 1e-5
     delta = ta.bwd_preprocess(out, dout)
     dq, dk, dv = (torch.zeros(t.shape, device=DEVICE) for t in (q, k, v))
     ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, softcap=softcap, deterministic=True,
                 **c.mask_kw())
-    for x, r in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+    for x, r in zip((dq, dk, dv), rgrads):
         assert rel(x, r) < 1e-5
 
 
@@ -205,7 +152,7 @@ def test_tanh_helper_matches_torch() -> None:
     xs[: x.numel()] = x
     xs = xs.to(DEVICE)
     y = torch.empty_like(xs)
-    kern[(1,)](xs, y, N=n, LIB=HAS_CUDA)
+    kern[(1,)](xs, y, N=n, LIB=ku.HAS_CUDA)
     y, r = y[: x.numel()].cpu().double(), torch.tanh(x.double())
     fin = torch.isfinite(r)
     assert torch.isnan(y[~fin]).all()
@@ -220,7 +167,7 @@ def test_non_finite_pattern_matches_reference(bad: str, softcap: float | None) -
     """NaN / Inf inputs give the same non-finite rows as the reference (softcap maps an Inf score to +-softcap)."""
     c = Case("nan", 20, 20, 2, 1, 16, True, (-1, -1), 0, 0, dv=8)
     g = gen(31)
-    q, k, v = _qkv(c, torch.float32, g)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
     t = {"q": q, "k": k, "v": v}[bad[0]]
     t[0, 5, 0, 3] = math.nan if bad.endswith("nan") else math.inf
     out = torch.zeros(1, c.sq, c.hq, c.dv, device=DEVICE)
@@ -238,22 +185,15 @@ def test_non_finite_pattern_matches_reference(bad: str, softcap: float | None) -
 def test_head_dim_pairs(d: int, dv: int) -> None:
     """Non-power-of-two D and Dv padded independently (BLOCK_D / BLOCK_DV), Dv < D and Dv > D, fwd and bwd."""
     c = Case(f"d{d}v{dv}", 21, 26, 2, 1, d, True, (-1, -1), 10, 0, dv=dv)
-    g = gen(6 + d + dv)
-    q, k, v = _qkv(c, torch.float32, g)
-    out, lse = _state(c, g)
-    rout, rlse = out.double(), lse.double()
-    ta.fwd_step(q, k, v, out, lse, scale=d**-0.5, softcap=3.0, **c.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=d**-0.5, softcap=3.0, **c.mask_kw())
-    assert rel(out, rout) < 1e-5
-    check_lse(lse, rlse, 1e-5)
+    ku.check_fwd(ta.TILES, c, torch.float32, gen(6 + d + dv), 1e-5, softcap=3.0, amp=2.0)
     _check_bwd(c, torch.float32, 3.0, True, 5000 + d + dv)
 
 
 def test_empty_block_leaves_state_untouched() -> None:
     c = Case("empty", 20, 20, 2, 1, 16, True, (-1, -1), 0, 40, dv=8)
     g = gen(5)
-    q, k, v, dout, lse_g, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g, None)
-    out, lse = _state(c, g)
+    q, k, v, dout, lse_g, delta, dq, dk, dv = ku.bwd_inputs(c, torch.float32, g, None, 2.0)
+    out, lse = ku.state(c, g)
     snap = [t.clone() for t in (out, lse, dq, dk, dv)]
     ta.fwd_step(q, k, v, out, lse, scale=0.2, softcap=2.0, **c.mask_kw())
     ta.bwd_step(q, k, v, dout, lse_g, delta, dq, dk, dv, scale=0.2, softcap=2.0, deterministic=True, **c.mask_kw())
@@ -300,7 +240,7 @@ def test_plan_picks_triton_for_variants(softcap: float | None, dv: int) -> None:
     v = torch.zeros(1, 16, 2, dv, device=DEVICE)
     assert pick("triton", q, k, v) == "triton"
     assert pick("torch", q, k, v) == "torch"
-    if HAS_CUDA:
+    if ku.HAS_CUDA:
         for name in ("auto", "sdpa"):
             assert pick(name, q, k, v) == "triton"
     else:  # CPU: only an explicit kernel="triton" (under the interpreter) runs the Triton tiles
@@ -317,18 +257,16 @@ def test_burst_attn_func_runs_triton_variant() -> None:
     g = gen(41)
     q, k, v = (torch.randn(1, 24, h, dd, generator=g, dtype=torch.float64) for h, dd in ((4, 16), (2, 16), (2, 8)))
     do = torch.randn(1, 24, 4, 8, generator=g, dtype=torch.float64)
-    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
-    rout, _ = ref.naive_attention(qd, kd, vd, causal=True, softcap=2.0)
-    rout.backward(do)
+    rout, *rgrads = ku.ref_grads(q, k, v, do, causal=True, softcap=2.0)
     xs = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
     plan = lookup_plan(*(x.detach() for x in xs), True, None, (-1, -1), None, "zigzag", "auto", "triton", False,
                        False, "once", None, False, 2.0, None)
     assert plan.setup.kernel.name == "triton"
     out = burst_attn_func(*xs, causal=True, kernel="triton", softcap=2.0)
     out.backward(do.float().to(DEVICE))
-    assert rel(out.detach(), rout.detach()) < 2e-5
-    for x, r in zip(xs, (qd, kd, vd)):
-        assert rel(x.grad, r.grad) < 2e-5
+    assert rel(out.detach(), rout) < 2e-5
+    for x, r in zip(xs, rgrads):
+        assert rel(x.grad, r) < 2e-5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -345,23 +283,14 @@ GPU_CASES = [
 
 
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("softcap", [None, 50.0], ids=["nocap", "cap50"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=repr)
 def test_gpu_variants_bf16(case: Case, softcap: float | None) -> None:
     if softcap is None and case.d == case.dv:
         pytest.skip("the plain case is tests/test_triton_kernels.py's")
     dtype = torch.bfloat16
-    g = gen(6000 + GPU_CASES.index(case))
-    q, k, v = _qkv(case, dtype, g, amp=1.0)
-    out, lse = _state(case, g)
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, softcap=softcap, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, softcap=softcap, **case.mask_kw())
-    tol_f, _ = ta.KERNEL.tolerance[dtype]
-    assert rel(out, rout) < tol_f
-    check_lse(lse, rlse, tol_f)
+    ku.check_fwd(ta.TILES, case, dtype, gen(6000 + GPU_CASES.index(case)), ta.KERNEL.tolerance[dtype][0],
+              softcap=softcap)
     runs = []
     for det, atomic in ((True, False), (True, False), (False, True)):
         runs.append(_check_bwd(case, dtype, softcap, det, 7000 + GPU_CASES.index(case), ta.Tiles(atomic_dq=atomic)))

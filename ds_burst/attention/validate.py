@@ -179,15 +179,13 @@ def _local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, 
 def _kernel_error(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> str | None:
     """Why a named kernel (not ``auto``) cannot run these inputs, as its record says (variants aside: the plan
     hands those to a kernel that has them)."""
-    if a.kernel == "auto":
-        return None
     try:
-        spec = registry.get(a.kernel)
+        spec = None if a.kernel == "auto" else registry.get(a.kernel)
     except ValueError as exc:
         return str(exc)
-    if spec.bwd_needs_out and a.backward == "burst":
+    if spec is not None and spec.bwd_needs_out and a.backward == "burst":
         return f"kernel={a.kernel!r} needs the output in its backward: use backward='ring' or 'auto'"
-    why = spec.why_not(q, k)
+    why = None if spec is None else spec.why_not(q, k)
     return None if why is None else f"kernel={a.kernel!r} cannot run these inputs: {why} (or use kernel='torch')"
 
 

@@ -48,10 +48,9 @@ def _triton_tiles(q: torch.Tensor, k: torch.Tensor) -> str:
     """Which Triton tiles ``kernel="triton"`` runs for this call (its record's ``path``: ``tl``, ``hopper-fwd`` or
     ``hopper-fwd+bwd``)."""
     try:
-        spec = registry.get("triton")
+        return registry.get("triton").path(q, k)  # type: ignore[misc]
     except ValueError:  # triton not installed
         return "tl"
-    return spec.path(q, k) if spec.path is not None else "tl"
 
 
 def candidates(q: torch.Tensor, window_finite: bool, backward: str, deterministic: bool) -> list[str]:

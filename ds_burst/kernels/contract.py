@@ -23,27 +23,27 @@ import torch
 
 from ds_burst.core.step_plan import TileOp
 
-Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Tensor = torch.Tensor
+Runner = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class TileKernel(Protocol):
     """The step functions of a local kernel (a module, or an object with these methods)."""
 
-    def fwd_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
-                 scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
-                 window: tuple[int, int] = (-1, -1), softcap: float | None = None, block_k: int | None = None) -> None:
+    def fwd_step(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, scale: float, q_offset: int = 0,
+                 k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1),
+                 softcap: float | None = None, block_k: int | None = None) -> None:
         """Continue the online softmax of ``(out, lse)`` over the keys ``k, v`` (both updated in place).
         ``softcap``: scores ``softcap * tanh(s / softcap)``; ``block_k``: key tile of kernels that take one
         (``None``: the kernel's choice)."""
 
-    def bwd_preprocess(self, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    def bwd_preprocess(self, out: Tensor, dout: Tensor) -> Tensor:
         """``delta = rowsum(dout * out)``, ``[B, H, S]`` fp32 (fp64 for fp64 inputs)."""
 
-    def bwd_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                 delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, scale: float,
-                 q_offset: int = 0, k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1),
-                 softcap: float | None = None, deterministic: bool = False, out: torch.Tensor | None = None,
-                 block_k: int | None = None) -> None:
+    def bwd_step(self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, dq: Tensor,
+                 dk: Tensor, dv: Tensor, *, scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
+                 window: tuple[int, int] = (-1, -1), softcap: float | None = None, deterministic: bool = False,
+                 out: Tensor | None = None, block_k: int | None = None) -> None:
         """Add the block's gradients to ``dq, dk, dv`` given the global ``lse`` and ``delta`` of the queries.
         ``deterministic``: bitwise reproducible; ``out``: the queries' final output, required by kernels whose
         record sets ``bwd_needs_out`` and ignored by the others."""
@@ -53,15 +53,14 @@ class WholeBlock(Protocol):
     """One-rank entry points (``KernelSpec.whole``): a call whose only tile is the whole local block, in one call
     each way, inside ds-burst's autograd function. ``None``: not covered, the ring of one runs instead."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False,
                window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
-               softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+               softcap: float | None = None) -> tuple[Tensor, Tensor] | None:
         """``(out [B, Sq, Hq, Dv]`` in the input dtype, ``lse [B, Hq, Sq]``) or ``None``."""
 
-    def attend_bwd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                   lse: torch.Tensor, *, scale: float, causal: bool = False, window: tuple[int, int] = (-1, -1),
-                   q_offset: int = 0, k_offset: int = 0, deterministic: bool = False,
-                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def attend_bwd(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, *, scale: float,
+                   causal: bool = False, window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
+                   deterministic: bool = False, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(dq, dk, dv)`` in the input dtype, or ``None``."""
 
 
@@ -69,11 +68,11 @@ class Binder(Protocol):
     """One-rank entry points (``KernelSpec.binds``): fused ops chosen once per plan and run under torch's own
     autograd (no autograd function of ds-burst's), per tile of a call whose tiles are diagonal blocks."""
 
-    def whole_backend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    def whole_backend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                       window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0) -> object | None:
         """What :meth:`bind_whole` would bind for these inputs, or ``None`` (the check alone)."""
 
-    def bind_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+    def bind_whole(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False,
                    window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0) -> Runner | None:
         """A function ``(q, k, v) -> (out, lse)`` for tensors shaped like these, or ``None``."""
 
@@ -86,37 +85,24 @@ class OneRank(enum.Enum):
     BIND = "bind"  # fused ops bound once per diagonal tile, under torch's autograd (WHOLE or RING when that is off)
 
 
-def _params(fn: Callable) -> list[inspect.Parameter]:
-    return list(inspect.signature(fn).parameters.values())
-
-
-def _mismatch(want: list[inspect.Parameter], got: list[inspect.Parameter]) -> str | None:
-    """Why a function with parameters ``got`` cannot be called as one with ``want`` (``None``: it can)."""
-    by_name = {p.name: p for p in got}
-    var_pos = any(p.kind is p.VAR_POSITIONAL for p in got)
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in got)
-    positional = [p for p in got if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    for i, w in enumerate(want):
-        g = by_name.get(w.name)
-        if w.kind is w.POSITIONAL_OR_KEYWORD:  # passed by position
-            if i < len(positional):
-                if positional[i].name != w.name:
-                    return f"positional argument {i} is {positional[i].name!r}, not {w.name!r}"
-            elif not var_pos:
-                return f"takes no positional argument {w.name!r}"
-            continue
-        if g is None:
-            if not var_kw:
-                return f"takes no keyword {w.name!r}"
-            continue
-        if g.kind not in (g.KEYWORD_ONLY, g.POSITIONAL_OR_KEYWORD):
-            return f"{w.name!r} cannot be passed by keyword"
-        if w.default is not w.empty and g.default != w.default:
-            return f"{w.name!r} defaults to {g.default!r}, not {w.default!r}"
-    names = {w.name for w in want}
-    extra = [p.name for p in got if p.name not in names and p.default is p.empty
-             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return f"requires arguments outside the contract: {extra}" if extra else None
+def _mismatch(want: Callable, got: Callable) -> str | None:
+    """Why ``got`` cannot be called as the protocol method ``want`` is (``None``: it can): the tensors by position in
+    the same order, every keyword (with the same default), nothing else required."""
+    params = list(inspect.signature(want).parameters.values())[1:]
+    sig = inspect.signature(got)
+    pos = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    try:  # each positional value is its name, so where it lands tells the order
+        bound = sig.bind(*pos, **{p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY})
+    except TypeError as exc:  # a keyword it does not take, an argument outside the contract
+        return str(exc)
+    wrong = [n for n in pos if n in sig.parameters and bound.arguments.get(n) != n]
+    if wrong:
+        return f"positional tensors out of order: {wrong}"
+    for p in params:
+        g = sig.parameters.get(p.name)
+        if p.default is not p.empty and g is not None and g.default != p.default:
+            return f"{p.name!r} defaults to {g.default!r}, not {p.default!r}"
+    return None
 
 
 def conformance(impl: object, *protocols: type) -> list[str]:
@@ -131,7 +117,7 @@ def conformance(impl: object, *protocols: type) -> list[str]:
             if not callable(got):
                 problems.append(f"{proto.__name__}.{name}: missing")
                 continue
-            why = _mismatch(_params(fn)[1:], _params(got))
+            why = _mismatch(fn, got)
             if why:
                 problems.append(f"{proto.__name__}.{name}: {why}")
     return problems
@@ -172,9 +158,9 @@ class KernelSpec:
     binds: bool = False  # impl is also a Binder (whole_backend / bind_whole)
     tolerance: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     """Test tolerances per dtype, ``(forward, gradient)``: relative L2 error of one tile against float64."""
-    check: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], str | None] | None = None
+    check: Callable[[Tensor, Tensor, Tensor], str | None] | None = None
     """The kernel's own rules beyond the fields (head dims, ...): ``(q, k, v) -> reason or None``."""
-    path: Callable[[torch.Tensor, torch.Tensor], str] | None = None
+    path: Callable[[Tensor, Tensor], str] | None = None
     """Which of its code paths runs ``(q, k)`` (part of the ``auto`` choice's cache key); ``None``: one path."""
 
     def __post_init__(self) -> None:
@@ -183,8 +169,8 @@ class KernelSpec:
         if problems:
             raise TypeError(f"kernel {self.name!r} does not match the tile contract: " + "; ".join(problems))
 
-    def why_not(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *,
-                softcap: float | None = None, deterministic: bool = False, documents: bool = False) -> str | None:
+    def why_not(self, q: Tensor, k: Tensor, v: Tensor | None = None, *, softcap: float | None = None,
+                deterministic: bool = False, documents: bool = False) -> str | None:
         """``None`` when this kernel runs such a call exactly, else the reason it does not (``v=None``: a ``v``
         shaped like ``k``, no ``Dv != D``). Generalises the kernels' own applicability checks."""
         v = k if v is None else v
@@ -194,7 +180,7 @@ class KernelSpec:
             return f"device {q.device.type} (kernel {self.name!r} runs on {', '.join(self.devices)})"
         if softcap is not None and not self.softcap:
             return f"logit softcapping (kernel {self.name!r} has none)"
-        if v.shape[-1] != q.shape[-1] and not self.value_dim:
+        if not self.value_dim and v.shape[-1] != q.shape[-1]:
             return f"value head dim {v.shape[-1]} != head dim {q.shape[-1]} (kernel {self.name!r} needs them equal)"
         if deterministic and not self.deterministic:
             return f"a deterministic backward (kernel {self.name!r} has none)"
@@ -215,24 +201,22 @@ class KernelSpec:
             return OneRank.WHOLE
         return OneRank.RING
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object
-               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, **kw: object) -> tuple[Tensor, Tensor] | None:
         """:meth:`WholeBlock.attend`, or ``None`` for a kernel without it."""
         return cast(WholeBlock, self.impl).attend(q, k, v, **kw) if self.whole else None  # type: ignore[arg-type]
 
-    def attend_bwd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                   lse: torch.Tensor, **kw: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def attend_bwd(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, **kw: object
+                   ) -> tuple[Tensor, Tensor, Tensor] | None:
         """:meth:`WholeBlock.attend_bwd`, or ``None`` for a kernel without it."""
-        if not self.whole:
-            return None
-        return cast(WholeBlock, self.impl).attend_bwd(q, k, v, out, dout, lse, **kw)  # type: ignore[arg-type]
+        impl = cast(WholeBlock, self.impl)
+        return impl.attend_bwd(q, k, v, out, dout, lse, **kw) if self.whole else None  # type: ignore[arg-type]
 
-    def bind(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> Runner | None:
+    def bind(self, q: Tensor, k: Tensor, v: Tensor, **kw: object) -> Runner | None:
         """:meth:`Binder.bind_whole`, or ``None`` for a kernel without it."""
         return cast(Binder, self.impl).bind_whole(q, k, v, **kw) if self.binds else None  # type: ignore[arg-type]
 
-    def can_bind(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, deterministic: bool,
-                 softcap: float | None, sinks: bool, **mask: object) -> bool:
+    def can_bind(self, q: Tensor, k: Tensor, v: Tensor, *, deterministic: bool, softcap: float | None, sinks: bool,
+                 **mask: object) -> bool:
         """Whether a one-rank call whose only tile is this whole block would run bound fused ops (the check
         alone: :meth:`one_rank` and :meth:`Binder.whole_backend`)."""
         if not self.binds or deterministic or softcap is not None or sinks:

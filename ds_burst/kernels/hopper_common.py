@@ -14,8 +14,6 @@ import torch
 from ds_burst.core import settings
 from ds_burst.kernels import tile_math
 
-__all__ = ["AVAILABLE", "ENABLED", "LOG2E", "desc", "finish", "smem_layout", "span", "tma_aligned", "why_not"]
-
 try:  # Gluon's API moves between Triton releases; written against triton 3.6.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl

@@ -34,12 +34,6 @@ def unregister(name: str) -> None:
     _REGISTERED.pop(name, None)
 
 
-def check_kernel(name: str) -> None:
-    """Raise ``ValueError`` for a name that is not a kernel."""
-    if name not in names():
-        raise ValueError(f"unknown kernel {name!r}: expected one of {names()}")
-
-
 def get(name: str) -> KernelSpec:
     """The record of the concrete kernel ``name`` (not ``"auto"``: :func:`resolve` it first)."""
     if name in _REGISTERED:
@@ -63,14 +57,10 @@ def get(name: str) -> KernelSpec:
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """Concrete kernel for ``name``: ``auto`` is Triton on CUDA (16-bit and fp32 inputs, when installed), torch
-    otherwise."""
-    check_kernel(name)
-    if name != "auto":
-        return name
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32):
+    otherwise; other names are already concrete."""
+    if name == "auto" and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32):
         try:
-            get("triton")
-        except ValueError:
-            return "torch"
-        return "triton"
-    return "torch"
+            return get("triton").name
+        except ValueError:  # not installed
+            pass
+    return "torch" if name == "auto" else name

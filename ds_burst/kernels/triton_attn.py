@@ -39,6 +39,7 @@ Design (docs/KERNELS.md has more):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -489,31 +490,30 @@ _FIXED = {
 _SMEM_LIMIT = 200 * 1024
 
 
-def _prune_fwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
-    esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+def _pruner(smem: Callable[[triton.Config, int, int, int], int], big: Callable[[triton.Config], bool]
+            ) -> Callable[..., list[triton.Config]]:
+    """An ``early_config_prune`` keeping the configs whose shared memory ``smem(config, BLOCK_D, BLOCK_DV, element
+    size)`` fits and, at head dims of 256, those ``big`` accepts (else the smallest config)."""
 
-    def smem(c: triton.Config) -> int:  # Q tile, then K and V tiles per pipeline stage
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return esize * (bd * bm + (bd + bdv) * bn * max(c.num_stages - 1, 1))
+    def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+        bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
+        esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+        keep = [c for c in configs if smem(c, bd, bdv, esize) <= _SMEM_LIMIT and (max(bd, bdv) < 256 or big(c))]
+        return keep or [min(configs, key=lambda c: smem(c, bd, bdv, esize))]
 
-    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT and (max(bd, bdv) < 256 or c.kwargs["BLOCK_N"] <= 64)]
-    return keep or [min(configs, key=smem)]
+    return prune
 
 
-def _prune_bwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
-    esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+def _stages(c: triton.Config) -> int:
+    return max(c.num_stages - 1, 1)
 
-    def smem(c: triton.Config) -> int:  # q / k tiles by bd, dO / v tiles by bdv (as before when bdv == bd)
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return esize * (bd + bdv) * (bm + bn) * (max(c.num_stages - 1, 1) + 1) // 2
 
-    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT
-            and (max(bd, bdv) < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
-    return keep or [min(configs, key=smem)]
+# forward: a Q tile, then K and V tiles per pipeline stage; backward: q / k tiles by BLOCK_D, dO / v by BLOCK_DV
+_prune_fwd = _pruner(lambda c, bd, bdv, es: es * (bd * c.kwargs["BLOCK_M"] + (bd + bdv) * c.kwargs["BLOCK_N"]
+                                                 * _stages(c)), lambda c: c.kwargs["BLOCK_N"] <= 64)
+_prune_bwd = _pruner(lambda c, bd, bdv, es: es * (bd + bdv) * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])
+                     * (_stages(c) + 1) // 2, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
 
 
 _KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LO", "HAS_HI", "DOT_PREC", "SOFTCAP", "SEQ_BUCKET"]
@@ -527,6 +527,9 @@ if _AUTOTUNE:
                                    prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_q_kernel)
 else:
     _fwd_tuned = _bwd_kv_tuned = _bwd_q_tuned = None
+# kind -> (autotuned kernel or None, kernel, the block its grid tiles)
+_KERNELS = {"fwd": (_fwd_tuned, _fwd_kernel, "BLOCK_M"), "kv": (_bwd_kv_tuned, _bwd_kv_kernel, "BLOCK_N"),
+            "q": (_bwd_q_tuned, _bwd_q_kernel, "BLOCK_M")}
 
 
 def _seq_bucket(n: int) -> int:
@@ -600,18 +603,16 @@ class Tiles:
     :data:`TILES` follows the settings; benchmarks and tests make others (``Tiles(hopper=False)``: the portable
     ``tl`` kernels alone, on any GPU)."""
 
+    # the calls hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, no softcap, TMA-addressable strides;
+    # DS_BURST_HOPPER_KERNELS=0: none) run on the Gluon forward
     hopper: bool = True
-    """Hand the calls :mod:`~ds_burst.kernels.hopper_attn` covers (sm_90, fp16/bf16, ``D = Dv`` in {64, 128}, no
-    softcap, TMA-addressable strides; ``DS_BURST_HOPPER_KERNELS=0``: none) to the Gluon forward."""
+    # with hopper, the backward too (deterministic=False, TMA-readable lse/delta); on H200 at 32K it matched or beat
+    # the tl backward on every ring-step tile kind (docs/BENCHMARKS.md, 2026-12-01); DS_BURST_HOPPER_BWD=0: tl
     hopper_bwd: bool = settings.flag(settings.HOPPER_BWD, True)
-    """With ``hopper``, the backward too (``deterministic=False``, TMA-readable lse/delta: the Gluon backward); on
-    H200 at 32K it matched or beat the ``tl`` backward on every ring-step tile kind measured (docs/BENCHMARKS.md,
-    2026-12-01). ``DS_BURST_HOPPER_BWD=0``: the ``tl`` backward."""
+    # deterministic=False: dQ by fp32 atomics in the dK/dV kernel instead of the dQ kernel; off: on H200 (S=32K,
+    # H=32, D=128, bf16, causal) atomic dQ gave 242 TFLOP/s backward, the dQ kernel 383
     atomic_dq: bool = False
-    """``deterministic=False``: dQ by fp32 atomics inside the dK/dV kernel instead of the separate dQ kernel. Off:
-    on H200 (S=32K, H=32, D=128, bf16, causal) atomic dQ gave 242 TFLOP/s backward, the dQ kernel 383."""
-    interpret_blocks: tuple[int, int] = (16, 16)
-    """``(BLOCK_M, BLOCK_N)`` under the interpreter (queries, keys per tile)."""
+    interpret_blocks: tuple[int, int] = (16, 16)  # (BLOCK_M, BLOCK_N) under the interpreter
 
     def path(self, q: torch.Tensor, k: torch.Tensor) -> str:
         """Which tiles run a call on ``q``, ``k``: ``tl``, ``hopper-fwd`` or ``hopper-fwd+bwd`` (``KERNEL.path``)."""
@@ -619,10 +620,20 @@ class Tiles:
             return "tl"
         return "hopper-fwd+bwd" if self.hopper_bwd else "hopper-fwd"
 
-    def _fixed_meta(self, kind: str, block_d: int) -> dict[str, int]:
-        if INTERPRET:
-            return dict(zip(("BLOCK_M", "BLOCK_N"), self.interpret_blocks))
-        return dict(_FIXED[kind][0 if block_d <= 128 else 1])
+    def _launch(self, kind: str, rows: int, programs: int, args: tuple, meta: dict[str, Any]) -> None:
+        """Launch kernel ``kind`` (``fwd``, ``kv``, ``q``) over the tiles of ``rows`` times ``programs`` heads:
+        autotuned, else the fixed config (the interpreter's blocks under ``TRITON_INTERPRET=1``)."""
+        tuned, kernel, tile = _KERNELS[kind]
+
+        def grid(m: dict[str, Any]) -> tuple[int, int]:
+            return (triton.cdiv(rows, m[tile]), programs)
+
+        if tuned is not None:
+            tuned[grid](*args, **meta)
+            return
+        fixed = (dict(zip(("BLOCK_M", "BLOCK_N"), self.interpret_blocks)) if INTERPRET
+                 else dict(_FIXED[kind][0 if max(meta["BLOCK_D"], meta["BLOCK_DV"]) <= 128 else 1]))
+        kernel[grid(fixed)](*args, **meta, **fixed)
 
     def fwd_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
@@ -656,15 +667,7 @@ class Tiles:
         meta = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=dv, BLOCK_DV=bdv, EVEN_DV=bdv == dv,
                     HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
                     LIB_TANH=not INTERPRET)
-
-        def grid(m: dict[str, Any]) -> tuple[int, int]:
-            return (triton.cdiv(sq, m["BLOCK_M"]), b * hq)
-
-        if _fwd_tuned is not None:
-            _fwd_tuned[grid](*args, **meta)
-        else:
-            fixed = self._fixed_meta("fwd", max(bd, bdv))
-            _fwd_kernel[grid(fixed)](*args, **meta, **fixed)
+        self._launch("fwd", sq, b * hq, args, meta)
 
     @staticmethod
     def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
@@ -730,29 +733,13 @@ class Tiles:
 
         kv_args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
                    *lse.stride(), *delta.stride(), *dq.stride(), *dk.stride(), *dv.stride(), hkv, sq, sk, g, *tail)
-
-        def kv_grid(m: dict[str, Any]) -> tuple[int, int]:
-            return (triton.cdiv(sk, m["BLOCK_N"]), b * hkv)
-
-        if _bwd_kv_tuned is not None:
-            _bwd_kv_tuned[kv_grid](*kv_args, **common, ATOMIC_DQ=atomic)
-        else:
-            fixed = self._fixed_meta("kv", max(bd, bdv))
-            _bwd_kv_kernel[kv_grid(fixed)](*kv_args, **common, ATOMIC_DQ=atomic, **fixed)
+        self._launch("kv", sk, b * hkv, kv_args, dict(common, ATOMIC_DQ=atomic))
         if atomic:
             return
 
         q_args = (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
                   *lse.stride(), *delta.stride(), *dq.stride(), hq, sq, sk, g, *tail)
-
-        def q_grid(m: dict[str, Any]) -> tuple[int, int]:
-            return (triton.cdiv(sq, m["BLOCK_M"]), b * hq)
-
-        if _bwd_q_tuned is not None:
-            _bwd_q_tuned[q_grid](*q_args, **common)
-        else:
-            fixed = self._fixed_meta("q", max(bd, bdv))
-            _bwd_q_kernel[q_grid(fixed)](*q_args, **common, **fixed)
+        self._launch("q", sq, b * hq, q_args, common)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
