@@ -53,15 +53,13 @@ for spec in "$@"; do
     tests_hopper)  # the Gluon Hopper tiles against float64 (forward and backward, every mask case)
       timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_hopper_kernels.py >"$OUT/gpu_tests_hopper.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_hopper.log" | tail -20 ;;
-    tests_kernels)  # every kernel test on the GPU: the gpu cases of the kernel files, then the conformance suite and
-                    # the contract / layering check (they run on CUDA here)
-      timeout "$limit" python3 -m pytest -q -v --durations=15 -m gpu tests/test_triton_kernels.py \
-        tests/test_triton_variants.py tests/test_hopper_kernels.py tests/test_sdpa_kernel.py \
-        tests/test_attention_variants.py tests/test_hot_path.py >"$OUT/gpu_tests_kernels.log" 2>&1
-      echo "rc=$?"
+    tests_kernels)  # the gpu cases of every kernel test file, then the conformance suite and layering check on CUDA
+      timeout "$limit" python3 -m pytest -q -v -m gpu tests/test_triton_kernels.py tests/test_triton_variants.py \
+        tests/test_hopper_kernels.py tests/test_sdpa_kernel.py tests/test_attention_variants.py tests/test_hot_path.py \
+        >"$OUT/gpu_tests_kernels.log" 2>&1; echo "rc=$?"
       timeout "$limit" python3 -m pytest -q tests/test_kernel_conformance.py tests/test_layers.py \
-        >>"$OUT/gpu_tests_kernels.log" 2>&1
-      echo "rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_kernels.log" | tail -30 ;;
+        >>"$OUT/gpu_tests_kernels.log" 2>&1; echo "rc=$?"
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_kernels.log" | tail -30 ;;
     tiles)  # ring-step tile kinds: Hopper tiles against the tl tiles and cuDNN, forward and backward
       timeout "$limit" python3 launch/bench_tiles.py --out "$OUT/tiles.json" --seqs 16384 32768 65536 --iters 2 \
         >"$OUT/tiles.log" 2>&1

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ds_burst.core import settings  # noqa: E402
+from ds_burst.kernels import reference  # noqa: E402
 from ds_burst.kernels.contract import KernelSpec  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available() and not settings.triton_interpret()
@@ -93,20 +94,17 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def ref_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, **kw) -> list:
     """``[out, dq, dk, dv]`` of float64 attention (``naive_attention`` keywords, autograd); with ``sinks=`` also
     d sinks (``None`` without sinks)."""
-    from ds_burst.kernels.reference import naive_attention
-
     qf, kf, vf = (x.detach().double().clone().requires_grad_() for x in (q, k, v))
     with_sinks = "sinks" in kw
     sf = kw.pop("sinks", None)
     sf = None if sf is None else sf.detach().double().clone().requires_grad_()
-    out, _ = naive_attention(qf, kf, vf, sinks=sf, **kw)
+    out, _ = reference.naive_attention(qf, kf, vf, sinks=sf, **kw)
     out.backward(do.double())
     return [out.detach(), qf.grad, kf.grad, vf.grad] + ([None if sf is None else sf.grad] if with_sinks else [])
 
 
 def qkv(c: Case, dtype: torch.dtype, g: torch.Generator, amp: float = 1.0) -> tuple[torch.Tensor, ...]:
-    """q, k, v with non-trivial strides (q from a wider buffer, k and v from one packed ``[.., Hkv, D + Dv]``
-    tensor); ``amp`` scales q and k (so that a small softcap saturates the tanh for part of the scores)."""
+    """Strided q, k, v (q from a wider buffer, k and v from one ``[.., Hkv, D + Dv]`` tensor); ``amp`` scales q, k."""
     q = randn((c.b, c.sq, c.hq + 1, c.d), g, dtype, scale=amp)[:, :, 1:]
     kv = randn((c.b, c.sk, c.hkv, c.d + c.dv), g, dtype)
     k = kv[..., :c.d] if amp == 1 else (kv[..., :c.d].double() * amp).to(dtype)
@@ -114,8 +112,7 @@ def qkv(c: Case, dtype: torch.dtype, g: torch.Generator, amp: float = 1.0) -> tu
 
 
 def state(c: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A non-trivial running state as strided views: random fp32 out ``[B, Sq, Hq, Dv]``, lse ``-inf`` every third
-    row."""
+    """A random carried state as strided views: fp32 out ``[B, Sq, Hq, Dv]``, lse (``-inf`` every third row)."""
     out = randn((c.b, c.sq + 9, c.hq, c.dv), g).narrow(1, 4, c.sq)
     lse = randn((c.b, c.hq, c.sq + 5), g, scale=2.0).narrow(2, 3, c.sq)
     lse[:, :, ::3] = -float("inf")
@@ -124,13 +121,11 @@ def state(c: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bwd_inputs(c: Case, dtype: torch.dtype, g: torch.Generator, softcap: float | None = None, amp: float = 1.0
                ) -> tuple[torch.Tensor, ...]:
-    """q, k, v, dout, a plausible global lse (this block's and other keys') and delta, and random fp32
-    accumulators dq, dk, dv (dq and dv strided views)."""
-    from ds_burst.kernels.reference import naive_attention
-
+    """q, k, v, dout, a plausible global lse and delta, and random fp32 accumulators dq, dk, dv (strided)."""
     q, k, v = qkv(c, dtype, g, amp)
     dout = randn((c.b, c.sq, c.hq, c.dv), g, dtype)
-    _, blk = naive_attention(q.double(), k.double(), v.double(), scale=c.d**-0.5, softcap=softcap, **c.mask_kw())
+    _, blk = reference.naive_attention(*(x.double() for x in (q, k, v)), scale=c.d**-0.5, softcap=softcap,
+                                       **c.mask_kw())
     extra = torch.rand(blk.shape, generator=g, dtype=torch.float64).to(blk.device)
     lse = torch.where(torch.isfinite(blk), blk + torch.log1p(extra), extra * 3).float()
     delta = randn((c.b, c.hq, c.sq), g, scale=0.5)
@@ -142,8 +137,6 @@ def bwd_inputs(c: Case, dtype: torch.dtype, g: torch.Generator, softcap: float |
 
 def ref_bwd(c: Case, q, k, v, dout, lse, delta, dq, dk, dv, scale: float, softcap: float | None = None):
     """The float64 reference's ``(dq, dk, dv)``: the accumulators plus this block's gradients."""
-    from ds_burst.kernels import reference
-
     got = [x.double() for x in (dq, dk, dv)]
     reference.bwd_step(*(x.double() for x in (q, k, v, dout, lse, delta)), *got, scale=scale, softcap=softcap,
                        **c.mask_kw())
@@ -154,8 +147,6 @@ def check_fwd(kernel, c: Case, dtype: torch.dtype, g: torch.Generator, tol: floa
               softcap: float | None = None, amp: float = 1.0) -> tuple:
     """``kernel.fwd_step`` continuing a random carried state (:func:`state`) over the block, against the float64
     reference: out and lse within ``tol``. Returns the state before and after, ``((out0, lse0), (out, lse))``."""
-    from ds_burst.kernels import reference
-
     q, k, v = qkv(c, dtype, g, amp)
     out, lse = state(c, g)
     before, rout, rlse = (out.clone(), lse.clone()), out.double(), lse.double()
@@ -168,9 +159,8 @@ def check_fwd(kernel, c: Case, dtype: torch.dtype, g: torch.Generator, tol: floa
 
 def check_bwd(kernel, c: Case, dtype: torch.dtype, g: torch.Generator, tol: float, scale: float | None = None,
               softcap: float | None = None, amp: float = 1.0, deterministic: bool = True) -> tuple:
-    """``kernel.bwd_step`` adding to random accumulators (:func:`bwd_inputs`), against the float64 reference: the
-    increments of dq, dk, dv within ``tol`` (the increments, so a dropped gradient cannot hide behind the
-    accumulators). Returns ``(errors, (dq, dk, dv))``."""
+    """``kernel.bwd_step`` adding to random accumulators against the float64 reference: the increments of dq, dk,
+    dv (a dropped gradient cannot hide behind the accumulators) within ``tol``. Returns ``(errors, (dq, dk, dv))``."""
     q, k, v, dout, lse, delta, dq, dk, dv = bwd_inputs(c, dtype, g, softcap, amp)
     scale = c.d**-0.5 if scale is None else scale
     x0 = [t.double() for t in (dq, dk, dv)]
@@ -189,11 +179,8 @@ def max_rel(got: Sequence[float], want: Sequence[float], n: int | None = None) -
 
 
 def stub_kernel(name: str = "stub", calls: collections.Counter | None = None) -> KernelSpec:
-    """A fourth kernel for the contract tests: the PyTorch reference's tiles behind wrappers of its own (counting
-    their calls in ``calls``), declared by a record of its own (float64 and float32 on the CPU, every variant).
-    Register it with ``ds_burst.kernels.registry.register``, then call ``burst_attn_func(kernel=name)``."""
-    from ds_burst.kernels import reference
-
+    """A fourth kernel: the reference's tiles behind wrappers (counting calls in ``calls``) with a record of its own
+    (float64/float32 on the CPU, every variant); register it, then ``burst_attn_func(kernel=name)``."""
     def wrap(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):

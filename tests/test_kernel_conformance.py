@@ -1,13 +1,8 @@
-"""One conformance suite for every registered local kernel (the PyTorch reference, Triton, torch's fused SDPA ops,
-and a stub fourth kernel registered here): the tile contract of :mod:`ds_burst.kernels.contract` against plain
-float64 attention, with each kernel's tolerances taken from its record.
-
-Each case is a block with global offsets and a mask. ``fwd_step`` runs it as two key chunks continuing one online
-softmax state (what the ring does across steps), ``bwd_step`` adds the block's gradients given the global lse and
-delta; outputs, lse and every gradient are compared with autograd through :func:`naive_attention` in float64. A
-case with a variant (softcap, ``Dv != D``) runs on the kernels whose record declares it. Triton runs under its
-interpreter on CPU, so the shapes are small; kernel-specific behaviour lives in each kernel's own tests. The stub
-kernel also runs ``burst_attn_func`` on two gloo ranks, with no change to the attention or ring layers.
+"""One conformance suite for every registered local kernel (reference, Triton, SDPA, and a stub fourth kernel
+registered here): the tile contract of :mod:`ds_burst.kernels.contract` against float64 attention, tolerances from
+the records. ``fwd_step`` runs each block as two key chunks continuing one state (as the ring does), ``bwd_step``
+adds its gradients from the global lse and delta (twice with ``deterministic=True``: bitwise the same); a variant
+(softcap, ``Dv != D``) runs where the record declares it. The stub also runs ``burst_attn_func`` on two gloo ranks.
 """
 
 from __future__ import annotations
@@ -193,20 +188,19 @@ def test_span_arithmetic_matches_the_mask(align: int):
         if causal and window[1] > 0:
             window = (window[0], 0)
         vis = reference.visible_mask(d0, sq, 0, sk, causal, window, torch.device("cpu"))
-        if bwd:
-            vis = vis.T  # rows are keys
+        vis = vis.T if bwd else vis  # backward: rows are keys
         n_rows, n_other = vis.shape
-        flags = tile_math.mask_args(causal, window)
+        has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
         for r0 in range(0, n_rows, block_r):
             rows = vis[r0:r0 + block_r]
-            start, n_a, n_b, n_c = tile_math.span(r0, n_rows, n_other, d0, flags[2], flags[3], flags[0], flags[1],
-                                                  bwd, align, block_r, block_o)
+            start, n_a, n_b, n_c = tile_math.span(r0, n_rows, n_other, d0, win_l, win_r, has_lo, has_hi, bwd, align,
+                                                  block_r, block_o)
             tiles = [start + t * block_o for t in range(n_a + n_b + n_c)]
             where = (sq, sk, d0, causal, window, block_r, block_o, bwd, r0, start, n_a, n_b, n_c)
             seen = torch.zeros(n_other, dtype=torch.bool)
             for i, t in enumerate(tiles):
                 seen[max(t, 0):t + block_o] = True
-                masked = i < n_a or i >= n_a + n_b
+                masked = i < n_a or i >= n_a + n_b  # align: the rounded-down start may be a tile nobody sees
                 assert rows[:, max(t, 0):t + block_o].any() or (align > 1 and masked), ("a tile nobody sees", where)
             assert not (rows.any(0) & ~seen).any(), ("a visible pair outside the span", where)
             for t in tiles[n_a:n_a + n_b]:

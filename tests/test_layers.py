@@ -147,8 +147,7 @@ def test_the_checker_catches_an_upward_import(tmp_path: Path):
 
 @pytest.mark.parametrize("name", registry.names()[1:])
 def test_registered_kernels_match_the_contract(name: str):
-    """The step functions of every registered kernel, and the one-rank entry points its record announces, can be
-    called as the contract declares them (same positional tensors, every keyword with the same default)."""
+    """Every registered kernel's step functions and announced one-rank entry points take the contract's calls."""
     try:
         spec = registry.get(name)
     except ValueError as exc:  # triton not installed

@@ -79,11 +79,9 @@ def choose_compute_layout(
 
 def choose_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
                   deterministic: bool, info: GroupInfo) -> KernelSpec:
-    """The kernel a call runs on: ``auto`` on CUDA without a variant is the fused SDPA op bound once at one rank
-    (nothing of ours to beat it with) or the measured pick agreed over the group (:mod:`ds_burst.kernels.choice`);
-    otherwise the named kernel, or, where its record says it cannot run the call (softcap, ``Dv != D``, dtype, ...:
-    never a silently wrong result), the device's default kernel, else the PyTorch reference, which runs
-    everything."""
+    """The kernel a call runs on: ``auto`` on CUDA without a variant is the fused SDPA op bound once at one rank or
+    the measured pick agreed over the group (:mod:`ds_burst.kernels.choice`); otherwise the named kernel or, where
+    its record says it cannot run the call, the device's default, else the PyTorch reference (it runs everything)."""
     variant = a.softcap is not None or v.shape[-1] != q.shape[-1]
     if a.kernel == "auto" and q.device.type == "cuda" and not variant:
         sdpa = registry.get("sdpa")
@@ -156,10 +154,8 @@ def _ring(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, determ
           node_groups: NodeGroups | None, window: tuple[int, int], docs: tuple[int, ...] | None, layout: str,
           table: list, passes: list[RingPass], kernel: KernelSpec, scale: float
           ) -> tuple[RingSetup, uly.UlyssesSpec | None, int, int]:
-    """``(ring setup, Ulysses spec, query heads, kv heads per ring rank)`` for the schedule: the flat ring, the
-    double ring over the topology's nodes, or Ulysses inside a node and the ring across nodes. Topology-aware
-    schedules visit every block; sliding windows and packed documents keep the flat ring, which stops early and
-    skips the hops no document needs."""
+    """``(ring setup, Ulysses spec, query heads, kv heads per ring rank)``: the flat ring, the double ring or Ulysses
+    in a node and the ring across; windows and documents keep the flat ring (it stops early, skips needless hops)."""
     world, s_local, hq, hkv = info.world, q.shape[1], q.shape[2], k.shape[2]
     softcap = None if a.softcap is None else float(a.softcap)
     topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1 and docs is None
@@ -179,9 +175,8 @@ def _ring(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, determ
 def _one_rank(kernel: KernelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs,
               window: tuple[int, int], deterministic: bool, ops: list[TileOp], s_local: int, scale: float
               ) -> tuple[TileOp | None, Callable | None]:
-    """``(CallPlan.whole, CallPlan.direct)`` of a one-rank call, as its kernel's record decides
-    (:meth:`KernelSpec.one_rank`): bound fused ops per diagonal tile (outputs concatenated), ``attend`` on the
-    whole block, or neither (the ring of one)."""
+    """``(CallPlan.whole, CallPlan.direct)`` of a one-rank call as its record decides (:meth:`KernelSpec.one_rank`):
+    fused ops bound per diagonal tile (outputs concatenated), ``attend`` on the whole block, or the ring of one."""
     path = kernel.one_rank(ops, s_local, deterministic=deterministic, softcap=a.softcap, sinks=a.has_sinks)
     if path is OneRank.RING:
         return None, None

@@ -1,14 +1,8 @@
 """The tile contract, declared once: the step functions every local kernel implements (:class:`TileKernel`), its
 optional one-rank entry points (:class:`WholeBlock`, :class:`Binder`) and the record each kernel module publishes
-as ``KERNEL`` (:class:`KernelSpec`: what it runs on, what it honours, how a one-rank call runs on it, its test
-tolerances). The registry (:mod:`ds_burst.kernels.registry`) returns these records; the call plan, the ring engine,
-the autograd function, the ``auto`` choice, validation and calibration read their fields.
-
-Tensors, offsets, masks and the carried online-softmax state are those of :mod:`ds_burst.kernels.reference`
-(read its docstring): ``q [B, Sq, Hq, D]``, ``k [B, Sk, Hkv, D]``, ``v [B, Sk, Hkv, Dv]``, state ``out [B, Sq, Hq, Dv]``
-and natural-log ``lse [B, Hq, Sq]``, gradient accumulators shaped like q, k, v. Every kernel takes every keyword
-below (:func:`conformance` checks the signatures); what a kernel cannot honour is declared in its record, and the
-call plan never hands it such a call (:meth:`KernelSpec.why_not`).
+as ``KERNEL`` (:class:`KernelSpec`), which the registry returns and every caller reads. Tensors, masks and the
+carried state are those of :mod:`ds_burst.kernels.reference` (read its docstring). Every kernel takes every
+keyword (:func:`conformance` checks); what it cannot honour its record declares, and no plan hands it such a call.
 """
 
 from __future__ import annotations
@@ -190,10 +184,9 @@ class KernelSpec:
 
     def one_rank(self, tiles: Sequence[TileOp], rows: int, *, deterministic: bool, softcap: float | None,
                  sinks: bool) -> OneRank:
-        """How a one-rank call with these tiles over ``rows`` local queries runs: bound fused ops where the kernel
-        binds, the tiles are diagonal blocks and nothing needs ds-burst's autograd function (no sinks to fold, no
-        softcap, no deterministic backward, which the bound ops do not promise); else ``attend`` on the whole
-        block where the kernel has it; else the ring of one."""
+        """How a one-rank call with these tiles over ``rows`` queries runs: bound fused ops where the kernel binds,
+        the tiles are diagonal and nothing needs ds-burst's autograd function (sinks to fold, softcap, a
+        deterministic backward); else ``attend`` on the whole block where the kernel has it; else the ring of one."""
         if (self.binds and not deterministic and softcap is None and not sinks
                 and diagonal_tiles(tiles, rows) is not None):
             return OneRank.BIND
@@ -217,8 +210,7 @@ class KernelSpec:
 
     def can_bind(self, q: Tensor, k: Tensor, v: Tensor, *, deterministic: bool, softcap: float | None, sinks: bool,
                  **mask: object) -> bool:
-        """Whether a one-rank call whose only tile is this whole block would run bound fused ops (the check
-        alone: :meth:`one_rank` and :meth:`Binder.whole_backend`)."""
+        """Whether a one-rank call of this whole block would run bound fused ops (the check alone)."""
         if not self.binds or deterministic or softcap is not None or sinks:
             return False
         return cast(Binder, self.impl).whole_backend(q, k, v, **mask) is not None  # type: ignore[arg-type]

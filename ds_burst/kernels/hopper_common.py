@@ -1,7 +1,5 @@
-"""What the Gluon Hopper (sm_90) forward (:mod:`~ds_burst.kernels.hopper_attn`) and backward
-(:mod:`~ds_burst.kernels.hopper_attn_bwd`) share: whether Gluon imported and the kernels are on, the rules a call
-must meet (:func:`why_not`), TMA descriptors over ``[B, S, H, D]`` tensors, and the Gluon copies of the span and
-epilogue arithmetic of :mod:`~ds_burst.kernels.tile_math`. Written against triton 3.6's Gluon.
+"""What the Gluon Hopper (sm_90) forward and backward share: Gluon import and switch, the rules a call must meet
+(:func:`why_not`), TMA descriptors, and the Gluon copies of :mod:`~ds_burst.kernels.tile_math`. Triton 3.6's Gluon.
 """
 
 from __future__ import annotations

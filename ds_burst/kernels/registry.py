@@ -1,10 +1,7 @@
 """The local kernels by name: the records (:class:`~ds_burst.kernels.contract.KernelSpec`) of the built-in kernels
-(``torch``: :mod:`~ds_burst.kernels.reference`, ``triton``: :mod:`~ds_burst.kernels.triton_attn`, ``sdpa``:
-:mod:`~ds_burst.kernels.sdpa_attn`, each imported on first use) and of kernels added with :func:`register`.
-
-A caller names a kernel by its record's ``name``: ``burst_attn_func(kernel="torch")``, or the name of a registered
-kernel (register it on every rank, before the first call that names it); ``"auto"`` is resolved per call
-(:func:`resolve`, and the measured choice of :mod:`ds_burst.kernels.choice` on GPUs).
+(``torch``, ``triton``, ``sdpa``: their modules are imported on first use) and of kernels added with :func:`register`
+(on every rank, before the first call that names it: ``burst_attn_func(kernel=<its name>)``). ``"auto"`` is
+resolved per call (:func:`resolve`; on GPUs the measured choice of :mod:`ds_burst.kernels.choice`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@ Same contract as :mod:`ds_burst.kernels.reference` (layout ``q [B, Sq, Hq, D]``,
 online-softmax state ``out [B, Sq, Hq, D]`` + natural-log ``lse [B, Hq, Sq]`` updated in place; fp32 gradient
 accumulators), with one addition: :func:`bwd_step` needs ``out=``, the *final* (global) attention output of the
 queries, because the fused backward ops take ``O`` and the log-sum-exp instead of ``delta`` (the record's
-``bwd_needs_out``). Softcapping and ``Dv != D``, which no fused op has, run on the fallback (below); the record
-declares neither, so plans hand such calls to a kernel that has them.
+``bwd_needs_out``). Softcap and ``Dv != D`` blocks run on the fallback; the record declares neither.
 
 Ops, in order of preference (the first one that is available, supports the shape and passes a one-time self-check
 is used; ``DS_BURST_SDPA_BACKENDS=flash,cudnn`` or :data:`CUDA_BACKENDS` change the CUDA order):

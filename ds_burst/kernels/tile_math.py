@@ -1,12 +1,10 @@
 """Kernel arithmetic written once for every dialect: the visible span of a tile (both directions, both kernel
 families) and the forward epilogue.
 
-The functions below call their elementwise operations through the global ``ops``: plain Python here (ints, so
-that they can be checked against :mod:`ds_burst.core.mask` on the CPU), and :func:`in_dialect` gives a copy bound to
-``triton.language`` (the portable ``tl`` kernels compile it with ``triton.jit``), to Gluon's ``language`` (the
-Hopper kernels, ``gluon.jit``) or to ``torch`` (tests over many tiles at once). Gluon kernels cannot call
-``triton.jit`` functions through public API (triton 3.6), so each dialect compiles its own copy of one source.
-Arguments named in capitals are compile-time constants (``constexpr``) in the kernels.
+The functions call their elementwise operations through the global ``ops``: plain Python here (checked against
+:mod:`ds_burst.core.mask` on the CPU); :func:`in_dialect` binds a copy to ``triton.language`` (``triton.jit``) or
+Gluon's ``language`` (``gluon.jit``): Gluon cannot call ``triton.jit`` functions through public API (triton 3.6), so
+each dialect compiles its own copy of one source. Capitalised arguments are ``constexpr`` in the kernels.
 """
 
 from __future__ import annotations
@@ -24,16 +22,12 @@ ops: Any = types.SimpleNamespace(maximum=max, minimum=min, where=lambda c, a, b:
 
 def span(r0, n_rows, n_other, d0, win_l, win_r, HAS_LO: ops.constexpr, HAS_HI: ops.constexpr,
          BWD: ops.constexpr, ALIGN: ops.constexpr, BLOCK_R: ops.constexpr, BLOCK_O: ops.constexpr):
-    """The tiles of the other sequence (length ``n_other``, tiles of ``BLOCK_O``) that rows ``[r0, r0 + BLOCK_R)`` of a
+    """The tiles (of ``BLOCK_O``) of the other sequence (length ``n_other``) that rows ``[r0, r0 + BLOCK_R)`` of a
     sequence of length ``n_rows`` see, where query ``i`` sees key ``j`` iff ``-win_l <= j - i - d0 <= win_r`` (each
-    side only when ``HAS_LO`` / ``HAS_HI``), ``d0 = q_offset - k_offset``.
-
-    Forward (``BWD`` false): rows are queries, the others keys. Backward: rows are keys, the others queries, and a
-    key tile that overhangs ``n_rows`` is masked throughout (its padding rows never count). ``ALIGN`` rounds the first
-    tile down to a multiple of it (the Hopper backward's TMA reads of lse / delta).
-
-    Returns ``(start, n_a, n_b, n_c)``: tiles ``start + t * BLOCK_O``; the first ``n_a`` and the last ``n_c`` need
-    the element mask, the ``n_b`` between are visible to every row."""
+    side only when ``HAS_LO`` / ``HAS_HI``), ``d0 = q_offset - k_offset``. Forward: rows are queries. Backward
+    (``BWD``): rows are keys, and a key tile that overhangs ``n_rows`` is masked throughout. ``ALIGN`` rounds the
+    first tile down to a multiple (the Hopper backward's TMA reads of lse / delta). Returns ``(start, n_a, n_b,
+    n_c)``: tiles ``start + t * BLOCK_O``, the first ``n_a`` and last ``n_c`` masked, the ``n_b`` between not."""
     # backward: key j sees query i iff -win_r <= i - j + d0 <= win_l, the same bounds mirrored
     LO: ops.constexpr = HAS_HI if BWD else HAS_LO
     HI: ops.constexpr = HAS_LO if BWD else HAS_HI

@@ -552,9 +552,8 @@ def _block_d(d: int) -> int:
 
 
 def _rules(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """The Triton tiles' own rules (``KERNEL.check``): 4-D inputs of one dtype, head dims 1..:data:`MAX_HEAD_DIM`,
-    whole GQA groups, and CUDA or, under ``TRITON_INTERPRET=1``, the CPU without bf16 (the interpreter's bf16
-    ``tl.dot`` is wrong)."""
+    """The Triton tiles' own rules (``KERNEL.check``): 4-D inputs of one dtype, head dims 1..256, whole GQA groups,
+    CUDA or, under ``TRITON_INTERPRET=1``, the CPU without bf16 (the interpreter's bf16 ``tl.dot`` is wrong)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"expected 4-D [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -787,8 +786,7 @@ class Tiles:
 
 
 def kernel(tiles: Tiles, name: str = "triton") -> KernelSpec:
-    """The record of the Triton kernel running ``tiles`` (:data:`KERNEL` for :data:`TILES`; register another to
-    select it by ``name``, e.g. the ``tl`` tiles alone for a benchmark)."""
+    """The record of the Triton kernel running ``tiles`` (:data:`KERNEL` for :data:`TILES`; others register)."""
     return KernelSpec(
         name, tiles, dtypes=(torch.float16, torch.bfloat16, torch.float32), devices=("cuda", "cpu"),
         softcap=True, value_dim=True, whole=True, check=_rules, path=tiles.path,
