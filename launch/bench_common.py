@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -110,16 +109,14 @@ def pyplot() -> Any:
     return plt
 
 
-@contextlib.contextmanager
-def hopper_kernels(on: bool) -> Iterator[None]:
-    """Inside: the Triton tiles run the Gluon Hopper kernels where they apply, as configured (``on``; the
-    ``DS_BURST_HOPPER_*`` switches hold), or only the portable ``tl`` kernels; the settings are restored after."""
+def tl_kernel() -> str:
+    """The name of a kernel (registered on first use) that runs the Triton tiles on their portable ``tl`` kernels
+    alone, the Gluon Hopper kernels off: ``burst_attn_func(kernel=tl_kernel())`` times them beside
+    ``kernel="triton"`` on the same GPU."""
+    from ds_burst.kernels import registry
     from ds_burst.kernels import triton_attn as ta
 
-    saved = ta.USE_HOPPER, ta.USE_HOPPER_BWD
-    ta.USE_HOPPER, ta.USE_HOPPER_BWD = (saved[0] and on, saved[1] and on)
-    try:
-        yield
-    finally:
-        ta.USE_HOPPER, ta.USE_HOPPER_BWD = saved
+    if "triton-tl" not in registry.names():
+        registry.register(ta.kernel(ta.Tiles(hopper=False), "triton-tl"))
+    return "triton-tl"
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import attn_flops, cuda_time_ms, device_meta, hopper_kernels, print_table, pyplot, write_json  # noqa: E402
+from bench_common import attn_flops, cuda_time_ms, device_meta, print_table, pyplot, tl_kernel, write_json  # noqa: E402
 
 
 def _sdpa(backend):
@@ -41,10 +41,6 @@ def _burst(kernel):
         return ds_burst.burst_attn_func(q, k, v, causal=causal, kernel=kernel)
 
     return run
-
-
-# Methods timed with the Triton tiles kept on their portable ``tl`` kernels (forward and backward).
-_TL_ONLY = {"ds-burst-triton-tl"}
 
 
 def _time_method(fn, q, k, v, do, causal: bool, flops: float, iters: int) -> dict:
@@ -76,7 +72,7 @@ def main() -> None:
 
     methods = {
         "ds-burst-triton": _burst("triton"),
-        "ds-burst-triton-tl": _burst("triton"),
+        "ds-burst-triton-tl": _burst(tl_kernel()),  # the portable tl tiles, forward and backward
         "ds-burst-torch": _burst("torch"),
         "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION),
@@ -100,8 +96,7 @@ def main() -> None:
                         continue
                     row = {"method": name, "S": s, "D": d, "H": args.heads, "causal": causal, "gpu": gpu}
                     try:
-                        with hopper_kernels(name not in _TL_ONLY):
-                            row.update(_time_method(fn, q, k, v, do, causal, flops, args.iters))
+                        row.update(_time_method(fn, q, k, v, do, causal, flops, args.iters))
                     except Exception as exc:  # noqa: BLE001 - record the failure in the table
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                     rows.append(row)

@@ -11,8 +11,9 @@ For each local size S (B=1, bf16, D=128, Hq=Hkv=heads) and each tile kind a ring
 
 times ``triton_attn.fwd_step`` and ``bwd_step`` (backward TFLOP/s: 2.5x the forward's FLOPs) with the Gluon
 Hopper kernels (``hopper``: ``kernels/hopper_attn.py`` and ``hopper_attn_bwd.py``) and with the portable ``tl``
-kernels (``tl``), and, on the square tiles, torch SDPA's cuDNN forward. TFLOP/s count visible (query, key) pairs
-only. Prints a table, writes JSON (and a bar plot beside it, with matplotlib).
+kernels (``tl``: ``triton_attn.Tiles(hopper=False)``; ``tl-det``: its ``deterministic=True`` backward), and, on
+the square tiles, torch SDPA's cuDNN and flash forward. TFLOP/s count visible (query, key) pairs only. Prints a
+table, writes JSON (and a bar plot beside it, with matplotlib).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import cuda_time_ms, device_meta, hopper_kernels, print_table, pyplot, write_json  # noqa: E402
+from bench_common import cuda_time_ms, device_meta, print_table, pyplot, write_json  # noqa: E402
 
 
 def _pairs(sq: int, sk: int, q_off: int, k_off: int, causal: bool, window: tuple[int, int]) -> int:
@@ -65,25 +66,24 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[d
     kw = dict(scale=d ** -0.5, q_offset=t["q_off"], k_offset=t["k_off"], causal=t["causal"], window=t["window"])
 
     def tiles(use: bool):
-        def run() -> None:
-            with hopper_kernels(use):
-                ta.fwd_step(q, k, v, out, lse, **kw)
-        return run
+        fwd = ta.Tiles(hopper=use).fwd_step
+        return lambda: fwd(q, k, v, out, lse, **kw)
 
-    def backward(use: bool):
-        def run() -> None:
-            with hopper_kernels(use):
-                ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, **kw)
-        return run
+    def backward(use: bool, det: bool = False):
+        bwd = ta.Tiles(hopper=use).bwd_step
+        return lambda: bwd(q, k, v, dout, lse, delta, dq, dk, dv, deterministic=det, **kw)
 
-    def cudnn() -> None:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=t["causal"])
+    def sdpa(backend: SDPBackend):
+        def run() -> None:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=t["causal"])
+        return run
 
     methods = {"hopper": tiles(True), "tl": tiles(False)}
     if t["q_off"] == t["k_off"] and t["window"] == (-1, -1):
-        methods["sdpa-cudnn"] = cudnn
+        methods["sdpa-cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+        methods["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
     shape = {"tile": t["kind"], "S": s, "sq": t["sq"], "sk": t["sk"], "H": hh, "D": d, "gpu": gpu}
     rows = []
     for name, fn in methods.items():
@@ -101,7 +101,7 @@ def _time_tile(t: dict, s: int, hh: int, d: int, iters: int, gpu: str) -> list[d
     dout = torch.randn_like(q)
     delta = ta.bwd_preprocess(out.to(q.dtype), dout)
     dq, dk, dv = torch.zeros_like(out), torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
-    bwd = {"hopper": backward(True), "tl": backward(False)}
+    bwd = {"hopper": backward(True), "tl": backward(False), "tl-det": backward(False, det=True)}
     for name, fn in bwd.items():
         row = next((r for r in rows if r["method"] == name), None)
         if row is None:
@@ -149,7 +149,7 @@ def _plot(rows: list[dict], path: str) -> None:
     if plt is None:
         return
     seqs = sorted({r["S"] for r in rows})
-    methods = [m for m in ("hopper", "tl", "sdpa-cudnn") if any(r["method"] == m for r in rows)]
+    methods = [m for m in ("hopper", "tl", "tl-det", "sdpa-cudnn", "sdpa-flash") if any(r["method"] == m for r in rows)]
     fig, axes = plt.subplots(2, len(seqs), figsize=(4.8 * len(seqs), 6.4), squeeze=False)
     width = 0.8 / len(methods)
     for col, s in enumerate(seqs):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
-# Stages: env tests tests_triton tests_hopper tests_new overhead documents tiles ring ring_sched ring_long kernels equiv attn_mem llama8b train_burst train_ulysses
-# memory calibrate e2e.
+# Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
+# equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before.
+# Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
+# tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -51,6 +53,13 @@ for spec in "$@"; do
     tests_hopper)  # the Gluon Hopper tiles against float64 (forward and backward, every mask case)
       timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_hopper_kernels.py >"$OUT/gpu_tests_hopper.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_hopper.log" | tail -20 ;;
+    tests_kernels)  # the gpu cases of every kernel test file, then the conformance suite and layering check on CUDA
+      timeout "$limit" python3 -m pytest -q -v -m gpu tests/test_triton_kernels.py tests/test_triton_variants.py \
+        tests/test_hopper_kernels.py tests/test_sdpa_kernel.py tests/test_attention_variants.py tests/test_hot_path.py \
+        >"$OUT/gpu_tests_kernels.log" 2>&1; echo "rc=$?"
+      timeout "$limit" python3 -m pytest -q tests/test_kernel_conformance.py tests/test_layers.py \
+        >>"$OUT/gpu_tests_kernels.log" 2>&1; echo "rc=$?"
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_kernels.log" | tail -30 ;;
     tiles)  # ring-step tile kinds: Hopper tiles against the tl tiles and cuDNN, forward and backward
       timeout "$limit" python3 launch/bench_tiles.py --out "$OUT/tiles.json" --seqs 16384 32768 65536 --iters 2 \
         >"$OUT/tiles.log" 2>&1
@@ -141,6 +150,20 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       echo "pytest rc=$?"
       grep -E "FAILED|ERROR|SKIPPED|passed|failed|deselected|Timeout" "$OUT/e2e_tests.log" | tail -25 | cut -c1-250
       python3 launch/e2e_summary.py "$DS_BURST_E2E_JSON" --train tiny=/tmp/e2e_train_tiny packed=/tmp/e2e_train_packed ;;
+    e2e_trainer)  # only the Trainer / TRL tests of the e2e stage (HF Trainer and TRL SFTTrainer with packing vs sdpa)
+      export DS_BURST_E2E_JSON=$OUT/e2e_trainer.json; rm -f "$DS_BURST_E2E_JSON"
+      timeout "$limit" python3 -m pytest -q -m gpu -v -rs -p no:cacheprovider tests/test_gpu_e2e.py -k trainer \
+        >"$OUT/e2e_trainer.log" 2>&1
+      echo "pytest rc=$?"; grep -E "FAILED|ERROR|passed|failed|Timeout" "$OUT/e2e_trainer.log" | tail -8 | cut -c1-250 ;;
+    header)  # host cost of the per-call header round on gloo ranks of this host (CPU only)
+      timeout "$limit" python3 launch/bench_header.py --worlds 2 4 8 --iters 300 --out "$OUT/header.json" \
+        >"$OUT/header.log" 2>&1
+      echo "rc=$?"; tail -5 "$OUT/header.log" ;;
+    kernels_small|kernels_before)  # one shape set of bench_kernels; _before: the tree carried in .before/
+      root=$PWD; [ "$stage" = kernels_before ] && root=$PWD/.before
+      PYTHONPATH=$root:$PYTHONPATH timeout "$limit" python3 "$root/launch/bench_kernels.py" --out "$OUT/$stage.json" \
+        --seqs 8192 32768 --head-dims 128 --methods ds-burst-triton sdpa-cudnn --iters 3 >"$OUT/$stage.log" 2>&1
+      echo "rc=$?"; grep -v "^{" "$OUT/$stage.log" | tail -8 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "=== stage $stage done ($(date -u +%H:%M:%S))"

@@ -31,12 +31,12 @@ import torch
 from launch_utils import REPO, free_port
 
 from dist_utils import run_ranks, values
+from kernel_utils import TOL, max_rel
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 EXAMPLE = str(REPO / "examples" / "hf_trainer_sp.py")
-TOL = 1e-5
 
 
 def _torchrun(nproc: int, args: list[str], tmp_path, check: bool = True, timeout: float = 240.0) -> tuple[dict, str]:
@@ -56,16 +56,11 @@ def _torchrun(nproc: int, args: list[str], tmp_path, check: bool = True, timeout
     return json.loads(out.read_text()), text
 
 
-def _rel(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) == 3, (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
-
-
 def test_trainer_matches_alst(tmp_path):
     alst, _ = _torchrun(2, ["--backend", "alst"], tmp_path)
     burst, _ = _torchrun(2, ["--backend", "burst"], tmp_path)
     print("ALST", alst["losses"], "ds-burst", burst["losses"], "ring bytes", burst["comm"])
-    assert _rel(burst["losses"], alst["losses"]) < TOL
+    assert max_rel(burst["losses"], alst["losses"], 3) < TOL[torch.float32][0]
     assert len(set(burst["losses"])) == 3  # the model trained: three different losses
     assert burst["comm"].get("fwd", 0) > 0 and burst["comm"].get("bwd", 0) > 0
     assert not alst["comm"].get("fwd") and not alst["comm"].get("bwd")  # ALST's run did not use ds-burst
@@ -79,7 +74,7 @@ def test_gqa_fewer_kv_heads_than_sp(tmp_path):
     sp1, _ = _torchrun(1, ["--backend", "burst", "--heads", "3", "--kv-heads", "1"], tmp_path)
     print("SP=2", sp2["losses"], "SP=1", sp1["losses"], "ring bytes", sp2["comm"])
     assert sp2["sp"] == 2 and sp1["sp"] == 1
-    assert _rel(sp2["losses"], sp1["losses"]) < TOL
+    assert max_rel(sp2["losses"], sp1["losses"], 3) < TOL[torch.float32][0]
     assert sp2["comm"].get("fwd", 0) > 0 and sp2["comm"].get("bwd", 0) > 0
 
 
@@ -88,7 +83,7 @@ def test_trl_sft_trainer(tmp_path):
     alst, _ = _torchrun(2, ["--backend", "alst", "--trainer", "trl"], tmp_path)
     burst, _ = _torchrun(2, ["--backend", "burst", "--trainer", "trl"], tmp_path)
     print("TRL ALST", alst["losses"], "ds-burst", burst["losses"], "ring bytes", burst["comm"])
-    assert _rel(burst["losses"], alst["losses"]) < TOL
+    assert max_rel(burst["losses"], alst["losses"], 3) < TOL[torch.float32][0]
     assert burst["comm"].get("fwd", 0) > 0 and burst["comm"].get("bwd", 0) > 0
 
 
@@ -105,7 +100,7 @@ def test_trl_packing(tmp_path):
     sp1, _ = _torchrun(1, ["--backend", "burst", "--trainer", "trl", "--packing"], tmp_path)
     print("TRL packing SP=2", sp2["losses"], "SP=1", sp1["losses"], "ring bytes", sp2["comm"])
     assert sp2["sp"] == 2 and sp1["sp"] == 1
-    assert _rel(sp2["losses"], sp1["losses"]) < TOL
+    assert max_rel(sp2["losses"], sp1["losses"], 3) < TOL[torch.float32][0]
     assert len(set(sp2["losses"])) == 3
     assert sp2["comm"].get("fwd", 0) > 0 and sp2["comm"].get("bwd", 0) > 0  # documents span the two ranks
 
@@ -430,17 +425,12 @@ def test_packed_batch_through_alst_path_matches_per_document():
     for r in res:
         print("SP=2", r["losses"], "per document", r["ref_losses"], "grad rel", r["grad_rel"])
         assert r["cu"] == [[0, 5, 15, 24], [0, 13, 24]], r
-        assert _rel2(r["losses"], r["ref_losses"]) < TOL, r
-        assert _rel2(r["packed_mask_losses"], r["ref_losses"]) < TOL, r
-        assert _rel2(r["one_doc_losses"], r["ref_losses"]) > 1e-3, r  # the documents matter
+        assert max_rel(r["losses"], r["ref_losses"], 2) < TOL[torch.float32][0], r
+        assert max_rel(r["packed_mask_losses"], r["ref_losses"], 2) < TOL[torch.float32][0], r
+        assert max_rel(r["one_doc_losses"], r["ref_losses"], 2) > 1e-3, r  # the documents matter
         assert r["grad_rel"] < 1e-5, r
         assert r["comm"].get("fwd", 0) > 0 and r["comm"].get("bwd", 0) > 0, r
     assert res[0]["losses"] == res[1]["losses"]
-
-
-def _rel2(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) == 2, (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 def _loss_worker(rank: int, world: int) -> dict:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_ranks, values
+from kernel_utils import ref_grads, rel
 
 WORLDS = [1, 2, 3, 4]
 HQ = 4
@@ -44,12 +45,6 @@ CASE_IDS = ["-".join(map(str, c)) for c in CASES]
 TOL64 = 1e-10
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    n = b.norm().item()
-    return (a - b).norm().item() / (n if n > 0 else 1.0)
-
-
 def _inputs(world, idx, hkv, dv, with_sinks, dtype=torch.float64, batch=2, per_rank=4):
     g = torch.Generator().manual_seed(500 + 31 * idx + world)
     s = per_rank * world
@@ -68,16 +63,6 @@ def _mask(mask, s_local):
     if w is None:
         return causal, (-1, -1)
     return causal, (int(w[0] * s_local), int(w[1] * s_local))
-
-
-def _reference(q, k, v, do, sinks, causal, window, softcap):
-    from ds_burst.kernels.reference import naive_attention
-
-    qf, kf, vf = (x.detach().double().clone().requires_grad_() for x in (q, k, v))
-    sf = None if sinks is None else sinks.detach().double().clone().requires_grad_()
-    out, _ = naive_attention(qf, kf, vf, causal=causal, window=window, softcap=softcap, sinks=sf)
-    out.backward(do.double())
-    return [out.detach(), qf.grad, kf.grad, vf.grad, None if sf is None else sf.grad]
 
 
 def _distributed(q, k, v, do, sinks, causal, window, layout, backward, softcap, kernel="torch"):
@@ -108,8 +93,8 @@ def worker_float64(rank, world):
         q, k, v, do, sinks = _inputs(world, idx, hkv, dv, with_sinks)
         causal, window = _mask(mask, q.shape[1] // world)
         got = _distributed(q, k, v, do, sinks, causal, window, layout, backward, softcap)
-        ref = _reference(q, k, v, do, sinks, causal, window, softcap)
-        errs[CASE_IDS[idx]] = [None if r is None else _rel(g, r) for g, r in zip(got, ref)]
+        ref = ref_grads(q, k, v, do, sinks=sinks, causal=causal, window=window, softcap=softcap)
+        errs[CASE_IDS[idx]] = [None if r is None else rel(g, r) for g, r in zip(got, ref)]
     return errs
 
 
@@ -140,7 +125,7 @@ def test_sinks_gradient_sign_and_reference():
     sr = sinks.clone().requires_grad_()
     ref, _ = naive_attention(q, k, v, causal=True, sinks=sr)
     (ref * do).sum().backward()
-    assert _rel(s.grad, sr.grad) < TOL64
+    assert rel(s.grad, sr.grad) < TOL64
     eps = 1e-6
     for h in range(HQ):
         sp, sm = sinks.clone(), sinks.clone()
@@ -162,7 +147,7 @@ def test_sinks_match_gpt_oss_eager_formula():
     comb = torch.cat([w, sinks.reshape(1, -1, 1, 1).expand(*w.shape[:3], 1)], -1)
     probs = torch.softmax(comb - comb.amax(-1, keepdim=True), -1)[..., :-1]
     ref = torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2)
-    assert _rel(burst_attn_func(q, k, v, causal=True, sinks=sinks), ref) < TOL64
+    assert rel(burst_attn_func(q, k, v, causal=True, sinks=sinks), ref) < TOL64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,7 +159,7 @@ def _plan_kernel(q, k, v, kernel, softcap=None, sinks=None):
 
     plan = lookup_plan(q, k, v, True, None, (-1, -1), None, "zigzag", "auto", kernel, False, False, "once", None,
                        False, softcap, sinks)
-    return plan.setup.kernel.__name__.rsplit(".", 1)[-1]
+    return plan.setup.kernel.name
 
 
 @pytest.mark.parametrize("variant", ["softcap", "mla", "sinks", "all"])
@@ -186,16 +171,16 @@ def test_sdpa_kernel_falls_back_or_runs_exactly(variant):
     softcap, with_sinks, dv = VARIANTS[variant]
     q, k, v, do, sinks = _inputs(1, 7, HQ, dv, with_sinks)
     name = _plan_kernel(q, k, v, "sdpa", softcap, sinks)
-    assert name == ("sdpa_attn" if variant == "sinks" else "reference")
+    assert name == ("sdpa" if variant == "sinks" else "torch")
     qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
     ss = None if sinks is None else sinks.clone().requires_grad_()
     out = burst_attn_func(qq, kk, vv, causal=True, kernel="sdpa", softcap=softcap, sinks=ss)
     out.backward(do)
-    ref = _reference(q, k, v, do, sinks, True, (-1, -1), softcap)
+    ref = ref_grads(q, k, v, do, sinks=sinks, causal=True, window=(-1, -1), softcap=softcap)
     got = [out, qq.grad, kk.grad, vv.grad, None if ss is None else ss.grad]
     for g, r in zip(got, ref):
         if r is not None:
-            assert _rel(g, r) < TOL64
+            assert rel(g, r) < TOL64
 
 
 def test_plan_key_and_summary_hold_the_variants():
@@ -243,14 +228,14 @@ def _triton_case(dtype, device, variant, causal=True, window=(-1, -1), hkv=2, s=
     v = torch.randn(1, s, hkv, dv, generator=g, dtype=torch.float64)
     do = torch.randn(1, s, HQ, dv, generator=g, dtype=torch.float64)
     sinks = torch.randn(HQ, generator=g, dtype=torch.float64) if with_sinks else None
-    ref = _reference(q, k, v, do, sinks, causal, window, softcap)
+    ref = ref_grads(q, k, v, do, sinks=sinks, causal=causal, window=window, softcap=softcap)
     xs = [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v)]
     sl = None if sinks is None else sinks.to(device=device, dtype=torch.float32).requires_grad_()
     name = _plan_kernel(xs[0].detach(), xs[1].detach(), xs[2].detach(), "triton", softcap, sl)
     out = burst_attn_func(*xs, causal=causal, window_size=window, kernel="triton", softcap=softcap, sinks=sl)
     out.backward(do.to(device=device, dtype=dtype))
     got = [out, *(x.grad for x in xs), None if sl is None else sl.grad]
-    return name, [None if r is None else _rel(a.cpu(), r) for a, r in zip(got, ref)]
+    return name, [None if r is None else rel(a.cpu(), r) for a, r in zip(got, ref)]
 
 
 TRITON_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -265,8 +250,8 @@ def test_triton_variants_interpreter(monkeypatch, dtype, variant):
     if not settings.triton_interpret():
         pytest.skip("needs TRITON_INTERPRET=1 (CPU)")
     name, errs = _triton_case(dtype, "cpu", variant, window=(5, 0))
-    # the Triton tiles do softcap and Dv != D (triton_attn.supports_variant): the call runs on them
-    assert name == "triton_attn"
+    # the Triton tiles do softcap and Dv != D (their record says so): the call runs on them
+    assert name == "triton"
     for e in errs:
         if e is not None:
             assert e < TRITON_TOL[dtype], errs
@@ -280,7 +265,7 @@ def test_triton_variants_interpreter(monkeypatch, dtype, variant):
 def test_triton_variants_gpu(dtype, variant, mask):
     causal, window = {"causal": (True, (-1, -1)), "full": (False, (-1, -1)), "window": (True, (40, 0))}[mask]
     name, errs = _triton_case(dtype, "cuda", variant, causal=causal, window=window, s=256)
-    assert name == "triton_attn"
+    assert name == "triton"
     for e in errs:
         if e is not None:
             assert e < TRITON_TOL[dtype], errs
@@ -295,12 +280,12 @@ def test_auto_kernel_variants_gpu(variant):
 
     softcap, with_sinks, dv = VARIANTS[variant]
     q, k, v, do, sinks = _inputs(1, 1, HQ, dv, with_sinks, per_rank=128)
-    ref = _reference(q, k, v, do, sinks, True, (-1, -1), softcap)
+    ref = ref_grads(q, k, v, do, sinks=sinks, causal=True, window=(-1, -1), softcap=softcap)
     xs = [x.cuda().bfloat16() for x in (q, k, v)]
     name = _plan_kernel(*xs, "auto", softcap, None if sinks is None else sinks.cuda())
-    assert name == "triton_attn"
+    assert name == "triton"
     out = burst_attn_func(*xs, causal=True, softcap=softcap, sinks=None if sinks is None else sinks.cuda())
-    assert _rel(out.cpu(), ref[0]) < 2e-2
+    assert rel(out.cpu(), ref[0]) < 2e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------

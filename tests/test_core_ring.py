@@ -7,6 +7,7 @@ the parametrised tests read its results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_ranks, values
+from kernel_utils import ref_grads, rel
 
 WORLDS = [1, 2, 3, 4, 8]
 HQ = 8
@@ -48,11 +50,6 @@ def _resolve_mask(mask, s_local):
     return causal, (int(w[0] * s_local), int(w[1] * s_local))
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def _run_case(q, k, v, do, causal, window, layout, backward, kernel="torch"):
     """Run the distributed call on this rank's shards; returns gathered (out, dq, dk, dv)."""
     import ds_burst
@@ -65,15 +62,6 @@ def _run_case(q, k, v, do, causal, window, layout, backward, kernel="torch"):
         return [ds_burst.gather_sequence(t, 1, layout=layout) for t in (out, ql.grad, kl.grad, vl.grad)]
 
 
-def _reference(q, k, v, do, causal, window):
-    from ds_burst.kernels.reference import naive_attention
-
-    qf, kf, vf = (x.double().requires_grad_() for x in (q, k, v))
-    out, _ = naive_attention(qf, kf, vf, causal=causal, window=window)
-    out.backward(do.double())
-    return [out.detach(), qf.grad, kf.grad, vf.grad]
-
-
 def worker_float64(rank, world, wanted=None):
     errs = {}
     for idx, (mask, layout, backward, hkv) in enumerate(CASES):
@@ -83,8 +71,8 @@ def worker_float64(rank, world, wanted=None):
         q, k, v, do = _inputs(world, idx, hkv, d, torch.float64)
         causal, window = _resolve_mask(mask, q.shape[1] // world)
         got = _run_case(q, k, v, do, causal, window, layout, backward)
-        ref = _reference(q, k, v, do, causal, window)
-        errs[(mask, layout, backward, hkv)] = max(_rel(a, b) for a, b in zip(got, ref))
+        ref = ref_grads(q, k, v, do, causal=causal, window=window)
+        errs[(mask, layout, backward, hkv)] = max(rel(a, b) for a, b in zip(got, ref))
     return errs
 
 
@@ -142,49 +130,46 @@ def worker_low_precision(rank, world):
             causal, window = _resolve_mask(mask, q.shape[1] // world)
             got = _run_case(q, k, v, do, causal, window, layout, backward)
             single = _sdpa_single(q, k, v, do, causal, window)
-            ref = _reference(q, k, v, do, causal, window)
-            res[(str(dtype), mask)] = [(_rel(a, r), _rel(b, r)) for a, b, r in zip(got, single, ref)]
+            ref = ref_grads(q, k, v, do, causal=causal, window=window)
+            res[(str(dtype), mask)] = [(rel(a, r), rel(b, r)) for a, b, r in zip(got, single, ref)]
     return res
 
 
 def _rounding_kernel():
     """The PyTorch tiles, but rounding the carried output to bf16 after every ring step: the defect that makes
-    errors grow with the ring size (what ds-burst avoids by carrying fp32 state)."""
+    errors grow with the ring size (what ds-burst avoids by carrying fp32 state). A registered kernel."""
+    import functools
     import types
 
     from ds_burst.kernels import reference
 
+    @functools.wraps(reference.fwd_step)
     def fwd_step(q, k, v, out, lse, **kw):
         reference.fwd_step(q, k, v, out, lse, **kw)
         out.copy_(out.to(torch.bfloat16))
 
-    return types.SimpleNamespace(fwd_step=fwd_step, bwd_preprocess=reference.bwd_preprocess,
+    impl = types.SimpleNamespace(fwd_step=fwd_step, bwd_preprocess=reference.bwd_preprocess,
                                  bwd_step=reference.bwd_step)
+    return dataclasses.replace(reference.KERNEL, name="rounding", impl=impl)
 
 
 def worker_bf16_large_ring(rank, world):
     """bf16 at P=8: ds-burst's error against float64, single-process SDPA's, and a per-step-rounding ring's;
     plus the floor: the exact output rounded once to bf16."""
-    import ds_burst.attention.call_plan as call_plan
+    from ds_burst.kernels import registry
 
+    registry.register(_rounding_kernel())
     res = {}
     for idx, mask in enumerate(("causal", "full")):
         q, k, v, do = _inputs(world, 50 + idx, HQ, 64, torch.bfloat16, batch=1, per_rank=64)
         causal, window = _resolve_mask(mask, q.shape[1] // world)
-        ref = _reference(q, k, v, do, causal, window)
+        ref = ref_grads(q, k, v, do, causal=causal, window=window)
         single = _sdpa_single(q, k, v, do, causal, window)
         got = _run_case(q, k, v, do, causal, window, "zigzag", "burst")
-        original = call_plan.kernel_module
-        call_plan.kernel_module = lambda name: _rounding_kernel()
-        call_plan.clear_plans()  # every rank: the next call builds its plan (with the rounding kernel) again
-        try:
-            bad = _run_case(q, k, v, do, causal, window, "zigzag", "burst")
-        finally:
-            call_plan.kernel_module = original
-            call_plan.clear_plans()
-        res[mask] = {"errs": [(_rel(a, r), _rel(b, r)) for a, b, r in zip(got, single, ref)],
-                     "floor": _rel(ref[0].to(torch.bfloat16), ref[0]), "ours_out": _rel(got[0], ref[0]),
-                     "bad_out": _rel(bad[0], ref[0])}
+        bad = _run_case(q, k, v, do, causal, window, "zigzag", "burst", kernel="rounding")
+        res[mask] = {"errs": [(rel(a, r), rel(b, r)) for a, b, r in zip(got, single, ref)],
+                     "floor": rel(ref[0].to(torch.bfloat16), ref[0]), "ours_out": rel(got[0], ref[0]),
+                     "bad_out": rel(bad[0], ref[0])}
     return res
 
 
@@ -429,8 +414,8 @@ def worker_kernels(rank, world, kernel):
         q, k, v, do = (torch.randn(1, s, h, 16, generator=g, dtype=torch.float64) for h in (2, hkv, hkv, 2))
         got = _run_case(q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), causal, window, layout, backward,
                         kernel=kernel)
-        ref = _reference(q, k, v, do, causal, window)
-        errs.append(max(_rel(a, b) for a, b in zip(got, ref)))
+        ref = ref_grads(q, k, v, do, causal=causal, window=window)
+        errs.append(max(rel(a, b) for a, b in zip(got, ref)))
     return errs
 
 

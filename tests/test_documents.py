@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks, values
+from kernel_utils import rel
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton tiles on CPU (fp32 only: see test_triton_kernels)
@@ -57,11 +58,6 @@ def cases(world: int) -> list[tuple]:
     return got
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def reference(q, k, v, do, cu, causal, window):
     """float64 attention document by document (the block-diagonal mask), with gradients."""
     from ds_burst.kernels.reference import naive_attention
@@ -101,7 +97,7 @@ def worker_float64(rank, world):
         q, k, v, do = inputs(world, idx, hkv)
         got = run_case(q, k, v, do, cu, causal, window, layout, backward, kernel)
         ref = reference(q, k, v, do, cu, causal, window)
-        errs[(mask, layout, pattern, hkv, backward, kernel)] = max(_rel(a, b) for a, b in zip(got, ref))
+        errs[(mask, layout, pattern, hkv, backward, kernel)] = max(rel(a, b) for a, b in zip(got, ref))
     return errs
 
 
@@ -170,7 +166,7 @@ def distributed_attention_error(rank, world):
         out = out.transpose(0, 1) if bdim else out
         out.backward(do.chunk(world, 1)[rank])
         for got, want in zip([out, *(x.grad for x in loc)], ref):
-            worst = max(worst, _rel(got.detach(), want.chunk(world, 1)[rank]))
+            worst = max(worst, rel(got.detach(), want.chunk(world, 1)[rank]))
     return worst
 
 
@@ -397,7 +393,7 @@ def test_triton_tiles_on_documents(mask):
     out = ds_burst.burst_attn_func(q, k, v, causal=causal, window_size=window, kernel="triton", cu_seqlens=cu)
     out.backward(do[:1, :24])
     ref = reference(q.detach(), k.detach(), v.detach(), do[:1, :24], cu, causal, window)
-    errs = [_rel(a, b) for a, b in zip([out, q.grad, k.grad, v.grad], ref)]
+    errs = [rel(a, b) for a, b in zip([out, q.grad, k.grad, v.grad], ref)]
     print(f"triton fp32 {mask}: relative errors {', '.join(f'{e:.1e}' for e in errs)}")
     assert max(errs) < 1e-5
 

@@ -39,6 +39,8 @@ from typing import Any
 import pytest
 import torch
 
+from kernel_utils import rel
+
 pytest.importorskip("transformers")
 
 CUDA = torch.cuda.is_available()
@@ -99,12 +101,6 @@ def _check_and_record(key: str, res: dict[str, Any], check: Callable[[dict[str, 
         _record(key, ok=False, **res)
         raise
     _record(key, ok=True, **res)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    n = float(b.norm())
-    return float((a - b).norm()) / (n if n > 0 else 1.0)
 
 
 def _cu(lengths: list[int]) -> list[int]:
@@ -204,7 +200,7 @@ def _grad_errors(got: dict[str, torch.Tensor | None], ref: dict[str, torch.Tenso
             assert g is None or float(g.abs().max()) == 0.0, f"{name}: a gradient where the reference has none"
             continue
         assert g is not None, f"{name}: no gradient"
-        errs[name] = _rel(g, r)
+        errs[name] = rel(g, r)
     return errs
 
 
@@ -245,7 +241,7 @@ def family_reference(family: str, device: str, dtype: torch.dtype, size: str = "
     shift = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)  # shard_batch's labels -> shift_labels
     ref = _objectives(models["ref"], ids, cu, dout, shift)
     base = _objectives(models["base"], ids, cu, dout, shift)
-    base_err = {"logits": _rel(base["logits"], ref["logits"]), "loss": abs(base["loss"] - ref["loss"]) / ref["loss"],
+    base_err = {"logits": rel(base["logits"], ref["logits"]), "loss": abs(base["loss"] - ref["loss"]) / ref["loss"],
                 "grads_dout": _grad_errors(base["grads_dout"], ref["grads_dout"]),
                 "grads_loss": _grad_errors(base["grads_loss"], ref["grads_loss"])}
     return {"model": models["burst"], "ids": ids, "dout": dout, "cu": cu, "shift": shift, "ref": ref,
@@ -283,13 +279,13 @@ def run_family(family: str, mode: str, device: str, dtype: torch.dtype, size: st
             kw.update(cu_seq_lens_q=cu_arg, cu_seq_lens_k=cu_arg, max_length_q=max(docs), max_length_k=max(docs))
         logits = model(input_ids=ids, **kw).logits
         (logits.float() * r["dout"].float()).sum().backward()
-        res.update(logits=_rel(logits, ref["logits"]), base_logits=base["logits"])
+        res.update(logits=rel(logits, ref["logits"]), base_logits=base["logits"])
         grads, base_grads = _grad_errors(_grads(model), ref["grads_dout"]), base["grads_dout"]
         if mode == "positions":  # control: the same positions, one document over the whole row
             with torch.no_grad():
                 one = [0, ids.shape[1]]
                 leak = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=one, cu_seq_lens_k=one).logits
-            res["leak"] = _rel(leak, ref["logits"])
+            res["leak"] = rel(leak, ref["logits"])
     model.zero_grad(set_to_none=True)
     assert set(grads) == set(base_grads), (sorted(grads), sorted(base_grads))
     worst = max(grads, key=grads.get)  # the worst gradient, and the one furthest above transformers' own error
@@ -503,7 +499,7 @@ def run_layer(case: str, patched: bool, device: str, dtype: torch.dtype, seq: in
     ref = _attention64(_rope64(rq, c2, s2), _rope64(rk, c2, s2), rv, causal, scale or d**-0.5, window or (-1, -1))
     ref.backward(do)
     names = ["out", "dq", "dk", "dv"]
-    return {n: _rel(a, r) for n, a, r in zip(names, got, [ref.detach(), rq.grad, rk.grad, rv.grad])}
+    return {n: rel(a, r) for n, a, r in zip(names, got, [ref.detach(), rq.grad, rk.grad, rv.grad])}
 
 
 def check_layer(res: dict[str, float], tol: dict[str, float]) -> None:
@@ -583,7 +579,7 @@ def run_compile(device: str, dtype: torch.dtype, modes: tuple[str, ...], size: s
     ref_logits, ref_grads = _step(lambda: _per_document(ref, ids, cu), ref, dout.double())
     eager_logits, eager_grads = _step(lambda: model(input_ids=ids, **kw).logits, model, dout)
     eager_err = _grad_errors(eager_grads, ref_grads)
-    res: dict[str, Any] = {"eager_logits": _rel(eager_logits, ref_logits), "eager_grad": max(eager_err.values())}
+    res: dict[str, Any] = {"eager_logits": rel(eager_logits, ref_logits), "eager_grad": max(eager_err.values())}
     for mode in modes:
         torch._dynamo.reset()
         counters.clear()
@@ -595,11 +591,11 @@ def run_compile(device: str, dtype: torch.dtype, modes: tuple[str, ...], size: s
             logits, grads = _step(lambda f=fn: f(input_ids=ids, **kw).logits, model, dout)
         err = _grad_errors(grads, ref_grads)
         over = max(err, key=lambda n: err[n] / max(eager_err[n], 1e-30))  # furthest above eager's own error
-        res.update({f"{mode}_logits": _rel(logits, ref_logits), f"{mode}_grad": max(err.values()),
+        res.update({f"{mode}_logits": rel(logits, ref_logits), f"{mode}_grad": max(err.values()),
                     f"{mode}_grad_over": over, f"{mode}_grad_over_err": err[over],
                     f"{mode}_grad_over_eager": eager_err[over],
-                    f"{mode}_vs_eager_logits": _rel(logits, eager_logits),
-                    f"{mode}_vs_eager_grad": max(_rel(grads[n], eager_grads[n]) for n in err),
+                    f"{mode}_vs_eager_logits": rel(logits, eager_logits),
+                    f"{mode}_vs_eager_grad": max(rel(grads[n], eager_grads[n]) for n in err),
                     f"{mode}_graph_breaks": int(sum(counters["graph_break"].values()))})
     torch._dynamo.reset()
     return res

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_ranks, values
+from kernel_utils import ref_grads, rel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,20 +31,6 @@ CASES = [
 ]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b).norm() / b.norm()).item()
-
-
-def _reference(q, k, v, do, causal):
-    """float64 attention by blocks of queries (no S x S x H float64 tensor at once)."""
-    from ds_burst.kernels.reference import naive_attention
-
-    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
-    ref, _ = naive_attention(qf, kf, vf, causal=causal)
-    ref.backward(do)
-    return [ref.detach(), qf.grad, kf.grad, vf.grad]
-
-
 def worker_cases(rank, world):
     import ds_burst
 
@@ -54,7 +41,7 @@ def worker_cases(rank, world):
         g = torch.Generator(device="cuda").manual_seed(idx)
         q, k, v, do = (torch.randn(1, s, h, d, device="cuda", generator=g, dtype=torch.float64)
                        for h in (hq, hkv, hkv, hq))
-        refs = _reference(q, k, v, do, causal)
+        refs = ref_grads(q, k, v, do, causal=causal)
         ql, kl, vl = (ds_burst.shard_sequence(x.bfloat16(), 1, layout=layout).requires_grad_() for x in (q, k, v))
         out = ds_burst.burst_attn_func(ql, kl, vl, causal=causal, layout=layout, kernel=kernel, group=topos[sched])
         out.backward(ds_burst.shard_sequence(do.bfloat16(), 1, layout=layout))
@@ -64,7 +51,7 @@ def worker_cases(rank, world):
                                             is_causal=causal, enable_gqa=True).transpose(1, 2)
         o1.backward(do.bfloat16())
         single = [o1.detach(), qs.grad, ks.grad, vs.grad]
-        res.append([(_rel(a, r), _rel(b, r)) for a, b, r in zip(got, single, refs)])
+        res.append([(rel(a, r), rel(b, r)) for a, b, r in zip(got, single, refs)])
         del refs, got, single
         torch.cuda.empty_cache()
     return res

@@ -18,31 +18,12 @@ pytest.importorskip("triton")
 from ds_burst.kernels import hopper_attn as ha  # noqa: E402
 from ds_burst.kernels import hopper_attn_bwd as hb  # noqa: E402
 from ds_burst.kernels import reference as ref  # noqa: E402
+from ds_burst.kernels import triton_attn as ta  # noqa: E402
+from kernel_utils import Case, gpu, rel  # noqa: E402
 
 ON_HOPPER = (torch.cuda.is_available() and ha.AVAILABLE and torch.cuda.get_device_capability()[0] == 9
              and ha.why_not(*(torch.empty(1, 128, 1, 128, device="cuda", dtype=torch.bfloat16),) * 3, None) is None)
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU with Gluon (triton 3.6)")
-gpu = pytest.mark.gpu
-
-# dtype -> relative L2 tolerance on out / lse against float64 (the ``tl`` kernels' table).
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-
-
-class Case:
-    """One forward tile: sizes, heads, head dim, mask (causal, window) and global offsets."""
-
-    def __init__(self, name: str, sq: int, sk: int, hq: int, hkv: int, d: int, causal: bool,
-                 window: tuple[int, int] = (-1, -1), q_off: int = 0, k_off: int = 0, b: int = 1,
-                 carried: bool = False) -> None:
-        self.name, self.sq, self.sk, self.hq, self.hkv, self.d = name, sq, sk, hq, hkv, d
-        self.causal, self.window, self.q_off, self.k_off = causal, window, q_off, k_off
-        self.b, self.carried = b, carried
-
-    def __repr__(self) -> str:
-        return self.name
-
-    def mask_kw(self) -> dict:
-        return dict(q_offset=self.q_off, k_offset=self.k_off, causal=self.causal, window=self.window)
 
 
 CASES = [
@@ -87,13 +68,6 @@ def _ref_fresh(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     return out64, lse64
 
 
-def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
-    fin = torch.isfinite(y)
-    assert torch.equal(fin, torch.isfinite(x)), "the -inf pattern of lse differs from the reference"
-    x, y = x[fin].double(), y[fin].double()
-    return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
-
-
 @gpu
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -107,8 +81,8 @@ def test_forward_matches_float64_reference(case: Case, dtype: torch.dtype) -> No
     o, l_ = out.clone(), lse.clone()
     ha.fwd_step(q, k, v, o, l_, scale=scale, **case.mask_kw())
     torch.cuda.synchronize()
-    assert _rel(l_, lse64) < TOL[dtype] / 10
-    assert _rel(o, out64) < TOL[dtype]
+    assert rel(l_, lse64) < ta.KERNEL.tolerance[dtype][0] / 10
+    assert rel(o, out64) < ta.KERNEL.tolerance[dtype][0]
     # rows that saw no key keep their state bitwise
     untouched = torch.isneginf(lse64) & torch.isneginf(lse)
     if untouched.any():
@@ -150,7 +124,7 @@ def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype) -> N
     torch.cuda.synchronize()
     for name, got, exp, start in zip(("dq", "dk", "dv"), grads, want, init):
         # the increments, not the accumulators (a dropped gradient must not hide behind the carried values)
-        assert _rel(got.double() - start.double(), exp - start.double()) < 2 * TOL[dtype], name
+        assert rel(got.double() - start.double(), exp - start.double()) < 2 * ta.KERNEL.tolerance[dtype][0], name
 
 
 WHOLE = [c for c in CASES if not c.carried and c.sq * c.sk <= 4096 * 4096]
@@ -164,8 +138,6 @@ def test_attend_whole_block_matches_float64_reference(case: Case, dtype: torch.d
     """``triton_attn.attend`` / ``attend_bwd`` (one rank, the whole block): the output in the input dtype and lse
     written without a state, dK/dV written directly and dQ, against float64; both refuse what they do not cover
     (softcap, ``deterministic=True``, lse rows TMA cannot read)."""
-    from ds_burst.kernels import triton_attn as ta
-
     q, k, v, _, _ = _inputs(case, dtype, seed=sum(map(ord, case.name)) + 2)
     g = torch.Generator(device="cuda").manual_seed(11)
     dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
@@ -176,8 +148,8 @@ def test_attend_whole_block_matches_float64_reference(case: Case, dtype: torch.d
     assert got is not None
     out, lse = got
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert _rel(lse, lse64) < TOL[dtype] / 10
-    assert _rel(out.float(), out64) < TOL[dtype]
+    assert rel(lse, lse64) < ta.KERNEL.tolerance[dtype][0] / 10
+    assert rel(out.float(), out64) < ta.KERNEL.tolerance[dtype][0]
     want = [torch.zeros(x.shape, device="cuda", dtype=torch.float64) for x in (q, k, v)]
     delta64 = (do64 * out64).sum(-1).transpose(1, 2)
     ref.bwd_step(q64, k64, v64, do64, lse64, delta64, *want, scale=scale, **case.mask_kw())
@@ -188,7 +160,7 @@ def test_attend_whole_block_matches_float64_reference(case: Case, dtype: torch.d
     assert grads is not None
     for name, got_g, exp in zip(("dq", "dk", "dv"), grads, want):
         assert got_g.dtype == dtype, name
-        assert _rel(got_g.float(), exp) < 2 * TOL[dtype], name
+        assert rel(got_g.float(), exp) < 2 * ta.KERNEL.tolerance[dtype][0], name
     assert ta.attend(q, k, v, scale=scale, softcap=30.0, **case.mask_kw()) is None
     assert ta.attend_bwd(q, k, v, out, dout, lse, scale=scale, deterministic=True, **case.mask_kw()) is None
 
@@ -199,10 +171,10 @@ def test_burst_attn_func_one_rank_uses_attend(monkeypatch: pytest.MonkeyPatch) -
     """At one rank ``burst_attn_func(kernel="triton")`` runs the whole block through ``attend``/``attend_bwd``
     (one launch each way) and matches the ``tl`` path that runs with the Hopper kernels off."""
     import ds_burst
-    from ds_burst.kernels import triton_attn as ta
+    from ds_burst.kernels import registry
 
     calls = {"fwd": 0, "bwd": 0}
-    fwd, bwd = ta.attend, ta.attend_bwd
+    fwd, bwd = ta.Tiles.attend, ta.Tiles.attend_bwd
 
     def count_fwd(*a, **kw):
         calls["fwd"] += 1
@@ -212,20 +184,23 @@ def test_burst_attn_func_one_rank_uses_attend(monkeypatch: pytest.MonkeyPatch) -
         calls["bwd"] += 1
         return bwd(*a, **kw)
 
-    monkeypatch.setattr(ta, "attend", count_fwd)
-    monkeypatch.setattr(ta, "attend_bwd", count_bwd)
+    monkeypatch.setattr(ta.Tiles, "attend", count_fwd)
+    monkeypatch.setattr(ta.Tiles, "attend_bwd", count_bwd)
+    registry.register(ta.kernel(ta.Tiles(hopper=False), "triton-tl"))  # the tl tiles alone, as a benchmark does
     g = torch.Generator(device="cuda").manual_seed(5)
     q, k, v, do = (torch.randn(1, 2048, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     runs = []
-    for hopper in (True, False):
-        monkeypatch.setattr(ta, "USE_HOPPER", hopper)
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        out = ds_burst.burst_attn_func(qq, kk, vv, causal=True, kernel="triton")
-        out.backward(do)
-        runs.append((out.detach(), qq.grad, kk.grad, vv.grad))
+    try:
+        for kernel in ("triton", "triton-tl"):
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            out = ds_burst.burst_attn_func(qq, kk, vv, causal=True, kernel=kernel)
+            out.backward(do)
+            runs.append((out.detach(), qq.grad, kk.grad, vv.grad))
+    finally:
+        registry.unregister("triton-tl")
     assert calls == {"fwd": 2, "bwd": 2}  # called both times; with the Hopper kernels off they return None
     for a, b in zip(*runs):
-        assert _rel(a.float(), b.float()) < 2e-2
+        assert rel(a.float(), b.float()) < 2e-2
 
 
 @gpu
@@ -233,22 +208,16 @@ def test_burst_attn_func_one_rank_uses_attend(monkeypatch: pytest.MonkeyPatch) -
 def test_triton_fwd_step_routes_to_hopper_and_matches_tl() -> None:
     """``triton_attn.fwd_step`` hands covered calls to the Hopper kernel; the ``tl`` kernel gives the same result
     within bf16 rounding, and a call it does not cover (softcap) still runs on ``tl``."""
-    from ds_burst.kernels import triton_attn as ta
-
     c = CASES[1]
     q, k, v, out, lse = _inputs(c, torch.bfloat16, seed=3)
     kw = dict(scale=c.d ** -0.5, **c.mask_kw())
     runs = {}
     for use in (True, False):
-        ta.USE_HOPPER = use
-        try:
-            o, l_ = out.clone(), lse.clone()
-            ta.fwd_step(q, k, v, o, l_, **kw)
-            runs[use] = (o, l_)
-        finally:
-            ta.USE_HOPPER = ha.AVAILABLE
-    assert _rel(runs[True][0], runs[False][0]) < 1e-2
-    assert _rel(runs[True][1], runs[False][1]) < 1e-3
+        o, l_ = out.clone(), lse.clone()
+        ta.Tiles(hopper=use).fwd_step(q, k, v, o, l_, **kw)
+        runs[use] = (o, l_)
+    assert rel(runs[True][0], runs[False][0]) < 1e-2
+    assert rel(runs[True][1], runs[False][1]) < 1e-3
     assert not ha.applicable(q, k, v, softcap=30.0)
 
 
@@ -256,7 +225,7 @@ def test_triton_fwd_step_routes_to_hopper_and_matches_tl() -> None:
 def test_cases_run_on_sm90() -> None:
     """On an sm_90 GPU with Gluon and the kernels on, the GPU cases run: a probe that stopped matching the
     applicability rules would skip every one of them."""
-    if not (torch.cuda.is_available() and ha._ENABLED and torch.cuda.get_device_capability()[0] == 9):
+    if not (torch.cuda.is_available() and ha.ENABLED and torch.cuda.get_device_capability()[0] == 9):
         pytest.skip("not an sm_90 GPU with the Gluon kernels on")
     probe = torch.empty(1, 128, 1, 128, device="cuda", dtype=torch.bfloat16)
     assert ON_HOPPER, ha.why_not(probe, probe, probe, None)
@@ -265,8 +234,6 @@ def test_cases_run_on_sm90() -> None:
 def test_attend_refuses_off_hopper() -> None:
     """Off an sm_90 GPU (here: CPU tensors) the one-rank entry points return ``None``, so ``burst_attn_func``
     runs its general path."""
-    from ds_burst.kernels import triton_attn as ta
-
     x = torch.randn(1, 256, 2, 64)
     assert ta.attend(x, x, x, scale=0.125, causal=True) is None
     lse = torch.zeros(1, 2, 256)

@@ -1,7 +1,8 @@
 """The house rules, checked over the source: every import inside ``ds_burst`` points to the same package or a lower
 layer (docs/ARCHITECTURE.md), kernels and dist do not import each other, only ``ds_burst.dist`` (and the
 command-line layer) imports ``torch.distributed``, and the module import graph has no cycle. Imports inside
-functions count like any other: a lazy import that only dodges a cycle is a cycle."""
+functions count like any other: a lazy import that only dodges a cycle is a cycle. Every registered kernel takes
+the tile contract's signatures (``ds_burst/kernels/contract.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import ast
 from pathlib import Path
 
 import pytest
+
+from ds_burst.kernels import registry
+from ds_burst.kernels.contract import Binder, TileKernel, WholeBlock, conformance
 
 ROOT = Path(__file__).resolve().parents[1] / "ds_burst"
 
@@ -139,3 +143,14 @@ def test_the_checker_catches_an_upward_import(tmp_path: Path):
             test_no_import_cycles()
     finally:
         ROOT, FILES = old
+
+
+@pytest.mark.parametrize("name", registry.names()[1:])
+def test_registered_kernels_match_the_contract(name: str):
+    """Every registered kernel's step functions and announced one-rank entry points take the contract's calls."""
+    try:
+        spec = registry.get(name)
+    except ValueError as exc:  # triton not installed
+        pytest.skip(str(exc))
+    assert spec.name == name
+    assert conformance(spec.impl, TileKernel, *[WholeBlock] * spec.whole, *[Binder] * spec.binds) == []

@@ -495,9 +495,9 @@ SELECTIVE_VARIANTS = {  # name: (checkpoint_impl, ModelConfig memory options)
 
 def _counting_fwd_kernel() -> list[int]:
     """Count the forward attention work (query rows x keys per kernel call) of the torch kernel."""
-    from ds_burst.kernels.registry import kernel_module
+    from ds_burst.kernels import registry
 
-    mod = kernel_module("torch")
+    mod = registry.get("torch").impl
     work = [0]
     orig = mod.fwd_step
 

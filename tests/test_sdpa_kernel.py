@@ -14,65 +14,26 @@ import torch
 
 from ds_burst.kernels import reference as ref
 from ds_burst.kernels import sdpa_attn as sa
+from kernel_utils import HAS_CUDA, Case, gen, gpu, randn, rel
 
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.gpu
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-
-# dtype -> (tolerance on out / lse, tolerance on dq / dk / dv): relative L2 error against float64.
-TOL = {
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 3e-3),
-    torch.bfloat16: (1.5e-2, 2e-2),
-}
 CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
-class Case:
-    """One attention block: shapes, global offsets, mask, and whether the fused ops can run all of it."""
-
-    def __init__(self, name: str, sq: int, sk: int, hq: int, hkv: int, d: int, causal: bool,
-                 window: tuple[int, int], q_off: int, k_off: int, fused: bool, b: int = 1) -> None:
-        self.name, self.sq, self.sk, self.hq, self.hkv, self.d = name, sq, sk, hq, hkv, d
-        self.causal, self.window, self.q_off, self.k_off, self.fused, self.b = causal, window, q_off, k_off, fused, b
-
-    def __repr__(self) -> str:
-        return self.name
-
-    def mask_kw(self, k_shift: int = 0) -> dict:
-        return dict(q_offset=self.q_off, k_offset=self.k_off + k_shift, causal=self.causal, window=self.window)
-
-
 CASES = [
-    Case("full-gqa2-b2", 37, 29, 4, 2, 32, False, (-1, -1), 0, 0, True, b=2),
-    Case("causal-coincident", 37, 37, 4, 4, 32, True, (-1, -1), 100, 100, True),
-    Case("causal-coincident-mqa-d24", 48, 48, 4, 1, 24, True, (-1, -1), 0, 0, True),
-    Case("causal-full-below-diag", 29, 37, 4, 2, 32, True, (-1, -1), 64, 0, True),
-    Case("causal-offset-keys-first", 29, 45, 4, 1, 32, True, (-1, -1), 50, 40, True),
-    Case("causal-offset-rows-empty", 45, 29, 4, 2, 32, True, (-1, -1), 40, 50, True, b=2),
-    Case("causal-straddle", 37, 29, 4, 2, 32, True, (-1, -1), 10, 20, True),
-    Case("right-window-only", 33, 40, 4, 1, 32, False, (-1, 4), 20, 0, True),
-    Case("causal-wide-left-window", 37, 37, 4, 2, 32, True, (100, 0), 0, 0, True),
-    Case("causal-d80", 37, 37, 4, 2, 80, True, (-1, -1), 0, 0, True),
+    Case("full-gqa2-b2", 37, 29, 4, 2, 32, False, (-1, -1), 0, 0, b=2),
+    Case("causal-coincident", 37, 37, 4, 4, 32, True, (-1, -1), 100, 100),
+    Case("causal-coincident-mqa-d24", 48, 48, 4, 1, 24, True, (-1, -1), 0, 0),
+    Case("causal-full-below-diag", 29, 37, 4, 2, 32, True, (-1, -1), 64, 0),
+    Case("causal-offset-keys-first", 29, 45, 4, 1, 32, True, (-1, -1), 50, 40),
+    Case("causal-offset-rows-empty", 45, 29, 4, 2, 32, True, (-1, -1), 40, 50, b=2),
+    Case("causal-straddle", 37, 29, 4, 2, 32, True, (-1, -1), 10, 20),
+    Case("right-window-only", 33, 40, 4, 1, 32, False, (-1, 4), 20, 0),
+    Case("causal-wide-left-window", 37, 37, 4, 2, 32, True, (100, 0), 0, 0),
+    Case("causal-d80", 37, 37, 4, 2, 80, True, (-1, -1), 0, 0),
     # masks the ops cannot express: fallback
-    Case("causal-window-7", 45, 40, 4, 2, 32, True, (7, 0), 30, 20, False),
-    Case("window-5-3", 37, 45, 4, 4, 32, False, (5, 3), 0, 8, False),
+    Case("causal-window-7", 45, 40, 4, 2, 32, True, (7, 0), 30, 20, fused=False),
+    Case("window-5-3", 37, 45, 4, 4, 32, False, (5, 3), 0, 8, fused=False),
 ]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu",
-           scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -80,17 +41,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _inputs(c: Case, dtype: torch.dtype, seed: int, device: torch.device | str = "cpu"):
-    g = _gen(seed)
-    q = _randn((c.b, c.sq, c.hq, c.d), g, dtype, device)
-    k = _randn((c.b, c.sk, c.hkv, c.d), g, dtype, device)
-    v = _randn((c.b, c.sk, c.hkv, c.d), g, dtype, device)
+    g = gen(seed)
+    q = randn((c.b, c.sq, c.hq, c.d), g, dtype, device)
+    k = randn((c.b, c.sk, c.hkv, c.d), g, dtype, device)
+    v = randn((c.b, c.sk, c.hkv, c.d), g, dtype, device)
     return q, k, v, g
 
 
 def _state(c: Case, g: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """Non-trivial running state: random normalised out, finite lse except every third row (no key yet)."""
-    out = _randn((c.b, c.sq, c.hq, c.d), g, _acc(dtype), device, 0.5)
-    lse = _randn((c.b, c.hq, c.sq), g, _acc(dtype), device) + 2.0
+    out = randn((c.b, c.sq, c.hq, c.d), g, _acc(dtype), device, 0.5)
+    lse = randn((c.b, c.hq, c.sq), g, _acc(dtype), device) + 2.0
     lse[:, :, ::3] = -math.inf
     out[:, ::3] = 0.0
     return out, lse
@@ -124,11 +85,11 @@ def _check_fwd(c: Case, dtype: torch.dtype, n_chunks: int, device: torch.device 
     for k0, k1 in _chunks(c.sk, n_chunks):  # continue the state over adjacent key blocks
         sa.fwd_step(q, k[:, k0:k1], v[:, k0:k1], out, lse, scale=c.d**-0.5, **c.mask_kw(k0))
     ref.fwd_step(q.double(), k.double(), v.double(), out_r, lse_r, scale=c.d**-0.5, **c.mask_kw())
-    tol = TOL[dtype][0]
+    tol = sa.KERNEL.tolerance[dtype][0]
     assert torch.equal(torch.isfinite(lse), torch.isfinite(lse_r))
     fin = torch.isfinite(lse_r)
-    assert _rel(out, out_r) < tol, _rel(out, out_r)
-    assert _rel(lse[fin], lse_r[fin]) < tol
+    assert rel(out, out_r) < tol, rel(out, out_r)
+    assert rel(lse[fin], lse_r[fin]) < tol
     if c.fused:
         assert _fallbacks() == 0, dict(sa.STATS)
     else:
@@ -160,26 +121,27 @@ def test_fwd_rows_without_keys_keep_state_bitwise() -> None:
 def test_fwd_strided_views() -> None:
     """q/k/v from packed buffers, out/lse as slices of bigger state buffers."""
     b, s, h, d = 2, 40, 4, 32
-    g = _gen(4)
-    qkv = _randn((b, s, 3, h, d), g, torch.bfloat16)
+    g = gen(4)
+    qkv = randn((b, s, 3, h, d), g, torch.bfloat16, "cpu")
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out_full = torch.zeros(b, s + 8, h, d)
     lse_full = torch.full((b, h, s + 8), -math.inf)
     out, lse = out_full[:, 4 : 4 + s], lse_full[:, :, 4 : 4 + s]
     sa.fwd_step(q, k, v, out, lse, scale=0.2, causal=True)
     out_r, lse_r = ref.naive_attention(q.double(), k.double(), v.double(), causal=True, scale=0.2)
-    assert _rel(out, out_r) < TOL[torch.bfloat16][0] and _rel(lse, lse_r) < TOL[torch.bfloat16][0]
+    tol = sa.KERNEL.tolerance[torch.bfloat16][0]
+    assert rel(out, out_r) < tol and rel(lse, lse_r) < tol
     assert torch.all(out_full[:, :4] == 0) and torch.all(out_full[:, 4 + s :] == 0)
     assert _fallbacks() == 0
 
 
 def test_empty_block_is_untouched() -> None:
-    c = Case("empty", 16, 16, 2, 2, 16, True, (-1, -1), 0, 32, True)
+    c = Case("empty", 16, 16, 2, 2, 16, True, (-1, -1), 0, 32)
     q, k, v, g = _inputs(c, torch.float32, 5)
     out, lse = _state(c, g, torch.float32)
     out0, lse0 = out.clone(), lse.clone()
     sa.fwd_step(q, k, v, out, lse, scale=0.25, **c.mask_kw())
-    do = _randn(q.shape, g, torch.float32)
+    do = randn(q.shape, g, torch.float32, "cpu")
     dq, dk, dv = torch.ones(q.shape), torch.ones(k.shape), torch.ones(v.shape)
     sa.bwd_step(q, k, v, do, lse0, lse0, dq, dk, dv, scale=0.25, out=q, **c.mask_kw())
     assert torch.equal(out, out0) and torch.equal(lse, lse0)
@@ -193,8 +155,8 @@ def test_empty_block_is_untouched() -> None:
 
 def _global_stats(c: Case, q, k, v, dout, g, device):
     """Global out/lse of these queries over an extra unmasked key block plus this block (float64)."""
-    kx = _randn((c.b, 11, c.hkv, c.d), g, q.dtype, device)
-    vx = _randn((c.b, 11, c.hkv, c.d), g, q.dtype, device)
+    kx = randn((c.b, 11, c.hkv, c.d), g, q.dtype, device)
+    vx = randn((c.b, 11, c.hkv, c.d), g, q.dtype, device)
     out = torch.zeros(q.shape, dtype=torch.float64, device=device)
     lse = torch.full((c.b, c.hq, c.sq), -math.inf, dtype=torch.float64, device=device)
     ref.fwd_step(q.double(), kx.double(), vx.double(), out, lse, scale=c.d**-0.5)
@@ -205,20 +167,20 @@ def _global_stats(c: Case, q, k, v, dout, g, device):
 def _check_bwd(c: Case, dtype: torch.dtype, n_chunks: int, device: torch.device | str = "cpu", seed: int = 0,
                deterministic: bool = False) -> None:
     q, k, v, g = _inputs(c, dtype, 100 + seed, device)
-    dout = _randn(q.shape, g, dtype, device)
+    dout = randn(q.shape, g, dtype, device)
     out, lse, delta = _global_stats(c, q, k, v, dout, g, device)
     dq_r, dk_r, dv_r = (torch.zeros(x.shape, dtype=torch.float64, device=device) for x in (q, k, v))
     ref.bwd_step(q.double(), k.double(), v.double(), dout.double(), lse, delta, dq_r, dk_r, dv_r,
                  scale=c.d**-0.5, **c.mask_kw())
     acc = _acc(dtype)
-    init = [_randn(x.shape, g, acc, device) for x in (q, k, v)]
+    init = [randn(x.shape, g, acc, device) for x in (q, k, v)]
     dq, dk, dv = (x.clone() for x in init)
     for k0, k1 in _chunks(c.sk, n_chunks):
         sa.bwd_step(q, k[:, k0:k1], v[:, k0:k1], dout, lse.to(acc), delta.to(acc), dq, dk[:, k0:k1], dv[:, k0:k1],
                     scale=c.d**-0.5, out=out.to(dtype), deterministic=deterministic, **c.mask_kw(k0))
-    tol = TOL[dtype][1]
+    tol = sa.KERNEL.tolerance[dtype][1]
     for name, got, x0, want in zip("qkv", (dq, dk, dv), init, (dq_r, dk_r, dv_r)):
-        err = _rel(got.double() - x0.double(), want)
+        err = rel(got.double() - x0.double(), want)
         assert err < tol, (name, err)
     if c.fused:
         assert _fallbacks() == 0, dict(sa.STATS)
@@ -247,7 +209,7 @@ def test_bwd_row_chunks(c: Case, rows: int, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_bwd_needs_out() -> None:
-    assert sa.BWD_NEEDS_OUT is True
+    assert sa.KERNEL.bwd_needs_out
     c = CASES[0]
     q, k, v, g = _inputs(c, torch.float32, 7)
     lse = torch.zeros(c.b, c.hq, c.sq)
@@ -261,7 +223,7 @@ def test_bwd_needs_out() -> None:
 def test_bwd_deterministic_bitwise() -> None:
     c = CASES[2]
     q, k, v, g = _inputs(c, torch.bfloat16, 8)
-    dout = _randn(q.shape, g, torch.bfloat16)
+    dout = randn(q.shape, g, torch.bfloat16, "cpu")
     out, lse, delta = _global_stats(c, q, k, v, dout, g, "cpu")
     res = []
     for _ in range(2):
@@ -274,8 +236,8 @@ def test_bwd_deterministic_bitwise() -> None:
 
 
 def test_bwd_preprocess_matches_reference() -> None:
-    g = _gen(9)
-    o, do = _randn((2, 13, 3, 16), g, torch.bfloat16), _randn((2, 13, 3, 16), g, torch.bfloat16)
+    g = gen(9)
+    o, do = randn((2, 13, 3, 16), g, torch.bfloat16, "cpu"), randn((2, 13, 3, 16), g, torch.bfloat16, "cpu")
     assert torch.equal(sa.bwd_preprocess(o, do), ref.bwd_preprocess(o, do))
 
 
@@ -295,7 +257,7 @@ def _piece_mask(pieces, sq: int, sk: int) -> torch.Tensor:
 
 
 def test_split_block_covers_visible_pairs_exactly() -> None:
-    g = _gen(10)
+    g = gen(10)
     windows = [(-1, -1), (-1, 0), (-1, 3), (2, 0), (40, 0), (5, 3), (0, -1), (200, -1)]
     n_split = n_none = 0
     for _ in range(400):
@@ -345,9 +307,9 @@ def test_op_error_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sa, "_FAILED", set())
     c = CASES[0]
     with pytest.warns(UserWarning, match="simulated"):
-        _check_fwd(Case("full-fb", c.sq, c.sk, c.hq, c.hkv, c.d, False, (-1, -1), 0, 0, False), torch.float32, 1)
+        _check_fwd(Case("full-fb", c.sq, c.sk, c.hq, c.hkv, c.d, fused=False), torch.float32, 1)
     with pytest.warns(UserWarning, match="simulated"):
-        _check_bwd(Case("full-fb", c.sq, c.sk, c.hq, c.hkv, c.d, False, (-1, -1), 0, 0, False), torch.float32, 1)
+        _check_bwd(Case("full-fb", c.sq, c.sk, c.hq, c.hkv, c.d, fused=False), torch.float32, 1)
     assert len(sa._FAILED) == 2
 
 
@@ -364,11 +326,11 @@ def test_available_and_describe() -> None:
 
 
 GPU_CASES = [
-    Case("gpu-full-gqa", 1024, 2048, 8, 2, 128, False, (-1, -1), 0, 0, True),
-    Case("gpu-causal-coincident", 2048, 2048, 8, 8, 128, True, (-1, -1), 4096, 4096, True),
-    Case("gpu-causal-coincident-d64-gqa", 4096, 4096, 8, 2, 64, True, (-1, -1), 0, 0, True),
-    Case("gpu-causal-offset-split", 2048, 3072, 4, 1, 64, True, (-1, -1), 2048, 1024, True),
-    Case("gpu-window-fallback", 1024, 1024, 4, 2, 128, True, (256, 0), 0, 0, False),
+    Case("gpu-full-gqa", 1024, 2048, 8, 2, 128, False, (-1, -1), 0, 0),
+    Case("gpu-causal-coincident", 2048, 2048, 8, 8, 128, True, (-1, -1), 4096, 4096),
+    Case("gpu-causal-coincident-d64-gqa", 4096, 4096, 8, 2, 64, True, (-1, -1), 0, 0),
+    Case("gpu-causal-offset-split", 2048, 3072, 4, 1, 64, True, (-1, -1), 2048, 1024),
+    Case("gpu-window-fallback", 1024, 1024, 4, 2, 128, True, (256, 0), 0, 0, fused=False),
 ]
 
 
@@ -380,7 +342,6 @@ def _force_backend(monkeypatch: pytest.MonkeyPatch, backend: str, dtype: torch.d
 
 
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
 @pytest.mark.parametrize("c", GPU_CASES, ids=repr)
 def test_gpu_fwd_bwd(c: Case, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -395,12 +356,11 @@ def test_gpu_fwd_bwd(c: Case, backend: str, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @gpu
-@requires_cuda
 def test_gpu_flash_deterministic_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
     c = GPU_CASES[2]
     _force_backend(monkeypatch, "flash", torch.bfloat16, c.d)
     q, k, v, g = _inputs(c, torch.bfloat16, 11, "cuda")
-    dout = _randn(q.shape, g, torch.bfloat16, "cuda")
+    dout = randn(q.shape, g, torch.bfloat16, "cuda")
     out, lse, delta = _global_stats(c, q, k, v, dout, g, "cuda")
     res = []
     for _ in range(2):
@@ -414,7 +374,6 @@ def test_gpu_flash_deterministic_bitwise(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @gpu
-@requires_cuda
 def test_gpu_describe() -> None:
     text = sa.describe("cuda", torch.bfloat16, 128)
     assert "cudnn" in text and "flash" in text

@@ -1,58 +1,27 @@
 """Triton attention tiles (ds_burst.kernels.triton_attn) against the PyTorch reference in float64.
 
-Without CUDA the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before
-Triton is imported), so shapes stay small. Tests marked ``gpu`` run only where CUDA is available.
-
-Run the GPU benchmark with ``python tests/test_triton_kernels.py --bench`` (CUDA only).
+Without CUDA the kernels run under Triton's interpreter on CPU tensors (``kernel_utils`` sets TRITON_INTERPRET=1
+before Triton is imported), so shapes stay small. Tests marked ``gpu`` run only where CUDA is available. The GPU
+benchmark of the tiles is ``launch/bench_tiles.py``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
-from functools import partial
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import kernel_utils as ku
+from kernel_utils import DEVICE, Case, gen, gpu, rel
 
 pytest.importorskip("triton")
 
 from ds_burst.kernels import reference as ref  # noqa: E402
 from ds_burst.kernels import triton_attn as ta  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available() and not ta.INTERPRET
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-gpu = pytest.mark.gpu
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-
-# dtype -> (tolerance on out / lse / delta, tolerance on dq / dk / dv): relative L2 error against float64.
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 3e-3),
-    torch.bfloat16: (1.5e-2, 2e-2),
-}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-
-
-class Case:
-    """One attention block: shapes, global offsets and mask."""
-
-    def __init__(self, name: str, sq: int, sk: int, hq: int, hkv: int, d: int, causal: bool,
-                 window: tuple[int, int], q_off: int, k_off: int, b: int = 1) -> None:
-        self.name, self.sq, self.sk, self.hq, self.hkv, self.d = name, sq, sk, hq, hkv, d
-        self.causal, self.window, self.q_off, self.k_off, self.b = causal, window, q_off, k_off, b
-
-    def __repr__(self) -> str:
-        return self.name
-
-    def mask_kw(self) -> dict:
-        return dict(q_offset=self.q_off, k_offset=self.k_off, causal=self.causal, window=self.window)
-
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ku.HAS_CUDA else [])
+ATOMIC = ta.Tiles(atomic_dq=True)  # deterministic=False runs the atomic dQ kernel path
 
 CASES = [
     Case("full-gqa2", 37, 29, 4, 2, 32, False, (-1, -1), 0, 0, b=2),
@@ -67,56 +36,6 @@ CASES = [
 ]
 
 
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def _randn(shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype = torch.float32, scale: float = 1.0):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def _seq_view(full: torch.Tensor, dim: int, n: int, start: int) -> torch.Tensor:
-    """A slice ``[start, start + n)`` of ``full`` along ``dim``: a strided view into a bigger buffer."""
-    return full.narrow(dim, start, n)
-
-
-def _qkv(c: Case, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v with non-trivial strides: q from a packed buffer, k/v interleaved in one tensor."""
-    qbuf = _randn((c.b, c.sq, c.hq + 1, c.d), g, dtype)
-    q = qbuf[:, :, 1:]
-    kv = _randn((c.b, c.sk, 2, c.hkv, c.d), g, dtype)
-    return q, kv[:, :, 0], kv[:, :, 1]
-
-
-def _state(c: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A non-trivial running state as strided views: random out, finite lse except every third row."""
-    out = _seq_view(_randn((c.b, c.sq + 9, c.hq, c.d), g), 1, c.sq, 4)
-    lse = _seq_view(_randn((c.b, c.hq, c.sq + 5), g, scale=2.0), 2, c.sq, 3)
-    lse[:, :, ::3] = -math.inf
-    return out, lse
-
-
-def _rel(x: torch.Tensor, r: torch.Tensor) -> float:
-    x, r = x.double(), r.double()
-    assert not torch.isnan(x).any(), "NaN in result"
-    return float((x - r).norm() / r.norm().clamp_min(1e-30))
-
-
-def _check_lse(lse: torch.Tensor, rlse: torch.Tensor, tol: float) -> None:
-    fin = torch.isfinite(rlse)
-    assert torch.equal(fin, torch.isfinite(lse)), "lse -inf pattern differs"
-    assert torch.equal(lse[~fin], rlse[~fin].to(lse.dtype)), "lse differs where it is infinite"
-    assert _rel(lse[fin], rlse[fin]) < tol
-
-
-def _no_key_rows(c: Case) -> torch.Tensor:
-    """Boolean [Sq]: query rows that see no key of this block."""
-    ok = ref.visible_mask(c.q_off, c.sq, c.k_off, c.sk, c.causal, c.window, torch.device("cpu"))
-    return ~ok.any(1)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------------------
@@ -125,19 +44,10 @@ def _no_key_rows(c: Case) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_fwd_step_matches_reference(case: Case, dtype: torch.dtype) -> None:
-    g = _gen(1000 + CASES.index(case))
-    q, k, v = _qkv(case, dtype, g)
-    out, lse = _state(case, g)
-    out0, lse0 = out.clone(), lse.clone()
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, **case.mask_kw())
-    tol = TOL[dtype][0]
-    assert _rel(out, rout) < tol
-    _check_lse(lse, rlse, tol)
-    # Rows that see no key keep their state bitwise (out rows whose lse is -inf become 0, as in the reference).
-    idle = _no_key_rows(case).to(DEVICE)
+    (out0, lse0), (out, lse) = ku.check_fwd(ta.TILES, case, dtype, gen(1000 + CASES.index(case)),
+                                         ta.KERNEL.tolerance[dtype][0])
+    # Rows that see no key keep their ku.state bitwise (out rows whose lse is -inf become 0, as in the reference).
+    idle = ~ref.visible_mask(case.q_off, case.sq, case.k_off, case.sk, case.causal, case.window, DEVICE).any(1)
     if idle.any():
         had = torch.isfinite(lse0[:, :, idle])
         assert torch.equal(lse[:, :, idle], lse0[:, :, idle])
@@ -148,33 +58,33 @@ def test_fwd_step_matches_reference(case: Case, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fwd_step_continuation(dtype: torch.dtype) -> None:
-    """Two calls over adjacent key ranges, from a non-trivial state, equal one reference call over both."""
+    """Two calls over adjacent key ranges, from a non-trivial ku.state, equal one reference call over both."""
     c = Case("cont", 41, 50, 4, 2, 32, True, (-1, -1), 30, 0)
-    g = _gen(7)
-    q, k, v = _qkv(c, dtype, g)
-    out, lse = _state(c, g)
+    g = gen(7)
+    q, k, v = ku.qkv(c, dtype, g)
+    out, lse = ku.state(c, g)
     rout, rlse = out.double(), lse.double()
     scale = 0.3
     split = 23
     ta.fwd_step(q, k[:, :split], v[:, :split], out, lse, scale=scale, q_offset=30, k_offset=0, causal=True)
     ta.fwd_step(q, k[:, split:], v[:, split:], out, lse, scale=scale, q_offset=30, k_offset=split, causal=True)
     ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, q_offset=30, k_offset=0, causal=True)
-    tol = TOL[dtype][0]
-    assert _rel(out, rout) < tol
-    _check_lse(lse, rlse, tol)
+    tol = ta.KERNEL.tolerance[dtype][0]
+    assert rel(out, rout) < tol
+    assert rel(lse, rlse) < tol
 
 
 def test_fwd_step_fresh_state_matches_naive() -> None:
-    """From the empty state (lse = -inf) the result is plain attention."""
+    """From the empty ku.state (lse = -inf) the result is plain attention."""
     c = Case("fresh", 30, 30, 4, 2, 32, True, (9, 0), 0, 0)
-    g = _gen(8)
-    q, k, v = _qkv(c, torch.float32, g)
-    out = _randn((1, c.sq, c.hq, c.d), g)
+    g = gen(8)
+    q, k, v = ku.qkv(c, torch.float32, g)
+    out = ku.randn((1, c.sq, c.hq, c.d), g)
     lse = torch.full((1, c.hq, c.sq), -math.inf, device=DEVICE)
     ta.fwd_step(q, k, v, out, lse, scale=0.2, causal=True, window=(9, 0))
     rout, rlse = ref.naive_attention(q.double(), k.double(), v.double(), causal=True, window=(9, 0), scale=0.2)
-    assert _rel(out, rout) < 1e-5
-    _check_lse(lse, rlse, 1e-5)
+    assert rel(out, rout) < 1e-5
+    assert rel(lse, rlse) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,48 +92,14 @@ def test_fwd_step_fresh_state_matches_naive() -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _bwd_inputs(c: Case, dtype: torch.dtype, g: torch.Generator):
-    """q, k, v, dout, a plausible global lse / delta, and random accumulators (dq as a strided view)."""
-    q, k, v = _qkv(c, dtype, g)
-    dout = _randn((c.b, c.sq, c.hq, c.d), g, dtype)
-    scale = c.d**-0.5
-    _, blk_lse = ref.naive_attention(q.double(), k.double(), v.double(), scale=scale, **c.mask_kw())
-    # Global lse: this block's plus other keys elsewhere; rows without a key here still have a global lse.
-    extra = torch.rand(blk_lse.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    lse = torch.where(torch.isfinite(blk_lse), blk_lse + torch.log1p(extra), extra * 3).float()
-    delta = _randn((c.b, c.hq, c.sq), g, scale=0.5)
-    dq = _seq_view(_randn((c.b, c.sq + 6, c.hq, c.d), g), 1, c.sq, 2)
-    dk = _randn((c.b, c.sk, c.hkv, c.d), g)
-    dv = _seq_view(_randn((c.b, c.sk + 3, c.hkv, c.d), g), 1, c.sk, 3)
-    return q, k, v, dout, lse, delta, dq, dk, dv
-
-
-def _ref_bwd(c: Case, q, k, v, dout, lse, delta, dq, dk, dv, scale: float):
-    rdq, rdk, rdv = dq.double(), dk.double(), dv.double()
-    ref.bwd_step(q.double(), k.double(), v.double(), dout.double(), lse.double(), delta.double(), rdq, rdk, rdv,
-                 scale=scale, **c.mask_kw())
-    return rdq, rdk, rdv
-
-
 @pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_bwd_step_matches_reference(case: Case, dtype: torch.dtype, deterministic: bool,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    if not deterministic and dtype != torch.float32 and not HAS_CUDA:
+def test_bwd_step_matches_reference(case: Case, dtype: torch.dtype, deterministic: bool) -> None:
+    if not deterministic and dtype != torch.float32 and not ku.HAS_CUDA:
         pytest.skip("atomic dQ path covered in fp32 on CPU (interpreter time)")
-    monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", True)  # exercise the atomic dQ kernel path
-    g = _gen(2000 + CASES.index(case))
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(case, dtype, g)
-    scale = case.d**-0.5
-    # The reference adds to the initial accumulators: compare the increments (relative to their size).
-    dq0, dk0, dv0 = dq.double(), dk.double(), dv.double()
-    rdq, rdk, rdv = _ref_bwd(case, q, k, v, dout, lse, delta, dq, dk, dv, scale)
-    ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, deterministic=deterministic, **case.mask_kw())
-    tol = TOL[dtype][1]
-    assert _rel(dq.double() - dq0, rdq - dq0) < tol
-    assert _rel(dk.double() - dk0, rdk - dk0) < tol
-    assert _rel(dv.double() - dv0, rdv - dv0) < tol
+    ku.check_bwd(ATOMIC, case, dtype, gen(2000 + CASES.index(case)), ta.KERNEL.tolerance[dtype][1],
+              deterministic=deterministic)
 
 
 SWEEP_MASKS = [
@@ -237,51 +113,37 @@ SWEEP_MASKS = [
 
 @pytest.mark.parametrize("block_m", [16, 32] if ta.INTERPRET else [0], ids=lambda b: f"bm{b}")
 @pytest.mark.parametrize("causal,window", SWEEP_MASKS, ids=["causal", "causal-w12", "w7-8", "right3", "left5"])
-def test_offset_sweep(causal: bool, window: tuple[int, int], block_m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offset_sweep(causal: bool, window: tuple[int, int], block_m: int) -> None:
     """Many q/k offset differences (all residues that matter for 16-wide tiles): catches off-by-one errors in
     the masked / mask-free tile ranges. Small shapes, fp32, forward and both backward modes."""
-    monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", True)
-    if ta.INTERPRET:
-        monkeypatch.setitem(ta._INTERPRET_BLOCKS, "BLOCK_M", block_m)
+    tiles = ta.Tiles(atomic_dq=True, interpret_blocks=(block_m, 16)) if ta.INTERPRET else ATOMIC
     scale = 0.3
     # Every residue mod 16 of q_offset - k_offset (tile bounds shift with it), plus far-apart blocks.
     d0s = list(range(-8, 8)) + [-33, 30] if block_m != 32 else [-17, -2, 0, 7, 14, 29]
     for i, d0 in enumerate(d0s):
         # Sq = 34: last query tile has 2 rows (bm16); Sq = 33: last tile has a single row (bm32).
         c = Case("sweep", 34 if block_m != 32 else 33, 35, 1, 1, 16, causal, window, 50 + d0, 50)
-        g = _gen(100 * i + int(causal))
-        q, k, v = _qkv(c, torch.float32, g)
-        out, lse = _state(c, g)
-        rout, rlse = out.double(), lse.double()
-        ta.fwd_step(q, k, v, out, lse, scale=scale, **c.mask_kw())
-        ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, **c.mask_kw())
-        assert _rel(out, rout) < 1e-5, d0
-        _check_lse(lse, rlse, 1e-5)
-        q, k, v, dout, lse_g, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g)
-        dq0, dk0, dv0 = dq.double(), dk.double(), dv.double()
-        rdq, rdk, rdv = _ref_bwd(c, q, k, v, dout, lse_g, delta, dq, dk, dv, scale)
+        g = gen(100 * i + int(causal))
+        ku.check_fwd(tiles, c, torch.float32, g, 1e-5, scale=scale)
         for det in (True, False) if i % 4 == 0 else (True,):
-            a, b_, c_ = dq.clone(), dk.clone(), dv.clone()
-            ta.bwd_step(q, k, v, dout, lse_g, delta, a, b_, c_, scale=scale, deterministic=det, **c.mask_kw())
-            for x, x0, r in ((a, dq0, rdq), (b_, dk0, rdk), (c_, dv0, rdv)):
-                assert _rel(x.double() - x0, r - x0) < 1e-5, (d0, det)
+            ku.check_bwd(tiles, c, torch.float32, g, 1e-5, scale=scale, deterministic=det)
 
 
 def test_bwd_preprocess() -> None:
-    g = _gen(3)
+    g = gen(3)
     for dtype in (torch.float32, torch.float16):
-        out = _seq_view(_randn((2, 40, 3, 48), g, dtype), 1, 33, 5)
-        dout = _randn((2, 33, 3, 48), g, dtype)
+        out = ku.randn((2, 40, 3, 48), g, dtype).narrow(1, 5, 33)
+        dout = ku.randn((2, 33, 3, 48), g, dtype)
         delta = ta.bwd_preprocess(out, dout)
         rdelta = ref.bwd_preprocess(out.double(), dout.double())
         assert delta.dtype == torch.float32 and delta.shape == (2, 3, 33)
-        assert _rel(delta, rdelta) < 1e-5
+        assert rel(delta, rdelta) < 1e-5
 
 
 def test_bwd_deterministic_bitwise() -> None:
     c = Case("det", 45, 40, 4, 2, 32, True, (-1, -1), 20, 10)
-    g = _gen(4)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(c, torch.float16, g)
+    g = gen(4)
+    q, k, v, dout, lse, delta, dq, dk, dv = ku.bwd_inputs(c, torch.float16, g)
     results = []
     for _ in range(2):
         a, b_, c_ = dq.clone(), dk.clone(), dv.clone()
@@ -303,9 +165,9 @@ def test_bwd_deterministic_bitwise() -> None:
 )
 def test_empty_block_leaves_state_untouched(causal: bool, window: tuple[int, int], q_off: int, k_off: int) -> None:
     c = Case("empty", 30, 30, 4, 2, 32, causal, window, q_off, k_off)
-    g = _gen(5)
-    q, k, v, dout, lse_g, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g)
-    out, lse = _state(c, g)
+    g = gen(5)
+    q, k, v, dout, lse_g, delta, dq, dk, dv = ku.bwd_inputs(c, torch.float32, g)
+    out, lse = ku.state(c, g)
     snap = [t.clone() for t in (out, lse, dq, dk, dv)]
     ta.fwd_step(q, k, v, out, lse, scale=0.2, **c.mask_kw())
     ta.bwd_step(q, k, v, dout, lse_g, delta, dq, dk, dv, scale=0.2, **c.mask_kw())
@@ -314,59 +176,50 @@ def test_empty_block_leaves_state_untouched(causal: bool, window: tuple[int, int
         assert torch.equal(t, s)
 
 
-@pytest.mark.parametrize("d", [16, 24, 96, 256] if not HAS_CUDA else [16, 24, 32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("d", [16, 24, 96, 256] if not ku.HAS_CUDA else [16, 24, 32, 64, 80, 96, 128, 256])
 def test_head_dims(d: int) -> None:
     c = Case(f"d{d}", 21, 26, 2, 1, d, True, (-1, -1), 10, 0)
-    g = _gen(6 + d)
-    q, k, v = _qkv(c, torch.float32, g)
-    out, lse = _state(c, g)
-    rout, rlse = out.double(), lse.double()
-    ta.fwd_step(q, k, v, out, lse, scale=d**-0.5, **c.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=d**-0.5, **c.mask_kw())
-    assert _rel(out, rout) < 1e-5
-    _check_lse(lse, rlse, 1e-5)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g)
-    rdq, rdk, rdv = _ref_bwd(c, q, k, v, dout, lse, delta, dq, dk, dv, d**-0.5)
-    ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=d**-0.5, deterministic=True, **c.mask_kw())
-    for x, r in ((dq, rdq), (dk, rdk), (dv, rdv)):
-        assert _rel(x, r) < 1e-5
+    g = gen(6 + d)
+    ku.check_fwd(ta.TILES, c, torch.float32, g, 1e-5)
+    ku.check_bwd(ta.TILES, c, torch.float32, g, 1e-5)
 
 
-def test_head_dim_stride_and_block_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_head_dim_stride_and_block_shapes() -> None:
     """Inner-dim strides != 1, and (in the interpreter) BLOCK_M != BLOCK_N tiles."""
-    if ta.INTERPRET:
-        monkeypatch.setitem(ta._INTERPRET_BLOCKS, "BLOCK_M", 32)
+    tiles = ta.Tiles(interpret_blocks=(32, 16))
     c = Case("dstride", 35, 52, 4, 2, 32, True, (11, 0), 40, 0)
-    g = _gen(9)
-    q = _randn((1, c.sq, c.hq, 2 * c.d), g)[..., ::2]
-    k = _randn((1, c.sk, c.hkv, 2 * c.d), g)[..., 1::2]
-    v = _randn((1, c.sk, c.hkv, c.d), g)
+    g = gen(9)
+    q = ku.randn((1, c.sq, c.hq, 2 * c.d), g)[..., ::2]
+    k = ku.randn((1, c.sk, c.hkv, 2 * c.d), g)[..., 1::2]
+    v = ku.randn((1, c.sk, c.hkv, c.d), g)
     assert q.stride(-1) == 2 and k.stride(-1) == 2
-    out, lse = _state(c, g)
+    out, lse = ku.state(c, g)
     rout, rlse = out.double(), lse.double()
-    ta.fwd_step(q, k, v, out, lse, scale=0.25, **c.mask_kw())
+    tiles.fwd_step(q, k, v, out, lse, scale=0.25, **c.mask_kw())
     ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=0.25, **c.mask_kw())
-    assert _rel(out, rout) < 1e-5
-    _check_lse(lse, rlse, 1e-5)
-    dout = _randn((1, c.sq, c.hq, c.d), g)
+    assert rel(out, rout) < 1e-5
+    assert rel(lse, rlse) < 1e-5
+    dout = ku.randn((1, c.sq, c.hq, c.d), g)
     lse_g = torch.where(torch.isfinite(rlse), rlse, torch.zeros_like(rlse)).float()
-    delta = _randn((1, c.hq, c.sq), g)
+    delta = ku.randn((1, c.hq, c.sq), g)
     for det in (True, False):
         dq, dk, dv = (torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v))
-        rdq, rdk, rdv = _ref_bwd(c, q, k, v, dout, lse_g, delta, dq, dk, dv, 0.25)
-        ta.bwd_step(q, k, v, dout, lse_g, delta, dq, dk, dv, scale=0.25, deterministic=det, **c.mask_kw())
+        rdq, rdk, rdv = ku.ref_bwd(c, q, k, v, dout, lse_g, delta, dq, dk, dv, 0.25)
+        tiles.bwd_step(q, k, v, dout, lse_g, delta, dq, dk, dv, scale=0.25, deterministic=det, **c.mask_kw())
         for x, r in ((dq, rdq), (dk, rdk), (dv, rdv)):
-            assert _rel(x, r) < 1e-5
+            assert rel(x, r) < 1e-5
 
 
-def test_supports_and_errors() -> None:
+def test_record_and_errors() -> None:
     q = torch.zeros(1, 8, 4, 64, device=DEVICE)
     k = torch.zeros(1, 8, 2, 64, device=DEVICE)
-    assert ta.supports(q, k)
-    assert not ta.supports(q.double(), k.double())
-    assert not ta.supports(q, torch.zeros(1, 8, 3, 64, device=DEVICE))
+    assert ta.KERNEL.why_not(q, k) is None
+    assert "dtype" in ta.KERNEL.why_not(q.double(), k.double())
+    assert "multiple" in ta.KERNEL.why_not(q, torch.zeros(1, 8, 3, 64, device=DEVICE))
     big_q, big_k = torch.zeros(1, 8, 4, 512, device=DEVICE), torch.zeros(1, 8, 2, 512, device=DEVICE)
-    assert not ta.supports(big_q, big_k)
+    assert "head dim" in ta.KERNEL.why_not(big_q, big_k)
+    if not ku.HAS_CUDA:  # the interpreter's bf16 dot is wrong: refused
+        assert "bf16" in ta.KERNEL.why_not(q.bfloat16(), k.bfloat16())
     out, lse = torch.zeros_like(big_q), torch.zeros(1, 4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
         ta.fwd_step(big_q, big_k, big_k, out, lse, scale=1.0)
@@ -392,89 +245,45 @@ GPU_CASES = [
 
 
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=repr)
-def test_gpu_large(case: Case, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    g = _gen(3000 + GPU_CASES.index(case))
-    q, k, v = _qkv(case, dtype, g)
-    out, lse = _state(case, g)
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, **case.mask_kw())
-    tol_f, tol_b = TOL[dtype]
-    assert _rel(out, rout) < tol_f
-    _check_lse(lse, rlse, tol_f)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(case, dtype, g)
-    rdq, rdk, rdv = _ref_bwd(case, q, k, v, dout, lse, delta, dq, dk, dv, scale)
-    dq0, dk0, dv0 = dq.double(), dk.double(), dv.double()
-    runs = []
-    for det, atomic in ((True, False), (True, False), (False, True)):
-        monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", atomic)
-        a, b_, c_ = dq.clone(), dk.clone(), dv.clone()
-        ta.bwd_step(q, k, v, dout, lse, delta, a, b_, c_, scale=scale, deterministic=det, **case.mask_kw())
-        for x, x0, r in ((a, dq0, rdq), (b_, dk0, rdk), (c_, dv0, rdv)):
-            assert _rel(x.double() - x0, r - x0) < tol_b
-        runs.append((a, b_, c_))
+def test_gpu_large(case: Case, dtype: torch.dtype) -> None:
+    seed = 3000 + GPU_CASES.index(case)
+    tol_f, tol_b = ta.KERNEL.tolerance[dtype]
+    ku.check_fwd(ta.TILES, case, dtype, gen(seed), tol_f)
+    runs = [ku.check_bwd(ta.Tiles(atomic_dq=atomic), case, dtype, gen(seed + 1), tol_b, deterministic=det)[1]
+            for det, atomic in ((True, False), (True, False), (False, True))]  # the same inputs each time
     for x, y in zip(runs[0], runs[1]):
         assert torch.equal(x, y), "deterministic=True must be bitwise reproducible"
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Benchmark (GPU): python tests/test_triton_kernels.py --bench [S ...]
-# ------------------------------------------------------------------------------------------------------------
 
-
-def _bench_case(s: int, causal: bool, heads: int, d: int, dtype: torch.dtype) -> list[tuple[str, float, float]]:
-    """Times of fwd_step, bwd (preprocess + bwd_step, atomic and deterministic) and SDPA for one shape."""
+def test_span_in_tl_matches_python() -> None:
+    """The ``tl`` copy of ``tile_math.span`` (what the kernels run) returns what its plain Python source returns
+    (checked against the mask in tests/test_kernel_conformance.py), both directions, for every row tile."""
     import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import triton.language as tl
 
-    q = torch.randn(1, s, heads, d, device="cuda", dtype=dtype)
-    k, v, dout = (torch.randn_like(q) for _ in range(3))
-    out = torch.zeros(1, s, heads, d, device="cuda", dtype=torch.float32)
-    lse = torch.full((1, heads, s), -math.inf, device="cuda")
-    dq, dk, dv = (torch.zeros(1, s, heads, d, device="cuda") for _ in range(3))
-    scale = d**-0.5
-    flop = 4.0 * s * s * heads * d * (0.5 if causal else 1.0)
+    from ds_burst.kernels import tile_math
 
-    def fwd() -> None:
-        ta.fwd_step(q, k, v, out, lse, scale=scale, causal=causal)
+    @triton.jit
+    def kern(Out, n_rows, n_other, d0, win_l, win_r, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+             BWD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+        start, n_a, n_b, n_c = ta._span(tl.program_id(0) * BLOCK_R, n_rows, n_other, d0, win_l, win_r, HAS_LO,
+                                        HAS_HI, BWD, 1, BLOCK_R, BLOCK_O)
+        p = Out + tl.program_id(0) * 4
+        tl.store(p, start)
+        tl.store(p + 1, n_a)
+        tl.store(p + 2, n_b)
+        tl.store(p + 3, n_c)
 
-    def bwd(det: bool) -> None:
-        delta = ta.bwd_preprocess(out, dout)
-        ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, causal=causal, deterministic=det)
-
-    fwd()
-    t_f = triton.testing.do_bench(fwd, warmup=50, rep=300)
-    rows = [("fwd", t_f, flop)]
-    bwd(False)
-    t_b = triton.testing.do_bench(partial(bwd, False), warmup=50, rep=300)
-    rows += [("bwd", t_b, 2.5 * flop), ("fwd+bwd", t_f + t_b, 3.5 * flop)]
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    for be, nm in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "fa2")):
-        try:
-            with sdpa_kernel(be):
-                f = partial(torch.nn.functional.scaled_dot_product_attention, qt, kt, vt, is_causal=causal)
-                rows.append((f"sdpa-{nm}-fwd", triton.testing.do_bench(f, warmup=50, rep=300), flop))
-        except RuntimeError as e:  # backend not available
-            print(f"sdpa {nm}: {e}")
-    return rows
-
-
-def _bench(seqlens: list[int], heads: int = 32, d: int = 128, dtype: torch.dtype = torch.bfloat16) -> None:
-    torch.manual_seed(0)
-    print(f"{'S':>6} {'causal':>6} {'kernel':>18} {'ms':>9} {'TFLOP/s':>8}")
-    for s in seqlens:
-        for causal in (True, False):
-            for name, t, fl in _bench_case(s, causal, heads, d, dtype):
-                print(f"{s:>6} {str(causal):>6} {name:>18} {t:9.3f} {fl / t * 1e-9:8.1f}", flush=True)
-
-
-if __name__ == "__main__":
-    if "--bench" in sys.argv:
-        rest = [int(a) for a in sys.argv[1:] if a.isdigit()]
-        _bench(rest or [4096, 16384, 32768], d=int(os.environ.get("BENCH_D", "128")))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    cases = [(37, 29, 10, True, (-1, -1), False), (40, 45, -8, False, (5, 3), True),
+             (33, 40, 20, False, (-1, 4), False), (45, 40, 10, True, (7, 0), True)]
+    for n_rows, n_other, d0, causal, window, bwd in cases:
+        has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
+        tiles = -(-n_rows // 16)
+        got = torch.zeros(tiles, 4, dtype=torch.int32, device=DEVICE)
+        kern[(tiles,)](got, n_rows, n_other, d0, win_l, win_r, has_lo, has_hi, bwd, BLOCK_R=16, BLOCK_O=32)
+        want = [tile_math.span(t * 16, n_rows, n_other, d0, win_l, win_r, has_lo, has_hi, bwd, 1, 16, 32)
+                for t in range(tiles)]
+        assert got.cpu().tolist() == [list(w) for w in want], (n_rows, n_other, d0, causal, window, bwd)

@@ -1,110 +1,38 @@
 """Triton attention tiles with the variants: logit softcapping and a value head dim ``Dv != D`` (MLA), against the
 float64 PyTorch reference (ds_burst.kernels.reference: ``fwd_step`` / ``bwd_step`` / ``naive_attention``).
 
-Without CUDA the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before
-Triton is imported), so shapes stay tiny. Tests marked ``gpu`` run only where CUDA is available.
+Without CUDA the kernels run under Triton's interpreter on CPU tensors (``kernel_utils`` sets TRITON_INTERPRET=1
+before Triton is imported), so shapes stay tiny. Tests marked ``gpu`` run only where CUDA is available.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import kernel_utils as ku
+from kernel_utils import DEVICE, Case, gen, gpu, rel
 
 pytest.importorskip("triton")
 
 from ds_burst.kernels import reference as ref  # noqa: E402
 from ds_burst.kernels import triton_attn as ta  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available() and not ta.INTERPRET
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-gpu = pytest.mark.gpu
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-
-# dtype -> (tolerance on out / lse, tolerance on dq / dk / dv): relative L2 error against float64
-# (tests/test_triton_kernels.py's TOL).
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 3e-3),
-    torch.bfloat16: (1.5e-2, 2e-2),
-}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ku.HAS_CUDA else [])
 SOFTCAPS = [2.0, 50.0]
 
-
-class Case:
-    """One attention block: shapes (q/k head dim ``d``, value head dim ``dv``), global offsets and mask."""
-
-    def __init__(self, name: str, sq: int, sk: int, hq: int, hkv: int, d: int, dv: int, causal: bool,
-                 window: tuple[int, int], q_off: int, k_off: int, b: int = 1) -> None:
-        self.name, self.sq, self.sk, self.hq, self.hkv, self.d, self.dv = name, sq, sk, hq, hkv, d, dv
-        self.causal, self.window, self.q_off, self.k_off, self.b = causal, window, q_off, k_off, b
-
-    def __repr__(self) -> str:
-        return self.name
-
-    def mask_kw(self) -> dict:
-        return dict(q_offset=self.q_off, k_offset=self.k_off, causal=self.causal, window=self.window)
-
-
 CASES = [
-    Case("full-gqa2-d16v8", 37, 29, 4, 2, 16, 8, False, (-1, -1), 0, 0, b=2),
-    Case("causal-diag-d24v16", 33, 33, 4, 4, 24, 16, True, (-1, -1), 100, 100),
-    Case("causal-straddle-mqa-d16v8", 37, 29, 4, 1, 16, 8, True, (-1, -1), 10, 20),
-    Case("causal-above-diag-rows-empty-d24v16", 29, 23, 2, 1, 24, 16, True, (-1, -1), 0, 15),
-    Case("causal-window-7-d24v16", 40, 35, 4, 2, 24, 16, True, (7, 0), 30, 20),
-    Case("window-5-3-d16v8", 31, 40, 2, 2, 16, 8, False, (5, 3), 0, 8),
-    Case("window-right-only-d24v16", 19, 33, 4, 2, 24, 16, False, (-1, 4), 20, 0),
-    Case("causal-d24", 35, 35, 4, 2, 24, 24, True, (-1, -1), 0, 0),  # Dv == D: softcap alone
+    Case("full-gqa2-d16v8", 37, 29, 4, 2, 16, False, (-1, -1), 0, 0, b=2, dv=8),
+    Case("causal-diag-d24v16", 33, 33, 4, 4, 24, True, (-1, -1), 100, 100, dv=16),
+    Case("causal-straddle-mqa-d16v8", 37, 29, 4, 1, 16, True, (-1, -1), 10, 20, dv=8),
+    Case("causal-above-diag-rows-empty-d24v16", 29, 23, 2, 1, 24, True, (-1, -1), 0, 15, dv=16),
+    Case("causal-window-7-d24v16", 40, 35, 4, 2, 24, True, (7, 0), 30, 20, dv=16),
+    Case("window-5-3-d16v8", 31, 40, 2, 2, 16, False, (5, 3), 0, 8, dv=8),
+    Case("window-right-only-d24v16", 19, 33, 4, 2, 24, False, (-1, 4), 20, 0, dv=16),
+    Case("causal-d24", 35, 35, 4, 2, 24, True, (-1, -1), 0, 0, dv=24),  # Dv == D: softcap alone
 ]
-
-
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def _randn(shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype = torch.float32, scale: float = 1.0):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def _qkv(c: Case, dtype: torch.dtype, g: torch.Generator, amp: float = 2.0):
-    """q, k, v with non-trivial strides (q from a wider buffer, k and v from one packed tensor); ``amp`` scales q
-    and k so that softcap 2.0 saturates the tanh for part of the scores."""
-    q = _randn((c.b, c.sq, c.hq + 1, c.d), g, dtype, amp)[:, :, 1:]
-    kv = _randn((c.b, c.sk, c.hkv, c.d + c.dv), g, dtype)
-    k = (kv[..., :c.d].double() * amp).to(dtype)
-    return q, k, kv[..., c.d:]
-
-
-def _state(c: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A non-trivial running state as strided views: random out ``[B, Sq, Hq, Dv]``, lse -inf every third row."""
-    out = _randn((c.b, c.sq + 9, c.hq, c.dv), g).narrow(1, 4, c.sq)
-    lse = _randn((c.b, c.hq, c.sq + 5), g, scale=2.0).narrow(2, 3, c.sq)
-    lse[:, :, ::3] = -math.inf
-    return out, lse
-
-
-def _rel(x: torch.Tensor, r: torch.Tensor) -> float:
-    x, r = x.double().cpu(), r.double().cpu()
-    assert not torch.isnan(x).any(), "NaN in result"
-    return float((x - r).norm() / r.norm().clamp_min(1e-30))
-
-
-def _check_lse(lse: torch.Tensor, rlse: torch.Tensor, tol: float) -> float:
-    fin = torch.isfinite(rlse)
-    assert torch.equal(fin, torch.isfinite(lse)), "lse -inf pattern differs"
-    assert torch.equal(lse[~fin], rlse[~fin].to(lse.dtype)), "lse differs where it is infinite"
-    err = _rel(lse[fin], rlse[fin])
-    assert err < tol
-    return err
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -116,46 +44,38 @@ def _check_lse(lse: torch.Tensor, rlse: torch.Tensor, tol: float) -> float:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_fwd_step_variants(case: Case, dtype: torch.dtype, softcap: float) -> None:
-    g = _gen(1000 + CASES.index(case))
-    q, k, v = _qkv(case, dtype, g)
-    out, lse = _state(case, g)
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, softcap=softcap, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, softcap=softcap, **case.mask_kw())
-    tol = TOL[dtype][0]
-    assert _rel(out, rout) < tol
-    _check_lse(lse, rlse, tol)
+    ku.check_fwd(ta.TILES, case, dtype, gen(1000 + CASES.index(case)), ta.KERNEL.tolerance[dtype][0], softcap=softcap,
+              amp=2.0)
 
 
 @pytest.mark.parametrize("softcap", [None, *SOFTCAPS], ids=lambda s: "nocap" if s is None else f"cap{s:g}")
 def test_fwd_fresh_state_matches_naive(softcap: float | None) -> None:
-    """From the empty state the result is plain (softcapped) attention; Dv != D."""
-    c = Case("fresh", 30, 27, 4, 2, 24, 16, True, (9, 0), 3, 0)
-    g = _gen(8)
-    q, k, v = _qkv(c, torch.float32, g)
-    out = _randn((1, c.sq, c.hq, c.dv), g)
+    """From the empty ku.state the result is plain (softcapped) attention; Dv != D."""
+    c = Case("fresh", 30, 27, 4, 2, 24, True, (9, 0), 3, 0, dv=16)
+    g = gen(8)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
+    out = ku.randn((1, c.sq, c.hq, c.dv), g)
     lse = torch.full((1, c.hq, c.sq), -math.inf, device=DEVICE)
     ta.fwd_step(q, k, v, out, lse, scale=0.2, softcap=softcap, **c.mask_kw())
     rout, rlse = ref.naive_attention(q.double(), k.double(), v.double(), scale=0.2, softcap=softcap, **c.mask_kw())
-    assert _rel(out, rout.to(DEVICE)) < 1e-5
-    _check_lse(lse, rlse.to(DEVICE), 1e-5)
+    assert rel(out, rout.to(DEVICE)) < 1e-5
+    assert rel(lse, rlse.to(DEVICE)) < 1e-5
 
 
 def test_fwd_continuation_softcap_mla() -> None:
     """Two calls over adjacent key ranges equal one reference call over both (softcap, Dv != D)."""
-    c = Case("cont", 41, 50, 4, 2, 16, 8, True, (-1, -1), 30, 0)
-    g = _gen(7)
-    q, k, v = _qkv(c, torch.float32, g)
-    out, lse = _state(c, g)
+    c = Case("cont", 41, 50, 4, 2, 16, True, (-1, -1), 30, 0, dv=8)
+    g = gen(7)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
+    out, lse = ku.state(c, g)
     rout, rlse = out.double(), lse.double()
     split = 23
     kw = dict(scale=0.3, softcap=5.0, causal=True, q_offset=30)
     ta.fwd_step(q, k[:, :split], v[:, :split], out, lse, k_offset=0, **kw)
     ta.fwd_step(q, k[:, split:], v[:, split:], out, lse, k_offset=split, **kw)
     ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, k_offset=0, **kw)
-    assert _rel(out, rout) < 1e-5
-    _check_lse(lse, rlse, 1e-5)
+    assert rel(out, rout) < 1e-5
+    assert rel(lse, rlse) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -163,36 +83,10 @@ def test_fwd_continuation_softcap_mla() -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _bwd_inputs(c: Case, dtype: torch.dtype, g: torch.Generator, softcap: float | None):
-    """q, k, v, dout, a plausible global lse / delta, and random accumulators (dq, dv as strided views)."""
-    q, k, v = _qkv(c, dtype, g)
-    dout = _randn((c.b, c.sq, c.hq, c.dv), g, dtype)
-    _, blk = ref.naive_attention(q.double(), k.double(), v.double(), scale=c.d**-0.5, softcap=softcap,
-                                 **c.mask_kw())
-    blk = blk.to(DEVICE)
-    extra = torch.rand(blk.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    lse = torch.where(torch.isfinite(blk), blk + torch.log1p(extra), extra * 3).float()
-    delta = _randn((c.b, c.hq, c.sq), g, scale=0.5)
-    dq = _randn((c.b, c.sq + 6, c.hq, c.d), g).narrow(1, 2, c.sq)
-    dk = _randn((c.b, c.sk, c.hkv, c.d), g)
-    dv = _randn((c.b, c.sk + 3, c.hkv, c.dv), g).narrow(1, 3, c.sk)
-    return q, k, v, dout, lse, delta, dq, dk, dv
-
-
-def _check_bwd(c: Case, dtype: torch.dtype, softcap: float | None, deterministic: bool, seed: int) -> list[float]:
-    g = _gen(seed)
-    q, k, v, dout, lse, delta, dq, dk, dv = _bwd_inputs(c, dtype, g, softcap)
-    scale = c.d**-0.5
-    # The reference adds to the initial accumulators: compare the increments (relative to their size).
-    x0 = [t.double() for t in (dq, dk, dv)]
-    r = [t.clone() for t in x0]
-    ref.bwd_step(q.double(), k.double(), v.double(), dout.double(), lse.double(), delta.double(), *r, scale=scale,
-                 softcap=softcap, **c.mask_kw())
-    ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, softcap=softcap, deterministic=deterministic,
-                **c.mask_kw())
-    errs = [_rel(x.double() - a, b - a) for x, a, b in zip((dq, dk, dv), x0, r)]
-    assert max(errs) < TOL[dtype][1], errs
-    return errs
+def _check_bwd(c: Case, dtype: torch.dtype, softcap: float | None, deterministic: bool, seed: int,
+               tiles: ta.Tiles = ta.TILES) -> list[float]:
+    return ku.check_bwd(tiles, c, dtype, gen(seed), ta.KERNEL.tolerance[dtype][1], softcap=softcap, amp=2.0,
+                     deterministic=deterministic)[0]
 
 
 @pytest.mark.parametrize("softcap", SOFTCAPS, ids=lambda s: f"cap{s:g}")
@@ -204,10 +98,9 @@ def test_bwd_step_variants(case: Case, dtype: torch.dtype, softcap: float) -> No
 
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["nocap", "cap2"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[6]], ids=repr)
-def test_bwd_step_variants_atomic_dq(case: Case, softcap: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bwd_step_variants_atomic_dq(case: Case, softcap: float | None) -> None:
     """The atomic-dQ path of the dK/dV kernel (deterministic=False with atomics switched on), fp32."""
-    monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", True)
-    _check_bwd(case, torch.float32, softcap, False, 3000 + CASES.index(case))
+    _check_bwd(case, torch.float32, softcap, False, 3000 + CASES.index(case), ta.Tiles(atomic_dq=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -219,24 +112,22 @@ def test_bwd_step_mla_without_softcap(case: Case, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("softcap", [None, 2.0, 50.0], ids=lambda s: "nocap" if s is None else f"cap{s:g}")
 def test_gradients_match_autograd(softcap: float | None) -> None:
     """Forward then backward through the Triton tiles equal float64 autograd of naive (softcapped) attention."""
-    c = Case("grad", 27, 35, 4, 2, 24, 16, True, (11, 0), 8, 0)
-    g = _gen(17)
-    q, k, v = _qkv(c, torch.float32, g)
-    dout = _randn((1, c.sq, c.hq, c.dv), g)
+    c = Case("grad", 27, 35, 4, 2, 24, True, (11, 0), 8, 0, dv=16)
+    g = gen(17)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
+    dout = ku.randn((1, c.sq, c.hq, c.dv), g)
     scale = 0.3
-    qd, kd, vd = (t.double().cpu().requires_grad_() for t in (q, k, v))
-    rout, _ = ref.naive_attention(qd, kd, vd, scale=scale, softcap=softcap, **c.mask_kw())
-    rout.backward(dout.double().cpu())
+    rout, *rgrads = ku.ref_grads(q, k, v, dout, scale=scale, softcap=softcap, **c.mask_kw())
     out = torch.zeros(1, c.sq, c.hq, c.dv, device=DEVICE)
     lse = torch.full((1, c.hq, c.sq), -math.inf, device=DEVICE)
     ta.fwd_step(q, k, v, out, lse, scale=scale, softcap=softcap, **c.mask_kw())
-    assert _rel(out, rout.detach()) < 1e-5
+    assert rel(out, rout) < 1e-5
     delta = ta.bwd_preprocess(out, dout)
     dq, dk, dv = (torch.zeros(t.shape, device=DEVICE) for t in (q, k, v))
     ta.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, softcap=softcap, deterministic=True,
                 **c.mask_kw())
-    for x, r in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
-        assert _rel(x, r) < 1e-5
+    for x, r in zip((dq, dk, dv), rgrads):
+        assert rel(x, r) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -261,7 +152,7 @@ def test_tanh_helper_matches_torch() -> None:
     xs[: x.numel()] = x
     xs = xs.to(DEVICE)
     y = torch.empty_like(xs)
-    kern[(1,)](xs, y, N=n, LIB=HAS_CUDA)
+    kern[(1,)](xs, y, N=n, LIB=ku.HAS_CUDA)
     y, r = y[: x.numel()].cpu().double(), torch.tanh(x.double())
     fin = torch.isfinite(r)
     assert torch.isnan(y[~fin]).all()
@@ -274,9 +165,9 @@ def test_tanh_helper_matches_torch() -> None:
 @pytest.mark.parametrize("bad", ["q-nan", "k-nan", "k-inf", "v-nan"])
 def test_non_finite_pattern_matches_reference(bad: str, softcap: float | None) -> None:
     """NaN / Inf inputs give the same non-finite rows as the reference (softcap maps an Inf score to +-softcap)."""
-    c = Case("nan", 20, 20, 2, 1, 16, 8, True, (-1, -1), 0, 0)
-    g = _gen(31)
-    q, k, v = _qkv(c, torch.float32, g)
+    c = Case("nan", 20, 20, 2, 1, 16, True, (-1, -1), 0, 0, dv=8)
+    g = gen(31)
+    q, k, v = ku.qkv(c, torch.float32, g, 2.0)
     t = {"q": q, "k": k, "v": v}[bad[0]]
     t[0, 5, 0, 3] = math.nan if bad.endswith("nan") else math.inf
     out = torch.zeros(1, c.sq, c.hq, c.dv, device=DEVICE)
@@ -287,29 +178,22 @@ def test_non_finite_pattern_matches_reference(bad: str, softcap: float | None) -
     assert torch.equal(torch.isfinite(out), torch.isfinite(rout))
     assert torch.equal(torch.isfinite(lse), torch.isfinite(rlse))  # an Inf score: lse inf (reference) or NaN
     ok = torch.isfinite(rout)
-    assert _rel(out[ok], rout[ok]) < 1e-5
+    assert rel(out[ok], rout[ok]) < 1e-5
 
 
 @pytest.mark.parametrize("d,dv", [(16, 8), (24, 16), (40, 24), (8, 40), (96, 64)], ids=lambda x: str(x))
 def test_head_dim_pairs(d: int, dv: int) -> None:
     """Non-power-of-two D and Dv padded independently (BLOCK_D / BLOCK_DV), Dv < D and Dv > D, fwd and bwd."""
-    c = Case(f"d{d}v{dv}", 21, 26, 2, 1, d, dv, True, (-1, -1), 10, 0)
-    g = _gen(6 + d + dv)
-    q, k, v = _qkv(c, torch.float32, g)
-    out, lse = _state(c, g)
-    rout, rlse = out.double(), lse.double()
-    ta.fwd_step(q, k, v, out, lse, scale=d**-0.5, softcap=3.0, **c.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=d**-0.5, softcap=3.0, **c.mask_kw())
-    assert _rel(out, rout) < 1e-5
-    _check_lse(lse, rlse, 1e-5)
+    c = Case(f"d{d}v{dv}", 21, 26, 2, 1, d, True, (-1, -1), 10, 0, dv=dv)
+    ku.check_fwd(ta.TILES, c, torch.float32, gen(6 + d + dv), 1e-5, softcap=3.0, amp=2.0)
     _check_bwd(c, torch.float32, 3.0, True, 5000 + d + dv)
 
 
 def test_empty_block_leaves_state_untouched() -> None:
-    c = Case("empty", 20, 20, 2, 1, 16, 8, True, (-1, -1), 0, 40)
-    g = _gen(5)
-    q, k, v, dout, lse_g, delta, dq, dk, dv = _bwd_inputs(c, torch.float32, g, None)
-    out, lse = _state(c, g)
+    c = Case("empty", 20, 20, 2, 1, 16, True, (-1, -1), 0, 40, dv=8)
+    g = gen(5)
+    q, k, v, dout, lse_g, delta, dq, dk, dv = ku.bwd_inputs(c, torch.float32, g, None, 2.0)
+    out, lse = ku.state(c, g)
     snap = [t.clone() for t in (out, lse, dq, dk, dv)]
     ta.fwd_step(q, k, v, out, lse, scale=0.2, softcap=2.0, **c.mask_kw())
     ta.bwd_step(q, k, v, dout, lse_g, delta, dq, dk, dv, scale=0.2, softcap=2.0, deterministic=True, **c.mask_kw())
@@ -317,19 +201,16 @@ def test_empty_block_leaves_state_untouched() -> None:
         assert torch.equal(t, s)
 
 
-def test_supports_variant_and_errors() -> None:
+def test_record_variants_and_errors() -> None:
     q = torch.zeros(1, 8, 4, 64, device=DEVICE)
     k = torch.zeros(1, 8, 2, 64, device=DEVICE)
     v = torch.zeros(1, 8, 2, 48, device=DEVICE)
-    assert ta.supports_variant(q, k, v, None) and ta.supports_variant(q, k, v, 50.0)
-    assert ta.supports_variant(q, k, k, 2)
-    assert not ta.supports_variant(q, k, v, 0.0)
-    assert not ta.supports_variant(q, k, v, math.inf)
-    assert not ta.supports_variant(q, k, v, True)
-    assert not ta.supports_variant(q, k, v.half(), None)
-    assert not ta.supports_variant(q, k, torch.zeros(1, 8, 2, 512, device=DEVICE), None)
-    assert not ta.supports_variant(q, k, torch.zeros(1, 9, 2, 48, device=DEVICE), None)
-    assert not ta.supports_variant(q.double(), k.double(), v.double(), None)
+    why = ta.KERNEL.why_not
+    assert why(q, k, v) is None and why(q, k, v, softcap=50.0) is None and why(q, k, k, softcap=2) is None
+    assert "dtypes" in why(q, k, v.half())
+    assert "value head dim 512" in why(q, k, torch.zeros(1, 8, 2, 512, device=DEVICE))
+    assert "shape" in why(q, k, torch.zeros(1, 9, 2, 48, device=DEVICE))
+    assert "dtype" in why(q.double(), k.double(), v.double())
     out, lse = torch.zeros(1, 8, 4, 48, device=DEVICE), torch.zeros(1, 4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="out"):
         ta.fwd_step(q, k, v, torch.zeros_like(q), lse, scale=1.0)
@@ -348,20 +229,24 @@ def _args(kernel: str, softcap: float | None):
 
 @pytest.mark.parametrize("softcap,dv", [(2.0, 16), (None, 8), (50.0, 8)], ids=["softcap", "mla", "both"])
 def test_plan_picks_triton_for_variants(softcap: float | None, dv: int) -> None:
-    from ds_burst.attention.call_plan import _variant_kernel
+    from ds_burst.attention.call_plan import choose_kernel
+    from ds_burst.dist.comm import GroupInfo
+
+    def pick(name: str, *xs: torch.Tensor) -> str:
+        return choose_kernel(*xs, _args(name, softcap), (-1, 0), False, GroupInfo(None, 0, 1)).name
 
     q = torch.zeros(1, 16, 4, 16, device=DEVICE)
     k = torch.zeros(1, 16, 2, 16, device=DEVICE)
     v = torch.zeros(1, 16, 2, dv, device=DEVICE)
-    assert _variant_kernel("triton", q, k, v, _args("triton", softcap)) == "triton"
-    assert _variant_kernel("torch", q, k, v, _args("torch", softcap)) == "torch"
-    if HAS_CUDA:
+    assert pick("triton", q, k, v) == "triton"
+    assert pick("torch", q, k, v) == "torch"
+    if ku.HAS_CUDA:
         for name in ("auto", "sdpa"):
-            assert _variant_kernel(name, q, k, v, _args(name, softcap)) == "triton"
+            assert pick(name, q, k, v) == "triton"
     else:  # CPU: only an explicit kernel="triton" (under the interpreter) runs the Triton tiles
         for name in ("auto", "sdpa"):
-            assert _variant_kernel(name, q, k, v, _args(name, softcap)) == "torch"
-        assert _variant_kernel("triton", q.double(), k.double(), v.double(), _args("triton", softcap)) == "torch"
+            assert pick(name, q, k, v) == "torch"
+        assert pick("triton", q.double(), k.double(), v.double()) == "torch"
 
 
 def test_burst_attn_func_runs_triton_variant() -> None:
@@ -369,21 +254,19 @@ def test_burst_attn_func_runs_triton_variant() -> None:
     from ds_burst.attention.api import burst_attn_func
     from ds_burst.attention.lookup import lookup_plan
 
-    g = _gen(41)
+    g = gen(41)
     q, k, v = (torch.randn(1, 24, h, dd, generator=g, dtype=torch.float64) for h, dd in ((4, 16), (2, 16), (2, 8)))
     do = torch.randn(1, 24, 4, 8, generator=g, dtype=torch.float64)
-    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
-    rout, _ = ref.naive_attention(qd, kd, vd, causal=True, softcap=2.0)
-    rout.backward(do)
+    rout, *rgrads = ku.ref_grads(q, k, v, do, causal=True, softcap=2.0)
     xs = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
     plan = lookup_plan(*(x.detach() for x in xs), True, None, (-1, -1), None, "zigzag", "auto", "triton", False,
                        False, "once", None, False, 2.0, None)
-    assert plan.setup.kernel.__name__.rsplit(".", 1)[-1] == "triton_attn"
+    assert plan.setup.kernel.name == "triton"
     out = burst_attn_func(*xs, causal=True, kernel="triton", softcap=2.0)
     out.backward(do.float().to(DEVICE))
-    assert _rel(out.detach(), rout.detach()) < 2e-5
-    for x, r in zip(xs, (qd, kd, vd)):
-        assert _rel(x.grad, r.grad) < 2e-5
+    assert rel(out.detach(), rout) < 2e-5
+    for x, r in zip(xs, rgrads):
+        assert rel(x.grad, r) < 2e-5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -392,33 +275,23 @@ def test_burst_attn_func_runs_triton_variant() -> None:
 
 
 GPU_CASES = [
-    Case("gpu-causal-d192v128", 2048, 2048, 8, 2, 192, 128, True, (-1, -1), 0, 0),
-    Case("gpu-full-d192v128", 1024, 2048, 4, 4, 192, 128, False, (-1, -1), 0, 0),
-    Case("gpu-causal-straddle-d128", 2048, 1024, 8, 2, 128, 128, True, (-1, -1), 1000, 1500),
-    Case("gpu-window-d128", 2048, 2048, 4, 2, 128, 128, True, (300, 0), 5000, 4500),
+    Case("gpu-causal-d192v128", 2048, 2048, 8, 2, 192, True, (-1, -1), 0, 0, dv=128),
+    Case("gpu-full-d192v128", 1024, 2048, 4, 4, 192, False, (-1, -1), 0, 0, dv=128),
+    Case("gpu-causal-straddle-d128", 2048, 1024, 8, 2, 128, True, (-1, -1), 1000, 1500, dv=128),
+    Case("gpu-window-d128", 2048, 2048, 4, 2, 128, True, (300, 0), 5000, 4500, dv=128),
 ]
 
 
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("softcap", [None, 50.0], ids=["nocap", "cap50"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=repr)
-def test_gpu_variants_bf16(case: Case, softcap: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_variants_bf16(case: Case, softcap: float | None) -> None:
     if softcap is None and case.d == case.dv:
         pytest.skip("the plain case is tests/test_triton_kernels.py's")
     dtype = torch.bfloat16
-    g = _gen(6000 + GPU_CASES.index(case))
-    q, k, v = _qkv(case, dtype, g, amp=1.0)
-    out, lse = _state(case, g)
-    rout, rlse = out.double(), lse.double()
-    scale = case.d**-0.5
-    ta.fwd_step(q, k, v, out, lse, scale=scale, softcap=softcap, **case.mask_kw())
-    ref.fwd_step(q.double(), k.double(), v.double(), rout, rlse, scale=scale, softcap=softcap, **case.mask_kw())
-    tol_f, _ = TOL[dtype]
-    assert _rel(out, rout) < tol_f
-    _check_lse(lse, rlse, tol_f)
+    ku.check_fwd(ta.TILES, case, dtype, gen(6000 + GPU_CASES.index(case)), ta.KERNEL.tolerance[dtype][0],
+              softcap=softcap)
     runs = []
     for det, atomic in ((True, False), (True, False), (False, True)):
-        monkeypatch.setattr(ta, "ATOMIC_DQ_WHEN_NONDETERMINISTIC", atomic)
-        runs.append(_check_bwd(case, dtype, softcap, det, 7000 + GPU_CASES.index(case)))
+        runs.append(_check_bwd(case, dtype, softcap, det, 7000 + GPU_CASES.index(case), ta.Tiles(atomic_dq=atomic)))
     assert runs[0] == runs[1], "deterministic=True must be reproducible"

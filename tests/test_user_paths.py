@@ -13,6 +13,7 @@ import torch
 from test_documents import cu_of, inputs, reference
 
 from dist_utils import run_ranks, values
+from kernel_utils import rel
 
 MASKS = {"causal": (True, (-1, -1)), "full": (False, (-1, -1)), "causal_window": (True, (4, 0))}
 
@@ -20,11 +21,6 @@ MASKS = {"causal": (True, (-1, -1)), "full": (False, (-1, -1)), "causal_window":
 def _positions(cu: list[int], batch: int) -> torch.Tensor:
     pos = torch.cat([torch.arange(b - a) for a, b in zip(cu, cu[1:])])
     return pos.unsqueeze(0).expand(batch, -1).contiguous()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def _run_positions(q, k, v, do, cu, causal, window, layout, world):
@@ -53,7 +49,7 @@ def worker_positions(rank: int, world: int) -> dict:
         q, k, v, do = inputs(world, idx, 4 if idx % 2 else 1)
         got, cached_same = _run_positions(q, k, v, do, cu, causal, window, layout, world)
         ref = reference(q, k, v, do, cu, causal, window)
-        errs[(mask, layout, pattern)] = max(_rel(a, b) for a, b in zip(got, ref))
+        errs[(mask, layout, pattern)] = max(rel(a, b) for a, b in zip(got, ref))
         same &= cached_same
     return {"errs": errs, "cached same": same}
 
@@ -147,8 +143,8 @@ def worker_hf_positions(rank: int, world: int, layout: str) -> dict:
         gsum = p.grad.clone()
         if world > 1:
             torch.distributed.all_reduce(gsum)
-        grad_err = max(grad_err, _rel(gsum, r.grad))
-    return {"logits": _rel(full, ref.detach()), "grads": grad_err}
+        grad_err = max(grad_err, rel(gsum, r.grad))
+    return {"logits": rel(full, ref.detach()), "grads": grad_err}
 
 
 @pytest.mark.parametrize("world,layout", [(1, "zigzag"), (2, "zigzag"), (2, "contiguous")])
@@ -172,7 +168,7 @@ def worker_dp_sp(rank: int, world: int) -> dict:
     out.backward(ds_burst.shard_sequence(do, 1))
     got = [ds_burst.gather_sequence(t.detach(), 1) for t in (out, ql.grad, kl.grad, vl.grad)]
     ref = reference(q, k, v, do, [0, 16], True, (-1, -1))
-    return {"err": max(_rel(a, b) for a, b in zip(got, ref)), "sp": topo.get_sequence_parallel_world_size()}
+    return {"err": max(rel(a, b) for a, b in zip(got, ref)), "sp": topo.get_sequence_parallel_world_size()}
 
 
 def test_group_none_is_the_topology_sequence_parallel_group():
@@ -277,7 +273,7 @@ def _compile_documents(x: torch.Tensor, docs: dict[str, dict]) -> dict[str, floa
         ref_loss, ref_grads, _ = results["eager"]
         for name in ("default", "fullgraph"):
             loss, grads, breaks = results[name]
-            out[f"{how}/{name}"] = max([_rel(loss, ref_loss)] + [_rel(g, r) for g, r in zip(grads, ref_grads)])
+            out[f"{how}/{name}"] = max([rel(loss, ref_loss)] + [rel(g, r) for g, r in zip(grads, ref_grads)])
             out[f"{how}/{name}/breaks"] = float(breaks)
     return out
 

@@ -25,10 +25,10 @@ from ds_burst.core.layout import segments
 from ds_burst.core.mask import window_is_finite
 from ds_burst.core.step_plan import RingPass, TileOp, ring_passes
 from ds_burst.dist.comm import GroupInfo, NodeGroups, all_gather_ints
-from ds_burst.kernels import choice
-from ds_burst.kernels.registry import kernel_module, resolve_kernel
+from ds_burst.kernels import choice, registry
+from ds_burst.kernels.contract import KernelSpec, OneRank, diagonal_tiles, whole_tile
 from ds_burst.ring import ulysses_ring as uly
-from ds_burst.ring.engine import RingSetup, needs_out
+from ds_burst.ring.engine import RingSetup
 
 
 @dataclass(frozen=True)
@@ -77,34 +77,51 @@ def choose_compute_layout(
     return user_layout, passes(user_layout)
 
 
-def _variant_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs) -> str:
-    """``name``, or the kernel that replaces it when it cannot honour this call's softcap / value head dim (never a
-    silently wrong result): sdpa's fused ops know neither, so it gives way to Triton (CUDA, when Triton supports the
-    inputs) or the PyTorch reference; Triton gives way to the reference where it lacks the feature."""
+def choose_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
+                  deterministic: bool, info: GroupInfo) -> KernelSpec:
+    """The kernel a call runs on: ``auto`` on CUDA without a variant is the fused SDPA op bound once at one rank or
+    the measured pick agreed over the group (:mod:`ds_burst.kernels.choice`); otherwise the named kernel or, where
+    its record says it cannot run the call, the device's default, else the PyTorch reference (it runs everything)."""
     variant = a.softcap is not None or v.shape[-1] != q.shape[-1]
-    if not variant or name == "torch":
-        return name
-    on_cuda = q.device.type == "cuda" and resolve_kernel("auto", q.device, q.dtype) == "triton"  # Triton installed
-    on_cpu = name == "triton" and q.device.type == "cpu"  # asked for, under TRITON_INTERPRET=1 (validated)
-    if (on_cuda or on_cpu) and kernel_module("triton").supports_variant(q, k, v, a.softcap):
-        return "triton"
-    return "torch"
+    if a.kernel == "auto" and q.device.type == "cuda" and not variant:
+        sdpa = registry.get("sdpa")
+        if info.world == 1 and sdpa.can_bind(q, k, v, deterministic=deterministic, softcap=a.softcap,
+                                             sinks=a.has_sinks, causal=a.causal, window=window):
+            return sdpa
 
-
-def _kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
-                 deterministic: bool, info: GroupInfo) -> str:
-    if a.softcap is not None or v.shape[-1] != q.shape[-1]:
-        return _variant_kernel(a.kernel, q, k, v, a)
-    if (a.kernel == "auto" and q.device.type == "cuda" and info.world == 1 and _direct_allowed(a, "sdpa", deterministic)
-            and kernel_module("sdpa").whole_backend(q, k, v, causal=a.causal, window=window) is not None):
-        return "sdpa"  # one rank, one fused call: nothing of ours to beat the fused op with
-    if a.kernel == "auto" and q.device.type == "cuda":  # measured once per shape, rank 0's pick everywhere
-        def agree(pick: int) -> int:
+        def agree(pick: int) -> int:  # rank 0's pick everywhere
             return all_gather_ints(info, [pick], q.device)[0][0]
 
-        return choice.choose(q, k, a.causal, window_is_finite(a.causal, window), a.backward, deterministic,
-                             info.world, info.group, agree)
-    return resolve_kernel(a.kernel, q.device, q.dtype)
+        return registry.get(choice.choose(q, k, a.causal, window_is_finite(a.causal, window), a.backward,
+                                          deterministic, info.world, info.group, agree))
+    for name in (a.kernel, "auto", "torch"):
+        spec = registry.get(registry.resolve(name, q.device, q.dtype))
+        if spec.why_not(q, k, v, softcap=a.softcap, deterministic=deterministic) is None:
+            return spec
+    raise AssertionError("the PyTorch reference runs every call")
+
+
+def _layout(a: AttnArgs, window: tuple[int, int], docs: tuple[int, ...] | None, world: int, s_local: int
+            ) -> tuple[str, list, list[RingPass], tuple[Assignment, Assignment] | None, tuple[float, ...]]:
+    """``(compute layout, segment table, ring passes, chunk assignments, rank work)``: packed documents balance
+    the ranks' work by chunk assignment (:func:`balanced_layout`); otherwise :func:`choose_compute_layout`."""
+    if docs is None or world == 1:
+        layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
+        # one rank: both layouts are the same token order; one segment gives one tile (the whole block)
+        table = [segments(layout if world > 1 else "contiguous", r, world, s_local) for r in range(world)]
+        return layout, table, passes, None, ()
+
+    def hops(assign: Assignment, m: int) -> int:
+        tbl = [chunk_segments(assign[r], s_local // m) for r in range(world)]
+        return sum(p.steps for p in ring_passes(tbl, a.causal, window, docs=docs))
+
+    m, assign, per_rank = balanced_layout(a.layout, docs, a.causal, window, world, s_local, hops)
+    user = layout_assignment(a.layout, world, m) if (m % 2 == 0 or a.layout == "contiguous") else None
+    table = [chunk_segments(assign[r], s_local // m) for r in range(world)]
+    passes = ring_passes(table, a.causal, window, docs=docs)
+    if assign == user:
+        return a.layout, table, passes, None, tuple(per_rank)
+    return "documents", table, passes, (layout_assignment(a.layout, world, m), assign), tuple(per_rank)
 
 
 def make_plan(
@@ -113,100 +130,76 @@ def make_plan(
 ) -> CallPlan:
     """Resolve layout, ring passes, schedule, kernel and backward pattern for validated inputs."""
     world, s_local = info.world, q.shape[1]
+    v = k if v is None else v
     window = (int(a.window_size[0]), int(a.window_size[1]))
     if a.causal and window[1] < 0:
         window = (window[0], 0)
     docs = a.cu_seqlens if (a.cu_seqlens is not None and len(a.cu_seqlens) > 2) else None
-    chunks, work = None, ()
-    if docs is not None and world > 1:
-        def hops(assign: Assignment, m: int) -> int:
-            tbl = [chunk_segments(assign[r], s_local // m) for r in range(world)]
-            return sum(p.steps for p in ring_passes(tbl, a.causal, window, docs=docs))
-
-        m, assign, per_rank = balanced_layout(a.layout, docs, a.causal, window, world, s_local, hops)
-        user = layout_assignment(a.layout, world, m) if (m % 2 == 0 or a.layout == "contiguous") else None
-        table = [chunk_segments(assign[r], s_local // m) for r in range(world)]
-        layout, passes, work = a.layout, ring_passes(table, a.causal, window, docs=docs), tuple(per_rank)
-        if assign != user:
-            layout, chunks = "documents", (layout_assignment(a.layout, world, m), assign)
-    else:
-        layout, passes = choose_compute_layout(a.layout, a.causal, window, world, s_local)
-        # one rank: both layouts are the same token order; one segment gives one tile (the whole block)
-        table = [segments(layout if world > 1 else "contiguous", r, world, s_local) for r in range(world)]
-    # Topology-aware schedules visit every block; sliding windows and packed documents keep the flat ring,
-    # which stops early and skips the hops no document needs.
-    topo_aware = (node_groups is not None and not window_is_finite(a.causal, window) and world > 1
-                  and docs is None)
-    v = k if v is None else v
-    kernel = kernel_module(_kernel_name(q, k, v, a, window, deterministic, info))
-    softcap = None if a.softcap is None else float(a.softcap)
+    layout, table, passes, chunks, work = _layout(a, window, docs, world, s_local)
+    kernel = choose_kernel(q, k, v, a, window, deterministic, info)
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
-    hq, hkv = q.shape[2], k.shape[2]
-    spec = None
-    if topo_aware and a.schedule == "ulysses_ring":
-        assert node_groups is not None
-        n_nodes, per_node = node_groups.nodes, node_groups.per_node
-        spec = uly.UlyssesSpec(node_groups.intra, layout, uly.kv_repeat(hkv, per_node))
-        hkv = hkv * spec.kv_repeat // per_node
-        hq = hq // per_node
-        table = [segments(layout, n, n_nodes, s_local * per_node) for n in range(n_nodes)]
-        setup = RingSetup(node_groups.inter, table, ring_passes(table, a.causal, window), a.causal, window, scale,
-                          kernel, deterministic, softcap=softcap)
-    else:
+    setup, spec, hq, hkv = _ring(q, k, a, info, deterministic, node_groups, window, docs, layout, table, passes,
+                                 kernel, scale)
+    backward = a.backward
+    if backward == "auto":  # kernels whose backward needs the output keep Q, dO and O at home
+        backward = "ring" if kernel.bwd_needs_out else choose_backward(hq, hkv, q.shape[3], q.element_size())
+    whole, direct = None, None
+    if world == 1:
+        whole, direct = _one_rank(kernel, q, k, v, a, window, deterministic, setup.ops(0, 0), s_local, scale)
+    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, chunks, work,
+                    direct)
+
+
+def _ring(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
+          node_groups: NodeGroups | None, window: tuple[int, int], docs: tuple[int, ...] | None, layout: str,
+          table: list, passes: list[RingPass], kernel: KernelSpec, scale: float
+          ) -> tuple[RingSetup, uly.UlyssesSpec | None, int, int]:
+    """``(ring setup, Ulysses spec, query heads, kv heads per ring rank)``: the flat ring, the double ring or Ulysses
+    in a node and the ring across; windows and documents keep the flat ring (it stops early, skips needless hops)."""
+    world, s_local, hq, hkv = info.world, q.shape[1], q.shape[2], k.shape[2]
+    softcap = None if a.softcap is None else float(a.softcap)
+    topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1 and docs is None
+    if not (topo_aware and a.schedule == "ulysses_ring"):
         nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
         setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes, softcap, docs)
-    backward = a.backward
-    if backward == "auto":
-        # kernels whose backward needs the output (fused SDPA ops) keep Q, dO and O at home
-        backward = "ring" if needs_out(kernel) else choose_backward(hq, hkv, q.shape[3], q.element_size())
-    whole = None
-    if world == 1:
-        ops = setup.ops(0, 0)
-        if len(ops) == 1 and (ops[0].q0, ops[0].q1, ops[0].k0, ops[0].k1) == (0, s_local, 0, s_local):
-            whole = ops[0]
-    direct = None
-    if world == 1 and spec is None:  # the whole block, or one diagonal tile per packed document
-        direct = _one_rank_direct(q, k, v, a, window, kernel.__name__.rsplit(".", 1)[-1], deterministic,
-                                  setup.ops(0, 0), s_local)
-    return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, chunks,
-                    work, direct)
+        return setup, None, hq, hkv
+    assert node_groups is not None
+    n_nodes, per_node = node_groups.nodes, node_groups.per_node
+    spec = uly.UlyssesSpec(node_groups.intra, layout, uly.kv_repeat(hkv, per_node))
+    node_table = [segments(layout, n, n_nodes, s_local * per_node) for n in range(n_nodes)]
+    setup = RingSetup(node_groups.inter, node_table, ring_passes(node_table, a.causal, window), a.causal, window,
+                      scale, kernel, deterministic, softcap=softcap)
+    return setup, spec, hq // per_node, hkv * spec.kv_repeat // per_node
 
 
-def _direct_allowed(a: AttnArgs, kernel: str, deterministic: bool) -> bool:
-    """Only the fused SDPA ops have a direct path; not for deterministic runs (cuDNN's backward is not), not with
-    the variants the fused ops cannot express (softcap, sinks)."""
-    return kernel in ("sdpa", "sdpa_attn") and not deterministic and a.softcap is None and not a.has_sinks
-
-
-def _one_rank_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
-                     kernel: str, deterministic: bool, ops: list[TileOp], s_local: int) -> Callable | None:
-    """One rank: the fused op per tile under torch's autograd when the tiles are diagonal blocks that partition
-    the queries (the whole block, or one tile per packed document), else ``None`` (see ``CallPlan.direct``)."""
-    if not _direct_allowed(a, kernel, deterministic) or not ops:
-        return None
-    tiles = sorted(ops, key=lambda op: op.q0)
-    if tiles[0].q0 != 0 or tiles[-1].q1 != s_local or any(t.q0 != t.k0 or t.q1 != t.k1 for t in tiles) \
-            or any(x.q1 != y.q0 for x, y in zip(tiles, tiles[1:])):
-        return None
-    scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
-    sdpa = kernel_module("sdpa")
-    if len(tiles) == 1:  # the whole block: the runner's output is the call's, no concatenation
-        return sdpa.bind_whole(q, k, v, scale=scale, causal=a.causal, window=window)
+def _one_rank(kernel: KernelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs,
+              window: tuple[int, int], deterministic: bool, ops: list[TileOp], s_local: int, scale: float
+              ) -> tuple[TileOp | None, Callable | None]:
+    """``(CallPlan.whole, CallPlan.direct)`` of a one-rank call as its record decides (:meth:`KernelSpec.one_rank`):
+    fused ops bound per diagonal tile (outputs concatenated), ``attend`` on the whole block, or the ring of one."""
+    path = kernel.one_rank(ops, s_local, deterministic=deterministic, softcap=a.softcap, sinks=a.has_sinks)
+    if path is OneRank.RING:
+        return None, None
+    whole = whole_tile(ops, s_local) if kernel.whole else None
+    if path is OneRank.WHOLE:
+        return whole, None
     runners = []
-    for t in tiles:
+    for t in diagonal_tiles(ops, s_local) or []:
         sl = slice(t.q0, t.q1)
         mask = (dict(causal=a.causal, window=window, q_offset=t.q_offset, k_offset=t.k_offset) if t.masked
                 else dict(causal=False, window=(-1, -1)))
-        run = sdpa.bind_whole(q[:, sl], k[:, sl], v[:, sl], scale=scale, **mask)
+        run = kernel.bind(q[:, sl], k[:, sl], v[:, sl], scale=scale, **mask)
         if run is None:
-            return None
+            return whole, None
         runners.append((sl, run))
+    if len(runners) == 1:  # the whole block: the runner's output is the call's, no concatenation
+        return whole, runners[0][1]
 
     def per_tile(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [run(qq[:, sl], kk[:, sl], vv[:, sl]) for sl, run in runners]
         return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
 
-    return per_tile
+    return whole, per_tile
 
 
 class PlanCache:

@@ -8,9 +8,9 @@ the final ones, so every kernel's backward is unchanged, and ``d sink_h = -sum_q
 (this rank's queries; the sequence-parallel gradient reduction sums the ranks' parts like any replicated weight).
 Inside a selective-checkpointing region (:mod:`ds_burst.attention.selective`) the re-run in backward reuses the
 output and lse kept from the first run instead of running the ring forward again (all of it or the early half).
-A plan whose only tile is the whole local block (one rank) calls the kernel's one-call ``attend``/``attend_bwd``
-when it has them (the fused SDPA ops, or the Triton kernels' single Hopper launch: no fp32 state, no merge, no
-conversions) and the ring path where they return ``None`` or do not exist.
+A plan whose only tile is the whole local block (one rank; ``CallPlan.whole``, set where the kernel's record has
+``attend``/``attend_bwd``: the fused SDPA ops, or the Triton kernels' single Hopper launch: no fp32 state, no
+merge, no conversions) calls them, and the ring path where they return ``None``.
 """
 
 from __future__ import annotations
@@ -112,14 +112,14 @@ def backward_impl(plan: CallPlan, saved: Saved, dout: torch.Tensor, sinks: torch
     dsinks = None
     if sinks is not None:
         dsinks = sinks_grad(sinks, lse, reference.bwd_preprocess(out_c, dout_c), plan)
-    if plan.whole is not None and hasattr(kernel, "attend_bwd"):
+    if plan.whole is not None:
         op = plan.whole
         got = kernel.attend_bwd(qc, kc, vc, out_c, dout_c, lse, scale=plan.setup.scale,
                                 deterministic=plan.setup.deterministic, **plan.setup.mask_args(op))
         if got is not None:
             return got if dsinks is None else (*got, dsinks)
     dout_c = dout_c.contiguous()
-    delta = kernel.bwd_preprocess(out_c, dout_c)  # the fused ops' fallback tiles and row chunks need it too
+    delta = kernel.impl.bwd_preprocess(out_c, dout_c)  # the fused ops' fallback tiles and row chunks need it too
     if plan.backward == "burst":
         dq, dk, dv = burst_backward(qc, kc, vc, dout_c, lse, delta, plan.setup)
     else:
@@ -161,7 +161,7 @@ class BurstAttnFunction(torch.autograd.Function):
 def _ring_forward_out(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: CallPlan, dtype: torch.dtype,
                       rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     kernel, whole = plan.setup.kernel, plan.whole
-    if rows is None and whole is not None and hasattr(kernel, "attend"):
+    if rows is None and whole is not None:
         got = kernel.attend(qc, kc, vc, scale=plan.setup.scale, **plan.setup.mask_args(whole))
         if got is not None:
             return got

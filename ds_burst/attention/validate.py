@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from ds_burst.attention.host import host_values
-from ds_burst.core import settings
 from ds_burst.core.documents import check_boundaries, fingerprint
-from ds_burst.core.options import BACKWARDS, KERNELS, LAYOUTS, SCHEDULES
+from ds_burst.core.options import BACKWARDS, LAYOUTS, SCHEDULES
 from ds_burst.dist.comm import GroupInfo, exchange_header
+from ds_burst.kernels import registry
 from ds_burst.ring.ulysses_ring import check_heads
 
 __all__ = ["BACKWARDS", "SCHEDULES", "AttnArgs", "Agreement", "agree", "check_mode", "finite_counts", "local_error",
@@ -165,8 +165,8 @@ def local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, s
         return "ValueError", f"unknown layout {a.layout!r}: expected one of {LAYOUTS}"
     if a.backward not in BACKWARDS:
         return "ValueError", f"unknown backward {a.backward!r}: expected one of {BACKWARDS}"
-    if a.kernel not in KERNELS:
-        return "ValueError", f"unknown kernel {a.kernel!r}: expected one of {KERNELS}"
+    if a.kernel not in registry.names():
+        return "ValueError", f"unknown kernel {a.kernel!r}: expected one of {registry.names()}"
     if a.schedule not in SCHEDULES:
         return "ValueError", f"unknown schedule {a.schedule!r}: expected one of {SCHEDULES}"
     if a.schedule in ("double_ring", "ulysses_ring") and info.world > 1 and not a.has_node_groups:
@@ -196,16 +196,25 @@ def local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, s
         return "ValueError", (
             f"zigzag layout needs S divisible by 2P: S_local={q.shape[1]} is odd (P={info.world})"
         )
-    if a.kernel == "sdpa" and a.backward == "burst":
-        return "ValueError", "kernel='sdpa' needs the output in its backward: use backward='ring' or 'auto'"
+    problem = _kernel_error(q, k, a)
+    if problem:
+        return "ValueError", problem
     if a.cu_error is not None:
         return a.cu_error
-    if a.kernel == "triton":
-        if q.dtype == torch.float64:
-            return "ValueError", "kernel='triton' does not support float64 inputs; use kernel='torch'"
-        if q.device.type == "cpu" and not settings.triton_interpret():
-            return "ValueError", "kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 (or use kernel='torch')"
     return None
+
+
+def _kernel_error(q: torch.Tensor, k: torch.Tensor, a: AttnArgs) -> str | None:
+    """Why a named kernel (not ``auto``) cannot run these inputs, as its record says (variants aside: the plan
+    hands those to a kernel that has them)."""
+    try:
+        spec = None if a.kernel == "auto" else registry.get(a.kernel)
+    except ValueError as exc:
+        return str(exc)
+    if spec is not None and spec.bwd_needs_out and a.backward == "burst":
+        return f"kernel={a.kernel!r} needs the output in its backward: use backward='ring' or 'auto'"
+    why = None if spec is None else spec.why_not(q, k)
+    return None if why is None else f"kernel={a.kernel!r} cannot run these inputs: {why} (or use kernel='torch')"
 
 
 def summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | None = None) -> tuple[int, ...]:
@@ -226,7 +235,7 @@ def summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | Non
         "softmax_scale": scale_bits,
         "layout": LAYOUTS.index(a.layout),
         "backward": BACKWARDS.index(a.backward),
-        "kernel": KERNELS.index(a.kernel),
+        "kernel": registry.names().index(a.kernel),
         "return_lse": int(a.return_lse),
         "schedule": SCHEDULES.index(a.schedule),
         "check_finite": int(a.check_finite),
@@ -337,7 +346,7 @@ def _decode(name: str, seen: list[int], ranks: list[int] | None = None) -> str:
     ranks = list(range(len(seen))) if ranks is None else ranks
     table = {"dtype": [str(d) for d in _DTYPES], "layout": list(LAYOUTS), "backward": list(BACKWARDS),
              "schedule": list(SCHEDULES),
-             "kernel": list(KERNELS), "device type": list(_DEVICE_TYPES)}
+             "kernel": list(registry.names()), "device type": list(_DEVICE_TYPES)}
     if name in table:
         return ", ".join(f"rank {r}: {table[name][x] if x < len(table[name]) else x}" for r, x in zip(ranks, seen))
     if name in ("softmax_scale", "softcap"):

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from ds_burst.core import settings
 from ds_burst.core.cost_model import HARDWARE_FIELDS
 from ds_burst.dist.comm import GroupInfo, P2PBatch
+from ds_burst.kernels.contract import TileKernel
 
 FORMAT = "ds-burst-calibration/1"
 SMALL_MSG_BYTES = 4096
@@ -87,7 +88,7 @@ def _slowest(values: list[float], device: torch.device) -> float:
     return statistics.median(values)
 
 
-def _tile_seconds(mod: object, device: torch.device, dtype: torch.dtype, sq: int, sk: int, q_offset: int,
+def _tile_seconds(mod: TileKernel, device: torch.device, dtype: torch.dtype, sq: int, sk: int, q_offset: int,
                   heads: int, kv_heads: int, head_dim: int, iters: int) -> tuple[list[float], list[float]]:
     """Per-iteration seconds of ``fwd_step`` and ``bwd_step`` on one tile (causal mask by global position)."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -108,8 +109,7 @@ def _tile_seconds(mod: object, device: torch.device, dtype: torch.dtype, sq: int
     out_in = out.to(dtype)
     delta = mod.bwd_preprocess(out_in, dout)
     grads = [torch.zeros(x.shape, device=device, dtype=torch.float32) for x in (q, k, v)]
-    extra = {"out": out_in} if getattr(mod, "BWD_NEEDS_OUT", False) else {}
-    bwd = _times(lambda: mod.bwd_step(q, k, v, dout, lse, delta, *grads, **mask, **extra), device, iters)
+    bwd = _times(lambda: mod.bwd_step(q, k, v, dout, lse, delta, *grads, **mask, out=out_in), device, iters)
     return fwd, bwd
 
 
@@ -117,10 +117,10 @@ def measure_kernel(kernel: str, device: torch.device, dtype: torch.dtype, tokens
                    head_dim: int, iters: int) -> dict:
     """Forward/backward seconds and TFLOP/s of the local kernel on the diagonal (causal) and a later
     (unmasked) zigzag ring tile; the slowest rank's median when torch.distributed is initialised."""
-    from ds_burst.kernels.registry import kernel_module, resolve_kernel
+    from ds_burst.kernels import registry
 
-    name = resolve_kernel(kernel, device, dtype)
-    mod = kernel_module(name)
+    name = registry.resolve(kernel, device, dtype)
+    mod = registry.get(name).impl
     if tokens < 2 or tokens % 2:
         raise ValueError(f"--tile-tokens must be an even number >= 2, got {tokens}")
     res: dict = {"kernel": name}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ds_burst.core import settings
-from ds_burst.kernels.registry import KERNELS, kernel_module
+from ds_burst.kernels import registry
 
 _MEMORY: dict[tuple[str, object], str] = {}
 Timer = Callable[[str, tuple[int, int, int, int, int], torch.dtype, torch.device, bool], float]
@@ -45,16 +45,12 @@ def shape_key(q: torch.Tensor, k: torch.Tensor, causal: bool, world: int) -> str
 
 
 def _triton_tiles(q: torch.Tensor, k: torch.Tensor) -> str:
-    """Which Triton tiles ``kernel="triton"`` runs for this call: ``tl``, ``hopper-fwd`` or ``hopper-fwd+bwd``."""
-    if q.device.type != "cuda":
-        return "tl"
+    """Which Triton tiles ``kernel="triton"`` runs for this call (its record's ``path``: ``tl``, ``hopper-fwd`` or
+    ``hopper-fwd+bwd``)."""
     try:
-        from ds_burst.kernels import triton_attn
-    except ImportError:
+        return registry.get("triton").path(q, k)  # type: ignore[misc]
+    except ValueError:  # triton not installed
         return "tl"
-    if not (triton_attn.USE_HOPPER and triton_attn.hopper_attn.applicable(q, k, k)):
-        return "tl"
-    return "hopper-fwd+bwd" if triton_attn.USE_HOPPER_BWD else "hopper-fwd"
 
 
 def candidates(q: torch.Tensor, window_finite: bool, backward: str, deterministic: bool) -> list[str]:
@@ -62,7 +58,9 @@ def candidates(q: torch.Tensor, window_finite: bool, backward: str, deterministi
     if q.device.type != "cuda":
         return ["torch"]
     names = ["triton"]
-    if q.dtype in (torch.float16, torch.bfloat16) and not window_finite and backward != "burst" and not deterministic:
+    sdpa = registry.get("sdpa")
+    if (q.dtype in (torch.float16, torch.bfloat16) and not window_finite and not deterministic
+            and not (sdpa.bwd_needs_out and backward == "burst")):
         names.append("sdpa")
     return names
 
@@ -103,7 +101,7 @@ def _store(key: str, entry: dict) -> None:
 def time_tile(name: str, shape: tuple[int, int, int, int, int], dtype: torch.dtype, device: torch.device,
               causal: bool, iters: int = 3) -> float:
     """Median ms of one forward+backward tile of kernel ``name`` at ``shape = (B, S, Hq, Hkv, D)``."""
-    kern = kernel_module(name)
+    kern = registry.get(name).impl
     b, s, hq, hkv, d = shape
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, s, hq, d, device=device, dtype=dtype, generator=gen)
@@ -111,7 +109,6 @@ def time_tile(name: str, shape: tuple[int, int, int, int, int], dtype: torch.dty
     dout = torch.randn_like(q)
     scale = d**-0.5
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    extra = {"out": None} if getattr(kern, "BWD_NEEDS_OUT", False) else {}
 
     def run() -> None:
         out = torch.zeros(b, s, hq, d, device=device, dtype=acc)
@@ -121,9 +118,7 @@ def time_tile(name: str, shape: tuple[int, int, int, int, int], dtype: torch.dty
         delta = kern.bwd_preprocess(o, dout)
         dq = torch.zeros(b, s, hq, d, device=device, dtype=acc)
         dk, dv = (torch.zeros(b, s, hkv, d, device=device, dtype=acc) for _ in range(2))
-        if extra:
-            extra["out"] = o
-        kern.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, causal=causal, **extra)
+        kern.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, causal=causal, out=o)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -181,10 +176,10 @@ def choose(q: torch.Tensor, k: torch.Tensor, causal: bool, window_finite: bool, 
             entry = {"kernel": min(names, key=lambda n: scores[n]), "ms": scores,
                      "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             _store(key, entry)
-        pick = KERNELS.index(entry["kernel"])
+        pick = registry.names().index(entry["kernel"])
         if world > 1 and agree is not None:  # every rank runs what group rank 0 picked
             pick = agree(pick)
-        _MEMORY[mem_key] = KERNELS[pick]
+        _MEMORY[mem_key] = registry.names()[pick]
     return _MEMORY[mem_key]
 
 

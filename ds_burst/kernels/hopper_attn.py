@@ -33,18 +33,14 @@ Consumer loop over key tiles ``j`` (after a peeled first tile)::
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any
-
 import torch
 
-from ds_burst.core import settings
-from ds_burst.core.mask import window_bounds
+from ds_burst.kernels import tile_math
+from ds_burst.kernels.hopper_common import AVAILABLE, ENABLED, LOG2E, desc, tma_aligned, why_not
 
-__all__ = ["AVAILABLE", "applicable", "fwd_step", "tma_aligned", "why_not"]
+__all__ = ["AVAILABLE", "ENABLED", "applicable", "fwd_step", "tma_aligned", "why_not"]
 
-try:  # Gluon's API moves between Triton releases; written against triton 3.6.
+if AVAILABLE:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -55,19 +51,9 @@ try:  # Gluon's API moves between Triton releases; written against triton 3.6.
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    AVAILABLE: bool = True
-    """Whether the Gluon Hopper modules imported (they do not run under ``TRITON_INTERPRET=1``)."""
-except Exception:  # pragma: no cover - older/newer triton without these names
-    AVAILABLE = False
+    from ds_burst.kernels.hopper_common import finish, span
 
-_ENABLED: bool = AVAILABLE and settings.flag(settings.HOPPER_KERNELS, True) and not settings.triton_interpret()
-_LOG2E = 1.4426950408889634
-_HEAD_DIMS = (64, 128)
-_MIN_ROWS = 128  # one query / key tile: the TMA boxes never exceed the tensor
-
-if AVAILABLE:
 
     @gluon.jit
     def _masked_scores(s, n, offs_m, offs_n, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):
@@ -116,50 +102,16 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def _split_span(lo_any, hi_any, f_lo, f_hi, BLOCK: gl.constexpr):
-        """Split the rows ``[lo_any, hi_any)`` into tiles of ``BLOCK`` from ``lo_any``: ``(lo_any, n_a, n_b, n_c)``,
-        masked tiles below the fully visible rows ``[f_lo, f_hi)``, mask-free tiles inside them, masked tiles
-        above (the ``tl`` kernels' ``_tile_ranges``; the backward's query span uses it too)."""
-        hi_any = gl.maximum(hi_any, lo_any)
-        has_full = f_lo < f_hi
-        end_a = gl.where(has_full, f_lo, hi_any)
-        end_a = gl.maximum(end_a, lo_any)
-        n_a = (end_a - lo_any + BLOCK - 1) // BLOCK
-        start_b = lo_any + n_a * BLOCK
-        n_b = gl.where(has_full, gl.maximum(f_hi - start_b, 0) // BLOCK, 0)
-        start_c = start_b + n_b * BLOCK
-        n_c = (gl.maximum(hi_any - start_c, 0) + BLOCK - 1) // BLOCK
-        return lo_any, n_a, n_b, n_c
-
-    @gluon.jit
-    def _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Key tiles of the query tile at row ``m0``: ``(start, n_a, n_b, n_c)``, tiles ``start + t * BLOCK_N``;
-        the first ``n_a`` and last ``n_c`` need the element mask, the ``n_b`` between are fully visible."""
-        m_last = gl.minimum(m0 + BLOCK_M, Sq) - 1
-        lo_any = m0 * 0
-        hi_any = lo_any + Sk
-        f_lo = lo_any
-        f_hi = hi_any
-        if HAS_LO:
-            lo_any = gl.maximum(m0 + delta0 - win_l, 0)
-            f_lo = gl.maximum(m_last + delta0 - win_l, 0)
-        if HAS_HI:
-            hi_any = gl.minimum(m_last + delta0 + win_r + 1, Sk)
-            f_hi = gl.minimum(m0 + delta0 + win_r + 1, Sk)
-        return _split_span(lo_any, hi_any, f_lo, f_hi, BLOCK_N)
-
-    @gluon.jit
     def _program_tile(Hq, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """This program's batch, query head, first query row (heaviest causal tiles first) and key span
-        (:func:`_key_span`), the same in every partition."""
+        (:func:`tile_math.span`), the same in every partition."""
         pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = pid_bh // Hq
         h = pid_bh % Hq
         m0 = pid_m * BLOCK_M
-        start, n_a, n_b, n_c = _key_span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        start, n_a, n_b, n_c = span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, False, 1, BLOCK_M, BLOCK_N)
         return b, h, m0, start, n_a, n_b, n_c
 
     @gluon.jit
@@ -288,14 +240,7 @@ if AVAILABLE:
         m_in = gl.where(has_prev, lse_in * 1.4426950408889634, float("-inf"))
         l_o = gl.convert_layout(l_i, orow)
         m_o = gl.convert_layout(m_i, orow)
-        has = l_o != 0.0
-        l_safe = gl.where(has, l_o, 1.0)
-        out = gl.where(has[:, None], acc / l_safe[:, None], 0.0)
-        lse_in_s = gl.where(has_prev, lse_in, 0.0)
-        m_in_s = gl.where(has_prev, m_in, 0.0)
-        lse_prev = lse_in_s + (m_o - m_in_s) * 0.6931471805599453 + gl.log(l_safe)
-        lse_new = m_o * 0.6931471805599453 + gl.log(l_safe)
-        lse_out = gl.where(has_prev, lse_prev, gl.where(has, lse_new, float("-inf")))
+        out, lse_out = finish(acc, l_o, m_o, lse_in, has_prev, m_in)
         gl.store(o_ptrs, out, mask=o_mask)
         gl.store(l_ptrs, lse_out, mask=row_ok)
 
@@ -345,59 +290,9 @@ if AVAILABLE:
 _CONFIGS: dict[int, tuple[int, int, int]] = {128: (128, 128, 3), 64: (128, 128, 4)}
 
 
-@functools.cache
-def _is_sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
-
-
-def tma_aligned(t: torch.Tensor) -> bool:
-    """Whether a TMA descriptor over ``t``'s first three dims can start at its data and step by its two outer
-    strides (16-byte multiples, as TMA requires)."""
-    es = t.element_size()
-    return t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 and (t.stride(1) * es) % 16 == 0
-
-
-def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
-    """``None`` when :func:`fwd_step` covers this call, else the reason it does not (for logs and tests)."""
-    if not _ENABLED:
-        return "the Gluon Hopper kernels are off (not importable, interpreter, or DS_BURST_HOPPER_KERNELS=0)"
-    if q.device.type != "cuda" or not _is_sm90(q.device.index if q.device.index is not None else 0):
-        return "not a compute-capability 9.x GPU"
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype} (fp16/bf16 only)"
-    d = q.shape[-1]
-    if d not in _HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
-        return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} (equal, one of {_HEAD_DIMS})"
-    if softcap is not None:
-        return "softcap"
-    if q.shape[1] < _MIN_ROWS or k.shape[1] < _MIN_ROWS:
-        # tested on H200 from 512 rows up; smaller tiles (short document pieces) stay on the tl kernels
-        return f"a tile shorter than {_MIN_ROWS} rows (q {q.shape[1]}, k {k.shape[1]})"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(3) != 1 or t.stride(2) != d:
-            return f"{name} heads are not side by side in a row (strides {t.stride()})"
-        if not tma_aligned(t):
-            return f"{name} is not 16-byte aligned for TMA"
-    return None
-
-
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None) -> bool:
     """Whether :func:`fwd_step` runs this call (see :func:`why_not`)."""
     return why_not(q, k, v, softcap) is None
-
-
-@functools.cache
-def _smem_layout(block: tuple[int, ...], dtype: torch.dtype) -> Any:
-    """The NVMMA shared layout Gluon picks for a TMA block of ``dtype`` (built once per block shape)."""
-    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
-    return gl.NVMMASharedLayout.get_default_for(list(block), gdt)
-
-
-def _desc(t: torch.Tensor, rows: int) -> Any:
-    """3-D TMA descriptor ``[B, S, H * D]`` over ``t [B, S, H, D]``, block ``[1, rows, D]``."""
-    b, s, h, d = t.shape
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d],
-                            _smem_layout((1, rows, d), t.dtype))
 
 
 def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
@@ -411,16 +306,14 @@ def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     output is rounded to it once)."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
-    lo, hi = window_bounds(causal, window)
-    has_lo, has_hi = lo != math.inf, hi != math.inf
+    has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
     bm, bn, stages = _CONFIGS[d]
     grid = (triton.cdiv(sq, bm), b * hq)
     # 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at launch;
     # the producer gives its warpgroup's down to 24 and the consumers take 240 each.
     _fwd_kernel[grid](
-        _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), out, lse, *out.stride(), *lse.stride(),
-        hq, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
-        float(scale) * _LOG2E,
+        desc(q, bm // 2), desc(k, bn), desc(v, bn), out, lse, *out.stride(), *lse.stride(),
+        hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * LOG2E,
         HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, FRESH=fresh, num_warps=4,
         maxnreg=168,
     )

@@ -29,19 +29,16 @@ apart by up to a step and their softmax phases stop coinciding (in lockstep the 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from ds_burst.core.mask import window_bounds
-from ds_burst.kernels import hopper_attn as _fwd
+from ds_burst.kernels import tile_math
+from ds_burst.kernels.hopper_common import AVAILABLE, LOG2E, desc, tma_aligned, why_not
 
-__all__ = ["bwd_step"]
+__all__ = ["applicable", "bwd_step"]
 
-_LOG2E = 1.4426950408889634
-
-if _fwd.AVAILABLE:
+if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -52,6 +49,8 @@ if _fwd.AVAILABLE:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ds_burst.kernels.hopper_common import span
 
     if hasattr(tma, "async_atomic_add"):  # public from triton 3.7 on
         _tma_add = tma.async_atomic_add
@@ -68,39 +67,17 @@ if _fwd.AVAILABLE:
                                                       src.handle)
 
     @gluon.jit
-    def _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Query tiles that see keys ``[n0, n0 + BLOCK_N)``: ``(start, n_a, n_b, n_c)`` as in the forward's key
-        span (the first ``n_a`` and last ``n_c`` tiles need the element mask). A key tile that overhangs ``Sk`` is
-        masked throughout, so the zero rows TMA reads past the end never count."""
-        n_last = gl.minimum(n0 + BLOCK_N, Sk) - 1
-        lo_any = n0 * 0
-        hi_any = lo_any + Sq
-        f_lo = lo_any
-        f_hi = hi_any
-        if HAS_HI:
-            lo_any = gl.maximum(n0 - delta0 - win_r, 0)
-            f_lo = gl.maximum(n_last - delta0 - win_r, 0)
-        if HAS_LO:
-            hi_any = gl.minimum(n_last - delta0 + win_l + 1, Sq)
-            f_hi = gl.minimum(n0 - delta0 + win_l + 1, Sq)
-        f_hi = gl.where(n0 + BLOCK_N > Sk, f_lo, f_hi)
-        # TMA reads lse and delta from the first row on: keep its byte offset 64-byte aligned (rows before the
-        # band are masked to zero).
-        lo_any = (lo_any // 16) * 16
-        return _fwd._split_span(lo_any, hi_any, f_lo, f_hi, BLOCK_M)
-
-    @gluon.jit
     def _program_keys(Hkv, Sq, Sk, delta0, win_l, win_r, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """This program's batch, kv head, first key row and query span (:func:`_query_span`): ``(b, hk, n0,
-        start, nq, n_a, n_b)`` with ``nq`` query tiles, the first ``n_a`` and those from ``n_a + n_b`` on masked;
-        the same in every partition."""
+        """This program's batch, kv head, first key row and query span (:func:`tile_math.span`, backward; the
+        first tile 16-row aligned for the TMA reads of lse and delta, rows before the band masked to zero):
+        ``(b, hk, n0, start, nq, n_a, n_b)`` with ``nq`` query tiles, the first ``n_a`` and those from
+        ``n_a + n_b`` on masked; the same in every partition."""
         pid_bh = gl.program_id(1)
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
         n0 = gl.program_id(0) * BLOCK_N
-        start, n_a, n_b, n_c = _query_span(n0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
+        start, n_a, n_b, n_c = span(n0, Sk, Sq, delta0, win_l, win_r, HAS_LO, HAS_HI, True, 16, BLOCK_N, BLOCK_M)
         return b, hk, n0, start, n_a + n_b + n_c, n_a, n_b
 
     @gluon.jit
@@ -355,7 +332,7 @@ if _fwd.AVAILABLE:
 _CONFIGS: dict[int, tuple[int, int, int]] = {128: (64, 128, 2), 64: (64, 128, 2)}
 
 
-_ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3) if _fwd.AVAILABLE else None
+_ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3) if AVAILABLE else None
 """Unswizzled fp32 rows: the shared layout of the lse / delta blocks."""
 
 
@@ -364,43 +341,27 @@ def _row_desc(t: torch.Tensor, rows: int) -> Any:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], _ROW_LAYOUT)
 
 
-def _col_desc(t: torch.Tensor, rows: int) -> Any:
-    """TMA descriptor ``[B, S, H * D]`` over ``t [B, S, H, D]`` with block ``[1, rows, D / 2]`` (half the
-    columns: dQ's share of each consumer warpgroup)."""
-    b, s, h, d = t.shape
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2],
-                            _fwd._smem_layout((1, rows, d // 2), t.dtype))
-
-
-def _acc_desc(t: torch.Tensor, rows: int) -> Any:
-    """TMA descriptor ``[B, S, H * D]`` over the fp32 accumulator ``t [B, S, H, D]`` with block
-    ``[1, rows, D / 2]``: the target of each consumer warpgroup's dQ reduce-add."""
-    b, s, h, d = t.shape
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d // 2],
-                            _fwd._smem_layout((1, rows, d // 2), torch.float32))
-
-
 def _tma_acc(t: torch.Tensor) -> bool:
     """Whether TMA can address the fp32 ``[B, S, H, D]`` accumulator ``t`` as ``[B, S, H * D]`` (heads side by
     side, 16-byte aligned)."""
-    return t.dtype == torch.float32 and t.stride(3) == 1 and t.stride(2) == t.shape[3] and _fwd.tma_aligned(t)
+    return t.dtype == torch.float32 and t.stride(3) == 1 and t.stride(2) == t.shape[3] and tma_aligned(t)
 
 
 def _tma_rows(t: torch.Tensor) -> bool:
     """Whether the fp32 ``[B, H, S]`` tensor ``t`` can be read by TMA (contiguous rows, 16-byte aligned)."""
-    return t.dtype == torch.float32 and t.stride(2) == 1 and _fwd.tma_aligned(t)
+    return t.dtype == torch.float32 and t.stride(2) == 1 and tma_aligned(t)
 
 
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
                delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softcap: float | None,
                deterministic: bool, kv_out: bool = False) -> bool:
-    """Whether :func:`bwd_step` runs this call: the forward's rules (:func:`hopper_attn.why_not`) for q/k/v and
+    """Whether :func:`bwd_step` runs this call: the forward's rules (:func:`hopper_common.why_not`) for q/k/v and
     dout, ``deterministic=False`` (dQ by atomics), TMA-readable fp32 ``lse``/``delta``, an fp32 ``dq`` TMA can
     address (heads side by side) and fp32 ``dk``/``dv`` with contiguous head dims (with ``kv_out``, the outputs
     ``dk``/``dv`` of :func:`bwd_step` may have any float dtype)."""
-    if deterministic or _fwd.why_not(q, k, v, softcap) is not None:
+    if deterministic or why_not(q, k, v, softcap) is not None:
         return False
-    if _fwd.why_not(dout, k, v, None) is not None or dout.dtype != q.dtype:
+    if why_not(dout, k, v, None) is not None or dout.dtype != q.dtype:
         return False
     if not (_tma_rows(lse) and _tma_rows(delta)):
         return False
@@ -419,17 +380,15 @@ def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     their dtype, which may be any float type) and their contents are ignored; ``dq`` is still added to."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
-    lo, hi = window_bounds(causal, window)
-    has_lo, has_hi = lo != math.inf, hi != math.inf
+    has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
     bm, bn, stages = _CONFIGS[d]
     grid = (-(-sk // bn), b * hkv)
     _bwd_kernel[grid](
-        _fwd._desc(q, bm), _fwd._desc(k, bn // 2), _col_desc(k, bn), _fwd._desc(v, bn // 2), _fwd._desc(dout, bm),
-        _row_desc(lse, bm), _row_desc(delta, bm), _acc_desc(dq, bm), dk, dv,
+        desc(q, bm), desc(k, bn // 2), desc(k, bn, d // 2), desc(v, bn // 2), desc(dout, bm),
+        _row_desc(lse, bm), _row_desc(delta, bm), desc(dq, bm, d // 2), dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        hkv, sq, sk, hq // hkv, q_offset - k_offset, int(lo) if has_lo else 0, int(hi) if has_hi else 0,
-        float(scale) * _LOG2E, float(scale),
+        hkv, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * LOG2E, float(scale),
         HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, KV_OUT=kv_out,
         num_warps=4, maxnreg=168,
     )

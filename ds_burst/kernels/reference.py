@@ -22,10 +22,12 @@ Memory is O(Sq * block_k) per head: keys are processed in tiles of ``block_k``.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 from ds_burst.core.mask import BlockKind, classify_block, window_bounds
+from ds_burst.kernels.contract import KernelSpec
 
 DEFAULT_BLOCK_K = 512
 
@@ -73,10 +75,12 @@ def fwd_step(
     k_offset: int = 0,
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
-    block_k: int = DEFAULT_BLOCK_K,
     softcap: float | None = None,
+    block_k: int | None = None,
 ) -> None:
-    """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place."""
+    """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place (keys in tiles
+    of ``block_k``, default :data:`DEFAULT_BLOCK_K`)."""
+    block_k = block_k or DEFAULT_BLOCK_K
     b, sq, hq, _ = q.shape
     dv = v.shape[-1]
     sk, hkv = k.shape[1], k.shape[2]
@@ -138,14 +142,19 @@ def bwd_step(
     k_offset: int = 0,
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
-    block_k: int = DEFAULT_BLOCK_K,
     softcap: float | None = None,
+    deterministic: bool = False,
+    out: torch.Tensor | None = None,
+    block_k: int | None = None,
 ) -> None:
     """Add this block's gradients to ``dq`` (``[B, Sq, Hq, D]``), ``dk`` (``[B, Sk, Hkv, D]``), ``dv``
     (``[B, Sk, Hkv, Dv]``).
 
-    ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]``.
+    ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]``. Always bitwise
+    reproducible (``deterministic`` changes nothing); ``out`` is not needed.
     """
+    del deterministic, out
+    block_k = block_k or DEFAULT_BLOCK_K
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
@@ -222,3 +231,13 @@ def naive_attention(
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     out = torch.matmul(p, vv).transpose(1, 2)
     return out, lse
+
+
+KERNEL = KernelSpec(
+    "torch", sys.modules[__name__],  # type: ignore[arg-type]
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    devices=("cpu", "cuda", "xpu", "mps", "meta"),
+    softcap=True, value_dim=True,
+    tolerance={torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)},
+)
+"""The PyTorch tiles: every dtype and device, every variant (the kernel the others fall back to)."""

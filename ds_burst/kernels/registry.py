@@ -1,57 +1,63 @@
-"""Local kernel selection: which implementation of the per-block tiles a call uses.
-
-Every implementation exposes ``fwd_step``, ``bwd_preprocess`` and ``bwd_step`` with the contract of
-:mod:`ds_burst.kernels.reference` (the pure-PyTorch tiles). A kernel whose module sets ``BWD_NEEDS_OUT``
-also takes the final output of the queries as ``bwd_step(..., out=...)``.
+"""The local kernels by name: the records (:class:`~ds_burst.kernels.contract.KernelSpec`) of the built-in kernels
+(``torch``, ``triton``, ``sdpa``: their modules are imported on first use) and of kernels added with :func:`register`
+(on every rank, before the first call that names it: ``burst_attn_func(kernel=<its name>)``). ``"auto"`` is
+resolved per call (:func:`resolve`; on GPUs the measured choice of :mod:`ds_burst.kernels.choice`).
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 import torch
 
 from ds_burst.core.options import KERNELS
+from ds_burst.kernels.contract import KernelSpec
+
+_REGISTERED: dict[str, KernelSpec] = {}
 
 
-def check_kernel(name: str) -> None:
-    """Raise ``ValueError`` for an unknown kernel name."""
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}: expected one of {KERNELS}")
+def names() -> tuple[str, ...]:
+    """Every value ``kernel=`` accepts: ``"auto"``, the built-in kernels, then the registered ones in order."""
+    return KERNELS + tuple(_REGISTERED)
 
 
-def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Concrete kernel for ``name``: ``auto`` is Triton on CUDA (16-bit and fp32 inputs), torch otherwise."""
-    check_kernel(name)
-    if name != "auto":
-        return name
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton_available():
-        return "triton"
-    return "torch"
+def register(spec: KernelSpec) -> None:
+    """Make ``spec`` selectable as ``kernel=spec.name`` in this process (again with the same record: no-op)."""
+    if spec.name in KERNELS or _REGISTERED.get(spec.name, spec) is not spec:
+        raise ValueError(f"a kernel named {spec.name!r} is already registered")
+    _REGISTERED[spec.name] = spec
 
 
-def kernel_module(name: str) -> ModuleType:
-    """The module implementing concrete kernel ``name`` (``torch``, ``triton`` or ``sdpa``).
+def unregister(name: str) -> None:
+    """Forget the registered kernel ``name`` (plans built with it keep it: ``clear_plans()`` drops them)."""
+    _REGISTERED.pop(name, None)
 
-    ``sdpa`` runs each tile on torch's fused attention ops (cuDNN, FlashAttention; the CPU flash op) where
-    the mask is expressible and falls back per tile otherwise; its backward needs the output (``BWD_NEEDS_OUT``),
-    so it runs with the K/V-travelling backward.
-    """
+
+def get(name: str) -> KernelSpec:
+    """The record of the concrete kernel ``name`` (not ``"auto"``: :func:`resolve` it first)."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     if name == "torch":
-        return importlib.import_module("ds_burst.kernels.reference")
-    if name == "triton":
-        if not _triton_available():
-            raise ValueError("kernel='triton' needs the triton package (pip install triton)")
-        return importlib.import_module("ds_burst.kernels.triton_attn")
+        from ds_burst.kernels import reference
+
+        return reference.KERNEL
     if name == "sdpa":
-        return importlib.import_module("ds_burst.kernels.sdpa_attn")
-    raise ValueError(f"unknown kernel {name!r}")
+        from ds_burst.kernels import sdpa_attn
+
+        return sdpa_attn.KERNEL
+    if name == "triton":
+        try:
+            from ds_burst.kernels import triton_attn
+        except ImportError as exc:
+            raise ValueError("kernel='triton' needs the triton package (pip install triton)") from exc
+        return triton_attn.KERNEL
+    raise ValueError(f"unknown kernel {name!r}: expected one of {names()[1:]}")
 
 
-def _triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Concrete kernel for ``name``: ``auto`` is Triton on CUDA (16-bit and fp32 inputs, when installed), torch
+    otherwise; other names are already concrete."""
+    if name == "auto" and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        try:
+            return get("triton").name
+        except ValueError:  # not installed
+            pass
+    return "torch" if name == "auto" else name

@@ -4,8 +4,8 @@ CUDA, the flash-attention CPU kernel on CPU.
 Same contract as :mod:`ds_burst.kernels.reference` (layout ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``; fp32
 online-softmax state ``out [B, Sq, Hq, D]`` + natural-log ``lse [B, Hq, Sq]`` updated in place; fp32 gradient
 accumulators), with one addition: :func:`bwd_step` needs ``out=``, the *final* (global) attention output of the
-queries, because the fused backward ops take ``O`` and the log-sum-exp instead of ``delta``
-(``BWD_NEEDS_OUT = True``).
+queries, because the fused backward ops take ``O`` and the log-sum-exp instead of ``delta`` (the record's
+``bwd_needs_out``). Softcap and ``Dv != D`` blocks run on the fallback; the record declares neither.
 
 Ops, in order of preference (the first one that is available, supports the shape and passes a one-time self-check
 is used; ``DS_BURST_SDPA_BACKENDS=flash,cudnn`` or :data:`CUDA_BACKENDS` change the CUDA order):
@@ -28,9 +28,9 @@ query and key ranges coincide is one piece (``is_causal=True``); a causal block 
 (``q_offset != k_offset``; also a non-causal block with only a right window, which is a causal mask shifted by the
 window) becomes up to three pieces: keys before the overlap (FULL), the coincident diagonal (causal) and queries
 after it (FULL). Anything that needs an element mask the ops cannot express (a left window that cuts into the
-block, e.g. sliding windows) runs on :mod:`~ds_burst.kernels.triton_attn` (CUDA, if importable and it supports the
-inputs) or :mod:`~ds_burst.kernels.reference` for that block; so do dtypes or head dims no op supports (e.g. fp32
-on CUDA), and any piece whose op raises (the failure is remembered and warned about once).
+block, e.g. sliding windows) runs on :mod:`~ds_burst.kernels.triton_attn` (CUDA, if importable and its record
+takes the call) or :mod:`~ds_burst.kernels.reference` for that block; so do dtypes or head dims no op supports (e.g.
+fp32 on CUDA), and any piece whose op raises (the failure is remembered and warned about once).
 
 **GQA.** All three ops take ``Hkv < Hq`` directly (cuDNN's graph is built from the K/V shapes; FlashAttention-2
 and the CPU kernel index kv heads): K/V are not repeated. If the self-check finds that an op does not handle
@@ -71,30 +71,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import math
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from types import ModuleType
+from typing import TypeVar
 
 import torch
 
 from ds_burst.core import settings
 from ds_burst.core.mask import BlockKind, classify_block, window_bounds
 from ds_burst.kernels import reference
+from ds_burst.kernels.contract import KernelSpec, TileKernel
 
-BWD_NEEDS_OUT = True
+T = TypeVar("T")
 
 #: CUDA backends in order of preference (``"cudnn"``, ``"flash"``); overridable with ``DS_BURST_SDPA_BACKENDS``.
 CUDA_BACKENDS: tuple[str, ...] = tuple(
     b.strip() for b in settings.raw(settings.SDPA_BACKENDS, "cudnn,flash").split(",") if b.strip()
 )
 CPU_BACKENDS: tuple[str, ...] = ("cpu_flash",)
-#: Split offset causal diagonals into FULL + coincident-diagonal pieces (else they fall back as a whole).
-SPLIT_OFFSET_DIAGONALS = True
-#: Use ``triton_attn`` (when importable and it supports the inputs) rather than the reference as the CUDA fallback.
-FALLBACK_TRITON = True
 #: Backward blocks with more query rows than this run in row chunks of at most this many rows (``0``: never).
 #: The fused ops' temporaries (dQ and its fp32 accumulator, dO/O in head-major layout) grow with the rows of a
 #: call, so chunking bounds them; the dK/dV partials of the chunks are summed into the fp32 accumulators.
@@ -124,14 +121,13 @@ Piece = tuple[int, int, int, int, bool]  # local (q0, q1, k0, k1) and is_causal
 
 
 def split_block(
-    q_offset: int, sq: int, k_offset: int, sk: int, causal: bool, window: tuple[int, int], split: bool | None = None
+    q_offset: int, sq: int, k_offset: int, sk: int, causal: bool, window: tuple[int, int], split: bool = True
 ) -> list[Piece] | None:
     """Pieces ``(q0, q1, k0, k1, is_causal)`` (local indices) covering exactly the visible pairs of the block, each
     either unmasked or a causal mask on coinciding ranges; ``[]`` for an EMPTY block, ``None`` if not expressible.
 
-    ``split`` (default :data:`SPLIT_OFFSET_DIAGONALS`) allows more than one piece.
+    ``split=False`` allows one piece only.
     """
-    split = SPLIT_OFFSET_DIAGONALS if split is None else split
     kind = classify_block(q_offset, sq, k_offset, sk, causal, window)
     if kind is BlockKind.EMPTY:
         return []
@@ -311,9 +307,10 @@ def _check_case(
     backend: str, device: torch.device, dtype: torch.dtype, d: int, hq: int, hkv: int, sq: int, sk: int,
     causal: bool, repeat: bool,
 ) -> bool:
-    """Run one tiny problem through the op's forward and backward and compare with closed-form math."""
+    """Run one tiny problem through the op's forward and backward and compare with the reference's math (autograd,
+    fp32 or fp64, on the same device)."""
     gen = torch.Generator().manual_seed(1234 + sq + sk + hkv)
-    b, g, scale = 1, hq // hkv, d**-0.5
+    b, scale = 1, d**-0.5
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
@@ -321,20 +318,10 @@ def _check_case(
     q, k, v, do = rnd(b, sq, hq, d), rnd(b, sk, hkv, d), rnd(b, sk, hkv, d), rnd(b, sq, hq, d)
     o, lse = _run_fwd(backend, q, k, v, scale, causal, repeat)
     dq, dk, dv = _run_bwd(backend, q, k, v, o, do, lse, scale, causal, repeat, False)
-    wide = _accum_dtype(dtype)
-    qf, kf, vf, dof = (x.to(wide) for x in (q, k, v, do))
-    kr, vr = kf.repeat_interleave(g, 2), vf.repeat_interleave(g, 2)
-    s = torch.einsum("bqhd,bkhd->bhqk", qf, kr) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1), -math.inf)
-    lse_ref = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse_ref[..., None])
-    o_ref = torch.einsum("bhqk,bkhd->bqhd", p, vr)
-    dv_ref = torch.einsum("bhqk,bqhd->bkhd", p, dof).reshape(b, sk, hkv, g, d).sum(3)
-    dp = torch.einsum("bqhd,bkhd->bhqk", dof, vr)
-    ds = p * (dp - (dof * o_ref).sum(-1).transpose(1, 2)[..., None])
-    dq_ref = torch.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
-    dk_ref = torch.einsum("bhqk,bqhd->bkhd", ds, qf).reshape(b, sk, hkv, g, d).sum(3) * scale
+    with torch.enable_grad():
+        wide = [x.to(_accum_dtype(dtype)).requires_grad_() for x in (q, k, v)]
+        o_ref, lse_ref = reference.naive_attention(*wide, causal=causal, scale=scale)
+        dq_ref, dk_ref, dv_ref = torch.autograd.grad(o_ref, wide, do.to(o_ref.dtype))
     tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-9}[dtype]
     lse_err = float((lse.double() - lse_ref.double()).abs().max())
     return (
@@ -380,21 +367,6 @@ def _mode(backend: str, device: torch.device, dtype: torch.dtype, d: int) -> str
 # dispatch
 
 
-def _fallback(q: torch.Tensor, k: torch.Tensor) -> ModuleType:
-    if FALLBACK_TRITON and q.device.type == "cuda":
-        try:
-            ta = importlib.import_module(".triton_attn", __package__)
-        except ImportError:
-            ta = None
-        if ta is not None and ta.supports(q, k):
-            return ta
-    return reference
-
-
-def _fallback_name(mod: ModuleType) -> str:
-    return "fallback:" + mod.__name__.rsplit(".", 1)[-1]
-
-
 def _usable(
     phase: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, exclude: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, bool, tuple]]:
@@ -413,6 +385,24 @@ def _usable(
 def _record_failure(key: tuple, exc: Exception) -> None:
     _FAILED.add(key)
     warnings.warn(f"sdpa kernel: {key[0]} failed for {key[1:]} ({exc}); using the next option", stacklevel=4)
+
+
+def _first(phase: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+           run: Callable[..., T], exclude: tuple[str, ...] = ()) -> T | None:
+    """``run(backend=, repeat=)`` on the best usable backend for this piece (``repeat``: K/V repeated for GQA); a
+    backend whose op raises is remembered and the next one tried; ``None`` when none ran (the caller falls
+    back)."""
+    for backend, repeat, key in _usable(phase, q, k, v, is_causal, exclude):
+        try:
+            got = run(backend=backend, repeat=repeat)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            _record_failure(key, exc)
+            continue
+        STATS[(phase, backend)] += 1
+        return got
+    return None
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, o_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
@@ -444,46 +434,30 @@ def fwd_step(
     k_offset: int = 0,
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
+    softcap: float | None = None,
     block_k: int | None = None,
 ) -> None:
     """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place.
 
     Expressible pieces (see the module docstring) run on the fused op; its per-block output is rounded to the input
-    dtype before the exact fp32 merge. Other blocks run on the Triton/reference fallback (``block_k`` is passed to
-    the reference only).
+    dtype before the exact fp32 merge. Other blocks (and every block with ``softcap``) run on the Triton/reference
+    fallback (``block_k`` is passed to it).
     """
+    mask = dict(scale=scale, causal=causal, window=window, softcap=softcap, block_k=block_k)
     sq, sk = q.shape[1], k.shape[1]
-    pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
+    pieces = split_block(q_offset, sq, k_offset, sk, causal, window) if softcap is None else None
     if pieces is None:
-        _fallback_fwd(q, k, v, out, lse, scale, q_offset, k_offset, causal, window, block_k)
+        _fallback("fwd", q, k, v, softcap).fwd_step(q, k, v, out, lse, q_offset=q_offset, k_offset=k_offset, **mask)
         return
     for q0, q1, k0, k1, is_causal in pieces:
-        qq, kk, vv = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
-        for backend, repeat, key in _usable("fwd", qq, kk, vv, is_causal):
-            try:
-                o_blk, lse_blk = _run_fwd(backend, qq, kk, vv, float(scale), is_causal, repeat)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:
-                _record_failure(key, exc)
-                continue
-            _merge(out[:, q0:q1], lse[:, :, q0:q1], o_blk, lse_blk)
-            STATS[("fwd", backend)] += 1
-            break
+        qq, kk, vv, o, lse_p = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1], lse[:, :, q0:q1]
+        got = _first("fwd", qq, kk, vv, is_causal, functools.partial(
+            _run_fwd, q=qq, k=kk, v=vv, scale=float(scale), is_causal=is_causal))
+        if got is not None:
+            _merge(o, lse_p, *got)
         else:
-            _fallback_fwd(qq, kk, vv, out[:, q0:q1], lse[:, :, q0:q1], scale, q_offset + q0, k_offset + k0, causal,
-                          window, block_k)
-
-
-def _fallback_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
-    q_offset: int, k_offset: int, causal: bool, window: tuple[int, int], block_k: int | None,
-) -> None:
-    mod = _fallback(q, k)
-    kw = {} if block_k is None else {"block_k": block_k}
-    mod.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal, window=window,
-                 **kw)
-    STATS[("fwd", _fallback_name(mod))] += 1
+            _fallback("fwd", qq, kk, vv, softcap).fwd_step(qq, kk, vv, o, lse_p, q_offset=q_offset + q0,
+                                                          k_offset=k_offset + k0, **mask)
 
 
 def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
@@ -507,78 +481,72 @@ def bwd_step(
     k_offset: int = 0,
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
-    out: torch.Tensor | None = None,
+    softcap: float | None = None,
     deterministic: bool = False,
+    out: torch.Tensor | None = None,
     block_k: int | None = None,
 ) -> None:
     """Add this block's gradients to ``dq`` (``[B, Sq, Hq, D]``) and ``dk, dv`` (``[B, Sk, Hkv, D]``).
 
     ``lse`` and ``delta`` are the global values for these queries (``[B, Hq, Sq]``) and ``out`` is their global
-    attention output ``[B, Sq, Hq, D]`` (required; cast to the input dtype if needed): the fused ops take ``O`` and
-    ``lse`` and recompute ``delta`` themselves. Blocks the ops cannot express use the fallback, which takes ``delta``.
+    attention output ``[B, Sq, Hq, Dv]`` (required; cast to the input dtype if needed): the fused ops take ``O`` and
+    ``lse`` and recompute ``delta`` themselves. Blocks the ops cannot run use the fallback, which takes ``delta``
+    (computed from ``out`` when ``None``).
     """
     if out is None:
         raise ValueError(
             "kernel 'sdpa' needs out= in bwd_step: the global attention output of these queries (the fused backward "
-            "ops take O and lse, not delta); see sdpa_attn.BWD_NEEDS_OUT"
+            "ops take O and lse, not delta); see its record's bwd_needs_out"
         )
-    if out.shape != q.shape:
-        raise ValueError(f"out must have the shape of q {tuple(q.shape)}, got {tuple(out.shape)}")
+    if out.shape != dout.shape:
+        raise ValueError(f"out must have the shape of dout {tuple(dout.shape)}, got {tuple(out.shape)}")
+    kw = dict(scale=scale, causal=causal, window=window, softcap=softcap, deterministic=deterministic,
+              block_k=block_k)
     sq, sk = q.shape[1], k.shape[1]
     if 0 < BWD_ROWS < sq:  # bound the ops' per-call temporaries: run the rows in chunks
         for r0 in range(0, sq, BWD_ROWS):
             r = slice(r0, min(sq, r0 + BWD_ROWS))
             bwd_step(q[:, r], k, v, dout[:, r], lse[:, :, r], None if delta is None else delta[:, :, r], dq[:, r],
-                     dk, dv, scale=scale,
-                     q_offset=q_offset + r0, k_offset=k_offset, causal=causal, window=window, out=out[:, r],
-                     deterministic=deterministic, block_k=block_k)
+                     dk, dv, q_offset=q_offset + r0, k_offset=k_offset, out=out[:, r], **kw)
         return
-    pieces = split_block(q_offset, sq, k_offset, sk, causal, window)
+    pieces = split_block(q_offset, sq, k_offset, sk, causal, window) if softcap is None else None
     if pieces is None:
-        delta = delta if delta is not None else bwd_preprocess(out, dout)  # the ring may pass none (BWD_NEEDS_OUT)
-        _fallback_bwd(q, k, v, dout, lse, delta, dq, dk, dv, scale, q_offset, k_offset, causal, window,
-                      deterministic, block_k)
+        delta = delta if delta is not None else bwd_preprocess(out, dout)
+        _fallback("bwd", q, k, v, softcap).bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, q_offset=q_offset,
+                                                   k_offset=k_offset, **kw)
         return
     exclude = ("cudnn",) if deterministic else ()
     if dout.dtype != q.dtype:
         exclude = _backends(q.device)  # the fused ops need dO in the input dtype
     for q0, q1, k0, k1, is_causal in pieces:
-        qq, kk, vv, do = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], dout[:, q0:q1]
-        for backend, repeat, key in _usable("bwd", qq, kk, vv, is_causal, exclude):
-            try:
-                g_q, g_k, g_v = _run_bwd(backend, qq, kk, vv, out[:, q0:q1].to(qq.dtype), do, lse[:, :, q0:q1],
-                                         float(scale), is_causal, repeat, deterministic)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:
-                _record_failure(key, exc)
-                continue
-            dq[:, q0:q1].add_(g_q)  # mixed-dtype in-place add: no fp32 copy of the partial on CUDA
-            dk[:, k0:k1].add_(g_k)
-            dv[:, k0:k1].add_(g_v)
-            STATS[("bwd", backend)] += 1
-            break
+        qq, kk, vv, do, o = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], dout[:, q0:q1], out[:, q0:q1]
+        got = _first("bwd", qq, kk, vv, is_causal, functools.partial(
+            _run_bwd, q=qq, k=kk, v=vv, out=o.to(qq.dtype), dout=do, lse=lse[:, :, q0:q1], scale=float(scale),
+            is_causal=is_causal, deterministic=deterministic), exclude)
+        if got is not None:
+            dq[:, q0:q1].add_(got[0])  # mixed-dtype in-place add: no fp32 copy of the partial on CUDA
+            dk[:, k0:k1].add_(got[1])
+            dv[:, k0:k1].add_(got[2])
         else:
-            d_piece = delta[:, :, q0:q1] if delta is not None else bwd_preprocess(out[:, q0:q1], do)
-            _fallback_bwd(qq, kk, vv, do, lse[:, :, q0:q1], d_piece, dq[:, q0:q1], dk[:, k0:k1],
-                          dv[:, k0:k1], scale, q_offset + q0, k_offset + k0, causal, window, deterministic, block_k)
+            d_piece = delta[:, :, q0:q1] if delta is not None else bwd_preprocess(o, do)
+            _fallback("bwd", qq, kk, vv, softcap).bwd_step(
+                qq, kk, vv, do, lse[:, :, q0:q1], d_piece, dq[:, q0:q1], dk[:, k0:k1], dv[:, k0:k1],
+                q_offset=q_offset + q0, k_offset=k_offset + k0, **kw)
 
 
-def _fallback_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, scale: float, q_offset: int, k_offset: int, causal: bool,
-    window: tuple[int, int], deterministic: bool, block_k: int | None,
-) -> None:
-    mod = _fallback(q, k)
-    kw: dict = {}
-    if mod is reference:
-        if block_k is not None:
-            kw["block_k"] = block_k
-    else:
-        kw["deterministic"] = deterministic
-    mod.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset, k_offset=k_offset,
-                 causal=causal, window=window, **kw)
-    STATS[("bwd", _fallback_name(mod))] += 1
+def _fallback(phase: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> TileKernel:
+    """The step functions of blocks the fused ops cannot run (counted in :data:`STATS` as ``fallback:<kernel>``):
+    Triton on CUDA where its record takes the call, else the reference."""
+    spec = reference.KERNEL
+    if q.device.type == "cuda":
+        try:
+            from ds_burst.kernels import triton_attn
+        except ImportError:
+            triton_attn = None  # type: ignore[assignment]
+        if triton_attn is not None and triton_attn.KERNEL.why_not(q, k, v, softcap=softcap) is None:
+            spec = triton_attn.KERNEL
+    STATS[(phase, "fallback:" + spec.name)] += 1
+    return spec.impl
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -613,7 +581,7 @@ def describe(
             mode = _mode(backend, device, dtype, head_dim)
             info += ": self-check failed" if mode is None else f": ok, GQA {mode}"
         parts.append(info)
-    fb = "triton_attn if importable, else reference" if device.type == "cuda" and FALLBACK_TRITON else "reference"
+    fb = "triton where it takes the call, else reference" if device.type == "cuda" else "reference"
     return (
         f"sdpa kernel on {device} (torch {torch.__version__}): " + " > ".join(parts or ["no fused op"])
         + f"; fallback for inexpressible masks/dtypes: {fb}"
@@ -635,50 +603,34 @@ def _whole_piece(q_offset: int, sq: int, k_offset: int, sk: int, causal: bool, w
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
-    window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
+    window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention of the whole block in one fused call: ``(out [B, Sq, Hq, D] input dtype, lse [B, Hq, Sq] fp32)``,
-    or ``None`` when the mask needs several pieces or no fused op takes the inputs (the caller then runs the
-    general path). Used when a call's only tile is the whole local block (one rank)."""
+    or ``None`` when the mask needs several pieces, there is a softcap or no fused op takes the inputs (the caller
+    then runs the general path). Used when a call's only tile is the whole local block (one rank)."""
     is_causal = _whole_piece(q_offset, q.shape[1], k_offset, k.shape[1], causal, window)
-    if is_causal is None:
+    if is_causal is None or softcap is not None:
         return None
-    for backend, repeat, key in _usable("fwd", q, k, v, is_causal):
-        try:
-            o, lse = _run_fwd(backend, q, k, v, float(scale), is_causal, repeat)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:
-            _record_failure(key, exc)
-            continue
-        STATS[("fwd", backend)] += 1
-        return o, lse.to(_accum_dtype(q.dtype))
-    return None
+    got = _first("fwd", q, k, v, is_causal, functools.partial(
+        _run_fwd, q=q, k=k, v=v, scale=float(scale), is_causal=is_causal))
+    return None if got is None else (got[0], got[1].to(_accum_dtype(q.dtype)))
 
 
 def attend_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, *,
     scale: float, causal: bool = False, window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
-    deterministic: bool = False,
+    deterministic: bool = False, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Gradients of :func:`attend` in one fused call, in the input dtype, or ``None`` (general path)."""
-    if (0 < BWD_ROWS < q.shape[1]) or dout.dtype != q.dtype:
+    if (0 < BWD_ROWS < q.shape[1]) or dout.dtype != q.dtype or softcap is not None:
         return None
     is_causal = _whole_piece(q_offset, q.shape[1], k_offset, k.shape[1], causal, window)
     if is_causal is None:
         return None
-    exclude = ("cudnn",) if deterministic else ()
-    for backend, repeat, key in _usable("bwd", q, k, v, is_causal, exclude):
-        try:
-            dq, dk, dv = _run_bwd(backend, q, k, v, out, dout, lse, float(scale), is_causal, repeat, deterministic)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:
-            _record_failure(key, exc)
-            continue
-        STATS[("bwd", backend)] += 1
-        return dq, dk.to(q.dtype), dv.to(q.dtype)
-    return None
+    got = _first("bwd", q, k, v, is_causal, functools.partial(
+        _run_bwd, q=q, k=k, v=v, out=out, dout=dout, lse=lse, scale=float(scale), is_causal=is_causal,
+        deterministic=deterministic), ("cudnn",) if deterministic else ())
+    return None if got is None else (got[0], got[1].to(q.dtype), got[2].to(q.dtype))
 
 
 def bind_whole(
@@ -741,3 +693,13 @@ def _whole_runner(backend: str, groups: int, scale: float, is_causal: bool,
 def _usable_bwd(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> bool:
     """Whether ``backend``'s backward passed its checks for these inputs too (it runs under torch's autograd)."""
     return any(b == backend for b, _, _ in _usable("bwd", q, k, v, is_causal))
+
+
+KERNEL = KernelSpec(
+    "sdpa", sys.modules[__name__],  # type: ignore[arg-type]
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64), devices=("cpu", "cuda"),
+    bwd_needs_out=True, whole=True, binds=True,
+    tolerance={torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 3e-3),
+               torch.bfloat16: (1.5e-2, 2e-2)},
+)
+"""torch's fused attention ops per tile (the fallback for the rest); the backward needs the output."""

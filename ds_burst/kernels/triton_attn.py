@@ -1,7 +1,9 @@
 """Triton local attention tiles for the BurstAttention ring: forward with a carried online-softmax state,
 backward with precomputed global ``lse`` and ``delta``.
 
-Same contract as :mod:`ds_burst.kernels.reference` (read its docstring): ``q [B, Sq, Hq, D]``,
+The tile contract of :mod:`ds_burst.kernels.contract` (semantics: :mod:`ds_burst.kernels.reference`), as the
+methods of :class:`Tiles`, whose fields fix the routing (:data:`TILES`, and the module's functions, follow the
+settings); the record is :data:`KERNEL`. ``q [B, Sq, Hq, D]``,
 ``k [B, Sk, Hkv, D]``, ``v [B, Sk, Hkv, Dv]`` with any strides (``Dv`` may differ from ``D``, MLA), GQA by index
 arithmetic (K/V are never repeated), masks by *global* positions ``q_offset + i`` / ``k_offset + j`` (causal and
 flash-attn style windows, see :mod:`ds_burst.core.mask`), optional logit softcapping ``softcap``.
@@ -26,8 +28,9 @@ Design (docs/KERNELS.md has more):
 * Under ``TRITON_INTERPRET=1`` (CPU) a single small config is used; on GPU the kernels are autotuned over a
   small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
 * On sm_90 (H100, H200) the launchers hand the calls that :mod:`ds_burst.kernels.hopper_attn` covers to its
-  Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`); these ``tl`` kernels stay the
-  portable path (other GPUs, the interpreter, softcap, ``Dv != D``, other head dims, ``deterministic=True``).
+  Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`; ``Tiles(hopper=False)``: never);
+  these ``tl`` kernels stay the portable path (other GPUs, the interpreter, softcap, ``Dv != D``, other head
+  dims, ``deterministic=True``).
 * One rank, the whole block as the only tile: :func:`attend` / :func:`attend_bwd` run it in one Hopper launch
   each way with the outputs written in the input dtype (no fp32 state or gradient buffers for out, dK, dV), or
   return ``None`` where the Hopper kernels do not cover the call.
@@ -36,6 +39,8 @@ Design (docs/KERNELS.md has more):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,10 +49,11 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ds_burst.core import settings
-from ds_burst.core.mask import BlockKind, classify_block, window_bounds
-from ds_burst.kernels import hopper_attn, hopper_attn_bwd
+from ds_burst.core.mask import BlockKind, classify_block
+from ds_burst.kernels import hopper_attn, hopper_attn_bwd, tile_math
+from ds_burst.kernels.contract import KernelSpec
 
-__all__ = ["fwd_step", "bwd_preprocess", "bwd_step", "attend", "attend_bwd", "supports", "supports_variant",
+__all__ = ["KERNEL", "TILES", "Tiles", "kernel", "fwd_step", "bwd_preprocess", "bwd_step", "attend", "attend_bwd",
            "MAX_HEAD_DIM", "INTERPRET"]
 
 INTERPRET: bool = settings.triton_interpret()
@@ -57,71 +63,27 @@ _AUTOTUNE: bool = (not INTERPRET) and settings.flag(settings.TRITON_AUTOTUNE, Tr
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Whether bwd_step(deterministic=False) accumulates dQ with atomics inside the dK/dV kernel (True) or uses the
-# separate dQ kernel as in deterministic mode (False). Measured on H200 (S=32K, H=32, D=128, bf16, causal):
-# atomic dQ 242 TFLOP/s backward, separate dQ kernel 383, so the atomic path is off by default.
-ATOMIC_DQ_WHEN_NONDETERMINISTIC = False
-
-# Whether fwd_step hands the calls that hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, no softcap,
-# TMA-addressable strides) to the Gluon forward (DS_BURST_HOPPER_KERNELS=0: never). Benchmarks flip it to time
-# the ``tl`` kernels on the same GPU.
-USE_HOPPER: bool = hopper_attn.AVAILABLE
-# Whether bwd_step also hands those calls (with deterministic=False, TMA-readable lse/delta) to the Gluon
-# backward, hopper_attn_bwd (DS_BURST_HOPPER_BWD=0: the ``tl`` backward). On H200 at 32K it matched or beat the
-# ``tl`` backward on every ring-step tile kind measured (docs/BENCHMARKS.md, 2026-12-01).
-USE_HOPPER_BWD: bool = hopper_attn.AVAILABLE and settings.flag(settings.HOPPER_BWD, True)
-
-# Tile sizes used in interpreter mode (tests may change them); BLOCK_M tiles queries, BLOCK_N keys.
-_INTERPRET_BLOCKS: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 16}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK: tl.constexpr):
-    """Split ``[lo_any, hi_any)`` into masked tiles, mask-free tiles inside ``[f_lo, f_hi)``, masked tiles.
-
-    Returns ``(start_a, n_a, start_b, n_b, start_c, n_c)``: tile counts of each range and their first index.
-    Mask-free tiles lie entirely in ``[f_lo, f_hi)``; masked ranges may overhang (the element mask covers it).
-    """
-    hi_any = tl.maximum(hi_any, lo_any)
-    has_full = f_lo < f_hi
-    end_a = tl.where(has_full, f_lo, hi_any)
-    end_a = tl.maximum(end_a, lo_any)
-    n_a = (end_a - lo_any + BLOCK - 1) // BLOCK
-    start_b = lo_any + n_a * BLOCK
-    n_b = tl.where(has_full, tl.maximum(f_hi - start_b, 0) // BLOCK, 0)
-    start_c = start_b + n_b * BLOCK
-    n_c = (tl.maximum(hi_any - start_c, 0) + BLOCK - 1) // BLOCK
-    return lo_any, n_a, start_b, n_b, start_c, n_c
+_span = triton.jit(tile_math.in_dialect(tile_math.span, tl))
+_finish = triton.jit(tile_math.in_dialect(tile_math.finish, tl))
 
 
 @triton.jit
-def _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles for the query tile starting at row ``m0``: see :func:`_tile_ranges`.
-
-    Query row ``i`` sees key ``j`` iff ``-win_l <= j - i - delta0 <= win_r`` (each side only if bounded),
-    with ``delta0 = q_offset - k_offset``.
-    """
-    m_last = tl.minimum(m0 + BLOCK_M, Sq) - 1
-    lo_any = m0 * 0
-    hi_any = lo_any + Sk
-    f_lo = lo_any
-    f_hi = hi_any
-    if HAS_LO:
-        lo_any = tl.maximum(m0 + delta0 - win_l, 0)
-        f_lo = tl.maximum(m_last + delta0 - win_l, 0)
-    if HAS_HI:
-        hi_any = tl.minimum(m_last + delta0 + win_r + 1, Sk)
-        f_hi = tl.minimum(m0 + delta0 + win_r + 1, Sk)
-    return _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK_N)
+def _subrange(start, n_a, n_b, R: tl.constexpr, BLOCK: tl.constexpr):
+    """First tile row of range ``R`` of a span (:func:`tile_math.span`: 0 masked tiles below, 1 mask-free tiles,
+    2 masked tiles above)."""
+    if R == 0:
+        first = start
+    elif R == 1:
+        first = start + n_a * BLOCK
+    else:
+        first = start + n_a * BLOCK + n_b * BLOCK
+    return first
 
 
 @triton.jit
@@ -235,26 +197,14 @@ def _fwd_kernel(
     kT_ptrs = K + kv_off + offs_n[None, :] * sks + offs_d[:, None] * skd
     v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd
 
-    sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sa, na, offs_m, offs_n, offs_d, offs_dv, sks, svs,
-                               Sk, delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
-                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sb, nb, offs_m, offs_n, offs_d, offs_dv, sks, svs,
-                               Sk, delta0, win_l, win_r, qk_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
-                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, sc, nc, offs_m, offs_n, offs_d, offs_dv, sks, svs,
-                               Sk, delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV,
-                               HEAD_DIM, HEAD_DV, BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-
-    has = l_i != 0.0  # a NaN sum counts: non-finite inputs propagate as in torch SDPA, no row is zeroed
-    l_safe = tl.where(has, l_i, 1.0)
-    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
-    # lse_in + (m - m_in) * ln2 + ln(l) keeps lse bitwise unchanged for rows that saw no new key.
-    lse_in_s = tl.where(has_prev, lse_in, 0.0)
-    m_in_s = tl.where(has_prev, m_in, 0.0)
-    lse_prev = lse_in_s + (m_i - m_in_s) * 0.6931471805599453 + tl.log(l_safe)
-    lse_new = m_i * 0.6931471805599453 + tl.log(l_safe)
-    lse_out = tl.where(has_prev, lse_prev, tl.where(has, lse_new, float("-inf")))
+    start, n_a, n_b, n_c = _span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, False, 1, BLOCK_M, BLOCK_N)
+    for r in tl.static_range(3):  # masked key tiles, mask-free key tiles, masked key tiles
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, kT_ptrs, v_ptrs, _subrange(start, n_a, n_b, r, BLOCK_N), (n_a, n_b, n_c)[r], offs_m,
+            offs_n, offs_d, offs_dv, sks, svs, Sk, delta0, win_l, win_r, qk_scale, cap2, MASKED=r != 1,
+            HAS_LO=HAS_LO, HAS_HI=HAS_HI, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, HEAD_DIM=HEAD_DIM, HEAD_DV=HEAD_DV,
+            BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH)
+    out, lse_out = _finish(acc, l_i, m_i, lse_in, has_prev, m_in)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(l_ptrs, lse_out.to(Lse.dtype.element_ty), mask=row_ok)
 
@@ -376,21 +326,7 @@ def _bwd_kv_kernel(
     v = tl.load(V + b64 * svb + hk64 * svh + n64 * svs + offs_c[:, None] * svs + offs_dv[None, :] * svd,
                 mask=v_mask, other=0.0)
 
-    # Query rows i that see key j: j - delta0 - win_r <= i <= j - delta0 + win_l.
-    n_last = tl.minimum(n0 + BLOCK_N, Sk) - 1
-    lo_any = n0 * 0
-    hi_any = lo_any + Sq
-    f_lo = lo_any
-    f_hi = hi_any
-    if HAS_HI:
-        lo_any = tl.maximum(n0 - delta0 - win_r, 0)
-        f_lo = tl.maximum(n_last - delta0 - win_r, 0)
-    if HAS_LO:
-        hi_any = tl.minimum(n_last - delta0 + win_l + 1, Sq)
-        f_hi = tl.minimum(n0 - delta0 + win_l + 1, Sq)
-    # A key tile that overhangs Sk is processed fully masked (keeps padded key rows out of dQ).
-    f_hi = tl.where(n0 + BLOCK_N > Sk, f_lo, f_hi)
-    sa, na, sb, nb, sc, nc = _tile_ranges(lo_any, hi_any, f_lo, f_hi, BLOCK_M)
+    start, n_a, n_b, n_c = _span(n0, Sk, Sq, delta0, win_l, win_r, HAS_LO, HAS_HI, True, 1, BLOCK_N, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -401,18 +337,13 @@ def _bwd_kv_kernel(
         lse_ptrs = Lse + b64 * slb + h64 * slh + offs_r * sls
         dl_ptrs = Delta + b64 * sdlb + h64 * sdlh + offs_r * sdls
         dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sa, na, offs_n, offs_r,
-                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
-                               sm_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
-                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sb, nb, offs_n, offs_r,
-                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
-                               sm_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
-                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, sc, nc, offs_n, offs_r,
-                               offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l, win_r, qk_scale,
-                               sm_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV, BLOCK_M,
-                               DOT_PREC, ATOMIC_DQ, SOFTCAP, LIB_TANH)
+        for r in tl.static_range(3):  # masked query tiles, mask-free query tiles, masked query tiles
+            dk, dv = _bwd_kv_inner(
+                dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptrs, dl_ptrs, dq_ptrs, _subrange(start, n_a, n_b, r, BLOCK_M),
+                (n_a, n_b, n_c)[r], offs_n, offs_r, offs_d, offs_dv, sqs, sdos, sls, sdls, sdqs, Sq, Sk, delta0, win_l,
+                win_r, qk_scale, sm_scale, cap2, MASKED=r != 1, HAS_LO=HAS_LO, HAS_HI=HAS_HI, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, HEAD_DIM=HEAD_DIM, HEAD_DV=HEAD_DV, BLOCK_M=BLOCK_M, DOT_PREC=DOT_PREC,
+                ATOMIC_DQ=ATOMIC_DQ, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH)
 
     dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + n64 * sdks + offs_c[:, None] * sdks + offs_d[None, :] * sdkd
     dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + n64 * sdvs + offs_c[:, None] * sdvs + offs_dv[None, :] * sdvd
@@ -511,16 +442,13 @@ def _bwd_q_kernel(
     kT_ptrs = K + b64 * skb + hk64 * skh + offs_n[None, :] * sks + offs_d[:, None] * skd
     vT_ptrs = V + b64 * svb + hk64 * svh + offs_n[None, :] * svs + offs_dv[:, None] * svd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    sa, na, sb, nb, sc, nc = _key_ranges(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sa, na, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
-                      delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sb, nb, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
-                      delta0, win_l, win_r, qk_scale, cap2, False, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
-    dq = _bwd_q_inner(dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, sc, nc, offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk,
-                      delta0, win_l, win_r, qk_scale, cap2, True, HAS_LO, HAS_HI, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DV,
-                      BLOCK_N, DOT_PREC, SOFTCAP, LIB_TANH)
+    start, n_a, n_b, n_c = _span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, False, 1, BLOCK_M, BLOCK_N)
+    for r in tl.static_range(3):  # masked key tiles, mask-free key tiles, masked key tiles
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, dlt, kT_ptrs, vT_ptrs, _subrange(start, n_a, n_b, r, BLOCK_N), (n_a, n_b, n_c)[r],
+            offs_m, offs_n, offs_d, offs_dv, sks, svs, Sk, delta0, win_l, win_r, qk_scale, cap2, MASKED=r != 1,
+            HAS_LO=HAS_LO, HAS_HI=HAS_HI, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, HEAD_DIM=HEAD_DIM, HEAD_DV=HEAD_DV,
+            BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH)
 
     dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + m64 * sdqs + offs_r[:, None] * sdqs + offs_d[None, :] * sdqd
     dq_old = tl.load(dq_ptrs, mask=mask, other=0.0)
@@ -562,31 +490,30 @@ _FIXED = {
 _SMEM_LIMIT = 200 * 1024
 
 
-def _prune_fwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
-    esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+def _pruner(smem: Callable[[triton.Config, int, int, int], int], big: Callable[[triton.Config], bool]
+            ) -> Callable[..., list[triton.Config]]:
+    """An ``early_config_prune`` keeping the configs whose shared memory ``smem(config, BLOCK_D, BLOCK_DV, element
+    size)`` fits and, at head dims of 256, those ``big`` accepts (else the smallest config)."""
 
-    def smem(c: triton.Config) -> int:  # Q tile, then K and V tiles per pipeline stage
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return esize * (bd * bm + (bd + bdv) * bn * max(c.num_stages - 1, 1))
+    def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+        bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
+        esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+        keep = [c for c in configs if smem(c, bd, bdv, esize) <= _SMEM_LIMIT and (max(bd, bdv) < 256 or big(c))]
+        return keep or [min(configs, key=lambda c: smem(c, bd, bdv, esize))]
 
-    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT and (max(bd, bdv) < 256 or c.kwargs["BLOCK_N"] <= 64)]
-    return keep or [min(configs, key=smem)]
+    return prune
 
 
-def _prune_bwd(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    bdv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", bd))
-    esize = 4 if kwargs.get("DOT_PREC", named_args.get("DOT_PREC", "")) == "ieee" else 2
+def _stages(c: triton.Config) -> int:
+    return max(c.num_stages - 1, 1)
 
-    def smem(c: triton.Config) -> int:  # q / k tiles by bd, dO / v tiles by bdv (as before when bdv == bd)
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return esize * (bd + bdv) * (bm + bn) * (max(c.num_stages - 1, 1) + 1) // 2
 
-    keep = [c for c in configs if smem(c) <= _SMEM_LIMIT
-            and (max(bd, bdv) < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
-    return keep or [min(configs, key=smem)]
+# forward: a Q tile, then K and V tiles per pipeline stage; backward: q / k tiles by BLOCK_D, dO / v by BLOCK_DV
+_prune_fwd = _pruner(lambda c, bd, bdv, es: es * (bd * c.kwargs["BLOCK_M"] + (bd + bdv) * c.kwargs["BLOCK_N"]
+                                                 * _stages(c)), lambda c: c.kwargs["BLOCK_N"] <= 64)
+_prune_bwd = _pruner(lambda c, bd, bdv, es: es * (bd + bdv) * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])
+                     * (_stages(c) + 1) // 2, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
 
 
 _KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LO", "HAS_HI", "DOT_PREC", "SOFTCAP", "SEQ_BUCKET"]
@@ -600,17 +527,14 @@ if _AUTOTUNE:
                                    prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_q_kernel)
 else:
     _fwd_tuned = _bwd_kv_tuned = _bwd_q_tuned = None
+# kind -> (autotuned kernel or None, kernel, the block its grid tiles)
+_KERNELS = {"fwd": (_fwd_tuned, _fwd_kernel, "BLOCK_M"), "kv": (_bwd_kv_tuned, _bwd_kv_kernel, "BLOCK_N"),
+            "q": (_bwd_q_tuned, _bwd_q_kernel, "BLOCK_M")}
 
 
 def _seq_bucket(n: int) -> int:
     """Autotune key for a sequence length: powers of two from 256 to 16384 (coarse)."""
     return min(max(triton.next_power_of_2(max(n, 1)), 256), 16384)
-
-
-def _fixed_meta(kind: str, block_d: int) -> dict[str, int]:
-    if INTERPRET:
-        return dict(_INTERPRET_BLOCKS)
-    return dict(_FIXED[kind][0 if block_d <= 128 else 1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -627,36 +551,27 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether these kernels can run on ``q`` / ``k`` (dtype, head dim, device, GQA grouping)."""
-    if q.dim() != 4 or k.dim() != 4:
-        return False
-    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype:
-        return False
-    d = q.shape[-1]
-    if d < 1 or d > MAX_HEAD_DIM or k.shape[-1] != d:
-        return False
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0 or q.shape[0] != k.shape[0]:
-        return False
+def _rules(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """The Triton tiles' own rules (``KERNEL.check``): 4-D inputs of one dtype, head dims 1..256, whole GQA groups,
+    CUDA or, under ``TRITON_INTERPRET=1``, the CPU without bf16 (the interpreter's bf16 ``tl.dot`` is wrong)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"expected 4-D [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} differ"
+    d, dv = q.shape[-1], v.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        return f"head dim {d} not supported by the Triton kernels (1..{MAX_HEAD_DIM})"
+    if not 1 <= dv <= MAX_HEAD_DIM:
+        return f"value head dim {dv} not supported by the Triton kernels (1..{MAX_HEAD_DIM})"
+    if k.shape[:3] != v.shape[:3] or k.shape[-1] != d or k.shape[0] != q.shape[0]:
+        return f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        return f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}"
     if q.device.type == "cuda":
-        return q.dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
-    return INTERPRET and q.device.type == "cpu" and q.dtype != torch.bfloat16
-
-
-def supports_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> bool:
-    """Whether these kernels can run a call with logit softcapping ``softcap`` (``None``: none) and the value head
-    dim of ``v`` (``Dv`` may differ from ``D``, up to :data:`MAX_HEAD_DIM`): :func:`supports` plus the checks on
-    ``v`` and ``softcap``. The call plan asks this before it gives a variant to Triton."""
-    if not supports(q, k) or v.dim() != 4 or v.dtype != q.dtype or tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        return False
-    if not 1 <= v.shape[-1] <= MAX_HEAD_DIM:
-        return False
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-            return False
-        if not 0.0 < float(softcap) < math.inf:
-            return False
-    return True
+        return None if q.dtype != torch.bfloat16 or torch.cuda.is_bf16_supported() else "no bf16 on this GPU"
+    if not (INTERPRET and settings.triton_interpret()):  # set at import, and still set
+        return f"{q.device.type} tensors need TRITON_INTERPRET=1 (the interpreter)"
+    return "bf16 under the interpreter (its bf16 dot is wrong)" if q.dtype == torch.bfloat16 else None
 
 
 def _softcap_args(scale: float, softcap: float | None) -> tuple[float, float, bool]:
@@ -671,21 +586,9 @@ def _softcap_args(scale: float, softcap: float | None) -> tuple[float, float, bo
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"expected 4-D [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    d = q.shape[-1]
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
-    if not 1 <= v.shape[-1] <= MAX_HEAD_DIM:
-        raise ValueError(f"value head dim {v.shape[-1]} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
-    if k.shape[:3] != v.shape[:3] or k.shape[-1] != d or k.shape[0] != q.shape[0]:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
-    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"unsupported dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not supports(q, k):
-        raise ValueError(f"Triton kernels cannot run on {q.device} / {q.dtype} here (TRITON_INTERPRET={INTERPRET})")
+    why = KERNEL.why_not(q, k, v)
+    if why is not None:
+        raise ValueError(f"the Triton tiles cannot run this call: {why}")
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -693,208 +596,206 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def _mask_args(causal: bool, window: tuple[int, int]) -> tuple[bool, bool, int, int]:
-    lo, hi = window_bounds(causal, window)
-    has_lo, has_hi = lo != math.inf, hi != math.inf
-    return has_lo, has_hi, int(lo) if has_lo else 0, int(hi) if has_hi else 0
+@dataclass(frozen=True)
+class Tiles:
+    """The Triton tiles (the contract's step functions and one-rank entry points), their routing fixed when made:
+    :data:`TILES` follows the settings; benchmarks and tests make others (``Tiles(hopper=False)``: the portable
+    ``tl`` kernels alone, on any GPU)."""
 
+    # the calls hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, no softcap, TMA-addressable strides;
+    # DS_BURST_HOPPER_KERNELS=0: none) run on the Gluon forward
+    hopper: bool = True
+    # with hopper, the backward too (deterministic=False, TMA-readable lse/delta); on H200 at 32K it matched or beat
+    # the tl backward on every ring-step tile kind (docs/BENCHMARKS.md, 2026-12-01); DS_BURST_HOPPER_BWD=0: tl
+    hopper_bwd: bool = settings.flag(settings.HOPPER_BWD, True)
+    # deterministic=False: dQ by fp32 atomics in the dK/dV kernel instead of the dQ kernel; off: on H200 (S=32K,
+    # H=32, D=128, bf16, causal) atomic dQ gave 242 TFLOP/s backward, the dQ kernel 383
+    atomic_dq: bool = False
+    interpret_blocks: tuple[int, int] = (16, 16)  # (BLOCK_M, BLOCK_N) under the interpreter
 
-def fwd_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    *,
-    scale: float,
-    q_offset: int = 0,
-    k_offset: int = 0,
-    causal: bool = False,
-    window: tuple[int, int] = (-1, -1),
-    block_k: int | None = None,
-    softcap: float | None = None,
-) -> None:
-    """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place.
+    def path(self, q: torch.Tensor, k: torch.Tensor) -> str:
+        """Which tiles run a call on ``q``, ``k``: ``tl``, ``hopper-fwd`` or ``hopper-fwd+bwd`` (``KERNEL.path``)."""
+        if not (self.hopper and hopper_attn.applicable(q, k, k)):
+            return "tl"
+        return "hopper-fwd+bwd" if self.hopper_bwd else "hopper-fwd"
 
-    ``out [B, Sq, Hq, Dv]`` (fp32) is the normalised partial output and ``lse [B, Hq, Sq]`` (fp32, natural log,
-    ``-inf`` = no key yet) its log-sum-exp; both may be strided views. ``softcap``: logits
-    ``softcap * tanh(s / softcap)``. ``block_k`` is accepted for signature compatibility with the reference and
-    ignored (tiles are chosen by the autotuner).
-    """
-    del block_k
-    _check_inputs(q, k, v)
-    b, sq, hq, d = q.shape
-    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
-    _check_shape("out", out, (b, sq, hq, dv))
-    _check_shape("lse", lse, (b, hq, sq))
-    qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
-    if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
-        return
-    if USE_HOPPER and out.dtype == torch.float32 and lse.dtype == torch.float32 and hopper_attn.applicable(
-            q, k, v, softcap):
-        hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
-                             window=window)
-        return
-    has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
-    bd, bdv = _block_d(d), _block_d(dv)
-    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, _seq_bucket(max(sq, sk)))
-    meta = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=dv, BLOCK_DV=bdv, EVEN_DV=bdv == dv,
-                HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
-                LIB_TANH=not INTERPRET)
+    def _launch(self, kind: str, rows: int, programs: int, args: tuple, meta: dict[str, Any]) -> None:
+        """Launch kernel ``kind`` (``fwd``, ``kv``, ``q``) over the tiles of ``rows`` times ``programs`` heads:
+        autotuned, else the fixed config (the interpreter's blocks under ``TRITON_INTERPRET=1``)."""
+        tuned, kernel, tile = _KERNELS[kind]
 
-    def grid(m: dict[str, Any]) -> tuple[int, int]:
-        return (triton.cdiv(sq, m["BLOCK_M"]), b * hq)
+        def grid(m: dict[str, Any]) -> tuple[int, int]:
+            return (triton.cdiv(rows, m[tile]), programs)
 
-    if _fwd_tuned is not None:
-        _fwd_tuned[grid](*args, **meta)
-    else:
-        fixed = _fixed_meta("fwd", max(bd, bdv))
-        _fwd_kernel[grid(fixed)](*args, **meta, **fixed)
+        if tuned is not None:
+            tuned[grid](*args, **meta)
+            return
+        fixed = (dict(zip(("BLOCK_M", "BLOCK_N"), self.interpret_blocks)) if INTERPRET
+                 else dict(_FIXED[kind][0 if max(meta["BLOCK_D"], meta["BLOCK_DV"]) <= 128 else 1]))
+        kernel[grid(fixed)](*args, **meta, **fixed)
 
+    def fwd_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+        scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
+        window: tuple[int, int] = (-1, -1), softcap: float | None = None, block_k: int | None = None,
+    ) -> None:
+        """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place.
 
-def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """``delta = rowsum(dout * out)`` in fp32, shape ``[B, H, S]`` (contiguous)."""
-    if out.shape != dout.shape or out.dim() != 4:
-        raise ValueError(f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must be equal 4-D shapes")
-    b, s, h, d = out.shape
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
-    delta = torch.empty(b, h, s, dtype=torch.float32, device=out.device)
-    if b * h * s == 0:
+        ``out [B, Sq, Hq, Dv]`` (fp32) is the normalised partial output and ``lse [B, Hq, Sq]`` (fp32, natural
+        log, ``-inf`` = no key yet) its log-sum-exp; both may be strided views. ``softcap``: logits
+        ``softcap * tanh(s / softcap)``. ``block_k`` is ignored (tiles are chosen by the autotuner).
+        """
+        del block_k
+        _check_inputs(q, k, v)
+        b, sq, hq, d = q.shape
+        sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+        _check_shape("out", out, (b, sq, hq, dv))
+        _check_shape("lse", lse, (b, hq, sq))
+        qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
+        if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
+            return
+        if self.hopper and out.dtype == torch.float32 and lse.dtype == torch.float32 and hopper_attn.applicable(
+                q, k, v, softcap):
+            hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset,
+                                 causal=causal, window=window)
+            return
+        has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
+        bd, bdv = _block_d(d), _block_d(dv)
+        args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+                hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, _seq_bucket(max(sq, sk)))
+        meta = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=dv, BLOCK_DV=bdv, EVEN_DV=bdv == dv,
+                    HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
+                    LIB_TANH=not INTERPRET)
+        self._launch("fwd", sq, b * hq, args, meta)
+
+    @staticmethod
+    def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+        """``delta = rowsum(dout * out)`` in fp32, shape ``[B, H, S]`` (contiguous)."""
+        if out.shape != dout.shape or out.dim() != 4:
+            raise ValueError(f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must be equal 4-D shapes")
+        b, s, h, d = out.shape
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim {d} not supported by the Triton kernels (1..{MAX_HEAD_DIM})")
+        delta = torch.empty(b, h, s, dtype=torch.float32, device=out.device)
+        if b * h * s == 0:
+            return delta
+        bd = _block_d(d)
+        block_m = 16 if INTERPRET else max(16, min(128, 8192 // bd))
+        _bwd_pre_kernel[(triton.cdiv(s, block_m), b * h)](
+            out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), h, s,
+            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, num_warps=4,
+        )
         return delta
-    bd = _block_d(d)
-    block_m = 16 if INTERPRET else max(16, min(128, 8192 // bd))
-    _bwd_pre_kernel[(triton.cdiv(s, block_m), b * h)](
-        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), h, s,
-        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, num_warps=4,
-    )
-    return delta
 
+    def bwd_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+        delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, scale: float,
+        q_offset: int = 0, k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1),
+        softcap: float | None = None, deterministic: bool = False, out: torch.Tensor | None = None,
+        block_k: int | None = None,
+    ) -> None:
+        """Add this block's gradients to ``dq [B, Sq, Hq, D]``, ``dk [B, Sk, Hkv, D]`` and ``dv [B, Sk, Hkv, Dv]``
+        (fp32, may be views); ``dout`` is ``[B, Sq, Hq, Dv]``, ``softcap`` as in :meth:`fwd_step`.
 
-def bwd_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dout: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    *,
-    scale: float,
-    q_offset: int = 0,
-    k_offset: int = 0,
-    causal: bool = False,
-    window: tuple[int, int] = (-1, -1),
-    deterministic: bool = False,
-    block_k: int | None = None,
-    softcap: float | None = None,
-) -> None:
-    """Add this block's gradients to ``dq [B, Sq, Hq, D]``, ``dk [B, Sk, Hkv, D]`` and ``dv [B, Sk, Hkv, Dv]``
-    (fp32, may be views); ``dout`` is ``[B, Sq, Hq, Dv]``, ``softcap`` as in :func:`fwd_step`.
+        ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]`` fp32. With
+        ``deterministic=True`` no atomics are used and results are bitwise reproducible; otherwise dQ may be
+        accumulated with fp32 atomics. ``out`` and ``block_k`` are ignored.
+        """
+        del block_k, out
+        _check_inputs(q, k, v)
+        b, sq, hq, d = q.shape
+        sk, hkv, d_v = k.shape[1], k.shape[2], v.shape[-1]
+        _check_shape("dout", dout, (b, sq, hq, d_v))
+        _check_shape("lse", lse, (b, hq, sq))
+        _check_shape("delta", delta, (b, hq, sq))
+        _check_shape("dq", dq, (b, sq, hq, d))
+        _check_shape("dk", dk, (b, sk, hkv, d))
+        _check_shape("dv", dv, (b, sk, hkv, d_v))
+        qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
+        if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
+            return
+        if dout.dtype != q.dtype:
+            dout = dout.to(q.dtype)
+        if self.hopper and self.hopper_bwd and hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv,
+                                                                           softcap, deterministic):
+            hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
+                                     k_offset=k_offset, causal=causal, window=window)
+            return
+        has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
+        bd, bdv = _block_d(d), _block_d(d_v)
+        g = hq // hkv
+        atomic = (not deterministic) and self.atomic_dq
+        common = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=d_v, BLOCK_DV=bdv, EVEN_DV=bdv == d_v,
+                      HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
+                      LIB_TANH=not INTERPRET)
+        tail = (q_offset - k_offset, win_l, win_r, qk_scale, float(scale), cap2, _seq_bucket(max(sq, sk)))
 
-    ``lse`` and ``delta`` are the global (final) values for these queries, ``[B, Hq, Sq]`` fp32. With
-    ``deterministic=True`` no atomics are used and results are bitwise reproducible; otherwise dQ may be
-    accumulated with fp32 atomics. ``block_k`` is accepted for signature compatibility and ignored.
-    """
-    del block_k
-    _check_inputs(q, k, v)
-    b, sq, hq, d = q.shape
-    sk, hkv, d_v = k.shape[1], k.shape[2], v.shape[-1]
-    _check_shape("dout", dout, (b, sq, hq, d_v))
-    _check_shape("lse", lse, (b, hq, sq))
-    _check_shape("delta", delta, (b, hq, sq))
-    _check_shape("dq", dq, (b, sq, hq, d))
-    _check_shape("dk", dk, (b, sk, hkv, d))
-    _check_shape("dv", dv, (b, sk, hkv, d_v))
-    qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
-    if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
-        return
-    if dout.dtype != q.dtype:
-        dout = dout.to(q.dtype)
-    if USE_HOPPER and USE_HOPPER_BWD and hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv,
-                                                                     softcap, deterministic):
+        kv_args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+                   *lse.stride(), *delta.stride(), *dq.stride(), *dk.stride(), *dv.stride(), hkv, sq, sk, g, *tail)
+        self._launch("kv", sk, b * hkv, kv_args, dict(common, ATOMIC_DQ=atomic))
+        if atomic:
+            return
+
+        q_args = (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+                  *lse.stride(), *delta.stride(), *dq.stride(), hq, sq, sk, g, *tail)
+        self._launch("q", sq, b * hq, q_args, common)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+        window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole block in one Hopper launch (a call's only tile, one rank): ``(out [B, Sq, Hq, D]`` in the
+        input dtype, ``lse [B, Hq, Sq]`` fp32), written directly (no fp32 state to zero, read or convert), or
+        ``None`` when the Hopper forward does not cover the call (the caller then runs the general path)."""
+        _check_inputs(q, k, v)
+        if not (self.hopper and hopper_attn.applicable(q, k, v, softcap)):
+            return None
+        b, sq, hq, _ = q.shape
+        out = torch.empty(b, sq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+        hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
+                             window=window, fresh=True)
+        return out, lse
+
+    def attend_bwd(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+        lse: torch.Tensor, *, scale: float, causal: bool = False, window: tuple[int, int] = (-1, -1),
+        q_offset: int = 0, k_offset: int = 0, deterministic: bool = False, softcap: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Gradients of the whole block (:meth:`attend`) in the input dtype: delta, then one Hopper backward launch
+        that writes dK and dV directly (no fp32 buffers for them) and adds dQ into one fp32 buffer; ``None`` when
+        the Hopper backward does not cover the call (``deterministic=True`` among others: the general path
+        then runs)."""
+        if (deterministic or not (self.hopper and self.hopper_bwd) or dout.shape != out.shape
+                or not hopper_attn.applicable(q, k, v, softcap)):  # before allocating anything
+            return None
+        b, sq, hq, d = q.shape
+        if dout.dtype != q.dtype:
+            dout = dout.to(q.dtype)
+        dout = dout.contiguous()
+        _check_shape("lse", lse, (b, hq, sq))
+        delta = self.bwd_preprocess(out, dout)
+        dq = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        if not hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv, softcap, deterministic,
+                                          kv_out=True):
+            return None  # e.g. lse / delta rows TMA cannot read (the general path computes delta again)
         hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
-                                 k_offset=k_offset, causal=causal, window=window)
-        return
-    has_lo, has_hi, win_l, win_r = _mask_args(causal, window)
-    bd, bdv = _block_d(d), _block_d(d_v)
-    g = hq // hkv
-    atomic = (not deterministic) and ATOMIC_DQ_WHEN_NONDETERMINISTIC
-    common = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=d_v, BLOCK_DV=bdv, EVEN_DV=bdv == d_v,
-                  HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
-                  LIB_TANH=not INTERPRET)
-    tail = (q_offset - k_offset, win_l, win_r, qk_scale, float(scale), cap2, _seq_bucket(max(sq, sk)))
-
-    kv_args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-               *lse.stride(), *delta.stride(), *dq.stride(), *dk.stride(), *dv.stride(), hkv, sq, sk, g, *tail)
-
-    def kv_grid(m: dict[str, Any]) -> tuple[int, int]:
-        return (triton.cdiv(sk, m["BLOCK_N"]), b * hkv)
-
-    if _bwd_kv_tuned is not None:
-        _bwd_kv_tuned[kv_grid](*kv_args, **common, ATOMIC_DQ=atomic)
-    else:
-        fixed = _fixed_meta("kv", max(bd, bdv))
-        _bwd_kv_kernel[kv_grid(fixed)](*kv_args, **common, ATOMIC_DQ=atomic, **fixed)
-    if atomic:
-        return
-
-    q_args = (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-              *delta.stride(), *dq.stride(), hq, sq, sk, g, *tail)
-
-    def q_grid(m: dict[str, Any]) -> tuple[int, int]:
-        return (triton.cdiv(sq, m["BLOCK_M"]), b * hq)
-
-    if _bwd_q_tuned is not None:
-        _bwd_q_tuned[q_grid](*q_args, **common)
-    else:
-        fixed = _fixed_meta("q", max(bd, bdv))
-        _bwd_q_kernel[q_grid(fixed)](*q_args, **common, **fixed)
+                                 k_offset=k_offset, causal=causal, window=window, kv_out=True)
+        return dq.to(q.dtype), dk, dv
 
 
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
-    window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The whole block in one Hopper launch (a call's only tile, one rank): ``(out [B, Sq, Hq, D]`` in the input
-    dtype, ``lse [B, Hq, Sq]`` fp32), written directly (no fp32 state to zero, read or convert), or ``None`` when
-    the Hopper forward does not cover the call (the caller then runs the general path on these kernels)."""
-    _check_inputs(q, k, v)
-    if not (USE_HOPPER and hopper_attn.applicable(q, k, v, softcap)):
-        return None
-    b, sq, hq, _ = q.shape
-    out = torch.empty(b, sq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
-    hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
-                         window=window, fresh=True)
-    return out, lse
+def kernel(tiles: Tiles, name: str = "triton") -> KernelSpec:
+    """The record of the Triton kernel running ``tiles`` (:data:`KERNEL` for :data:`TILES`; others register)."""
+    return KernelSpec(
+        name, tiles, dtypes=(torch.float16, torch.bfloat16, torch.float32), devices=("cuda", "cpu"),
+        softcap=True, value_dim=True, whole=True, check=_rules, path=tiles.path,
+        tolerance={torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 3e-3), torch.bfloat16: (1.5e-2, 2e-2)},
+    )
 
 
-def attend_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, *,
-    scale: float, causal: bool = False, window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
-    deterministic: bool = False, softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Gradients of the whole block (:func:`attend`) in the input dtype: delta, then one Hopper backward launch
-    that writes dK and dV directly (no fp32 buffers for them) and adds dQ into one fp32 buffer; ``None`` when the
-    Hopper backward does not cover the call (``deterministic=True`` among others: the general path then runs)."""
-    if (deterministic or not (USE_HOPPER and USE_HOPPER_BWD) or dout.shape != out.shape
-            or not hopper_attn.applicable(q, k, v, softcap)):  # before allocating anything
-        return None
-    b, sq, hq, d = q.shape
-    if dout.dtype != q.dtype:
-        dout = dout.to(q.dtype)
-    dout = dout.contiguous()
-    _check_shape("lse", lse, (b, hq, sq))
-    delta = bwd_preprocess(out, dout)
-    dq = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    if not hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv, softcap, deterministic, kv_out=True):
-        return None  # e.g. lse / delta rows TMA cannot read (the general path computes delta again)
-    hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
-                             k_offset=k_offset, causal=causal, window=window, kv_out=True)
-    return dq.to(q.dtype), dk, dv
-
+TILES = Tiles()
+"""The tiles ``kernel="triton"`` runs, routed as the settings say."""
+KERNEL = kernel(TILES)
+fwd_step, bwd_step, attend, attend_bwd = TILES.fwd_step, TILES.bwd_step, TILES.attend, TILES.attend_bwd
+bwd_preprocess = Tiles.bwd_preprocess

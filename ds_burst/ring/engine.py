@@ -9,8 +9,9 @@ passes an *accumulator* (fp32 partial gradients of the travelling owner's tensor
 step behind and, after the pass's last hop, goes straight back to its owner.
 
 Every rank walks the same step list, so sends and receives match on all ranks.
-No Triton and no direct ``torch.distributed`` calls here: kernels come from :mod:`ds_burst.kernels.registry`,
-messages go through :class:`ds_burst.dist.comm.P2PBatch`.
+No Triton and no direct ``torch.distributed`` calls here: the kernel is a record of
+:mod:`ds_burst.kernels.registry` (its tile functions and what it declares), messages go through
+:class:`ds_burst.dist.comm.P2PBatch`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 
 from ds_burst.core.layout import Segment
 from ds_burst.core.step_plan import RingPass, TileOp, mirror, pair_ops
 from ds_burst.dist.comm import GroupInfo, NodeGroups, P2PBatch
+from ds_burst.kernels.contract import KernelSpec
 from ds_burst.ring.pool import buffer_pool
 
 Tensors = list[torch.Tensor]
@@ -40,7 +41,7 @@ class RingSetup:
     causal: bool
     window: tuple[int, int]
     scale: float
-    kernel: ModuleType
+    kernel: KernelSpec
     deterministic: bool = False
     nodes: NodeGroups | None = None  # set: run the double ring over these nodes instead of the flat ring
     softcap: float | None = None  # logit softcapping ``softcap * tanh(s / softcap)`` (passed to the kernels when set)
@@ -200,7 +201,7 @@ def ring_forward(
             q1 = min(op.q1, n)  # clipping the end keeps q_offset (the first query's position) valid
             if op.q0 >= q1:
                 continue
-            setup.kernel.fwd_step(
+            setup.kernel.impl.fwd_step(
                 q[:, op.q0 : q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1],
                 out[:, op.q0 : q1], lse[:, :, op.q0 : q1], scale=setup.scale, **setup.mask_args(op),
             )
@@ -212,32 +213,19 @@ def ring_forward(
     return out, lse
 
 
-def _bwd_kwargs(setup: RingSetup, op: TileOp) -> dict:
-    kw = setup.mask_args(op)
-    if setup.deterministic and not setup.kernel.__name__.endswith("reference"):
-        kw["deterministic"] = True
-    return kw
-
-
-def needs_out(kernel: ModuleType) -> bool:
-    """Whether the kernel's backward takes the output instead of only ``delta`` (fused SDPA ops)."""
-    return bool(getattr(kernel, "BWD_NEEDS_OUT", False))
-
-
 def _bwd_tiles(
     setup: RingSetup, ops: list[TileOp], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
-    lse: torch.Tensor, delta: torch.Tensor | None, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> None:
-    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)`` (``delta`` is
-    ``None`` for kernels that take the output instead)."""
+    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)`` (``out`` only for
+    kernels whose backward needs it)."""
     for op in ops:
         qs, ks = slice(op.q0, op.q1), slice(op.k0, op.k1)
-        extra = {} if out is None else {"out": out[:, qs]}
-        setup.kernel.bwd_step(
-            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], None if delta is None else delta[:, :, qs],
-            dq[:, qs], dk[:, ks],
-            dv[:, ks], scale=setup.scale, **_bwd_kwargs(setup, op), **extra,
+        setup.kernel.impl.bwd_step(
+            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], delta[:, :, qs], dq[:, qs], dk[:, ks],
+            dv[:, ks], scale=setup.scale, deterministic=setup.deterministic, out=None if out is None else out[:, qs],
+            **setup.mask_args(op),
         )
 
 
@@ -281,10 +269,10 @@ def kv_ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RingAttention-style backward: Q, dO stay; K, V travel and dK, dV follow them home.
 
-    ``out`` (local output, input dtype) is passed to kernels that need it (``BWD_NEEDS_OUT``). Returns fp32
-    ``dq, dk, dv`` (pooled: convert them with ``BufferPool.export``).
+    ``out`` (local output, input dtype) is passed to kernels whose record says their backward needs it. Returns
+    fp32 ``dq, dk, dv`` (pooled: convert them with ``BufferPool.export``).
     """
-    pass_out = out is not None and needs_out(setup.kernel)
+    pass_out = out is not None and setup.kernel.bwd_needs_out
     me = setup.info.rank
     dq, dk, dv = _grad_accumulators(q, k, v)
 
