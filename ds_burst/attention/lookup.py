@@ -63,6 +63,11 @@ def _args(q: object, k: object, causal: bool, softmax_scale: float | None, windo
                     deterministic=bool(deterministic))
 
 
+def _docs_tag(layout: str, info: GroupInfo) -> tuple:
+    """What the documents of a ``position_ids`` tensor depend on besides its values: the layout and the group."""
+    return ("docs", layout, info.world, id(info.group))
+
+
 def _documents(cu_seqlens: object, position_ids: object, q: object, info: GroupInfo, layout: str
                ) -> tuple[tuple[int, ...] | None, tuple[str, str] | None, int]:
     """``(boundaries, error, state)``: the call's documents from ``cu_seqlens`` or ``position_ids``; ``state`` is 0
@@ -82,7 +87,7 @@ def _documents(cu_seqlens: object, position_ids: object, q: object, info: GroupI
         what = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
         return None, ("ValueError", f"position_ids must be an integer tensor [B, S_local] or [S_local] of this rank's "
                                     f"positions, got {what}"), 0
-    known, docs = cached(position_ids, ("docs", layout, info.world))
+    known, docs = cached(position_ids, _docs_tag(layout, info))
     return (docs, None, 1) if known else (None, None, UNKNOWN_DOCS)
 
 
@@ -91,7 +96,7 @@ def _gather_documents(position_ids: torch.Tensor, info: GroupInfo, layout: str) 
     this ``position_ids`` tensor (every rank of the group calls this together)."""
     full = gather_positions(host_copy(position_ids), header_channel(info), layout)
     docs = boundaries_from_positions(full, "attention position_ids")
-    memo(position_ids, ("docs", layout, info.world), lambda: docs)
+    memo(position_ids, _docs_tag(layout, info), lambda: docs)
 
 
 def _capturing() -> bool:
