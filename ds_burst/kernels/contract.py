@@ -26,10 +26,12 @@ class TileKernel(Protocol):
 
     def fwd_step(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, scale: float, q_offset: int = 0,
                  k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1),
-                 softcap: float | None = None, block_k: int | None = None) -> None:
+                 softcap: float | None = None, block_k: int | None = None, max_out: Tensor | None = None) -> None:
         """Continue the online softmax of ``(out, lse)`` over the keys ``k, v`` (both updated in place).
         ``softcap``: scores ``softcap * tanh(s / softcap)``; ``block_k``: key tile of kernels that take one
-        (``None``: the kernel's choice)."""
+        (``None``: the kernel's choice); ``max_out``: ``[B, Hq, Sq]`` fp32 (fp64 for fp64 inputs), raised in place
+        to the maximum over this block's visible keys of each query's scaled score ``scale * q.k`` (before
+        softcapping; ``-inf`` where no key is visible)."""
 
     def bwd_preprocess(self, out: Tensor, dout: Tensor) -> Tensor:
         """``delta = rowsum(dout * out)``, ``[B, H, S]`` fp32 (fp64 for fp64 inputs)."""
@@ -49,8 +51,9 @@ class WholeBlock(Protocol):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False,
                window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
-               softcap: float | None = None) -> tuple[Tensor, Tensor] | None:
-        """``(out [B, Sq, Hq, Dv]`` in the input dtype, ``lse [B, Hq, Sq]``) or ``None``."""
+               softcap: float | None = None, max_out: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """``(out [B, Sq, Hq, Dv]`` in the input dtype, ``lse [B, Hq, Sq]``) or ``None``; ``max_out`` as in
+        :meth:`TileKernel.fwd_step` (written only when the call runs)."""
 
     def attend_bwd(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, *, scale: float,
                    causal: bool = False, window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0,
@@ -183,11 +186,12 @@ class KernelSpec:
         return None if self.check is None else self.check(q, k, v)
 
     def one_rank(self, tiles: Sequence[TileOp], rows: int, *, deterministic: bool, softcap: float | None,
-                 sinks: bool) -> OneRank:
+                 sinks: bool, max_logit: bool = False) -> OneRank:
         """How a one-rank call with these tiles over ``rows`` queries runs: bound fused ops where the kernel binds,
         the tiles are diagonal and nothing needs ds-burst's autograd function (sinks to fold, softcap, a
-        deterministic backward); else ``attend`` on the whole block where the kernel has it; else the ring of one."""
-        if (self.binds and not deterministic and softcap is None and not sinks
+        deterministic backward, the maximum logit, which fused ops do not expose); else ``attend`` on the whole
+        block where the kernel has it; else the ring of one."""
+        if (self.binds and not deterministic and softcap is None and not sinks and not max_logit
                 and diagonal_tiles(tiles, rows) is not None):
             return OneRank.BIND
         if self.whole and whole_tile(tiles, rows) is not None:
@@ -209,8 +213,8 @@ class KernelSpec:
         return cast(Binder, self.impl).bind_whole(q, k, v, **kw) if self.binds else None  # type: ignore[arg-type]
 
     def can_bind(self, q: Tensor, k: Tensor, v: Tensor, *, deterministic: bool, softcap: float | None, sinks: bool,
-                 **mask: object) -> bool:
+                 max_logit: bool = False, **mask: object) -> bool:
         """Whether a one-rank call of this whole block would run bound fused ops (the check alone)."""
-        if not self.binds or deterministic or softcap is not None or sinks:
+        if not self.binds or deterministic or softcap is not None or sinks or max_logit:
             return False
         return cast(Binder, self.impl).whole_backend(q, k, v, **mask) is not None  # type: ignore[arg-type]

@@ -8,7 +8,8 @@ Same contract as :func:`ds_burst.kernels.triton_attn.fwd_step` (and the referenc
 loaded, continued over the keys of this call and stored; masks by global positions (``q_offset - k_offset``,
 causal, windows) with the same three key ranges as the ``tl`` kernel (masked, mask-free, masked); GQA by index.
 ``fwd_step(..., fresh=True)`` starts from no state: nothing is read, every row is written, and ``out`` may have the
-input dtype (the one-rank path, :func:`ds_burst.kernels.triton_attn.attend`).
+input dtype (the one-rank path, :func:`ds_burst.kernels.triton_attn.attend`). ``max_out=`` (``HAS_MAX``): each
+consumer also keeps its rows' largest visible raw ``q.k`` and raises ``max_out`` to it times ``scale`` at the end.
 
 What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, at least
 128 query and key rows, and q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads
@@ -115,9 +116,9 @@ if AVAILABLE:
         return b, h, m0, start, n_a, n_b, n_c
 
     @gluon.jit
-    def _fwd_producer(descs, bufs, bars, state, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    def _fwd_producer(descs, bufs, bars, state, dims, mxs, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      FRESH: gl.constexpr):
+                      FRESH: gl.constexpr, HAS_MAX: gl.constexpr):
         """One warp: the two Q halves, then every K and V tile of the span, each into the next free ring slot."""
         q_desc, k_desc, v_desc = descs
         q_smem, k_smem, v_smem = bufs
@@ -142,16 +143,18 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(v_desc, [b, row, col_k], v_ready.index(slot), v_smem.index(slot))
 
     @gluon.jit
-    def _fwd_consumer(descs, bufs, bars, state, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    def _fwd_consumer(descs, bufs, bars, state, dims, mxs, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      FRESH: gl.constexpr):
+                      FRESH: gl.constexpr, HAS_MAX: gl.constexpr):
         """One warpgroup: the online softmax of query rows ``m0 + wg * BLOCK_M / 2`` onwards (half the tile) over
-        every tile of the span; arrives on a slot's empty barrier once its matmul on the slot is done."""
+        every tile of the span; arrives on a slot's empty barrier once its matmul on the slot is done. ``HAS_MAX``:
+        also raises ``max_out`` (``mxs``) to the rows' largest visible ``scale * q.k``."""
         q_desc, k_desc, v_desc = descs
         q_smem, k_smem, v_smem = bufs
         q_bar, k_ready, v_ready, k_empty, v_empty = bars
         Out, Lse, sob, sos, soh, sod, slb, slh, sls = state
         Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale = dims
+        Max, sxb, sxh, sxs, sm_scale = mxs
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_M // 2
         b, h, m0, start, n_a, n_b, n_c = _program_tile(Hq, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M,
@@ -182,6 +185,8 @@ if AVAILABLE:
 
         offs_ms = r0 + gl.arange(0, HALF, layout=srow)
         offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        if HAS_MAX:  # the rows' largest visible raw q.k of this call
+            mx = gl.full([HALF], float("-inf"), gl.float32, srow)
         q_tile = q_smem.index(wg).reshape([HALF, HEAD_DIM])
         mbarrier.wait(q_bar, phase=0)
 
@@ -193,6 +198,8 @@ if AVAILABLE:
             mbarrier.arrive(k_empty.index(0), count=1)
             if n_a > 0 or n_b == 0:
                 s = _masked_scores(s, start, offs_ms, offs_ns, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI)
+            if HAS_MAX:
+                mx = gl.maximum(mx, gl.max(s, 1))
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
             acc = acc * gl.convert_layout(alpha, orow)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -211,6 +218,8 @@ if AVAILABLE:
                 if j < n_a or j >= n_a + n_b:
                     s = _masked_scores(s, start + j * BLOCK_N, offs_ms, offs_ns, Sk, delta0, win_l, win_r,
                                        HAS_LO, HAS_HI)
+                if HAS_MAX:
+                    mx = gl.maximum(mx, gl.max(s, 1))
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
                 p16 = p.to(dtype)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
@@ -231,6 +240,12 @@ if AVAILABLE:
         else:
             lse_in = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
         _store_state(o_ptrs, o_mask, l_ptrs, row_ok, acc, lse_in, l_i, m_i, orow)
+        if HAS_MAX:  # max_out = max(max_out, scale * max q.k) on the rows of this half
+            x_rows = gl.arange(0, HALF, layout=srow)
+            x_ptrs = (Max + b.to(gl.int64) * sxb + h.to(gl.int64) * sxh + r0.to(gl.int64) * sxs) + x_rows * sxs
+            x_ok = offs_ms < Sq
+            x_old = gl.load(x_ptrs, mask=x_ok, other=float("-inf"))
+            gl.store(x_ptrs, gl.maximum(x_old, mx * sm_scale), mask=x_ok)
 
     @gluon.jit
     def _store_state(o_ptrs, o_mask, l_ptrs, row_ok, acc, lse_in, l_i, m_i, orow: gl.constexpr):
@@ -245,15 +260,15 @@ if AVAILABLE:
         gl.store(l_ptrs, lse_out, mask=row_ok)
 
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
-    def _fwd_kernel(q_desc, k_desc, v_desc, Out, Lse,
-                    sob, sos, soh, sod, slb, slh, sls,
-                    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale,
+    def _fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, Max,
+                    sob, sos, soh, sod, slb, slh, sls, sxb, sxh, sxs,
+                    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale,
                     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FRESH: gl.constexpr,
-                    num_warps: gl.constexpr):
-        """Warp-specialised forward (``FRESH``: no carried state to read, ``out`` of any float dtype): the default
-        partition (4 warps) and one worker (4 warps) each run :func:`_fwd_consumer` on half of the query tile; one
-        worker warp runs :func:`_fwd_producer`."""
+                    HAS_MAX: gl.constexpr, num_warps: gl.constexpr):
+        """Warp-specialised forward (``FRESH``: no carried state to read, ``out`` of any float dtype; ``HAS_MAX``:
+        ``Max`` is raised to the rows' maximum logit): the default partition (4 warps) and one worker (4 warps) each
+        run :func:`_fwd_consumer` on half of the query tile; one worker warp runs :func:`_fwd_producer`."""
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -275,14 +290,15 @@ if AVAILABLE:
         bars = (q_bar, k_ready, v_ready, k_empty, v_empty)
         state = (Out, Lse, sob, sos, soh, sod, slb, slh, sls)
         dims = (Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale)
+        mxs = (Max, sxb, sxh, sxs, sm_scale)
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
-            (_fwd_consumer, (descs, bufs, bars, state, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, FRESH)),
-            (_fwd_consumer, (descs, bufs, bars, state, dims, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, FRESH)),
-            (_fwd_producer, (descs, bufs, bars, state, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, FRESH)),
+            (_fwd_consumer, (descs, bufs, bars, state, dims, mxs, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES, FRESH, HAS_MAX)),
+            (_fwd_consumer, (descs, bufs, bars, state, dims, mxs, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M,
+                             BLOCK_N, STAGES, FRESH, HAS_MAX)),
+            (_fwd_producer, (descs, bufs, bars, state, dims, mxs, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             STAGES, FRESH, HAS_MAX)),
         ], [4, 1], [240, 24])
 
 
@@ -297,13 +313,14 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float
 
 def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
              scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
-             window: tuple[int, int] = (-1, -1), fresh: bool = False) -> None:
+             window: tuple[int, int] = (-1, -1), fresh: bool = False, max_out: torch.Tensor | None = None) -> None:
     """Continue ``(out, lse)`` over ``k, v`` in place: :func:`ds_burst.kernels.triton_attn.fwd_step`'s contract,
     for the calls :func:`applicable` accepts (the caller checks; shapes are checked there).
 
     ``fresh=True``: no state yet, so ``out`` and ``lse`` are only written (their contents are ignored; every row
     is written, rows without keys as ``0`` / ``-inf``) and ``out`` may have any float dtype (the normalised
-    output is rounded to it once)."""
+    output is rounded to it once). ``max_out [B, Hq, Sq]`` (fp32, may be a view; read even with ``fresh``):
+    raised in place to each row's largest visible ``scale * q.k``, in the same launch."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
@@ -311,9 +328,10 @@ def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     grid = (triton.cdiv(sq, bm), b * hq)
     # 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at launch;
     # the producer gives its warpgroup's down to 24 and the consumers take 240 each.
+    mx = lse if max_out is None else max_out  # a dummy pointer without max_out (never read)
     _fwd_kernel[grid](
-        desc(q, bm // 2), desc(k, bn), desc(v, bn), out, lse, *out.stride(), *lse.stride(),
-        hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * LOG2E,
-        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, FRESH=fresh, num_warps=4,
-        maxnreg=168,
+        desc(q, bm // 2), desc(k, bn), desc(v, bn), out, lse, mx, *out.stride(), *lse.stride(), *mx.stride(),
+        hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * LOG2E, float(scale),
+        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, FRESH=fresh,
+        HAS_MAX=max_out is not None, num_warps=4, maxnreg=168,
     )

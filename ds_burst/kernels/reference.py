@@ -77,9 +77,11 @@ def fwd_step(
     window: tuple[int, int] = (-1, -1),
     softcap: float | None = None,
     block_k: int | None = None,
+    max_out: torch.Tensor | None = None,
 ) -> None:
     """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place (keys in tiles
-    of ``block_k``, default :data:`DEFAULT_BLOCK_K`)."""
+    of ``block_k``, default :data:`DEFAULT_BLOCK_K`). ``max_out [B, Hq, Sq]``: raised to each query's largest
+    visible scaled score before softcapping (the contract's maximum logit)."""
     block_k = block_k or DEFAULT_BLOCK_K
     b, sq, hq, _ = q.shape
     dv = v.shape[-1]
@@ -93,6 +95,7 @@ def fwd_step(
     m = lse.to(cdt).reshape(b, hkv, g, sq).clone()  # running max, initialised to lse
     l_run = (m != -math.inf).to(cdt)  # running sum: 1 where state holds keys (or NaN), else 0
     acc = _heads_first(out, hkv, cdt) * l_run[..., None]
+    mx = None if max_out is None else torch.full_like(m, -math.inf)
     for c0 in range(0, sk, block_k):
         c1 = min(sk, c0 + block_k)
         sub = classify_block(q_offset, sq, k_offset + c0, c1 - c0, causal, window)
@@ -100,10 +103,14 @@ def fwd_step(
             continue
         kc, vc = _kv_tile(k, c0, c1, cdt), _kv_tile(v, c0, c1, cdt)
         s = torch.matmul(qh, kc.transpose(-1, -2)) * scale  # [B, Hkv, g, Sq, Skc]
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
+        ok = None
         if sub is BlockKind.PARTIAL:
             ok = visible_mask(q_offset, sq, k_offset + c0, c1 - c0, causal, window, q.device)
+        if mx is not None:
+            mx = torch.maximum(mx, (s if ok is None else s.masked_fill(~ok, -math.inf)).amax(-1))
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        if ok is not None:
             s = s.masked_fill(~ok, -math.inf)
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
@@ -118,6 +125,8 @@ def fwd_step(
     new_lse = torch.where(has, m + torch.log(l_safe), torch.full_like(m, -math.inf))
     out.copy_(new_out.reshape(b, hq, sq, dv).permute(0, 2, 1, 3))
     lse.copy_(new_lse.reshape(b, hq, sq))
+    if mx is not None and max_out is not None:
+        torch.maximum(max_out, mx.reshape(b, hq, sq).to(max_out.dtype), out=max_out)
 
 
 def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
@@ -231,6 +240,34 @@ def naive_attention(
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     out = torch.matmul(p, vv).transpose(1, 2)
     return out, lse
+
+
+def naive_max_logit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    scale: float | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    docs: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """The maximum logit of plain attention: ``[Hq]``, the largest ``scale * q.k`` (before any softcapping) over
+    every batch row, query and the keys it sees (``docs``: global document boundaries the pairs may not cross),
+    ``-inf`` for a head with no visible pair; computed in the inputs' dtype (use float64 for references)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    kk = k.repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
+    s = torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
+    ok = visible_mask(q_offset, sq, k_offset, sk, causal, window, q.device)
+    if docs is not None:
+        edges = torch.tensor(docs[1:-1], device=q.device)
+        dq = torch.bucketize(torch.arange(q_offset, q_offset + sq, device=q.device), edges, right=True)
+        dk = torch.bucketize(torch.arange(k_offset, k_offset + sk, device=q.device), edges, right=True)
+        ok &= dq[:, None] == dk[None, :]
+    return s.masked_fill(~ok, -math.inf).amax(dim=(0, 2, 3))
 
 
 KERNEL = KernelSpec(

@@ -5,7 +5,9 @@ Same contract as :mod:`ds_burst.kernels.reference` (layout ``q [B, Sq, Hq, D]``,
 online-softmax state ``out [B, Sq, Hq, D]`` + natural-log ``lse [B, Hq, Sq]`` updated in place; fp32 gradient
 accumulators), with one addition: :func:`bwd_step` needs ``out=``, the *final* (global) attention output of the
 queries, because the fused backward ops take ``O`` and the log-sum-exp instead of ``delta`` (the record's
-``bwd_needs_out``). Softcap and ``Dv != D`` blocks run on the fallback; the record declares neither.
+``bwd_needs_out``). Softcap and ``Dv != D`` blocks run on the fallback; the record declares neither. The fused ops
+do not expose the maximum logit, so a ``fwd_step`` with ``max_out`` runs its whole block on the fallback (which
+tracks it in the same pass) and ``attend`` with ``max_out`` returns ``None``.
 
 Ops, in order of preference (the first one that is available, supports the shape and passes a one-time self-check
 is used; ``DS_BURST_SDPA_BACKENDS=flash,cudnn`` or :data:`CUDA_BACKENDS` change the CUDA order):
@@ -436,15 +438,20 @@ def fwd_step(
     window: tuple[int, int] = (-1, -1),
     softcap: float | None = None,
     block_k: int | None = None,
+    max_out: torch.Tensor | None = None,
 ) -> None:
     """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place.
 
     Expressible pieces (see the module docstring) run on the fused op; its per-block output is rounded to the input
-    dtype before the exact fp32 merge. Other blocks (and every block with ``softcap``) run on the Triton/reference
-    fallback (``block_k`` is passed to it).
+    dtype before the exact fp32 merge. Other blocks (and every block with ``softcap`` or ``max_out``, which the
+    fused ops do not expose) run on the Triton/reference fallback (``block_k`` is passed to it).
     """
     mask = dict(scale=scale, causal=causal, window=window, softcap=softcap, block_k=block_k)
     sq, sk = q.shape[1], k.shape[1]
+    if max_out is not None:  # the fallback tracks the maximum logit in the same pass
+        _fallback("fwd", q, k, v, softcap).fwd_step(q, k, v, out, lse, q_offset=q_offset, k_offset=k_offset,
+                                                   max_out=max_out, **mask)
+        return
     pieces = split_block(q_offset, sq, k_offset, sk, causal, window) if softcap is None else None
     if pieces is None:
         _fallback("fwd", q, k, v, softcap).fwd_step(q, k, v, out, lse, q_offset=q_offset, k_offset=k_offset, **mask)
@@ -604,10 +611,14 @@ def _whole_piece(q_offset: int, sq: int, k_offset: int, sk: int, causal: bool, w
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
     window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float | None = None,
+    max_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention of the whole block in one fused call: ``(out [B, Sq, Hq, D] input dtype, lse [B, Hq, Sq] fp32)``,
-    or ``None`` when the mask needs several pieces, there is a softcap or no fused op takes the inputs (the caller
-    then runs the general path). Used when a call's only tile is the whole local block (one rank)."""
+    or ``None`` when the mask needs several pieces, there is a softcap or a ``max_out`` (the fused ops do not
+    expose the maximum logit) or no fused op takes the inputs (the caller then runs the general path). Used when a
+    call's only tile is the whole local block (one rank)."""
+    if max_out is not None:
+        return None
     is_causal = _whole_piece(q_offset, q.shape[1], k_offset, k.shape[1], causal, window)
     if is_causal is None or softcap is not None:
         return None

@@ -24,7 +24,9 @@ Design (docs/KERNELS.md has more):
   bitwise reproducible).
 * Variants are constexpr flags, so the plain kernels compile as without them: ``SOFTCAP`` (scores
   ``softcap * tanh(s / softcap)``, the backward multiplies dS by ``1 - tanh^2``; libdevice ``tanh`` on GPU, an
-  ``exp2`` form in the interpreter) and a value head dim ``HEAD_DV`` padded to ``BLOCK_DV`` like ``HEAD_DIM``.
+  ``exp2`` form in the interpreter), a value head dim ``HEAD_DV`` padded to ``BLOCK_DV`` like ``HEAD_DIM``, and
+  ``HAS_MAX`` (the forward also raises ``max_out`` to each row's largest visible logit before the cap, from the
+  row maxima the online softmax computes anyway).
 * Under ``TRITON_INTERPRET=1`` (CPU) a single small config is used; on GPU the kernels are autotuned over a
   small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
 * On sm_90 (H100, H200) the launchers hand the calls that :mod:`ds_burst.kernels.hopper_attn` covers to its
@@ -63,6 +65,7 @@ _AUTOTUNE: bool = (not INTERPRET) and settings.flag(settings.TRITON_AUTOTUNE, Tr
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -105,10 +108,12 @@ def _tanh(x, LIB_TANH: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, n_tiles, offs_m, offs_n, offs_d, offs_dv,
-               stride_ks, stride_vs, Sk, delta0, win_l, win_r, qk_scale, cap2,
+               stride_ks, stride_vs, Sk, delta0, win_l, win_r, qk_scale, cap2, mx,
                MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, EVEN_D: tl.constexpr,
                EVEN_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr):
+               DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr, HAS_MAX: tl.constexpr):
+    """The online softmax over ``n_tiles`` key tiles from ``start``; ``HAS_MAX``: ``mx`` is raised to each row's
+    largest visible ``q.k * qk_scale`` (before the tanh with ``SOFTCAP``)."""
     for t in range(n_tiles):
         n = start + t * BLOCK_N
         kn = n + offs_n
@@ -126,8 +131,6 @@ def _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, n_tiles, offs_m, offs_n
             else:
                 v = tl.load(v_ptrs + n64 * stride_vs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
         qk = tl.dot(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), input_precision=DOT_PREC) * qk_scale
-        if SOFTCAP:  # qk_scale = scale / softcap, cap2 = softcap * log2(e)
-            qk = _tanh(qk, LIB_TANH) * cap2
         if MASKED:
             rel = kn[None, :] - offs_m[:, None] - delta0
             ok = kn[None, :] < Sk
@@ -135,8 +138,20 @@ def _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, n_tiles, offs_m, offs_n
                 ok = ok & (rel >= -win_l)
             if HAS_HI:
                 ok = ok & (rel <= win_r)
+        if SOFTCAP:  # qk_scale = scale / softcap, cap2 = softcap * log2(e)
+            if HAS_MAX:  # the maximum logit is taken before the cap
+                if MASKED:
+                    mx = tl.maximum(mx, tl.max(tl.where(ok, qk, float("-inf")), 1))
+                else:
+                    mx = tl.maximum(mx, tl.max(qk, 1))
+            qk = _tanh(qk, LIB_TANH) * cap2
+        if MASKED:
             qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk_max = tl.max(qk, 1)
+        if HAS_MAX:
+            if not SOFTCAP:
+                mx = tl.maximum(mx, qk_max)
+        m_new = tl.maximum(m_i, qk_max)
         if MASKED:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -146,22 +161,23 @@ def _fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, n_tiles, offs_m, offs_n
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, mx
 
 
 @triton.jit(do_not_specialize=["delta0", "win_l", "win_r"])
 def _fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Max,
     sqb, sqs, sqh, sqd,
     skb, sks, skh, skd,
     svb, svs, svh, svd,
     sob, sos, soh, sod,
     slb, slh, sls,
-    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, cap2, SEQ_BUCKET,
+    sxb, sxh, sxs,
+    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, cap2, mx_unit, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr,
+    SOFTCAP: tl.constexpr, LIB_TANH: tl.constexpr, HAS_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (causal) tiles first
@@ -192,6 +208,7 @@ def _fwd_kernel(
     acc = tl.where(has_prev[:, None], o_in, 0.0)
     l_i = tl.where(has_prev, 1.0, 0.0)
     m_i = m_in
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)  # HAS_MAX: the rows' maximum logit, in qk units
 
     kv_off = b64 * skb + hk.to(tl.int64) * skh
     kT_ptrs = K + kv_off + offs_n[None, :] * sks + offs_d[:, None] * skd
@@ -199,14 +216,18 @@ def _fwd_kernel(
 
     start, n_a, n_b, n_c = _span(m0, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, False, 1, BLOCK_M, BLOCK_N)
     for r in tl.static_range(3):  # masked key tiles, mask-free key tiles, masked key tiles
-        acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, mx = _fwd_inner(
             acc, l_i, m_i, q, kT_ptrs, v_ptrs, _subrange(start, n_a, n_b, r, BLOCK_N), (n_a, n_b, n_c)[r], offs_m,
-            offs_n, offs_d, offs_dv, sks, svs, Sk, delta0, win_l, win_r, qk_scale, cap2, MASKED=r != 1,
+            offs_n, offs_d, offs_dv, sks, svs, Sk, delta0, win_l, win_r, qk_scale, cap2, mx, MASKED=r != 1,
             HAS_LO=HAS_LO, HAS_HI=HAS_HI, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, HEAD_DIM=HEAD_DIM, HEAD_DV=HEAD_DV,
-            BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH)
+            BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, SOFTCAP=SOFTCAP, LIB_TANH=LIB_TANH, HAS_MAX=HAS_MAX)
     out, lse_out = _finish(acc, l_i, m_i, lse_in, has_prev, m_in)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(l_ptrs, lse_out.to(Lse.dtype.element_ty), mask=row_ok)
+    if HAS_MAX:  # raise max_out to the rows' maximum logit, in natural units (mx_unit: ln 2, or the softcap)
+        x_ptrs = Max + b64 * sxb + h.to(tl.int64) * sxh + m64 * sxs + offs_r * sxs
+        x_old = tl.load(x_ptrs, mask=row_ok, other=float("-inf"))
+        tl.store(x_ptrs, tl.maximum(x_old, (mx * mx_unit).to(Max.dtype.element_ty)), mask=row_ok)
 
 
 @triton.jit
@@ -519,7 +540,7 @@ _prune_bwd = _pruner(lambda c, bd, bdv, es: es * (bd + bdv) * (c.kwargs["BLOCK_M
 _KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LO", "HAS_HI", "DOT_PREC", "SOFTCAP", "SEQ_BUCKET"]
 
 if _AUTOTUNE:
-    _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, restore_value=["Out", "Lse"],
+    _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY + ["HAS_MAX"], restore_value=["Out", "Lse", "Max"],
                                  prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
     _bwd_kv_tuned = triton.autotune(_BWD_KV_CONFIGS, key=_KEY + ["ATOMIC_DQ"], restore_value=["DQ", "DK", "DV"],
                                     prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_kv_kernel)
@@ -638,12 +659,15 @@ class Tiles:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
         scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
         window: tuple[int, int] = (-1, -1), softcap: float | None = None, block_k: int | None = None,
+        max_out: torch.Tensor | None = None,
     ) -> None:
         """Continue the online softmax of ``(out, lse)`` over the keys ``k, v``; updates both in place.
 
         ``out [B, Sq, Hq, Dv]`` (fp32) is the normalised partial output and ``lse [B, Hq, Sq]`` (fp32, natural
         log, ``-inf`` = no key yet) its log-sum-exp; both may be strided views. ``softcap``: logits
         ``softcap * tanh(s / softcap)``. ``block_k`` is ignored (tiles are chosen by the autotuner).
+        ``max_out [B, Hq, Sq]`` (fp32, may be a view): raised in place to each row's largest visible
+        ``scale * q.k`` before softcapping, in the same pass.
         """
         del block_k
         _check_inputs(q, k, v)
@@ -651,21 +675,26 @@ class Tiles:
         sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
         _check_shape("out", out, (b, sq, hq, dv))
         _check_shape("lse", lse, (b, hq, sq))
+        if max_out is not None:
+            _check_shape("max_out", max_out, (b, hq, sq))
         qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
         if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
             return
-        if self.hopper and out.dtype == torch.float32 and lse.dtype == torch.float32 and hopper_attn.applicable(
-                q, k, v, softcap):
+        if (self.hopper and out.dtype == torch.float32 and lse.dtype == torch.float32
+                and (max_out is None or max_out.dtype == torch.float32) and hopper_attn.applicable(q, k, v, softcap)):
             hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset,
-                                 causal=causal, window=window)
+                                 causal=causal, window=window, max_out=max_out)
             return
         has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
         bd, bdv = _block_d(d), _block_d(dv)
-        args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-                hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, _seq_bucket(max(sq, sk)))
+        mx = lse if max_out is None else max_out  # a dummy pointer without max_out (never read)
+        mx_unit = float(softcap) if has_cap else _LN2  # the kernel's qk units to natural units
+        args = (q, k, v, out, lse, mx, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+                *mx.stride(), hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, mx_unit,
+                _seq_bucket(max(sq, sk)))
         meta = dict(HEAD_DIM=d, BLOCK_D=bd, EVEN_D=bd == d, HEAD_DV=dv, BLOCK_DV=bdv, EVEN_DV=bdv == dv,
                     HAS_LO=has_lo, HAS_HI=has_hi, DOT_PREC=_dot_precision(q.dtype), SOFTCAP=has_cap,
-                    LIB_TANH=not INTERPRET)
+                    LIB_TANH=not INTERPRET, HAS_MAX=max_out is not None)
         self._launch("fwd", sq, b * hq, args, meta)
 
     @staticmethod
@@ -743,18 +772,24 @@ class Tiles:
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
         window: tuple[int, int] = (-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float | None = None,
+        max_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole block in one Hopper launch (a call's only tile, one rank): ``(out [B, Sq, Hq, D]`` in the
         input dtype, ``lse [B, Hq, Sq]`` fp32), written directly (no fp32 state to zero, read or convert), or
-        ``None`` when the Hopper forward does not cover the call (the caller then runs the general path)."""
+        ``None`` when the Hopper forward does not cover the call (the caller then runs the general path).
+        ``max_out``: as in :meth:`fwd_step`, raised by the same launch."""
         _check_inputs(q, k, v)
         if not (self.hopper and hopper_attn.applicable(q, k, v, softcap)):
             return None
         b, sq, hq, _ = q.shape
+        if max_out is not None:
+            _check_shape("max_out", max_out, (b, hq, sq))
+            if max_out.dtype != torch.float32:
+                return None
         out = torch.empty(b, sq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
         hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
-                             window=window, fresh=True)
+                             window=window, fresh=True, max_out=max_out)
         return out, lse
 
     def attend_bwd(
