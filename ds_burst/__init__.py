@@ -5,6 +5,8 @@ Public API::
     q_loc = ds_burst.shard_sequence(q, dim=1, group=None, layout="zigzag")
     out = ds_burst.burst_attn_func(q_loc, k_loc, v_loc, causal=True, group=None, layout="zigzag")
     full = ds_burst.gather_sequence(out, dim=1, group=None, layout="zigzag")
+    out, max_logit = ds_burst.burst_attn_func(q_loc, k_loc, v_loc, return_max_logit=True)   # QK-clip
+    per_layer = ds_burst.reduce_max_logits([max_logit, ...])   # once per step, the whole sequence's
 
 DeepSpeed integration::
 
@@ -15,6 +17,7 @@ DeepSpeed integration::
 
 from ds_burst.attention.api import burst_attn_func
 from ds_burst.attention.config import BurstConfig
+from ds_burst.attention.max_logit import pop_max_logits, reduce_max_logits
 from ds_burst.dist.comm import CommTimeoutError, comm_stats, reset_comm_stats, set_comm_timeout
 from ds_burst.dist.relayout import gather_sequence, shard_sequence
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
@@ -25,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "burst_attn_func",
+    "reduce_max_logits",
+    "pop_max_logits",
     "shard_sequence",
     "gather_sequence",
     "comm_stats",

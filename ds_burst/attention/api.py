@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ds_burst.attention import compiled
-from ds_burst.attention.function import BurstAttnFunction
+from ds_burst.attention.function import BurstAttnFunction, returns
 from ds_burst.attention.lookup import lookup_plan
 from ds_burst.attention.selective import active_keep
 from ds_burst.attention.validate import check_mode
@@ -41,7 +41,8 @@ def burst_attn_func(
     sinks: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | list[int] | tuple[int, ...] | None = None,
     position_ids: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_max_logit: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
     Args:
@@ -99,23 +100,31 @@ def burst_attn_func(
             positions are gathered over the group's CPU channel once per tensor object and the boundaries taken
             from the full sequence. A jump that is not a restart at 0, or rows with different documents, raise
             ``ValueError``. Give ``cu_seqlens`` or ``position_ids``, not both.
+        return_max_logit: also return ``max_logit [Hq]`` (fp32; fp64 for fp64 inputs; not differentiable): per
+            query head, the largest scaled score ``softmax_scale * q.k`` (before softcapping; sinks are not scores)
+            over this rank's queries in every batch row and the keys each of them attends to (masked pairs, other
+            documents, keys outside the window excluded; ``-inf`` when none). Tracked by the kernels in the
+            forward's own pass; reduce it over the group once per step with :func:`ds_burst.reduce_max_logits`
+            (Muon's QK-clip, docs/API.md). ``kernel="auto"`` then runs the Triton tiles on CUDA (torch's fused ops do
+            not expose the maximum; ``kernel="sdpa"`` runs such tiles on its Triton/PyTorch fallback).
 
     Kernels that cannot honour ``softcap`` or ``Dv != D`` (sdpa's fused ops) are replaced for the call by one that
     can (Triton on CUDA where it supports the inputs, else the PyTorch reference).
 
     Returns:
-        ``out [B, S_local, Hq, Dv]`` (``Dv``: V's head dim) in the input dtype (and ``lse [B, Hq, S_local]`` when
-        ``return_lse``).
+        ``out [B, S_local, Hq, Dv]`` (``Dv``: V's head dim) in the input dtype; with ``return_lse`` and/or
+        ``return_max_logit`` a tuple ``(out, lse)``, ``(out, max_logit)`` or ``(out, lse, max_logit)``.
     """
     if torch.compiler.is_compiling():
         return compiled.call(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel,
                              return_lse, deterministic, check_inputs, schedule, check_finite, softcap, sinks,
-                             cu_seqlens, position_ids)
+                             cu_seqlens, position_ids, bool(return_max_logit))
     plan = lookup_plan(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
                        deterministic, check_mode(check_inputs), schedule, check_finite, softcap, sinks,
-                       cu_seqlens=cu_seqlens, position_ids=position_ids)
+                       cu_seqlens=cu_seqlens, position_ids=position_ids, max_logit=bool(return_max_logit))
     if plan.direct is not None and active_keep() is None:  # one rank, one fused op under torch's autograd
         out, lse = plan.direct(q, k, v)
         return (out, lse) if return_lse else out
-    out, lse = BurstAttnFunction.apply(q, k, v, plan, sinks)
-    return (out, lse) if return_lse else out
+    out, lse, max_logit = BurstAttnFunction.apply(q, k, v, plan, sinks)
+    return returns(out, lse, max_logit, return_lse)
+

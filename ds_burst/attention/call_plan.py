@@ -49,6 +49,7 @@ class CallPlan:
     # set: (q, k, v) -> (out, lse) through fused ops under torch's own autograd (one rank, sdpa: the whole block,
     # or one diagonal tile per packed document)
     direct: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    max_logit: bool = False  # the forward also tracks each query's largest visible scaled score
 
 
 def choose_compute_layout(
@@ -79,11 +80,13 @@ def choose_compute_layout(
 
 def choose_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs, window: tuple[int, int],
                   deterministic: bool, info: GroupInfo) -> KernelSpec:
-    """The kernel a call runs on: ``auto`` on CUDA without a variant is the fused SDPA op bound once at one rank or
-    the measured pick agreed over the group (:mod:`ds_burst.kernels.choice`); otherwise the named kernel or, where
-    its record says it cannot run the call, the device's default, else the PyTorch reference (it runs everything)."""
+    """The kernel a call runs on: ``auto`` on CUDA without a variant or ``return_max_logit`` is the fused SDPA op
+    bound once at one rank or the measured pick agreed over the group (:mod:`ds_burst.kernels.choice`); otherwise
+    the named kernel or, where its record says it cannot run the call, the device's default, else the PyTorch
+    reference (it runs everything)."""
     variant = a.softcap is not None or v.shape[-1] != q.shape[-1]
-    if a.kernel == "auto" and q.device.type == "cuda" and not variant:
+    # the maximum logit: the fused ops do not expose it, the Triton tiles track it in the same pass
+    if a.kernel == "auto" and q.device.type == "cuda" and not variant and not a.max_logit:
         sdpa = registry.get("sdpa")
         if info.world == 1 and sdpa.can_bind(q, k, v, deterministic=deterministic, softcap=a.softcap,
                                              sinks=a.has_sinks, causal=a.causal, window=window):
@@ -147,7 +150,7 @@ def make_plan(
     if world == 1:
         whole, direct = _one_rank(kernel, q, k, v, a, window, deterministic, setup.ops(0, 0), s_local, scale)
     return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, chunks, work,
-                    direct)
+                    direct, a.max_logit)
 
 
 def _ring(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
@@ -177,7 +180,8 @@ def _one_rank(kernel: KernelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               ) -> tuple[TileOp | None, Callable | None]:
     """``(CallPlan.whole, CallPlan.direct)`` of a one-rank call as its record decides (:meth:`KernelSpec.one_rank`):
     fused ops bound per diagonal tile (outputs concatenated), ``attend`` on the whole block, or the ring of one."""
-    path = kernel.one_rank(ops, s_local, deterministic=deterministic, softcap=a.softcap, sinks=a.has_sinks)
+    path = kernel.one_rank(ops, s_local, deterministic=deterministic, softcap=a.softcap, sinks=a.has_sinks,
+                           max_logit=a.max_logit)
     if path is OneRank.RING:
         return None, None
     whole = whole_tile(ops, s_local) if kernel.whole else None

@@ -6,7 +6,8 @@ same plan cache, validation and ring as the eager path. Outputs of a custom op m
 backward re-derives the compute-layout tensors from q, k, v and the output (a relayout exchange when the
 caller's layout differs from the compute layout; nothing at one rank or in the compute layout). ``schedule=
 "ulysses_ring"`` and selective checkpointing are not supported under compile (a clear error). ``softcap`` is a
-float argument (``None`` for none) and ``sinks`` an optional tensor input that gets a gradient. Packed documents
+float argument (``None`` for none) and ``sinks`` an optional tensor input that gets a gradient; the op always
+returns a third tensor, ``max_logit`` (``[Hq]`` with ``want_max``, else empty). Packed documents
 travel into the op as they were given: ``cu_seqlens`` as integer lists or tensors (``cu_seqlens_q``/``_k``) and
 ``position_ids`` as a tensor, read inside the op exactly as in eager mode, so tracing needs no graph break.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ds_burst.attention.call_plan import CallPlan
-from ds_burst.attention.function import backward_impl, forward_impl, move_layout
+from ds_burst.attention.function import backward_impl, forward_impl, move_layout, returns
 from ds_burst.attention.lookup import lookup_plan
 from ds_burst.attention.selective import active_keep
 
@@ -66,12 +67,12 @@ def _join_docs(cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | No
 
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int,
           token: str, layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
-          schedule: str, check_finite: bool, softcap: float | None, sinks: torch.Tensor | None,
+          schedule: str, check_finite: bool, softcap: float | None, want_max: bool, sinks: torch.Tensor | None,
           cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None, tk: torch.Tensor | None,
           positions: torch.Tensor | None) -> CallPlan:
     plan = lookup_plan(q, k, v, causal, scale, (wl, wr), _group(token), layout, backward, kernel, True,
                        deterministic, check_inputs, None if schedule == "" else schedule, check_finite, softcap, sinks,
-                       cu_seqlens=_join_docs(cq, ck, tq, tk), position_ids=positions)
+                       cu_seqlens=_join_docs(cq, ck, tq, tk), position_ids=positions, max_logit=want_max)
     if plan.ulysses is not None:
         raise ValueError("schedule='ulysses_ring' is not supported under torch.compile; use 'ring' or 'double_ring'")
     return plan
@@ -80,35 +81,39 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
 @torch.library.custom_op("ds_burst::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None, wl: int,
                  wr: int, token: str, layout: str, backward: str, kernel: str, deterministic: bool,
-                 check_inputs: str, schedule: str, check_finite: bool, softcap: float | None,
+                 check_inputs: str, schedule: str, check_finite: bool, softcap: float | None, want_max: bool,
                  sinks: torch.Tensor | None, cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None,
-                 tk: torch.Tensor | None, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 tk: torch.Tensor | None, positions: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if active_keep() is not None:
         raise ValueError("selective checkpointing (ds_burst.attention.selective) is not supported under torch.compile")
     plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
-                 schedule, check_finite, softcap, sinks, cq, ck, tq, tk, positions)
-    out, lse, _ = forward_impl(q, k, v, plan, sinks)
-    return out.contiguous(), lse.contiguous()  # fresh tensors: forward_impl never returns an input
+                 schedule, check_finite, softcap, want_max, sinks, cq, ck, tq, tk, positions)
+    out, lse, _, max_logit = forward_impl(q, k, v, plan, sinks)
+    if max_logit is None:
+        max_logit = lse.new_empty((0,))
+    return out.contiguous(), lse.contiguous(), max_logit  # fresh tensors: forward_impl never returns an input
 
 
 @attention_op.register_fake
 def _(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs, schedule,
-      check_finite, softcap, sinks, cq, ck, tq, tk, positions):
+      check_finite, softcap, want_max, sinks, cq, ck, tq, tk, positions):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out_shape = (*q.shape[:3], v.shape[3])
-    return q.new_empty(out_shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
+    return (q.new_empty(out_shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype),
+            q.new_empty((q.shape[2] if want_max else 0,), dtype=lse_dtype))
 
 
 @torch.library.custom_op("ds_burst::attention_backward", mutates_args=())
 def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           dout: torch.Tensor, causal: bool, scale: float | None, wl: int, wr: int, token: str,
                           layout: str, backward: str, kernel: str, deterministic: bool, check_inputs: str,
-                          schedule: str, check_finite: bool, softcap: float | None, sinks: torch.Tensor | None,
-                          cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None,
-                          tk: torch.Tensor | None, positions: torch.Tensor | None
+                          schedule: str, check_finite: bool, softcap: float | None, want_max: bool,
+                          sinks: torch.Tensor | None, cq: list[int] | None, ck: list[int] | None,
+                          tq: torch.Tensor | None, tk: torch.Tensor | None, positions: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
-                 schedule, check_finite, softcap, sinks, cq, ck, tq, tk, positions)
+                 schedule, check_finite, softcap, want_max, sinks, cq, ck, tq, tk, positions)
     src, dst = plan.user_layout, plan.compute_layout
     if src == dst:
         saved = (q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
@@ -128,13 +133,13 @@ def _(q, k, v, out, lse, dout, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
-_N_OPTS = 13  # the op's arguments between v and sinks (causal ... softcap)
+_N_OPTS = 14  # the op's arguments between v and sinks (causal ... want_max)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     q, k, v, *rest = inputs
     opts, sinks, (cq, ck, tq, tk, positions) = rest[:_N_OPTS], rest[_N_OPTS], rest[_N_OPTS + 1:]
-    out, lse = output
+    out, lse, max_logit = output
     tensors = [q, k, v, out, lse]
     slots = {}  # the optional tensor inputs the backward needs, by position among the saved tensors
     for name, t in (("sinks", sinks), ("tq", tq), ("tk", tk), ("positions", positions)):
@@ -143,10 +148,10 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
             tensors.append(t)
     ctx.save_for_backward(*tensors)
     ctx.opts, ctx.lists, ctx.slots = opts, (cq, ck), slots
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, max_logit)
 
 
-def _backward(ctx, dout, _dlse):  # noqa: ANN001, ANN202
+def _backward(ctx, dout, _dlse, _dmax):  # noqa: ANN001, ANN202
     saved = ctx.saved_tensors
     q, k, v, out, lse = saved[:5]
     sinks, tq, tk, positions = (saved[ctx.slots[n]] if n in ctx.slots else None
@@ -163,12 +168,14 @@ def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softma
          window_size: tuple[int, int], group: object, layout: str, backward: str, kernel: str, return_lse: bool,
          deterministic: bool, check_inputs: bool | str, schedule: str | None, check_finite: bool,
          softcap: float | None = None, sinks: torch.Tensor | None = None, cu_seqlens: object = None,
-         position_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         position_ids: torch.Tensor | None = None, return_max_logit: bool = False
+         ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``burst_attn_func`` while dynamo traces: the custom op."""
     mode = "once" if check_inputs is True else ("local" if check_inputs is False else str(check_inputs))
     scale = None if softmax_scale is None else float(softmax_scale)
-    out, lse = attention_op(q, k, v, bool(causal), scale, int(window_size[0]), int(window_size[1]),
-                            group_token(group), layout, backward, kernel, bool(deterministic), mode,
-                            "" if schedule is None else schedule, bool(check_finite),
-                            None if softcap is None else float(softcap), sinks, *_split_docs(cu_seqlens, position_ids))
-    return (out, lse) if return_lse else out
+    out, lse, max_logit = attention_op(q, k, v, bool(causal), scale, int(window_size[0]), int(window_size[1]),
+                                       group_token(group), layout, backward, kernel, bool(deterministic), mode,
+                                       "" if schedule is None else schedule, bool(check_finite),
+                                       None if softcap is None else float(softcap), bool(return_max_logit), sinks,
+                                       *_split_docs(cu_seqlens, position_ids))
+    return returns(out, lse, max_logit if return_max_logit else None, return_lse)

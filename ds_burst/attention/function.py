@@ -11,6 +11,11 @@ output and lse kept from the first run instead of running the ring forward again
 A plan whose only tile is the whole local block (one rank; ``CallPlan.whole``, set where the kernel's record has
 ``attend``/``attend_bwd``: the fused SDPA ops, or the Triton kernels' single Hopper launch: no fp32 state, no
 merge, no conversions) calls them, and the ring path where they return ``None``.
+
+``return_max_logit`` (:attr:`CallPlan.max_logit`): the kernels raise a ``[B, H, s]`` buffer of each query's largest
+visible scaled score in the same pass as the softmax (the contract's ``max_out``); it follows the lse back to the
+caller's shard (under Ulysses, and in another compute layout) and is reduced to ``[Hq]`` over the batch and the
+caller's queries of this rank. Not differentiable.
 """
 
 from __future__ import annotations
@@ -74,9 +79,10 @@ def move_layout(x: torch.Tensor, dim: int, plan: CallPlan, to_compute: bool, pha
     return relayout(x, dim, src, dst, plan.info, phase)
 
 
-def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 plan: CallPlan, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Saved]:
-    """``(out, lse, saved)``: output and lse in the caller's layout, and what the backward needs."""
+def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, sinks: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, Saved, torch.Tensor | None]:
+    """``(out, lse, saved, max_logit)``: output and lse in the caller's layout, what the backward needs, and the
+    per-head maximum logit ``[Hq]`` of this rank's queries (``None`` unless the plan asks for it)."""
     src, dst, spec = plan.user_layout, plan.compute_layout, plan.ulysses
     if src == dst:
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()  # no copies when already dense
@@ -85,15 +91,17 @@ def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if spec is not None:  # heads to the node's ranks, all the node's tokens to each
         qc = uly.to_node(qc, spec, "a2a")
         kc, vc = (uly.to_node(uly.repeat_kv(x, spec.kv_repeat), spec, "a2a") for x in (kc, vc))
-    out_c, lse = _forward_with_keep(qc, kc, vc, plan, q.dtype)
+    out_c, lse, mx = _forward_with_keep(qc, kc, vc, plan, q.dtype)
     if sinks is not None:
         out_c, lse = fold_sinks(out_c, lse, _sink_heads(sinks, plan))
     saved = (qc, kc, vc, out_c, lse)
     if spec is not None:
         out_c, lse = uly.from_node(out_c, spec, "a2a"), uly.lse_to_shard(lse, spec, "a2a")
-    if src == dst:
-        return out_c, lse, saved
-    return move_layout(out_c, 1, plan, False), move_layout(lse, 2, plan, False), saved
+        mx = None if mx is None else uly.lse_to_shard(mx, spec, "a2a")  # this rank's queries, every head
+    if src != dst:  # the caller's queries: the rows go back with the output
+        out_c, lse = move_layout(out_c, 1, plan, False), move_layout(lse, 2, plan, False)
+        mx = None if mx is None else move_layout(mx, 2, plan, False)
+    return out_c, lse, saved, None if mx is None else mx.amax(dim=(0, 2))
 
 
 def backward_impl(plan: CallPlan, saved: Saved, dout: torch.Tensor, sinks: torch.Tensor | None = None
@@ -143,14 +151,15 @@ class BurstAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,  # type: ignore[override]
                 sinks: torch.Tensor | None = None):
-        out, lse, saved = forward_impl(q, k, v, plan, sinks)
+        out, lse, saved, max_logit = forward_impl(q, k, v, plan, sinks)
         ctx.save_for_backward(*saved, *(() if sinks is None else (sinks,)))
         ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.mark_non_differentiable(lse, *(() if max_logit is None else (max_logit,)))
+        return out, lse, max_logit
 
     @staticmethod
-    def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None, _dmax: torch.Tensor | None = None
+                 ):  # type: ignore[override]
         saved = tuple(ctx.saved_tensors)
         sinks = saved[5] if len(saved) > 5 else None
         grads = backward_impl(ctx.plan, saved[:5], dout, sinks)  # type: ignore[arg-type]
@@ -158,34 +167,57 @@ class BurstAttnFunction(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, dsinks
 
 
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
 def _ring_forward_out(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: CallPlan, dtype: torch.dtype,
-                      rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      rows: int | None = None) -> Rows:
+    """``(out, lse, max rows)`` of the first ``rows`` local queries (all: ``None``); max rows only for a plan with
+    :attr:`CallPlan.max_logit`."""
     kernel, whole = plan.setup.kernel, plan.whole
+    n = qc.shape[1] if rows is None else rows
+    mx = None
+    if plan.max_logit:
+        mx = torch.full((qc.shape[0], qc.shape[2], n), float("-inf"), device=qc.device,
+                        dtype=torch.float64 if qc.dtype == torch.float64 else torch.float32)
+    extra = {} if mx is None else {"max_out": mx}
     if rows is None and whole is not None:
-        got = kernel.attend(qc, kc, vc, scale=plan.setup.scale, **plan.setup.mask_args(whole))
+        got = kernel.attend(qc, kc, vc, scale=plan.setup.scale, **plan.setup.mask_args(whole), **extra)
         if got is not None:
-            return got
-    out32, lse = ring_forward(qc, kc, vc, plan.setup, rows=rows)
-    return buffer_pool().export(out32, dtype), lse
+            return got[0], got[1], mx
+    out32, lse = ring_forward(qc, kc, vc, plan.setup, rows=rows, max_rows=mx)
+    return buffer_pool().export(out32, dtype), lse, mx
 
 
 def _forward_with_keep(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: CallPlan,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype) -> Rows:
     """Ring forward in the compute layout, or its kept result inside a selective-checkpointing region
     (:mod:`ds_burst.attention.selective`): the first run records, the re-run reuses what was kept and computes
     only the rows that were not kept."""
     keep = active_keep()
     kept = keep.replay(tuple(qc.shape)) if keep is not None else None
     if kept is None:
-        out_c, lse = _ring_forward_out(qc, kc, vc, plan, dtype)
+        out_c, lse, mx = _ring_forward_out(qc, kc, vc, plan, dtype)
         if keep is not None and keep.recording:
-            keep.record(tuple(qc.shape), out_c, lse)
-        return out_c, lse
+            keep.record(tuple(qc.shape), out_c, lse, mx)
+        return out_c, lse, mx
+    if plan.max_logit and kept.mx is None:
+        raise RuntimeError("selective checkpointing: the re-run asks for the maximum logit (return_max_logit) but "
+                           "the first run did not; the region must make the same attention calls on both runs")
     out_k, lse_k = kept.fetch()
+    mx_k = kept.mx if plan.max_logit else None
     if kept.start == 0:
-        return out_k, lse_k
-    out_c, lse = _ring_forward_out(qc, kc, vc, plan, dtype, rows=kept.start)
-    return torch.cat([out_c, out_k], 1), torch.cat([lse, lse_k], 2)
+        return out_k, lse_k, mx_k
+    out_c, lse, mx = _ring_forward_out(qc, kc, vc, plan, dtype, rows=kept.start)
+    mx = None if mx is None or mx_k is None else torch.cat([mx, mx_k], 2)
+    return torch.cat([out_c, out_k], 1), torch.cat([lse, lse_k], 2), mx
+
+
+def returns(out: torch.Tensor, lse: torch.Tensor, max_logit: torch.Tensor | None, return_lse: bool
+            ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A call's result in the documented order: ``out``, then ``lse`` and ``max_logit`` where asked for."""
+    got = (out,) + ((lse,) if return_lse else ()) + (() if max_logit is None else (max_logit,))
+    return got if len(got) > 1 else out
 
 
 def check_finite_grad(dout: torch.Tensor, info: GroupInfo) -> None:

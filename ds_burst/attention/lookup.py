@@ -34,7 +34,7 @@ from ds_burst.dist.comm import GroupInfo, default_group, header_channel, initial
 def call_key(q: object, k: object, v: object, causal: object, softmax_scale: object, window_size: object,
              group: object, layout: object, backward: object, kernel: object, return_lse: object,
              deterministic: object, schedule: object, check_finite: object, softcap: object = None,
-             sinks: object = None, *, docs: object = None) -> tuple | None:
+             sinks: object = None, *, docs: object = None, max_logit: bool = False) -> tuple | None:
     """The plan-cache key of a call, or ``None`` when the call cannot be cached (not three tensors, or an
     option that is not hashable: such calls are validated and fail there)."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
@@ -43,7 +43,8 @@ def call_key(q: object, k: object, v: object, causal: object, softmax_scale: obj
         w = tuple(window_size)  # type: ignore[arg-type]
         key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal,
                softmax_scale, w, group, group is None and initialized(), layout,
-               backward, kernel, return_lse, deterministic, schedule, check_finite, softcap, sinks is not None, docs)
+               backward, kernel, return_lse, deterministic, schedule, check_finite, softcap, sinks is not None, docs,
+               max_logit)
         hash(key)
     except TypeError:
         return None
@@ -53,14 +54,14 @@ def call_key(q: object, k: object, v: object, causal: object, softmax_scale: obj
 def _args(q: object, k: object, causal: bool, softmax_scale: float | None, window_size: tuple[int, int],
           group: object, layout: str, backward: str, kernel: str, return_lse: bool, deterministic: bool,
           schedule: str | None, check_finite: bool, softcap: float | None, sinks: object, info: GroupInfo,
-          docs: tuple[int, ...] | None, docs_error: tuple[str, str] | None) -> AttnArgs:
+          docs: tuple[int, ...] | None, docs_error: tuple[str, str] | None, max_logit: bool = False) -> AttnArgs:
     node_groups = getattr(group, "node_groups", None)
     sched = resolve_schedule(schedule, group, q, k, causal, window_size, info)
     return AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel,  # type: ignore[arg-type]
                     bool(return_lse), sched, node_groups is not None,
                     node_groups.per_node if node_groups is not None else 0, bool(check_finite), softcap=softcap,
                     has_sinks=sinks is not None, cu_seqlens=docs, cu_error=docs_error,
-                    deterministic=bool(deterministic))
+                    deterministic=bool(deterministic), max_logit=bool(max_logit))
 
 
 def _docs_tag(layout: str, info: GroupInfo) -> tuple:
@@ -128,7 +129,7 @@ def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: fl
                 window_size: tuple[int, int], group: object, layout: str, backward: str, kernel: str,
                 return_lse: bool, deterministic: bool, mode: str, schedule: str | None,
                 check_finite: bool, softcap: float | None = None, sinks: object = None, *,
-                cu_seqlens: object = None, position_ids: object = None) -> CallPlan:
+                cu_seqlens: object = None, position_ids: object = None, max_logit: bool = False) -> CallPlan:
     """The call's plan: cached per key and built (on every rank together) on a key's first call, or on every call
     with ``mode="always"``.
 
@@ -137,7 +138,8 @@ def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: fl
     (:func:`~ds_burst.attention.validate.agree`) runs on every call of a group of several ranks, with every rank,
     or with the two ring neighbours only for ``mode="local"`` (``check_inputs=False``, unless ``check_finite``).
     Documents come from ``cu_seqlens`` (read on the host once per tensor object) or from ``position_ids`` that
-    restart at 0 (gathered over the group once per tensor object)."""
+    restart at 0 (gathered over the group once per tensor object). ``max_logit``: the call also returns the
+    per-head maximum logit (part of the key and of the header)."""
     group = default_group() if group is None else group
     info = resolve_group(group)
     _check_capture(info, cu_seqlens, position_ids)
@@ -148,12 +150,12 @@ def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: fl
         key = None
         if mode != "always" and docs_error is None and docs_state != UNKNOWN_DOCS:
             key = call_key(q, k, v, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
-                           deterministic, schedule, check_finite, softcap, sinks, docs=docs)
+                           deterministic, schedule, check_finite, softcap, sinks, docs=docs, max_logit=max_logit)
         plan = PLANS.get(key) if key is not None else None
         args = None
         if plan is None:
             args = _args(q, k, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
-                         deterministic, schedule, check_finite, softcap, sinks, info, docs, docs_error)
+                         deterministic, schedule, check_finite, softcap, sinks, info, docs, docs_error, max_logit)
             err = local_error(q, k, v, args, info, sinks)
             mine = summary(q, k, args, v) if err is None else ()  # type: ignore[arg-type]
         else:
@@ -175,7 +177,7 @@ def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: fl
             return plan
         if args is None:  # cached here, not on another rank: build again, with everyone
             args = _args(q, k, causal, softmax_scale, window_size, group, layout, backward, kernel, return_lse,
-                         deterministic, schedule, check_finite, softcap, sinks, info, docs, docs_error)
+                         deterministic, schedule, check_finite, softcap, sinks, info, docs, docs_error, max_logit)
         assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
         node_groups = getattr(group, "node_groups", None)
         build = _builder(q, k, v, args, info, deterministic, node_groups, tuple(mine))

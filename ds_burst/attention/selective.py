@@ -165,10 +165,11 @@ def owns_storage(t: torch.Tensor) -> bool:
 
 class _Kept:
     def __init__(self, start: int, qshape: tuple[int, ...], out: torch.Tensor, lse: torch.Tensor,
-                 offload: bool) -> None:
+                 offload: bool, mx: torch.Tensor | None = None) -> None:
         self.start, self.qshape = start, qshape
         self.out: torch.Tensor | HostCopy = HostCopy(out) if offload else out
         self.lse: torch.Tensor | HostCopy = HostCopy(lse) if offload else lse
+        self.mx = mx  # the rows' maximum logits (return_max_logit), as small as lse: kept on the device
 
     def prefetch(self) -> None:
         for t in (self.out, self.lse):
@@ -206,12 +207,15 @@ class AttentionKeep:
         """First kept row of a local compute-layout sequence of ``rows`` tokens."""
         return 0 if self.tokens == "all" else rows // 2
 
-    def record(self, qshape: tuple[int, ...], out: torch.Tensor, lse: torch.Tensor) -> None:
-        """Keep ``out [B, s, H, D]`` and ``lse [B, H, s]`` (from :meth:`keep_start` on) of the first run."""
+    def record(self, qshape: tuple[int, ...], out: torch.Tensor, lse: torch.Tensor,
+               mx: torch.Tensor | None = None) -> None:
+        """Keep ``out [B, s, H, D]``, ``lse [B, H, s]`` and the rows' maximum logits ``mx [B, H, s]`` when the
+        call returns them (from :meth:`keep_start` on) of the first run."""
         start = self.keep_start(out.shape[1])
         if start:
             out, lse = out[:, start:].clone(), lse[:, :, start:].clone()
-        self.entries.append(_Kept(start, tuple(qshape), out.detach(), lse.detach(), self.offload))
+            mx = None if mx is None else mx[:, :, start:].clone()
+        self.entries.append(_Kept(start, tuple(qshape), out.detach(), lse.detach(), self.offload, mx))
         _STATS["recorded"] += 1
         _STATS["kept_bytes"] += out.numel() * out.element_size() + lse.numel() * lse.element_size()
 

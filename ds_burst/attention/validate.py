@@ -49,6 +49,7 @@ class AttnArgs:
     cu_seqlens: tuple[int, ...] | None = None  # global document boundaries as read (checked in validation)
     cu_error: tuple[str, str] | None = None  # (exception class, message) when cu_seqlens could not be read
     deterministic: bool = False
+    max_logit: bool = False  # also return the per-head maximum logit (return_max_logit)
 
 
 _PER_ROW = ("ds-burst applies one set of document boundaries to every row of the batch: pass the boundaries of one "
@@ -245,13 +246,15 @@ def summary(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, v: torch.Tensor | Non
         "documents": fingerprint(a.cu_seqlens)[0],
         "cu_seqlens crc32": fingerprint(a.cu_seqlens)[1],
         "deterministic": int(a.deterministic),
+        "return_max_logit": int(a.max_logit),
     }
     return tuple(fields.values())
 
 
 _FIELD_NAMES = ("batch", "S_local", "Hq", "Hkv", "head dim", "dtype", "device type", "causal", "window left",
                 "window right", "softmax_scale", "layout", "backward", "kernel", "return_lse", "schedule",
-                "check_finite", "value head dim", "softcap", "sinks", "documents", "cu_seqlens crc32", "deterministic")
+                "check_finite", "value head dim", "softcap", "sinks", "documents", "cu_seqlens crc32", "deterministic",
+                "return_max_logit")
 _N_FIELDS = len(_FIELD_NAMES)
 _EXC = {"TypeError": TypeError, "ValueError": ValueError}
 

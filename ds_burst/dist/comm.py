@@ -500,6 +500,13 @@ def all_reduce_sum(info: GroupInfo, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(info: GroupInfo, x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``x`` over the group, in place (returns ``x``)."""
+    if info.world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=info.group)
+    return x
+
+
 def _backend_device_ok(info: GroupInfo, device: torch.device) -> bool:
     backend = dist.get_backend(info.group)
     if device.type == "cpu":

@@ -56,7 +56,7 @@ import torch
 from ds_burst.attention.positions import boundaries_from_positions
 from ds_burst.dist.comm import all_gather_objects, all_gather_tensor, resolve_group
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
-from ds_burst.integrations.hf import hf_burst_attention
+from ds_burst.integrations.hf import HF_OPTIONS, hf_burst_attention
 from ds_burst.training.data import IGNORE_INDEX, boundaries_from_cu_seq_lens
 from ds_burst.training.losses import check_trainer_sp_gradients
 
@@ -252,10 +252,9 @@ class BurstSPAttentionHF(torch.nn.Module):
         **burst_options: Any,
     ) -> None:
         super().__init__()
-        allowed = {"backward", "kernel", "deterministic", "check_inputs", "check_finite"}
-        unknown = sorted(set(burst_options) - allowed)
+        unknown = sorted(set(burst_options) - set(HF_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown burst option(s) {unknown}; allowed: {sorted(allowed)}")
+            raise ValueError(f"unknown burst option(s) {unknown}; allowed: {sorted(HF_OPTIONS)}")
         if kv_head_count < 1 or attn_head_count % kv_head_count != 0:
             raise ValueError(f"attention head count {attn_head_count} is not a multiple of the KV head count "
                              f"{kv_head_count}")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ds_burst.attention.api import burst_attn_func
+from ds_burst.attention.max_logit import RECORD
 from ds_burst.core.layout import check_layout, global_index
 from ds_burst.dist.comm import resolve_group
 from ds_burst.integrations import alst
@@ -35,7 +36,7 @@ from ds_burst.integrations import alst
 log = logging.getLogger(__name__)
 
 BURST_OPTIONS = ("causal", "softmax_scale", "window_size", "layout", "backward", "kernel", "deterministic",
-                 "check_inputs", "check_finite", "softcap")
+                 "check_inputs", "check_finite", "softcap", "record_max_logit")
 _CAUSAL_KEYS = ("causal", "is_causal")
 _SCALE_KEYS = ("softmax_scale", "scale", "scaling")
 _WINDOW_KEYS = ("window_size", "sliding_window")
@@ -91,7 +92,9 @@ class DistributedAttention(torch.nn.Module):
         num_kv_heads: optional KV head count; checked against the key tensor when given.
         **burst_options: ``causal``, ``softmax_scale``, ``window_size``, ``layout`` (how the shards were cut:
             ``"contiguous"``, the Ulysses default, or ``"zigzag"``), ``backward``, ``kernel``,
-            ``deterministic``, ``check_inputs``, ``check_finite`` (see :func:`ds_burst.burst_attn_func`).
+            ``deterministic``, ``check_inputs``, ``check_finite`` (see :func:`ds_burst.burst_attn_func`);
+            ``record_max_logit=True``: every call also computes the per-head maximum logit and folds it into
+            :func:`ds_burst.pop_max_logits` under this module (Muon's QK-clip).
     """
 
     def __init__(
@@ -165,7 +168,8 @@ class DistributedAttention(torch.nn.Module):
                 "in training) is not supported; set it to 0"
             )
 
-        opts = {k: v for k, v in self.burst_options.items() if k not in ("causal", "softmax_scale", "window_size")}
+        opts = {k: v for k, v in self.burst_options.items()
+                if k not in ("causal", "softmax_scale", "window_size", "record_max_logit")}
         opts.setdefault("layout", "contiguous")
 
         # causal
@@ -255,7 +259,12 @@ class DistributedAttention(torch.nn.Module):
             raise ValueError(f"DistributedAttention: num_kv_heads={self.num_kv_heads} but key has {key.shape[2]} heads")
         if rotary_pos_emb is not None:
             query, key = self._rotary(query, key, rotary_pos_emb, batch_dim_idx, opts["layout"])
-        out = burst_attn_func(query, key, value, group=self.spg, cu_seqlens=cu_seqlens, **opts)
+        if self.burst_options.get("record_max_logit"):
+            out, max_logit = burst_attn_func(query, key, value, group=self.spg, cu_seqlens=cu_seqlens,
+                                             return_max_logit=True, **opts)
+            RECORD.add(self, max_logit)
+        else:
+            out = burst_attn_func(query, key, value, group=self.spg, cu_seqlens=cu_seqlens, **opts)
         assert isinstance(out, torch.Tensor)
         return out if batch_dim_idx == 0 else out.transpose(0, 1).contiguous()
 

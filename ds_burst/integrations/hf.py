@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ds_burst.attention.api import burst_attn_func
+from ds_burst.attention.max_logit import RECORD
 from ds_burst.core.layout import check_layout
 from ds_burst.dist.comm import resolve_group
 from ds_burst.dist.topology import Topology, get_topology, init_sequence_parallel
@@ -56,6 +57,8 @@ __all__ = ["ATTN_NAME", "burst_attention_forward", "hf_burst_attention", "regist
 _DOCUMENT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 ATTN_NAME = "burst"
+#: the options ``register``/``setup`` and the ALST drop-in take (``record_max_logit``: see :func:`hf_burst_attention`)
+HF_OPTIONS = ("backward", "kernel", "deterministic", "check_inputs", "check_finite", "record_max_logit")
 _STATE: dict[str, Any] = {"topology": None, "layout": "zigzag", "options": {}}
 
 
@@ -122,6 +125,8 @@ def hf_burst_attention(
     ``position_ids`` must be given when the sequence is split (RoPE positions must be global). Refused with a
     ``ValueError``: dropout > 0, an attention mask, ``output_attentions=True``, positions that jump without
     restarting at 0, rows with different documents, and any keyword not listed here or in ``_NO_EFFECT``.
+    ``burst_options["record_max_logit"]``: the call also computes the per-head maximum logit of this rank's queries
+    and folds it into :func:`ds_burst.pop_max_logits` under ``module`` (Muon's QK-clip).
     """
     if dropout and dropout > 0:
         raise ValueError(f"ds-burst attention: attention dropout={dropout} > 0 is not supported (set attention_dropout"
@@ -145,6 +150,10 @@ def hf_burst_attention(
     window = (-1, -1)
     if sliding_window is not None:
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+    opts = dict(burst_options or {})
+    record = bool(opts.pop("record_max_logit", False))
+    if record:
+        opts["return_max_logit"] = True
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     documents: dict[str, Any] = {}
     if cu_q is not None or cu_k is not None:  # full-sequence boundaries (or flattened-batch offsets), read in the op
@@ -164,23 +173,26 @@ def hf_burst_attention(
         softcap=None if softcap is None else float(softcap),
         sinks=s_aux,
         **documents,
-        **(burst_options or {}),
+        **opts,
     )
+    if record:
+        out, max_logit = out
+        RECORD.add(module, max_logit)
     assert isinstance(out, torch.Tensor)
     return out
 
 
 def register(layout: str = "zigzag", topology: Topology | None = None, **burst_options: Any) -> None:
     """Register ``attn_implementation="burst"`` with transformers. ``layout`` must match :func:`shard_batch`;
-    ``burst_options`` (``backward``, ``kernel``, ``deterministic``, ``check_inputs``, ``check_finite``) go to
-    every call."""
+    ``burst_options`` (:data:`HF_OPTIONS`: ``backward``, ``kernel``, ``deterministic``, ``check_inputs``,
+    ``check_finite`` go to every call; ``record_max_logit=True`` records every attention module's per-head maximum
+    logit for :func:`ds_burst.pop_max_logits`)."""
     from transformers import AttentionInterface
 
     check_layout(layout)
-    allowed = {"backward", "kernel", "deterministic", "check_inputs", "check_finite"}
-    unknown = sorted(set(burst_options) - allowed)
+    unknown = sorted(set(burst_options) - set(HF_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown burst option(s) {unknown}; allowed: {sorted(allowed)}")
+        raise ValueError(f"unknown burst option(s) {unknown}; allowed: {sorted(HF_OPTIONS)}")
     _STATE.update(topology=topology, layout=layout, options=dict(burst_options))
     AttentionInterface.register(ATTN_NAME, burst_attention_forward)
 

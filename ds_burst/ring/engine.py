@@ -184,13 +184,15 @@ def _empty_state(q: torch.Tensor, rows: int, d: int) -> tuple[torch.Tensor, torc
 
 
 def ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup, rows: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup, rows: int | None = None,
+    max_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local queries over every rank's keys: ``(out fp32 [B,s,Hq,Dv], lse fp32 [B,Hq,s])``.
 
     ``rows``: only the first ``rows`` local queries (``[B, rows, ...]`` results); K and V still travel the
     whole ring (every rank walks the same steps), but tiles of the other queries are skipped. ``out`` may come
     from :func:`ds_burst.ring.pool.buffer_pool` (16-bit inputs): convert it with ``BufferPool.export``.
+    ``max_rows [B, Hq, rows]`` (``-inf`` at first): raised to each query's largest visible scaled score.
     """
     n = q.shape[1] if rows is None else rows
     out, lse = _empty_state(q, n, v.shape[-1])
@@ -201,9 +203,10 @@ def ring_forward(
             q1 = min(op.q1, n)  # clipping the end keeps q_offset (the first query's position) valid
             if op.q0 >= q1:
                 continue
+            extra = {} if max_rows is None else {"max_out": max_rows[:, :, op.q0 : q1]}
             setup.kernel.impl.fwd_step(
                 q[:, op.q0 : q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1],
-                out[:, op.q0 : q1], lse[:, :, op.q0 : q1], scale=setup.scale, **setup.mask_args(op),
+                out[:, op.q0 : q1], lse[:, :, op.q0 : q1], scale=setup.scale, **setup.mask_args(op), **extra,
             )
 
     def remote(payload: Tensors, owner: int) -> None:
