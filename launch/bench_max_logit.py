@@ -12,7 +12,9 @@ For each local size S (B=1, H=32, D=128, bf16), causal and full, and each method
 
 Methods: ``hopper`` (``triton_attn.Tiles()``: the Gluon forward on sm_90), ``tl`` (``Tiles(hopper=False)``: the
 portable ``tl`` kernels), ``sdpa`` (torch's fused ops; with ``max_out`` its Triton fallback) and ``torch`` (the
-PyTorch reference tiles). CUDA events, warmup, the median of ``--iters`` (the lower of two such medians, taken
+PyTorch reference tiles), and ``call``: the whole one-rank ``burst_attn_func(kernel="auto")`` forward and forward +
+backward with and without ``return_max_logit=True`` (auto binds cuDNN without it, runs the Triton tiles with it:
+what a user pays). CUDA events, warmup, the median of ``--iters`` (the lower of two such medians, taken
 alternately with and without). Prints a table (ms without, ms with, cost %) and writes JSON with the GPU name,
 TFLOP/s (forward ``4*B*H*S^2*D``, halved when causal), peak memory and the ratio with / without.
 """
@@ -30,7 +32,27 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import attn_flops, cuda_time_ms, device_meta, print_table, write_json  # noqa: E402
 
-METHODS = ("hopper", "tl", "sdpa", "torch")
+METHODS = ("hopper", "tl", "sdpa", "torch", "call")
+
+
+def _call_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+              ) -> dict[str, Callable[[torch.Tensor | None], object]]:
+    """``burst_attn_func(kernel="auto")`` at one rank, forward and forward + backward; ``max_out`` only says whether
+    to ask for the maximum logit."""
+    import ds_burst
+
+    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def run(max_out: torch.Tensor | None, grads: bool) -> object:
+        with torch.set_grad_enabled(grads):
+            got = ds_burst.burst_attn_func(qg, kg, vg, causal=causal, return_max_logit=max_out is not None)
+            out = got[0] if isinstance(got, tuple) else got
+            if grads:
+                out.backward(do)
+        return out
+
+    return {"call_fwd": lambda m: run(m, False), "call_fwd_bwd": lambda m: run(m, True)}
 
 
 def _impl(method: str) -> object:
@@ -120,15 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             flops = attn_flops(1, hh, s, d, causal)
             kw = dict(scale=d**-0.5, causal=causal)
             for method in args.methods:
-                impl = _impl(method)
+                impl = None if method == "call" else _impl(method)
                 paths: dict[str, str] = {}
-                for op, fn in _ops(impl, q, k, v, kw, paths).items():
+                ops = _call_ops(q, k, v, causal) if impl is None else _ops(impl, q, k, v, kw, paths)
+                for op, fn in ops.items():
+                    path = "auto" if impl is None else _path(method, impl, q, k)
                     row: dict = {"method": method, "op": op, "S": s, "H": hh, "D": d, "causal": causal,
-                                 "dtype": "bf16", "gpu": gpu, "path": _path(method, impl, q, k)}
+                                 "dtype": "bf16", "gpu": gpu, "path": path}
                     try:
                         row.update(_measure(fn, max_out, args.warmup, args.iters))
-                        row["tflops_without"] = flops / row["ms_without"] / 1e9
-                        row["tflops_with"] = flops / row["ms_with"] / 1e9
+                        f = flops * (3.5 if op == "call_fwd_bwd" else 1.0)  # backward: 2.5x the forward
+                        row["tflops_without"] = f / row["ms_without"] / 1e9
+                        row["tflops_with"] = f / row["ms_with"] / 1e9
                         row["ratio"] = row["ms_with"] / row["ms_without"]
                         row["cost_pct"] = 100.0 * (row["ratio"] - 1.0)
                         if op == "attend":

@@ -2,7 +2,8 @@
 # One call on a GPU machine: install the carried wheels, then run the chosen stages, each under a time limit.
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
-# equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before.
+# equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before
+# max_logit.
 # Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
 # tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
@@ -53,6 +54,12 @@ for spec in "$@"; do
     tests_hopper)  # the Gluon Hopper tiles against float64 (forward and backward, every mask case)
       timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_hopper_kernels.py >"$OUT/gpu_tests_hopper.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_hopper.log" | tail -20 ;;
+    max_logit)  # the maximum logit (QK-clip): the GPU tests of every path, then its cost (each under the limit)
+      timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_max_logit_kernels.py \
+        tests/test_max_logit.py >"$OUT/max_logit_tests.log" 2>&1; echo "rc=$?"
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/max_logit_tests.log" | tail -20 | cut -c1-300
+      timeout "$limit" python3 launch/bench_max_logit.py --out "$OUT/max_logit.json" --methods hopper tl sdpa call \
+        >"$OUT/max_logit_bench.log" 2>&1; echo "rc=$?"; grep -vE "^\{" "$OUT/max_logit_bench.log" | tail -40 ;;
     tests_kernels)  # the gpu cases of every kernel test file, then the conformance suite and layering check on CUDA
       timeout "$limit" python3 -m pytest -q -v -m gpu tests/test_triton_kernels.py tests/test_triton_variants.py \
         tests/test_hopper_kernels.py tests/test_sdpa_kernel.py tests/test_attention_variants.py tests/test_hot_path.py \

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks, values
-from kernel_utils import ref_grads, rel
+from kernel_utils import gpu, ref_grads, rel
 
 HQ, D = 4, 8
 DOCS = "docs"
@@ -44,7 +44,8 @@ def row_max(q: torch.Tensor, k: torch.Tensor, causal: bool, window: tuple[int, i
     sc = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) * (d**-0.5 if scale is None else scale)
     ok = visible_mask(0, s, 0, s, causal, window, q.device)
     if docs is not None:
-        idx = torch.bucketize(torch.arange(s), torch.tensor(docs[1:-1]), right=True)
+        idx = torch.bucketize(torch.arange(s, device=q.device), torch.tensor(docs[1:-1], device=q.device),
+                              right=True)
         ok &= idx[:, None] == idx[None, :]
     return sc.masked_fill(~ok, -math.inf).amax(-1).transpose(1, 2)
 
@@ -304,6 +305,29 @@ def test_record_keeps_the_running_maximum():
     got = rec.pop()
     assert list(got) == [1, 0] and torch.equal(got[1], torch.tensor([3.0, 5.0]))  # first-call order
     assert rec.pop() == {}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", ["auto", "triton", "sdpa"])
+@pytest.mark.parametrize("mask", ["causal", "full", "window", "docs"])
+def test_gpu_one_rank_against_float64(mask, kernel, dtype):
+    """bf16/fp16 on CUDA, D=128, GQA 8:2: the whole block (the Hopper forward's one launch on sm_90), several tiles
+    (documents: the ring of one, fwd_step with a carried state), sdpa (its fallback), with the backward."""
+    import ds_burst
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    s = 1536
+    q, k, v = (torch.randn(2, s, h, 128, device="cuda", generator=g, dtype=dtype) for h in (8, 2, 2))
+    causal, window, docs = _mask(mask, s, 3)
+    qg = q.clone().requires_grad_()
+    out, mx = ds_burst.burst_attn_func(qg, k, v, causal=causal, window_size=window, kernel=kernel,
+                                       cu_seqlens=None if docs is None else list(docs), return_max_logit=True)
+    out.float().sum().backward()
+    want = row_max(q, k, causal, window, docs).amax(dim=(0, 1))
+    assert mx.dtype == torch.float32 and mx.shape == (8,)
+    err = float(((mx.double() - want).abs() / want.abs().clamp_min(1)).max())
+    assert err <= 1e-4, (mask, kernel, err)  # fp32 accumulation of exact 16-bit products
 
 
 # ---------------------------------------------------------------------------------------------------------------
