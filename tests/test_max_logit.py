@@ -411,3 +411,28 @@ def test_hf_backend_records_every_layer():
 def test_deepspeed_drop_in_records():
     for got in values(run_ranks(worker_drop_in, 2, timeout=300)):
         assert got["keys"] == ["DistributedAttention"] and got["err"] <= TOL64, got
+
+
+def test_hf_record_under_compile():
+    """A compiled model records what the eager one does (one process)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import ds_burst
+    import ds_burst.hf as bhf
+
+    bhf.setup(1, record_max_logit=True)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128), attn_implementation="burst")
+        ids = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(5))
+        model(input_ids=ids)
+        eager = ds_burst.pop_max_logits()
+        torch.compile(model)(input_ids=ids)
+        compiled = ds_burst.pop_max_logits()
+        assert list(eager) == list(compiled) and len(eager) == 2
+        for a, b in zip(eager.values(), compiled.values()):
+            assert (a - b).abs().max() <= 1e-5 * max(1.0, float(a.abs().max()))
+    finally:
+        bhf.register()  # the other tests' default: no recording
