@@ -102,15 +102,18 @@ def worker_cases(rank: int, world: int) -> dict:
         causal, window, docs = _mask(mask, q.shape[1], world)
         softcap = 2.0 if variant == "softcap" else None
         sinks = torch.randn(HQ, dtype=torch.float64) if variant == "sinks" else None
-        for backward in ("burst", "ring"):
-            out, mx = _call(q, k, v, mask, docs, layout, causal=causal, window_size=window, softcap=softcap,
-                            sinks=sinks, backward=backward)
-            rows = row_max(q, k, causal, window, docs)
-            total = ds_burst.reduce_max_logits([mx])[0]
-            name = f"{mask}-{layout}-{hkv}-{variant}-{backward}"
-            errs[name] = (float((mx - _mine(rows, layout)).abs().max()),
-                          float((total - rows.amax(dim=(0, 1))).abs().max()), str(mx.dtype), mx.requires_grad)
-    return errs
+        out, mx = _call(q, k, v, mask, docs, layout, causal=causal, window_size=window, softcap=softcap,
+                        sinks=sinks)
+        rows = row_max(q, k, causal, window, docs)
+        total = ds_burst.reduce_max_logits([mx])[0]
+        errs[f"{mask}-{layout}-{hkv}-{variant}"] = (float((mx - _mine(rows, layout)).abs().max()),
+                                                    float((total - rows.amax(dim=(0, 1))).abs().max()),
+                                                    str(mx.dtype), mx.requires_grad)
+    if world == 2:  # the other two-rank checks, in the same launch
+        return {"cases": errs, "kernels": worker_kernels(rank, world), "compile": worker_compile(rank, world),
+                "mismatch": worker_mismatch(rank, world), "drop_in": worker_drop_in(rank, world)}
+    # the topology schedules (node groups of 2) after the cases, which ran on the world
+    return {"cases": errs, "schedules": {s: worker_schedules(rank, world, s) for s in ("double_ring", "ulysses_ring")}}
 
 
 def worker_kernels(rank: int, world: int) -> dict:
@@ -179,42 +182,54 @@ def worker_mismatch(rank: int, world: int) -> str:
 
 @pytest.fixture(scope="module", params=[2, 4])
 def case_results(request):
-    return request.param, values(run_ranks(worker_cases, request.param, timeout=600))
+    return request.param, request.getfixturevalue("two_ranks" if request.param == 2 else "four_ranks")
 
 
 def test_max_logit_every_case_on_every_rank(case_results):
     world, results = case_results
-    assert len(results[0]) == len(CASES) * 2
-    for rank, errs in enumerate(results):
-        for name, (local, total, dtype, grad) in errs.items():
+    assert len(results[0]["cases"]) == len(CASES)
+    for rank, got in enumerate(results):
+        for name, (local, total, dtype, grad) in got["cases"].items():
             assert local <= TOL64 and total <= TOL64, (world, rank, name, local, total)
             assert dtype == "torch.float64" and grad is False, (name, dtype, grad)
 
 
-@pytest.mark.parametrize("world", [2])
-def test_max_logit_cpu_kernels(world):
+@pytest.fixture(scope="module")
+def four_ranks():
+    """The four-rank launch: the cases, then the double ring and Ulysses in nodes of 2."""
+    return values(run_ranks(worker_cases, 4, timeout=600))
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """The two-rank launch's extra results (kernels, compile, mismatch, drop-in)."""
+    return values(run_ranks(worker_cases, 2, timeout=600))
+
+
+def test_max_logit_cpu_kernels(two_ranks):
     tol = {"torch.float32": 1e-5, "torch.float16": 2e-3}
-    for rank, errs in enumerate(values(run_ranks(worker_kernels, world, timeout=600))):
-        for name, (err, dtype, lse_shape) in errs.items():
+    for rank, got in enumerate(two_ranks):
+        for name, (err, dtype, lse_shape) in got["kernels"].items():
             assert dtype == "torch.float32", (name, dtype)  # fp32 for 16-bit and fp32 inputs
             assert err <= tol["torch.float16" if "float16" in name else "torch.float32"], (rank, name, err)
             assert lse_shape[1] == HQ
 
 
 @pytest.mark.parametrize("schedule", ["double_ring", "ulysses_ring"])
-def test_max_logit_topology_schedules(schedule):
-    for rank, errs in enumerate(values(run_ranks(worker_schedules, 4, schedule, timeout=600))):
-        for name, got in errs.items():
+def test_max_logit_topology_schedules(four_ranks, schedule):
+    for rank, res in enumerate(four_ranks):
+        for name, got in res["schedules"][schedule].items():
             assert max(got) <= TOL64, (schedule, rank, name, got)
 
 
-def test_max_logit_under_compile_in_the_ring():
-    for got in values(run_ranks(worker_compile, 2, timeout=600)):
+def test_max_logit_under_compile_in_the_ring(two_ranks):
+    for got in two_ranks:
+        got = got["compile"]
         assert got["compiled"] <= TOL64 and got["eager_equal"] and got["grad"], got
 
 
-def test_ranks_disagreeing_on_max_logit_raise_on_every_rank():
-    msgs = values(run_ranks(worker_mismatch, 2, timeout=120))
+def test_ranks_disagreeing_on_max_logit_raise_on_every_rank(two_ranks):
+    msgs = [got["mismatch"] for got in two_ranks]
     assert all("return_max_logit" in m for m in msgs), msgs
 
 
@@ -408,8 +423,9 @@ def test_hf_backend_records_every_layer():
             assert err <= 1e-10, (name, err)
 
 
-def test_deepspeed_drop_in_records():
-    for got in values(run_ranks(worker_drop_in, 2, timeout=300)):
+def test_deepspeed_drop_in_records(two_ranks):
+    for got in two_ranks:
+        got = got["drop_in"]
         assert got["keys"] == ["DistributedAttention"] and got["err"] <= TOL64, got
 
 
