@@ -91,7 +91,7 @@ PARAMS = [(sched, shape, case) for sched in CASES for shape in NODE_SHAPES for c
 @pytest.mark.parametrize("shape", NODE_SHAPES, ids=str)
 def test_ulysses_ring_rejects_heads_it_cannot_split(shape):
     for rank_errs in _results(*shape, "ulysses_ring"):
-        assert "needs Hq divisible by the GPUs per node" in rank_errs["bad_heads"]
+        assert "needs Hq divisible by the Ulysses degree" in rank_errs["bad_heads"]
 
 
 @pytest.mark.parametrize("schedule,shape,case", PARAMS, ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple)
