@@ -36,7 +36,7 @@ class BurstConfig:
         sequence_parallel_size: ranks per sequence-parallel group (``P``); ``world = dp * P``.
             Taken from DeepSpeed's top-level ``"sequence_parallel_size"`` when present.
         schedule: ``"auto"`` (the double ring when the SP group spans whole nodes, else the flat ring),
-            ``"ring"``, ``"double_ring"`` or ``"ulysses_ring"``.
+            ``"ring"``, ``"double_ring"``, ``"ulysses_ring"`` or ``"ulysses"``.
         layout: how the data loader shards each sequence, ``"zigzag"`` (balanced causal ring, no exchange)
             or ``"contiguous"`` (what Ulysses loaders produce; attention then rebalances internally with
             one exchange of half of q/k/v). The drop-in ``DistributedAttention`` always receives contiguous
