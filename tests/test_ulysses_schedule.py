@@ -186,6 +186,11 @@ def worker_main(rank, world):
     for idx, case in enumerate(cases(world, docs_too=False)[:6]):  # the topology's schedule, group=None
         errs, stats = run_case(world, idx, case, schedule=None)
         res[("topology",) + case] = (errs, stats.get("a2a", 0) > 0 and not stats.get("fwd"))
+    if world == 2:  # ulysses_ring on a topology without node groups, inside one node: Ulysses over the node
+        ds_burst.init_sequence_parallel(2, gpus_per_node=2, schedule="ring")
+        for idx, case in enumerate(cases(2, docs_too=False)[:4]):
+            errs, stats = run_case(2, idx, case, schedule="ulysses_ring")
+            res[("node_ulysses",) + case] = (errs, stats.get("a2a", 0) > 0 and not stats.get("fwd"))
     if world == 4:
         sp = ds_burst.init_sequence_parallel(2, gpus_per_node=4, schedule="ulysses")  # 2 replicas of 2 ranks
         for idx, case in enumerate(c for c in cases(2, docs_too=False) if c[2] != 1):
@@ -258,6 +263,10 @@ def test_ulysses_every_case_matches_float64(world):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ulysses_on_a_topology(world):
     assert _check(world, "topology") == world * 6
+
+
+def test_ulysses_ring_inside_one_node_is_ulysses():
+    assert _check(2, "node_ulysses") == 2 * 4
 
 
 def test_ulysses_data_parallel_replicas():
