@@ -355,6 +355,10 @@ def test_ulysses_is_a_schedule_everywhere():
     assert check_schedule("ulysses", 8, 4) == "ulysses" and check_schedule("ulysses", 4, 8) == "ulysses"
     assert _decode("schedule", [SCHEDULES.index("ulysses")] * 2) == "rank 0: ulysses, rank 1: ulysses"
     assert BurstConfig(schedule="ulysses").schedule == "ulysses"
+    assert BurstConfig.from_dict({"ulysses_degree": 2}, 4).ulysses_degree == 2
+    for bad in ({"ulysses_degree": 3}, {"ulysses_degree": 2, "schedule": "double_ring"}, {"ulysses_degree": 0}):
+        with pytest.raises(ValueError, match="ulysses_degree"):
+            BurstConfig.from_dict(bad, 4)
 
 
 def test_ulysses_degree_picks_the_schedule():
