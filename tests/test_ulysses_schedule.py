@@ -186,7 +186,16 @@ def worker_main(rank, world):
     for idx, case in enumerate(cases(world, docs_too=False)[:6]):  # the topology's schedule, group=None
         errs, stats = run_case(world, idx, case, schedule=None)
         res[("topology",) + case] = (errs, stats.get("a2a", 0) > 0 and not stats.get("fwd"))
-    if world == 2:  # ulysses_ring on a topology without node groups, inside one node: Ulysses over the node
+    if world == 2:
+        bad = []  # a Ulysses degree that does not divide P, or differs across the ranks: every rank raises
+        for degree in (3, 1 + rank):
+            try:
+                ds_burst.init_sequence_parallel(2, gpus_per_node=2, ulysses_degree=degree)
+                bad.append("")
+            except ValueError as exc:
+                bad.append(str(exc))
+        res["init_refusals"] = bad
+        # ulysses_ring on a topology without node groups, inside one node: Ulysses over the node
         ds_burst.init_sequence_parallel(2, gpus_per_node=2, schedule="ring")
         for idx, case in enumerate(cases(2, docs_too=False)[:4]):
             errs, stats = run_case(2, idx, case, schedule="ulysses_ring")
@@ -244,7 +253,7 @@ def _check(world, which):
     seen = 0
     for rank, res in enumerate(results):
         for key, (errs, ran) in res.items():
-            if key == "refusals" or key[0] != which:
+            if key in ("refusals", "init_refusals") or key[0] != which:
                 continue
             seen += 1
             assert ran, f"the Ulysses schedule did not run: rank {rank}, {key}"
@@ -293,6 +302,13 @@ def test_heads_that_cannot_be_split_raise_on_every_rank(world):
         else:
             assert msg.startswith("rank 0: schedule 'ulysses' needs H"), msg
             assert ("Hq=" if i == 0 else "Hkv=") in msg, msg
+
+
+def test_bad_ulysses_degree_raises_on_every_rank():
+    for res in main_results(2):
+        not_dividing, differing = res["init_refusals"]
+        assert "ulysses_degree must be a positive int dividing sequence_parallel_size=2" in not_dividing
+        assert "ulysses_degree differs across ranks: rank 0: 1, rank 1: 2" in differing
 
 
 # ---------------------------------------------------------------------------------------------------------------

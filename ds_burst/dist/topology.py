@@ -233,9 +233,9 @@ def init_sequence_parallel(
         gpus_per_node = detect_gpus_per_node(world)
     if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1:
         raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+    _check_agreement(world, rank, p, gpus_per_node, schedule, ulysses_degree)  # first: ranks that differ all raise
     if ulysses_degree is not None:
         schedule = ulysses_schedule(p, ulysses_degree, schedule)
-    _check_agreement(world, rank, p, gpus_per_node, schedule, ulysses_degree)
     dp = world // p
     # a Ulysses degree makes its own groups: the nodes need not be whole
     concrete = schedule if ulysses_degree is not None else check_schedule(schedule, p, gpus_per_node)
