@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kernels", nargs="+", default=["triton"], help="ds-burst local kernels to run")
     ap.add_argument("--schedules", nargs="+", default=["ring"],
-                    help="ds-burst schedules: ring, double_ring, ulysses_ring, auto")
+                    help="ds-burst schedules: ring, double_ring, ulysses_ring, ulysses, auto")
     ap.add_argument("--gpus-per-node", type=int, default=None,
                     help="ranks per (simulated) node for the topology-aware schedules, e.g. 2 on 4 GPUs = 2x2")
     ap.add_argument("--torch-kernel-max-seq", type=int, default=32768, help="largest S for kernel=torch")

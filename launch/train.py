@@ -183,7 +183,7 @@ def init_topology(rt: Runtime) -> Topology:
     import ds_burst
 
     topo = ds_burst.init_sequence_parallel(rt.burst.sequence_parallel_size, rt.burst.gpus_per_node,
-                                           rt.burst.schedule)
+                                           rt.burst.schedule, rt.burst.ulysses_degree)
     if rt.burst.patch_deepspeed:
         ds_burst.patch_deepspeed()
     return topo

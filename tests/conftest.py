@@ -28,6 +28,9 @@ FAST_TESTS = (
     "tests/test_core_ring.py::test_float64_matches_reference[causal-zigzag-burst-2-",
     "tests/test_reliability.py::test_bad_input",
     "tests/test_plan.py::test_predict",
+    "tests/test_ulysses_schedule.py::test_ulysses_is_a_schedule_everywhere",
+    "tests/test_ulysses_schedule.py::test_ulysses_degree_picks_the_schedule",
+    "tests/test_ulysses_schedule.py::test_auto_never_picks_heads_it_cannot_split",
 )
 
 

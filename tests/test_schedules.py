@@ -1,6 +1,7 @@
 """Topology-aware schedules (double ring, Ulysses inside + ring across) on gloo ranks acting as several
 nodes (2x2, 2x3, 3x2): every case's gathered output and gradients against the float64 full-sequence
-reference, and a check that the schedule really ran."""
+reference, and a check that the schedule really ran. (``schedule="ulysses"`` and ``ulysses_degree``:
+tests/test_ulysses_schedule.py.)"""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ HQ = 6
 CASES = {
     "double_ring": list(itertools.product(["causal", "full", "causal_window", "window"], ["zigzag", "contiguous"],
                                           ["burst", "ring"], [HQ, 1])),
-    # windows fall back to the flat ring (covered above); KV heads 1 are replicated to the node size
+    # KV heads 1 are replicated to the node size; windows run on the node-level ring (it stops early)
     "ulysses_ring": list(itertools.product(["causal", "full"], ["zigzag", "contiguous"], ["burst", "ring"],
-                                           [HQ, 1])),
+                                           [HQ, 1]))
+    + list(itertools.product(["causal_window", "window"], ["zigzag", "contiguous"], ["burst"], [1])),
     # the cost model picks per call; correctness only
     "auto": list(itertools.product(["causal", "full"], ["zigzag"], ["auto"], [HQ, 1])),
 }
@@ -91,7 +93,7 @@ PARAMS = [(sched, shape, case) for sched in CASES for shape in NODE_SHAPES for c
 @pytest.mark.parametrize("shape", NODE_SHAPES, ids=str)
 def test_ulysses_ring_rejects_heads_it_cannot_split(shape):
     for rank_errs in _results(*shape, "ulysses_ring"):
-        assert "needs Hq divisible by the GPUs per node" in rank_errs["bad_heads"]
+        assert "needs Hq divisible by the Ulysses degree" in rank_errs["bad_heads"]
 
 
 @pytest.mark.parametrize("schedule,shape,case", PARAMS, ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple)
@@ -100,5 +102,6 @@ def test_schedule_matches_reference(schedule, shape, case):
     for rank_errs in _results(*shape, schedule):
         err, used = rank_errs[case]
         assert err < 1e-10, err
-        # full attention runs the topology-aware schedule; sliding windows keep the flat ring (stops early)
-        assert used == (case[0] in ("causal", "full"))
+        # full attention runs the topology-aware schedule; sliding windows keep the flat ring (stops early) on the
+        # double ring and run on the node-level ring of ulysses_ring
+        assert used == (case[0] in ("causal", "full") or schedule == "ulysses_ring")

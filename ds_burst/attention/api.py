@@ -74,10 +74,12 @@ def burst_attn_func(
             neighbours agree with it fails inside the ring when ranks further away disagree, bounded by the
             communication timeout).
         schedule: ``"ring"`` (flat), ``"double_ring"`` or ``"ulysses_ring"`` (both need ``group`` to be the
-            topology from :func:`ds_burst.init_sequence_parallel` made with that schedule; a double ring
-            inside one node is the flat ring) or ``"auto"``; ``None`` takes the topology's schedule (flat
-            ring for a plain process group).
-            Sliding windows always use the flat ring, which stops early.
+            topology from :func:`ds_burst.init_sequence_parallel` made with that schedule, or with
+            ``ulysses_degree=U`` for the Ulysses x ring split; a double ring inside one node is the flat ring,
+            Ulysses over a node that holds the whole group is ``"ulysses"``), ``"ulysses"`` (the all-to-all
+            over heads across the whole group, any group; needs ``Hq % P == 0`` and ``Hkv`` dividing or divisible
+            by ``P``) or ``"auto"``; ``None`` takes the topology's schedule (flat ring for a plain process group).
+            ``"auto"`` keeps the flat ring for sliding windows, which stops early.
         check_finite: raise ``ValueError`` on every rank when any rank's q, k or v (forward) or output
             gradient (backward) holds NaN/Inf, naming the rank and tensor (a host read per call; the backward
             check is a collective per call).

@@ -23,6 +23,7 @@ from ds_burst.core.cost import choose_backward
 from ds_burst.core.documents import Assignment, balanced_layout, chunk_segments, layout_assignment
 from ds_burst.core.layout import segments
 from ds_burst.core.mask import window_is_finite
+from ds_burst.core.options import ULYSSES_SCHEDULES
 from ds_burst.core.step_plan import RingPass, TileOp, ring_passes
 from ds_burst.dist.comm import GroupInfo, NodeGroups, all_gather_ints
 from ds_burst.kernels import choice, registry
@@ -35,12 +36,12 @@ from ds_burst.ring.engine import RingSetup
 class CallPlan:
     """Resolved decisions of one call (identical on every rank)."""
 
-    setup: RingSetup  # the ring; over the inter-node group for ulysses_ring
+    setup: RingSetup  # the ring; over the Ulysses groups (one rank for schedule="ulysses") for the Ulysses schedules
     info: GroupInfo  # the sequence-parallel group (layout moves)
     user_layout: str
     compute_layout: str
     backward: str  # "burst" or "ring"
-    ulysses: uly.UlyssesSpec | None = None  # set: all-to-all over heads inside the node first
+    ulysses: uly.UlyssesSpec | None = None  # set: all-to-all over heads inside the Ulysses group first
     check_finite: bool = False  # backward: raise on every rank when any rank's dO holds NaN/Inf
     whole: TileOp | None = None  # set: the call's only tile is the whole local block (one rank, no ring)
     summary: tuple[int, ...] = ()  # the validated summary of the call (diagnosis of ranks that drift apart)
@@ -130,49 +131,71 @@ def _layout(a: AttnArgs, window: tuple[int, int], docs: tuple[int, ...] | None, 
 def make_plan(
     q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
     node_groups: NodeGroups | None = None, summary: tuple[int, ...] = (), v: torch.Tensor | None = None,
+    ulysses: NodeGroups | None = None,
 ) -> CallPlan:
-    """Resolve layout, ring passes, schedule, kernel and backward pattern for validated inputs."""
+    """Resolve layout, ring passes, schedule, kernel and backward pattern for validated inputs. ``ulysses``: the
+    all-to-all group and the ring across of a Ulysses schedule (:func:`ds_burst.attention.schedule.ulysses_groups`)."""
     world, s_local = info.world, q.shape[1]
     v = k if v is None else v
     window = (int(a.window_size[0]), int(a.window_size[1]))
     if a.causal and window[1] < 0:
         window = (window[0], 0)
     docs = a.cu_seqlens if (a.cu_seqlens is not None and len(a.cu_seqlens) > 2) else None
-    layout, table, passes, chunks, work = _layout(a, window, docs, world, s_local)
     kernel = choose_kernel(q, k, v, a, window, deterministic, info)
     scale = float(a.softmax_scale) if a.softmax_scale is not None else q.shape[-1] ** -0.5
-    setup, spec, hq, hkv = _ring(q, k, a, info, deterministic, node_groups, window, docs, layout, table, passes,
-                                 kernel, scale)
+    whole, direct, chunks, work = None, None, None, ()
+    if ulysses is not None and world > 1 and a.schedule in ULYSSES_SCHEDULES:
+        layout, setup, spec, hq, hkv, whole = _ulysses(q, k, a, info, deterministic, ulysses, window, docs, kernel,
+                                                       scale)
+    else:
+        layout, table, passes, chunks, work = _layout(a, window, docs, world, s_local)
+        setup = _ring(a, info, deterministic, node_groups, window, docs, table, passes, kernel, scale)
+        spec, hq, hkv = None, q.shape[2], k.shape[2]
     backward = a.backward
     if backward == "auto":  # kernels whose backward needs the output keep Q, dO and O at home
         backward = "ring" if kernel.bwd_needs_out else choose_backward(hq, hkv, q.shape[3], q.element_size())
-    whole, direct = None, None
     if world == 1:
         whole, direct = _one_rank(kernel, q, k, v, a, window, deterministic, setup.ops(0, 0), s_local, scale)
     return CallPlan(setup, info, a.layout, layout, backward, spec, a.check_finite, whole, summary, chunks, work,
                     direct, a.max_logit)
 
 
-def _ring(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
-          node_groups: NodeGroups | None, window: tuple[int, int], docs: tuple[int, ...] | None, layout: str,
-          table: list, passes: list[RingPass], kernel: KernelSpec, scale: float
-          ) -> tuple[RingSetup, uly.UlyssesSpec | None, int, int]:
-    """``(ring setup, Ulysses spec, query heads, kv heads per ring rank)``: the flat ring, the double ring or Ulysses
-    in a node and the ring across; windows and documents keep the flat ring (it stops early, skips needless hops)."""
-    world, s_local, hq, hkv = info.world, q.shape[1], q.shape[2], k.shape[2]
+def _ring(a: AttnArgs, info: GroupInfo, deterministic: bool, node_groups: NodeGroups | None, window: tuple[int, int],
+          docs: tuple[int, ...] | None, table: list, passes: list[RingPass], kernel: KernelSpec, scale: float
+          ) -> RingSetup:
+    """The flat ring, or the double ring over the topology's nodes; windows and documents keep the flat ring (it
+    stops early, skips needless hops)."""
     softcap = None if a.softcap is None else float(a.softcap)
-    topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and world > 1 and docs is None
-    if not (topo_aware and a.schedule == "ulysses_ring"):
-        nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
-        setup = RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes, softcap, docs)
-        return setup, None, hq, hkv
-    assert node_groups is not None
-    n_nodes, per_node = node_groups.nodes, node_groups.per_node
-    spec = uly.UlyssesSpec(node_groups.intra, layout, uly.kv_repeat(hkv, per_node))
-    node_table = [segments(layout, n, n_nodes, s_local * per_node) for n in range(n_nodes)]
-    setup = RingSetup(node_groups.inter, node_table, ring_passes(node_table, a.causal, window), a.causal, window,
-                      scale, kernel, deterministic, softcap=softcap)
-    return setup, spec, hq // per_node, hkv * spec.kv_repeat // per_node
+    topo_aware = node_groups is not None and not window_is_finite(a.causal, window) and info.world > 1 and docs is None
+    nodes = node_groups if (topo_aware and a.schedule == "double_ring") else None
+    return RingSetup(info, table, passes, a.causal, window, scale, kernel, deterministic, nodes, softcap, docs)
+
+
+def _ulysses(q: torch.Tensor, k: torch.Tensor, a: AttnArgs, info: GroupInfo, deterministic: bool,
+             groups: NodeGroups, window: tuple[int, int], docs: tuple[int, ...] | None, kernel: KernelSpec,
+             scale: float) -> tuple[str, RingSetup, uly.UlyssesSpec, int, int, TileOp | None]:
+    """``(compute layout, ring setup, Ulysses spec, query heads, kv heads per rank, whole tile)`` of a Ulysses
+    schedule: the all-to-all over heads inside ``groups.intra`` (``U`` ranks), then the ring over the ``N`` groups
+    (``groups.inter``) on group-level blocks of ``U * S_local`` tokens that keep the layout at group granularity,
+    with the call's window and documents (tiles and hops no document needs are skipped).
+
+    ``N = 1`` (``schedule="ulysses"``, or Ulysses over the one node): every rank holds the whole sequence in its
+    natural order for its heads whatever the caller's layout, so nothing is moved before the all-to-all, and the
+    ring of one runs the one-rank plan (its whole-block kernel call where the kernel has one)."""
+    s_local, hkv = q.shape[1], k.shape[2]
+    n, u = groups.nodes, groups.per_node
+    softcap = None if a.softcap is None else float(a.softcap)
+    if n == 1:
+        layout, table, passes = a.layout, [segments("contiguous", 0, 1, s_local * u)], []
+    else:
+        layout, _ = choose_compute_layout(a.layout, a.causal, window, info.world, s_local)
+        table = [segments(layout, r, n, s_local * u) for r in range(n)]
+        passes = ring_passes(table, a.causal, window, docs=docs)
+    spec = uly.UlyssesSpec(groups.intra, layout, uly.kv_repeat(hkv, u))
+    setup = RingSetup(groups.inter, table, passes, a.causal, window, scale, kernel, deterministic, softcap=softcap,
+                      docs=docs)
+    whole = whole_tile(setup.ops(0, 0), s_local * u) if (n == 1 and kernel.whole) else None
+    return layout, setup, spec, q.shape[2] // u, hkv * spec.kv_repeat // u, whole
 
 
 def _one_rank(kernel: KernelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnArgs,

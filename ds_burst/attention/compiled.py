@@ -4,8 +4,9 @@ Dynamo sees ``ds_burst::attention`` (and ``ds_burst::attention_backward``) as op
 arguments; the group travels as a token (:func:`group_token`, a constant at trace time). Inside, the op runs the
 same plan cache, validation and ring as the eager path. Outputs of a custom op may not alias its inputs, so the
 backward re-derives the compute-layout tensors from q, k, v and the output (a relayout exchange when the
-caller's layout differs from the compute layout; nothing at one rank or in the compute layout). ``schedule=
-"ulysses_ring"`` and selective checkpointing are not supported under compile (a clear error). ``softcap`` is a
+caller's layout differs from the compute layout; nothing at one rank or in the compute layout; under the Ulysses
+schedules the all-to-all of q, k, v, the output and the lse, one more than the eager backward's). Selective
+checkpointing is not supported under compile (a clear error). ``softcap`` is a
 float argument (``None`` for none) and ``sinks`` an optional tensor input that gets a gradient; the op always
 returns a third tensor, ``max_logit`` (``[Hq]`` with ``want_max``, else empty). Packed documents
 travel into the op as they were given: ``cu_seqlens`` as integer lists or tensors (``cu_seqlens_q``/``_k``) and
@@ -17,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from ds_burst.attention.call_plan import CallPlan
-from ds_burst.attention.function import backward_impl, forward_impl, move_layout, returns
+from ds_burst.attention.function import Saved, backward_impl, forward_impl, move_layout, returns
 from ds_burst.attention.lookup import lookup_plan
 from ds_burst.attention.selective import active_keep
+from ds_burst.ring import ulysses_ring as uly
 
 _GROUPS: dict[str, object] = {}
 
@@ -70,12 +72,9 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
           schedule: str, check_finite: bool, softcap: float | None, want_max: bool, sinks: torch.Tensor | None,
           cq: list[int] | None, ck: list[int] | None, tq: torch.Tensor | None, tk: torch.Tensor | None,
           positions: torch.Tensor | None) -> CallPlan:
-    plan = lookup_plan(q, k, v, causal, scale, (wl, wr), _group(token), layout, backward, kernel, True,
+    return lookup_plan(q, k, v, causal, scale, (wl, wr), _group(token), layout, backward, kernel, True,
                        deterministic, check_inputs, None if schedule == "" else schedule, check_finite, softcap, sinks,
                        cu_seqlens=_join_docs(cq, ck, tq, tk), position_ids=positions, max_logit=want_max)
-    if plan.ulysses is not None:
-        raise ValueError("schedule='ulysses_ring' is not supported under torch.compile; use 'ring' or 'double_ring'")
-    return plan
 
 
 @torch.library.custom_op("ds_burst::attention", mutates_args=())
@@ -114,16 +113,29 @@ def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, v, causal, scale, wl, wr, token, layout, backward, kernel, deterministic, check_inputs,
                  schedule, check_finite, softcap, want_max, sinks, cq, ck, tq, tk, positions)
-    src, dst = plan.user_layout, plan.compute_layout
-    if src == dst:
-        saved = (q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
-    else:
-        saved = (*(move_layout(x.contiguous(), 1, plan, True) for x in (q, k, v, out)),  # type: ignore[assignment]
-                 move_layout(lse.contiguous(), 2, plan, True))
-    grads = backward_impl(plan, saved, dout, sinks)  # type: ignore[arg-type]
+    grads = backward_impl(plan, _saved(plan, q, k, v, out, lse), dout, sinks)
     # the op's outputs are fixed: d sinks is zeros (never read) without sinks
     dsinks = grads[3] if sinks is not None else q.new_zeros(())
     return grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), dsinks.contiguous()
+
+
+def _saved(plan: CallPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+           ) -> Saved:
+    """What the eager forward saves for the backward, rebuilt from the op's inputs and outputs: the compute layout
+    (a relayout exchange where it differs from the caller's) and, under a Ulysses schedule, the group-level blocks
+    of q, k, v (KV heads replicated as in the forward), the output and the lse (all-to-alls: the output and the lse
+    go back exactly as they came, a permutation)."""
+    if plan.user_layout == plan.compute_layout:
+        qc, kc, vc, oc, lc = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous()
+    else:
+        qc, kc, vc, oc = (move_layout(x.contiguous(), 1, plan, True) for x in (q, k, v, out))
+        lc = move_layout(lse.contiguous(), 2, plan, True)
+    spec = plan.ulysses
+    if spec is None:
+        return qc, kc, vc, oc, lc
+    kc, vc = (uly.repeat_kv(x, spec.kv_repeat) for x in (kc, vc))
+    qc, kc, vc, oc = (uly.to_node(x, spec, "bwd_a2a") for x in (qc, kc, vc, oc))
+    return qc, kc, vc, oc, uly.lse_to_node(lc, spec, "bwd_a2a")
 
 
 @attention_backward_op.register_fake

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ds_burst.core.options import BACKWARDS, KERNELS, LAYOUTS, SCHEDULES
-from ds_burst.dist.topology import LATER_SCHEDULES
+from ds_burst.dist.topology import LATER_SCHEDULES, ulysses_schedule
 
 SECTION = "burst_attention"
 
@@ -36,7 +36,7 @@ class BurstConfig:
         sequence_parallel_size: ranks per sequence-parallel group (``P``); ``world = dp * P``.
             Taken from DeepSpeed's top-level ``"sequence_parallel_size"`` when present.
         schedule: ``"auto"`` (the double ring when the SP group spans whole nodes, else the flat ring),
-            ``"ring"``, ``"double_ring"`` or ``"ulysses_ring"``.
+            ``"ring"``, ``"double_ring"``, ``"ulysses_ring"`` or ``"ulysses"``.
         layout: how the data loader shards each sequence, ``"zigzag"`` (balanced causal ring, no exchange)
             or ``"contiguous"`` (what Ulysses loaders produce; attention then rebalances internally with
             one exchange of half of q/k/v). The drop-in ``DistributedAttention`` always receives contiguous
@@ -46,6 +46,8 @@ class BurstConfig:
         kernel: ``"auto"`` (on CUDA the faster of Triton and sdpa per shape, measured once and cached; torch
             on CPU), ``"triton"``, ``"sdpa"`` or ``"torch"``.
         gpus_per_node: ranks per node; ``None`` detects ``LOCAL_WORLD_SIZE``.
+        ulysses_degree: ``U``, the Ulysses x ring split (``init_sequence_parallel(..., ulysses_degree=U)``):
+            all-to-all over ``U`` ranks, ring over ``P/U`` groups; ``null``: none.
         deterministic: bitwise-reproducible backward (no atomics).
         check_inputs: validate on every rank on the first call of each shape/option key (one small all-gather
             then, none on later calls); ``false``: local checks and a summary swap with the ring neighbours.
@@ -62,6 +64,7 @@ class BurstConfig:
     backward: str = "auto"
     kernel: str = "auto"
     gpus_per_node: int | None = None
+    ulysses_degree: int | None = None
     deterministic: bool = False
     check_inputs: bool = True
     check_finite: bool = False
@@ -89,6 +92,11 @@ class BurstConfig:
         _check(self.kernel in KERNELS, "kernel", self.kernel, f"one of {KERNELS}")
         g = self.gpus_per_node
         _check(g is None or (_is_int(g) and g >= 1), "gpus_per_node", g, "a positive integer or null")
+        u = self.ulysses_degree
+        _check(u is None or (_is_int(u) and u >= 1 and sp % u == 0), "ulysses_degree", u,
+               f"null or a positive integer dividing sequence_parallel_size={sp}")
+        if u is not None:
+            ulysses_schedule(sp, u, self.schedule)  # the schedule must agree (ValueError naming both)
         w = self.window_size
         if w is not None:
             ok = isinstance(w, (list, tuple)) and len(w) == 2 and all(_is_int(x) and x >= -1 for x in w)

@@ -17,7 +17,7 @@ import torch
 from ds_burst.attention.call_plan import PLANS, CallPlan, make_plan
 from ds_burst.attention.host import cached, host_copy, memo
 from ds_burst.attention.positions import boundaries_from_positions, gather_positions
-from ds_burst.attention.schedule import resolve_schedule
+from ds_burst.attention.schedule import resolve_schedule, ulysses_groups
 from ds_burst.attention.validate import (
     UNKNOWN_DOCS,
     AttnArgs,
@@ -57,11 +57,13 @@ def _args(q: object, k: object, causal: bool, softmax_scale: float | None, windo
           docs: tuple[int, ...] | None, docs_error: tuple[str, str] | None, max_logit: bool = False) -> AttnArgs:
     node_groups = getattr(group, "node_groups", None)
     sched = resolve_schedule(schedule, group, q, k, causal, window_size, info)
+    uly_groups = ulysses_groups(group, sched, info)
     return AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel,  # type: ignore[arg-type]
                     bool(return_lse), sched, node_groups is not None,
                     node_groups.per_node if node_groups is not None else 0, bool(check_finite), softcap=softcap,
                     has_sinks=sinks is not None, cu_seqlens=docs, cu_error=docs_error,
-                    deterministic=bool(deterministic), max_logit=bool(max_logit))
+                    deterministic=bool(deterministic), max_logit=bool(max_logit),
+                    ulysses_degree=uly_groups.per_node if uly_groups is not None else 0)
 
 
 def _docs_tag(layout: str, info: GroupInfo) -> tuple:
@@ -121,8 +123,9 @@ def _check_capture(info: GroupInfo, cu_seqlens: object, position_ids: object) ->
 
 
 def _builder(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttnArgs, info: GroupInfo, deterministic: bool,
-             node_groups: object, mine: tuple[int, ...]) -> Callable[[], CallPlan]:
-    return lambda: make_plan(q, k, args, info, deterministic, node_groups, mine, v)  # type: ignore[arg-type]
+             node_groups: object, mine: tuple[int, ...], uly_groups: object = None) -> Callable[[], CallPlan]:
+    return lambda: make_plan(q, k, args, info, deterministic, node_groups, mine, v,  # type: ignore[arg-type]
+                             uly_groups)  # type: ignore[arg-type]
 
 
 def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: float | None,
@@ -180,6 +183,7 @@ def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: fl
                          deterministic, schedule, check_finite, softcap, sinks, info, docs, docs_error, max_logit)
         assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
         node_groups = getattr(group, "node_groups", None)
-        build = _builder(q, k, v, args, info, deterministic, node_groups, tuple(mine))
+        build = _builder(q, k, v, args, info, deterministic, node_groups, tuple(mine),
+                         ulysses_groups(group, args.schedule, info))
         return PLANS.put(key, build) if key is not None else build()
     raise AssertionError("unreachable: documents are known after one gather")

@@ -18,7 +18,7 @@ import torch
 
 from ds_burst.attention.host import host_values
 from ds_burst.core.documents import check_boundaries, fingerprint
-from ds_burst.core.options import BACKWARDS, LAYOUTS, SCHEDULES
+from ds_burst.core.options import BACKWARDS, LAYOUTS, SCHEDULES, ULYSSES_SCHEDULES
 from ds_burst.dist.comm import GroupInfo, exchange_header
 from ds_burst.kernels import registry
 from ds_burst.ring.ulysses_ring import check_heads
@@ -50,6 +50,7 @@ class AttnArgs:
     cu_error: tuple[str, str] | None = None  # (exception class, message) when cu_seqlens could not be read
     deterministic: bool = False
     max_logit: bool = False  # also return the per-head maximum logit (return_max_logit)
+    ulysses_degree: int = 0  # ranks of the all-to-all over heads of a Ulysses schedule (0: none / no groups)
 
 
 _PER_ROW = ("ds-burst applies one set of document boundaries to every row of the batch: pass the boundaries of one "
@@ -170,13 +171,19 @@ def local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, s
         return "ValueError", f"unknown kernel {a.kernel!r}: expected one of {registry.names()}"
     if a.schedule not in SCHEDULES:
         return "ValueError", f"unknown schedule {a.schedule!r}: expected one of {SCHEDULES}"
-    if a.schedule in ("double_ring", "ulysses_ring") and info.world > 1 and not a.has_node_groups:
+    if a.schedule == "double_ring" and info.world > 1 and not a.has_node_groups:
         return "ValueError", (
             f"schedule={a.schedule!r} needs group=<topology from ds_burst.init_sequence_parallel(..., "
             f"schedule={a.schedule!r})> whose sequence-parallel group spans whole nodes"
         )
-    if a.schedule == "ulysses_ring" and a.per_node:
-        problem = check_heads(q.shape[2], k.shape[2], a.per_node)
+    if a.schedule == "ulysses_ring" and info.world > 1 and not a.ulysses_degree:
+        return "ValueError", (
+            "schedule='ulysses_ring' needs group=<topology from ds_burst.init_sequence_parallel(..., "
+            "schedule='ulysses_ring')> whose sequence-parallel group spans whole nodes, or from "
+            "init_sequence_parallel(P, ulysses_degree=U); schedule='ulysses' runs the all-to-all over any group"
+        )
+    if a.schedule in ULYSSES_SCHEDULES and a.ulysses_degree > 1:
+        problem = check_heads(q.shape[2], k.shape[2], a.ulysses_degree, a.schedule)
         if problem:
             return "ValueError", problem
     w = a.window_size

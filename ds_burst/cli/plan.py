@@ -16,15 +16,15 @@ causal tiles, every later zigzag step unmasked tiles of the same FLOPs. Schedule
   with the intra-node steps (one NIC per GPU, all rails in parallel).
 * ``ulysses_ring``: all-to-all over heads inside the node, then a ring of ``nodes`` steps across nodes
   (KV heads replicated up to ``L`` when fewer); the all-to-alls do not overlap compute.
-* ``ulysses``: DeepSpeed-Ulysses over all ``P`` ranks (for comparison; needs heads divisible by P), no
-  overlap of its all-to-alls.
+* ``ulysses``: DeepSpeed-Ulysses over all ``P`` ranks (ds-burst's ``schedule="ulysses"`` with the same kernel, or
+  with the peer kernel's rates; needs heads divisible by P), no overlap of its all-to-alls.
 
 Backward patterns: ``burst`` (Q, dO, lse, delta and the fp32 dQ travel) and ``ring`` (K, V and fp32
 dK, dV travel); bytes from :mod:`ds_burst.core.cost`. Defaults are H200 figures measured in this project
 (``docs/BENCHMARKS.md``) and 400 Gb/s InfiniBand per GPU; a calibration file (``calibrate``), the rates of
 a kernel benchmark JSON (``--kernel-bench``) and every single flag override them, in that order.
-``ulysses`` is only a comparison; the other three are ds-burst schedules (``schedule="auto"`` picks among
-them with :func:`choose_schedule`, always with the defaults).
+All four are ds-burst schedules; ``schedule="auto"`` picks among the other three with :func:`choose_schedule`
+(always with the defaults); ``ulysses`` is asked for by name until its rates are calibrated.
 
 Subcommands: ``calibrate`` measures the figures on the machine it runs on (:mod:`ds_burst.cli.calibrate`);
 ``project`` tabulates the schedules against Ulysses over a range of sequence lengths (JSON, plot);

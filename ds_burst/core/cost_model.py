@@ -10,8 +10,8 @@ causal tiles, every later zigzag step unmasked tiles of the same FLOPs. Schedule
   with the intra-node steps (one NIC per GPU, all rails in parallel).
 * ``ulysses_ring``: all-to-all over heads inside the node, then a ring of ``nodes`` steps across nodes
   (KV heads replicated up to ``L`` when fewer); the all-to-alls do not overlap compute.
-* ``ulysses``: DeepSpeed-Ulysses over all ``P`` ranks (for comparison; needs heads divisible by P), no
-  overlap of its all-to-alls.
+* ``ulysses``: DeepSpeed-Ulysses over all ``P`` ranks (ds-burst's ``schedule="ulysses"``; needs heads divisible
+  by P), no overlap of its all-to-alls; not an ``auto`` candidate (:data:`IMPLEMENTED`) until calibrated.
 
 
 Pure Python: ``python -m ds_burst.plan`` (:mod:`ds_burst.cli.plan`) is its command line.
@@ -266,6 +266,7 @@ def predict_ulysses(p: Problem, hw: Hardware) -> Prediction:
     return Prediction("ulysses", "-", f * 1e3, b * 1e3, comm * 1e3, note, comm_ms=comm * 1e3)
 
 
+# the candidates of schedule="auto"; "ulysses" runs too (schedule="ulysses") but is picked by name only for now
 IMPLEMENTED = ("ring", "double_ring", "ulysses_ring")
 # On equal predictions prefer the topology-aware schedules (robust to a misestimated inter-node link).
 _PREFERENCE = {"double_ring": 0, "ulysses_ring": 1, "ring": 2}

@@ -40,7 +40,8 @@ def check_schedule(schedule: str, sequence_parallel_size: int = 1, gpus_per_node
 
     ``auto`` keeps the choice open when the SP group spans several whole nodes (each attention call then
     takes the cost model's pick for its shapes, :func:`ds_burst.plan.choose_schedule`) and is the flat ring
-    inside one node. ``double_ring`` inside a single node is the flat ring.
+    inside one node. ``double_ring`` inside a single node is the flat ring. ``ulysses`` (the all-to-all over the
+    whole group) fits any group; ``ulysses_ring`` inside one node is Ulysses over that node, the whole group.
     """
     if schedule in LATER_SCHEDULES:
         raise ValueError(
@@ -57,8 +58,8 @@ def check_schedule(schedule: str, sequence_parallel_size: int = 1, gpus_per_node
             f"schedule {schedule!r} needs whole nodes in a sequence-parallel group: sequence_parallel_size={p} "
             f"is not a multiple of gpus_per_node={gpn}"
         )
-    if schedule == "ulysses_ring":
-        return "ulysses_ring"
+    if schedule in ("ulysses_ring", "ulysses"):
+        return schedule
     if schedule in ("auto", "double_ring") and spans_nodes and aligned:
         return schedule
     return "ring"
@@ -87,9 +88,13 @@ class Topology:
         data_parallel_size: ``dp = world // P``, SP groups (model replicas that see different data).
         world_size, rank: of the default (world) group.
         gpus_per_node: ranks per node (``LOCAL_WORLD_SIZE``); ``gpus_per_node=2`` on 4 ranks acts as 2 nodes.
-        schedule: ``"ring"``, ``"double_ring"``, ``"ulysses_ring"`` or ``"auto"`` (several nodes: chosen per
-            call by the cost model).
+        schedule: ``"ring"``, ``"double_ring"``, ``"ulysses_ring"``, ``"ulysses"`` or ``"auto"`` (several nodes:
+            chosen per call by the cost model).
         node_groups: for the double ring, this rank's intra-node and inter-node subgroups of its SP group.
+        ulysses_degree: ``U``, the ranks of one all-to-all over heads (``P`` for ``"ulysses"``, ``U`` of
+            ``ulysses_degree=U`` or the GPUs per node for ``"ulysses_ring"``; 1: no all-to-all).
+        ulysses_groups: for ``ulysses_degree=U``, this rank's Ulysses group (``U`` consecutive ranks) and the
+            ring across the ``P/U`` groups; ``None``: ``ulysses_ring`` uses ``node_groups``.
     """
 
     sequence_parallel_size: int
@@ -103,6 +108,8 @@ class Topology:
     sdp_group: dist.ProcessGroup | None = field(repr=False, default=None)
     mp_group: dist.ProcessGroup | None = field(repr=False, default=None)
     node_groups: NodeGroups | None = field(repr=False, default=None)
+    ulysses_degree: int = 1
+    ulysses_groups: NodeGroups | None = field(repr=False, default=None)
 
     # -- ranks ---------------------------------------------------------------------------------
     @property
@@ -180,7 +187,8 @@ class Topology:
 
 
 def init_sequence_parallel(
-    sequence_parallel_size: int, gpus_per_node: int | None = None, schedule: str = "auto"
+    sequence_parallel_size: int, gpus_per_node: int | None = None, schedule: str = "auto",
+    ulysses_degree: int | None = None,
 ) -> Topology:
     """Create the SP, DP, sequence-data-parallel and model-parallel groups; return the :class:`Topology`.
 
@@ -191,12 +199,20 @@ def init_sequence_parallel(
         sequence_parallel_size: ranks per sequence-parallel group; must divide the world size.
         gpus_per_node: ranks per node; default ``LOCAL_WORLD_SIZE`` or the visible GPU count.
         schedule: ``"auto"``, ``"ring"`` (flat), ``"double_ring"`` (intra-node ring, one inter-node hop per
-            node-cycle) or ``"ulysses_ring"`` (all-to-all over heads inside the node, ring across nodes);
-            the last two need ``sequence_parallel_size`` to be a multiple of ``gpus_per_node`` when the
-            group spans nodes.
+            node-cycle), ``"ulysses_ring"`` (all-to-all over heads inside the node, ring across nodes) or
+            ``"ulysses"`` (all-to-all over heads across the whole group, DeepSpeed-Ulysses with ds-burst's
+            kernels); ``double_ring`` and ``ulysses_ring`` need ``sequence_parallel_size`` to be a multiple of
+            ``gpus_per_node`` when the group spans nodes.
+        ulysses_degree: ``U``, the 2-D Ulysses x ring split (USP's ``ulysses_degree``; the ring degree is
+            ``sequence_parallel_size / U``): all-to-all over heads inside groups of ``U`` consecutive ranks, the
+            ring across the groups, wherever the nodes are (``U`` dividing the GPUs per node keeps each
+            all-to-all inside a node). ``U = sequence_parallel_size`` is ``"ulysses"``, ``U = 1`` the flat ring,
+            anything between ``"ulysses_ring"`` on these groups. ``schedule`` must then be ``"auto"`` (the
+            default) or agree. ``None``: ``ulysses_ring`` takes ``U`` = the GPUs per node.
 
     Raises:
-        ValueError: bad size, size not dividing the world, or an unavailable schedule.
+        ValueError: bad size, size not dividing the world, an unavailable schedule, or a ``ulysses_degree`` that
+            does not divide ``sequence_parallel_size`` or conflicts with ``schedule``.
         RuntimeError: torch.distributed is not initialised.
     """
     global _CURRENT
@@ -217,9 +233,12 @@ def init_sequence_parallel(
         gpus_per_node = detect_gpus_per_node(world)
     if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1:
         raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
-    _check_agreement(world, rank, p, gpus_per_node, schedule)
+    _check_agreement(world, rank, p, gpus_per_node, schedule, ulysses_degree)  # first: ranks that differ all raise
+    if ulysses_degree is not None:
+        schedule = ulysses_schedule(p, ulysses_degree, schedule)
     dp = world // p
-    concrete = check_schedule(schedule, p, gpus_per_node)
+    # a Ulysses degree makes its own groups: the nodes need not be whole
+    concrete = schedule if ulysses_degree is not None else check_schedule(schedule, p, gpus_per_node)
     topo = Topology(p, dp, world, rank, gpus_per_node, concrete)
     for i in range(dp):  # SP groups: consecutive ranks
         ranks = list(range(i * p, (i + 1) * p))
@@ -231,8 +250,16 @@ def init_sequence_parallel(
         g = dist.new_group(ranks)
         if rank in ranks:
             topo.dp_group = g
-    if concrete in ("auto", "double_ring", "ulysses_ring"):  # node subgroups of every SP group, same order
+    whole_nodes = p <= gpus_per_node or p % gpus_per_node == 0
+    if concrete in ("auto", "double_ring", "ulysses_ring") and whole_nodes:  # node subgroups, same order everywhere
         topo.node_groups = _node_groups(rank, world, p, min(gpus_per_node, p))
+    if concrete == "ulysses_ring":
+        u = min(gpus_per_node, p) if ulysses_degree is None else ulysses_degree
+        topo.ulysses_degree = u
+        topo.ulysses_groups = (topo.node_groups if topo.node_groups is not None and u == topo.node_groups.per_node
+                               else _node_groups(rank, world, p, u))
+    elif concrete == "ulysses":
+        topo.ulysses_degree = p
     topo.sdp_group = dist.new_group(list(range(world)))
     for r in range(world):  # model-parallel: each rank alone
         g = dist.new_group([r])
@@ -243,19 +270,36 @@ def init_sequence_parallel(
     return topo
 
 
-def _check_agreement(world: int, rank: int, p: int, gpus_per_node: int, schedule: str) -> None:
+def ulysses_schedule(sequence_parallel_size: int, ulysses_degree: object, schedule: str = "auto") -> str:
+    """The schedule of ``init_sequence_parallel(P, ulysses_degree=U, schedule=...)``: ``"ulysses"`` for ``U = P``,
+    ``"ring"`` for ``U = 1``, else ``"ulysses_ring"``; ``ValueError`` for a ``U`` that does not divide ``P`` or a
+    ``schedule`` other than ``"auto"`` that says otherwise."""
+    p, u = sequence_parallel_size, ulysses_degree
+    if isinstance(u, bool) or not isinstance(u, int) or u < 1 or p % u:
+        raise ValueError(f"ulysses_degree must be a positive int dividing sequence_parallel_size={p} (the ring "
+                         f"degree is sequence_parallel_size / ulysses_degree), got {ulysses_degree!r}")
+    concrete = "ulysses" if u == p else ("ring" if u == 1 else "ulysses_ring")
+    agrees = schedule in ("auto", concrete) or (schedule == "ulysses_ring" and concrete == "ulysses")
+    if not agrees:
+        raise ValueError(f"init_sequence_parallel: ulysses_degree={u} with sequence_parallel_size={p} is schedule "
+                         f"{concrete!r}, but schedule={schedule!r} was asked for; leave schedule='auto'")
+    return concrete
+
+
+def _check_agreement(world: int, rank: int, p: int, gpus_per_node: int, schedule: str,
+                     ulysses_degree: int | None = None) -> None:
     """Raise the same ``ValueError`` on every rank when the ranks disagree on the settings or when a declared
     node (``gpus_per_node`` consecutive ranks) spans more than one host. Several declared nodes on one host
     (simulated nodes) are allowed."""
     import socket
 
-    mine = (p, gpus_per_node, schedule, socket.gethostname())
-    rows: list[tuple[int, int, str, str]] = [mine] * world
+    mine = (p, gpus_per_node, schedule, ulysses_degree, socket.gethostname())
+    rows: list[tuple[int, int, str, int | None, str]] = [mine] * world
     if world > 1:
         gathered: list[object] = [None] * world
         dist.all_gather_object(gathered, mine)
         rows = gathered  # type: ignore[assignment]
-    for i, name in enumerate(("sequence_parallel_size", "gpus_per_node", "schedule")):
+    for i, name in enumerate(("sequence_parallel_size", "gpus_per_node", "schedule", "ulysses_degree")):
         seen = [row[i] for row in rows]
         if len(set(seen)) > 1:
             raise ValueError(f"init_sequence_parallel: {name} differs across ranks: "
@@ -264,7 +308,7 @@ def _check_agreement(world: int, rank: int, p: int, gpus_per_node: int, schedule
         raise ValueError(f"init_sequence_parallel: gpus_per_node={gpus_per_node} does not divide the world size "
                          f"{world}: the ranks cannot form whole nodes")
     for start in range(0, world, gpus_per_node):
-        hosts = {rows[r][3] for r in range(start, min(start + gpus_per_node, world))}
+        hosts = {rows[r][4] for r in range(start, min(start + gpus_per_node, world))}
         if len(hosts) > 1:
             raise ValueError(f"init_sequence_parallel: gpus_per_node={gpus_per_node} puts ranks {start}.."
                              f"{min(start + gpus_per_node, world) - 1} in one node, but they run on hosts "

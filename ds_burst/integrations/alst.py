@@ -152,8 +152,8 @@ class ParallelStateSP:
     what it does with ALST's: the same partitioning, reductions and scaling, hence the same numbers. As in ALST, the
     model-parallel functions alias the sequence-parallel ones.
 
-    ds-burst takes it wherever it takes a group or topology (``get_sequence_parallel_group()``); ``schedule`` and
-    ``node_groups`` are the topology's, so attention runs the schedule the topology was made for.
+    ds-burst takes it wherever it takes a group or topology (``get_sequence_parallel_group()``); ``schedule``,
+    ``node_groups`` and ``ulysses_groups`` are the topology's, so attention runs the schedule the topology was made for.
 
     Args:
         topology: the :class:`ds_burst.Topology` whose groups back it (:func:`ds_burst.init_sequence_parallel`).
@@ -175,6 +175,11 @@ class ParallelStateSP:
     def node_groups(self) -> Any:
         """The topology's node subgroups (``None`` inside one node)."""
         return self.topology.node_groups
+
+    @property
+    def ulysses_groups(self) -> Any:
+        """The topology's Ulysses groups (``init_sequence_parallel(..., ulysses_degree=U)``; ``None`` without)."""
+        return self.topology.ulysses_groups
 
     def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
         """ALST's group creation. The groups exist already: the same size is a no-op, another size raises

@@ -198,9 +198,9 @@ def register(layout: str = "zigzag", topology: Topology | None = None, **burst_o
 
 
 def setup(sequence_parallel_size: int, gpus_per_node: int | None = None, schedule: str = "auto",
-          layout: str = "zigzag", **burst_options: Any) -> Topology | None:
-    """Create the sequence/data-parallel groups (:func:`ds_burst.init_sequence_parallel`) and register
-    ``attn_implementation="burst"``. Call on every rank after ``deepspeed.init_distributed()``.
+          layout: str = "zigzag", *, ulysses_degree: int | None = None, **burst_options: Any) -> Topology | None:
+    """Create the sequence/data-parallel groups (:func:`ds_burst.init_sequence_parallel`, ``ulysses_degree``
+    included) and register ``attn_implementation="burst"``. Call on every rank after ``deepspeed.init_distributed()``.
 
     ``sequence_parallel_size=1`` in a single process without torch.distributed (no process group and no launcher
     ``WORLD_SIZE`` above 1) only registers the attention and returns ``None``: there are no groups to make, and
@@ -220,7 +220,7 @@ def setup(sequence_parallel_size: int, gpus_per_node: int | None = None, schedul
                                "first (or run a single process)")
         register(layout, None, **burst_options)
         return None
-    topo = init_sequence_parallel(sequence_parallel_size, gpus_per_node, schedule)
+    topo = init_sequence_parallel(sequence_parallel_size, gpus_per_node, schedule, ulysses_degree)
     register(layout, topo, **burst_options)
     return topo
 

@@ -1,17 +1,23 @@
-"""Ulysses inside the node, ring across nodes (Burst-USP).
+"""Ulysses over heads, and the Ulysses x ring hybrid (Burst-USP).
 
-Inside each node of ``L`` ranks an all-to-all over heads turns ``[B, s, H, D]`` shards into
-``[B, L*s, H/L, D]``: every rank then holds all of its node's tokens for ``H/L`` heads. Across the ``N``
-nodes the usual ring (forward, Burst or ring backward) runs on those node-level blocks over the
-inter-node communicator (one rail per local index). Outputs and gradients go back with the reverse
-all-to-all.
+Inside each Ulysses group of ``U`` ranks an all-to-all over heads turns ``[B, s, H, D]`` shards into
+``[B, U*s, H/U, D]``: every rank then holds all of its group's tokens for ``H/U`` heads. Across the ``N = P/U``
+groups the usual ring (forward, Burst or ring backward) runs on those group-level blocks over the inter-group
+communicator (one rank per group with the same local index). Outputs and gradients go back with the reverse
+all-to-all. Three cases of one mechanism:
 
-The node-level token order is chosen so that the node holds the same layout at node granularity:
-contiguous shards concatenate in rank order; zigzag shards put the ``L`` first halves in rank order and the
-``L`` second halves in reverse rank order, which is exactly the zigzag layout over ``N`` nodes with
-``L*s`` tokens each. The step plan of the flat ring therefore applies unchanged at node level.
+* ``schedule="ulysses"``: ``U = P``, the whole sequence-parallel group; the "ring" is one rank, so each rank runs
+  the one-rank plan (global positions, whole-block kernels) over the whole sequence on its ``H/P`` heads;
+* ``schedule="ulysses_ring"`` on a topology made with ``gpus_per_node=L``: ``U = L``, a group is a node;
+* ``init_sequence_parallel(P, ulysses_degree=U)``: ``U`` consecutive ranks per group, inside a node or not.
 
-Fewer KV heads than ``L`` are replicated to ``L`` (``L % Hkv == 0``); their gradients are summed back.
+The group-level token order is chosen so that the group holds the same layout at group granularity:
+contiguous shards concatenate in rank order; zigzag shards put the ``U`` first halves in rank order and the
+``U`` second halves in reverse rank order, which is exactly the zigzag layout over ``N`` groups with
+``U*s`` tokens each (for ``N = 1`` both are the natural token order). The step plan of the flat ring therefore
+applies unchanged at group level, windows and packed documents included.
+
+Fewer KV heads than ``U`` are replicated up to ``U`` (``U % Hkv == 0``); their gradients are summed back.
 """
 
 from __future__ import annotations
@@ -25,20 +31,24 @@ from ds_burst.dist.comm import GroupInfo, all_to_all
 
 @dataclass(frozen=True)
 class UlyssesSpec:
-    """The intra-node all-to-all of the Ulysses + ring schedule."""
+    """The all-to-all over heads of the Ulysses schedules."""
 
-    intra: GroupInfo  # the node's ranks (L)
+    intra: GroupInfo  # the Ulysses group's ranks (U: the node, or the whole sequence-parallel group)
     layout: str  # compute layout of the shards ("contiguous" or "zigzag")
     kv_repeat: int  # KV heads are repeated this many times before the all-to-all (1: none)
 
 
-def check_heads(hq: int, hkv: int, per_node: int) -> str | None:
-    """Why ``ulysses_ring`` cannot split these heads over ``per_node`` ranks (``None`` when it can)."""
-    if hq % per_node:
-        return f"schedule 'ulysses_ring' needs Hq divisible by the GPUs per node: Hq={hq}, gpus_per_node={per_node}"
-    if hkv % per_node and per_node % hkv:
-        return (f"schedule 'ulysses_ring' needs Hkv divisible by the GPUs per node or dividing it (KV heads are then "
-                f"replicated): Hkv={hkv}, gpus_per_node={per_node}")
+def check_heads(hq: int, hkv: int, degree: int, schedule: str = "ulysses_ring") -> str | None:
+    """Why ``schedule`` cannot split these heads over its all-to-all of ``degree`` ranks (``None`` when it can)."""
+    what = {"ulysses": f"the sequence-parallel size {degree}",
+            "ulysses_ring": f"the Ulysses degree {degree} (the GPUs per node, or init_sequence_parallel's "
+                            "ulysses_degree)"}
+    size = what.get(schedule, f"the Ulysses degree {degree}")
+    if hq % degree:
+        return f"schedule {schedule!r} needs Hq divisible by {size}: Hq={hq}"
+    if hkv % degree and degree % hkv:
+        return (f"schedule {schedule!r} needs Hkv divisible by {size} or dividing it (KV heads are then "
+                f"replicated): Hkv={hkv}")
     return None
 
 
@@ -87,6 +97,11 @@ def from_node(y: torch.Tensor, spec: UlyssesSpec, phase: str) -> torch.Tensor:
 def lse_to_shard(lse: torch.Tensor, spec: UlyssesSpec, phase: str) -> torch.Tensor:
     """Node-level ``[B, H/L, L*s]`` log-sum-exp -> shard ``[B, H, s]``."""
     return from_node(lse.transpose(1, 2).unsqueeze(-1), spec, phase).squeeze(-1).transpose(1, 2).contiguous()
+
+
+def lse_to_node(lse: torch.Tensor, spec: UlyssesSpec, phase: str) -> torch.Tensor:
+    """Inverse of :func:`lse_to_shard`: shard ``[B, H, s]`` -> node-level ``[B, H/L, L*s]``."""
+    return to_node(lse.transpose(1, 2).unsqueeze(-1), spec, phase).squeeze(-1).transpose(1, 2).contiguous()
 
 
 def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
