@@ -79,7 +79,8 @@ def busiest_rank(world: int, seq: int, layout: str, causal: bool = True) -> int:
     s_local = seq // world
     window = (-1, 0) if causal else (-1, -1)
     compute, _ = choose_compute_layout(layout, causal, window, world, s_local)
-    work = rank_work(layout_assignment(compute, world, 2), s_local // 2, None, causal, window, seq)
+    m = 2 if compute == "zigzag" else 1  # chunks per rank
+    work = rank_work(layout_assignment(compute, world, m), s_local // m, None, causal, window, seq)
     return max(range(world), key=lambda r: (work[r], -r))
 
 
@@ -143,11 +144,16 @@ def plan_tiles(plan: object) -> tuple[int, int]:
     return fwd, bwd
 
 
-def ran_schedule(plan: object) -> str:
-    """The schedule ``plan`` runs, read from the plan itself."""
-    if plan.ulysses is not None:  # type: ignore[attr-defined]
-        return "ulysses_ring"
-    return "double_ring" if plan.setup.nodes is not None else "ring"  # type: ignore[attr-defined]
+def ran_schedule(plan: object, requested: str) -> str:
+    """The schedule ``plan`` runs for the ``requested`` one: the flat ring where the plan has neither the double
+    ring's node groups nor a Ulysses all-to-all (a double ring inside one node), else the one requested. A schedule
+    added to ``core.options.CONCRETE_SCHEDULES`` (the ``--schedules`` choices) needs only its compute term in
+    ``core.cost_model`` (``ulysses`` has one)."""
+    if requested == "double_ring" and plan.setup.nodes is None:  # type: ignore[attr-defined]
+        return "ring"
+    if requested.startswith("ulysses") and plan.ulysses is None:  # type: ignore[attr-defined]
+        return "ring"
+    return requested
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +387,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             topo = ds_burst.init_sequence_parallel(world, gpus_per_node=per_node, schedule=sched)
                             got, plan = burst_rank(topo, s, world, h, hkv, d, kern, args.layout, dtype, device,
                                                    args.iters)
-                            row.update(got, schedule=ran_schedule(plan))
+                            row.update(got, schedule=ran_schedule(plan, sched))
                             pf, pb = predicted_ms(row["schedule"], s, world, per_node, h, hkv, d, elem, hw)
                         row.update(predicted_fwd_ms=pf, predicted_bwd_ms=pb, predicted_ms=pf + pb,
                                    fwd_tflops=share / row["fwd_ms"] / 1e9,

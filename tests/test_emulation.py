@@ -99,6 +99,17 @@ def test_emulated_rank_from_the_command_line(tmp_path):
     _check_rows(rows)
 
 
+def test_default_rank_is_the_busiest():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import bench_emulate
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    assert bench_emulate.busiest_rank(4, 64, "zigzag") == 0  # causal zigzag: every rank sees as many keys
+    assert bench_emulate.busiest_rank(4, 64, "contiguous") == 0  # the plan computes on zigzag shards all the same
+    assert bench_emulate.busiest_rank(4, 12, "contiguous") == 3  # odd S_local stays contiguous: the last rank
+
+
 _FAKE = r"""
 import torch, torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
