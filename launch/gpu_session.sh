@@ -3,7 +3,7 @@
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
 # equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before
-# max_logit.
+# max_logit emulate.
 # Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
 # tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
@@ -171,6 +171,11 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       PYTHONPATH=$root:$PYTHONPATH timeout "$limit" python3 "$root/launch/bench_kernels.py" --out "$OUT/$stage.json" \
         --seqs 8192 32768 --head-dims 128 --methods ds-burst-triton sdpa-cudnn --iters 3 >"$OUT/$stage.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/$stage.log" | tail -8 ;;
+    emulate)  # one rank of a P-rank group on one GPU (fake process group) beside a Ulysses rank's SDPA, cost model
+      timeout "$limit" python3 launch/bench_emulate.py --world 2 4 8 --seqs 131072 --kv-heads 8 \
+        --schedules ring ulysses_ring --gpus-per-node 2 --kernels triton --iters 3 --out "$OUT/emulate.json" \
+        >"$OUT/emulate.log" 2>&1
+      echo "rc=$?"; grep -v "^{" "$OUT/emulate.log" | tail -20 | cut -c1-300 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "=== stage $stage done ($(date -u +%H:%M:%S))"

@@ -251,6 +251,10 @@ class PlanCache:
             self._plans.popitem(last=False)
         return plan
 
+    def last(self) -> CallPlan | None:
+        """The plan of the most recently looked-up or built key (``None`` when empty): what the last call ran."""
+        return next(reversed(self._plans.values()), None)
+
     def clear(self) -> None:
         self._plans.clear()
         self.misses = 0

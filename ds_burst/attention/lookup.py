@@ -171,9 +171,10 @@ def lookup_plan(q: object, k: object, v: object, causal: bool, softmax_scale: fl
             raise_local(err, finite)
             all_cached, docs_unknown = plan is not None, docs_state == UNKNOWN_DOCS
         if docs_unknown:
-            if info.world > 1 and header_channel(info) is None:
-                raise ValueError("documents from position_ids need a process group that can gather them; pass "
-                                 "cu_seqlens instead")
+            if info.world > 1 and header_channel(info) is None:  # only an emulated group has no channel
+                raise ValueError("documents from position_ids on an emulated group (torch's fake process group: one "
+                                 "process stands in for one rank): the other ranks' positions cannot be gathered; "
+                                 "pass cu_seqlens instead")
             _gather_documents(position_ids, info, layout)  # type: ignore[arg-type]
             continue
         if plan is not None and all_cached:

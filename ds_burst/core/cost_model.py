@@ -183,6 +183,50 @@ def _chain(steps: int, c_local: float, c_step: float, hop: float) -> float:
     return max(c_local, hop) + (steps - 1) * max(c_step, hop) + c_step
 
 
+def compute_seconds(p: Problem, schedule: str, hw: Hardware = Hardware(), peer: bool = False) -> tuple[float, float]:
+    """``(forward, backward)`` seconds of local attention compute that the model charges one rank under
+    ``schedule``, communication excluded (:func:`predict` adds links, latency and all-to-alls on top; with
+    unbounded links and no latency its times are these).
+
+    ``ring``/``double_ring``: the local (diagonal) tile pair and ``P - 1`` received blocks of ``S/P`` tokens, all
+    ``Hq`` heads; ``ulysses_ring``: the same over ``nodes`` node-level blocks of ``S/nodes`` tokens on ``Hq/L`` heads;
+    ``ulysses``: the whole sequence on ``Hq/P`` heads in one causal call (``peer``: the comparison's kernel rates,
+    :meth:`Hardware.peer_rates`). Raises ``ValueError`` for an unknown schedule or heads it cannot split.
+    """
+    p.validate()
+    if schedule not in _COMPUTE:
+        raise ValueError(f"no compute term for schedule {schedule!r}: known {tuple(_COMPUTE)}")
+    return _COMPUTE[schedule](p, hw, peer)
+
+
+def _ring_compute(p: Problem, hw: Hardware, heads: int, tokens: int, blocks: int) -> tuple[float, float]:
+    """Local step and ``blocks - 1`` received blocks of ``tokens`` tokens on ``heads`` heads."""
+    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, tokens, tokens, heads))
+    return cf_loc + (blocks - 1) * cf, cb_loc + (blocks - 1) * cb
+
+
+def _split(heads: int, ways: int, what: str) -> int:
+    if heads % ways:
+        raise ValueError(f"heads ({heads}) not divisible by {what} ({ways})")
+    return heads // ways
+
+
+def _ulysses_compute(p: Problem, hw: Hardware, peer: bool) -> tuple[float, float]:
+    flops = _pair_flops(p, p.seq, p.seq, _split(p.heads, p.world, "P"))
+    rf, rb = hw.peer_rates() if peer else hw.rates(p.causal)
+    return flops / (rf * 1e12), 2.5 * flops / (rb * 1e12)
+
+
+#: the compute term of each schedule (``Problem``, ``Hardware``, peer rates) -> (fwd s, bwd s); one line per schedule
+_COMPUTE = {
+    "ring": lambda p, hw, peer: _ring_compute(p, hw, p.heads, p.seq // p.world, p.world),
+    "double_ring": lambda p, hw, peer: _ring_compute(p, hw, p.heads, p.seq // p.world, p.world),
+    "ulysses_ring": lambda p, hw, peer: _ring_compute(p, hw, _split(p.heads, p.gpus_per_node, "gpus_per_node"),
+                                                      p.seq // p.nodes, p.nodes),
+    "ulysses": _ulysses_compute,
+}
+
+
 def predict(p: Problem, hw: Hardware = Hardware()) -> list[Prediction]:
     """Predictions for every schedule and backward pattern that can run this problem."""
     p.validate()

@@ -125,6 +125,37 @@ def resolve_group(group: object) -> GroupInfo:
 
 
 # ---------------------------------------------------------------------------------------------
+# Emulated groups: one process standing in for one rank of a P-rank group
+
+#: the backend name of torch's fake process group (``torch.testing._internal.distributed.fake_pg``)
+EMULATED_BACKEND = "fake"
+_EMULATED: dict[object, bool] = {}
+
+
+def emulated(info: GroupInfo) -> bool:
+    """Whether ``info``'s group is *emulated*: torch's fake process group (backend ``"fake"``), on which one process
+    runs one rank of a ``P``-rank group alone (``launch/bench_emulate.py``). Every P2P operation and collective
+    there returns at once without moving data, so received buffers hold whatever they held and only time and host
+    cost mean anything. ds-burst then takes three shortcuts, and only there: no per-call header round
+    (:func:`header_channel` gives no channel), and :func:`all_gather_ints`, :func:`all_gather_objects` and
+    :func:`exchange_header` return this rank's own values for every rank (the kernel choice's agreement, the NaN
+    check, ``init_sequence_parallel``'s settings check), so no decision rests on what the fake backend happens to
+    write into an output. Packed documents from ``position_ids`` are refused there (the other ranks' positions
+    cannot be gathered: pass ``cu_seqlens``). Decided once per group from the backend's name; a real group (gloo,
+    NCCL, MPI, ...) is never emulated."""
+    if info.group is None or info.world == 1:
+        return False
+    got = _EMULATED.get(info.group)
+    if got is None:
+        try:
+            got = str(dist.get_backend(info.group)) == EMULATED_BACKEND
+        except (RuntimeError, ValueError):
+            got = False
+        _EMULATED[info.group] = got
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
 # Byte counters
 
 
@@ -333,12 +364,15 @@ def all_to_all(info: GroupInfo, send: torch.Tensor, phase: str) -> torch.Tensor:
 
 def all_gather_ints(info: GroupInfo, values: list[int], device: torch.device,
                     bounded: bool = False) -> list[list[int]]:
-    """All-gather a short list of integers (same length on every rank).
+    """All-gather a short list of integers (same length on every rank); on an emulated group (:func:`emulated`)
+    this rank's values for every rank, without a collective.
 
     ``bounded``: wait at most :func:`comm_timeout` (raises :class:`CommTimeoutError`), as P2P waits do.
     """
     if info.world == 1:
         return [list(values)]
+    if emulated(info):  # every rank of an emulated group is this one
+        return [list(values) for _ in range(info.world)]
     dev = device if _backend_device_ok(info, device) else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.int64, device=dev)
     out = [torch.empty_like(t) for _ in range(info.world)]
@@ -395,14 +429,15 @@ def header_channel(info: GroupInfo) -> GroupInfo | None:
     """The CPU channel of ``info``'s group, on which every attention call swaps its header (host memory only:
     no device sync, no op on the group's own NCCL stream): the group itself when its backend takes CPU tensors
     (gloo), else a gloo group of the same ranks, made on first use (every member of the group reaches its first
-    call together). ``None`` for one rank and for torch's fake backend (no peers to hear from)."""
+    call together). ``None`` for one rank and for an emulated group (:func:`emulated`: no peers to hear from, so
+    no header round)."""
     if info.world == 1 or info.group is None:
         return None
     if info.group in _CHANNELS:
         return _CHANNELS[info.group]
     backend = str(dist.get_backend(info.group))
-    if backend == "fake":
-        chan = None
+    if emulated(info):
+        chan = None  # no peers: the header round is skipped (one rank stands in for the group)
     elif "gloo" in backend or "mpi" in backend:
         chan = info
     else:
@@ -420,7 +455,11 @@ def exchange_header(chan: GroupInfo, values: list[int], note: str | None = None,
     ``note``: a text the others can read through the returned function (``read(rank)``; the error path only: it
     goes through the store).
 
-    Returns the values of every rank heard from (``None`` for the others), in group-rank order."""
+    Returns the values of every rank heard from (``None`` for the others), in group-rank order. On an emulated group
+    (:func:`emulated`; :func:`header_channel` gives none, so the attention call does not get here) ``values`` for every
+    rank, without a message."""
+    if emulated(chan):
+        return [list(values) for _ in range(chan.world)], lambda rank: note or ""
     seq = _HEADER_SEQ[chan.group]
     _HEADER_SEQ[chan.group] = seq + 1
     store = _store()
@@ -474,9 +513,10 @@ def _store_key(info: GroupInfo, tag: str, group_rank: int) -> str:
 
 
 def all_gather_objects(info: GroupInfo, obj: object) -> list[object]:
-    """All-gather picklable objects (used only on the error path)."""
-    if info.world == 1:
-        return [obj]
+    """All-gather picklable objects (the error path, ALST's batch metadata); on an emulated group (:func:`emulated`)
+    ``obj`` for every rank, without a collective."""
+    if info.world == 1 or emulated(info):
+        return [obj] * info.world
     out: list[object] = [None] * info.world
     dist.all_gather_object(out, obj, group=info.group)
     return out

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ds_burst.core import settings
 from ds_burst.core.options import SCHEDULES
-from ds_burst.dist.comm import GroupInfo, NodeGroups, set_default_group
+from ds_burst.dist.comm import GroupInfo, NodeGroups, all_gather_objects, set_default_group
 
 LATER_SCHEDULES: tuple[str, ...] = ()
 
@@ -295,10 +295,8 @@ def _check_agreement(world: int, rank: int, p: int, gpus_per_node: int, schedule
 
     mine = (p, gpus_per_node, schedule, ulysses_degree, socket.gethostname())
     rows: list[tuple[int, int, str, int | None, str]] = [mine] * world
-    if world > 1:
-        gathered: list[object] = [None] * world
-        dist.all_gather_object(gathered, mine)
-        rows = gathered  # type: ignore[assignment]
+    if world > 1:  # an emulated world (torch's fake backend) hears only this rank's settings
+        rows = all_gather_objects(GroupInfo(dist.group.WORLD, rank, world), mine)  # type: ignore[assignment]
     for i, name in enumerate(("sequence_parallel_size", "gpus_per_node", "schedule", "ulysses_degree")):
         seen = [row[i] for row in rows]
         if len(set(seen)) > 1:

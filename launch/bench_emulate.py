@@ -1,0 +1,426 @@
+"""One-GPU rank emulation: rank r of a P-rank sequence-parallel group, alone on one device (or the CPU).
+
+    python launch/bench_emulate.py --world 2 4 8 --seqs 131072 262144 --heads 32 --kv-heads 32 8 \\
+        --schedules ring --kernels triton --out results/emulate.json
+
+No launcher: one process joins torch's fake process group (``torch.distributed.init_process_group("fake")``) as
+rank ``--rank`` of ``P`` ranks, for each ``P`` of ``--world``, and runs ds-burst's real engine and kernels there:
+rank r's whole ring, forward and backward. Every P2P and collective of a fake group returns at once without moving
+data (received buffers hold garbage), so only time and host cost mean anything; ds-burst knows such a group as
+*emulated* (:func:`ds_burst.dist.comm.emulated`: no per-call header round, its agreement helpers return this rank's
+own values). What one rank computes (its tiles, its kernel launches, its host work) is what it computes in a real
+P-rank run; what is missing is every wait on a link, so the time is the rank's compute-plus-host time, the term the
+cost model calls compute.
+
+For every point (P, S, Hkv) it prints and writes (JSON, ``launch/bench_common.py`` helpers):
+
+* ``ds-burst-<kernel>[-<schedule>]``: rank r's ``burst_attn_func`` forward and forward+backward (causal, the
+  caller's ``--layout``, backward "auto"), wall time (CUDA: events around the call, synchronised) and host time
+  (the time until the Python call returns, from an idle device: the host's share when it is below the wall time),
+  TFLOP/s of the rank's share (``2*S^2*Hq*D / P`` forward, 3.5x that forward+backward), peak memory, the tile calls
+  the kernel ran (counted in one extra untimed call) next to the plan's tile count for that rank;
+* ``ulysses-rank``: the local attention a DeepSpeed-Ulysses rank runs after its all-to-all (whole sequence ``S``,
+  ``Hq/P`` query heads, ``max(Hkv, P)/P`` KV heads, as Ulysses replicates them) with torch SDPA (cuDNN on CUDA, then
+  flash; on CPU torch's default CPU op), forward and forward+backward, in the same process;
+* the cost model's compute term for that rank and schedule (:func:`ds_burst.core.cost_model.compute_seconds`; rates:
+  the defaults, ``--calibration`` or ``--kernel-bench``), ``ratio_to_predicted`` (measured / predicted) and
+  ``ratio_to_ulysses`` (this row's forward+backward over the Ulysses rank's, same P, S, Hkv).
+
+``--rank`` default: the rank whose queries see the most keys in the plan's compute layout (for causal zigzag all
+ranks are equal: rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import attn_flops, device_meta, print_table, write_json  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The emulated group
+
+
+def emulate_rank(world: int, rank: int) -> None:
+    """Make this process rank ``rank`` of a ``world``-rank fake process group (replacing the one before)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    from ds_burst.attention.call_plan import clear_plans
+    from ds_burst.dist.topology import reset_topology
+
+    if dist.is_initialized():
+        if dist.get_world_size() == world and dist.get_rank() == rank:
+            return
+        reset_topology()
+        clear_plans()
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+
+def busiest_rank(world: int, seq: int, layout: str, causal: bool = True) -> int:
+    """The rank whose queries see the most keys in the compute layout the plan picks for the caller's ``layout``
+    (the lowest such rank; for causal zigzag every rank sees as many)."""
+    from ds_burst.attention.call_plan import choose_compute_layout
+    from ds_burst.core.documents import layout_assignment, rank_work
+
+    s_local = seq // world
+    window = (-1, 0) if causal else (-1, -1)
+    compute, _ = choose_compute_layout(layout, causal, window, world, s_local)
+    m = 2 if compute == "zigzag" else 1  # chunks per rank
+    work = rank_work(layout_assignment(compute, world, m), s_local // m, None, causal, window, seq)
+    return max(range(world), key=lambda r: (work[r], -r))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile calls: counted, and what the plan says
+
+
+@contextlib.contextmanager
+def count_tiles(plan: object) -> Iterator[dict[str, int]]:
+    """Count the ``fwd_step`` / ``bwd_step`` calls the engine makes on ``plan``'s kernel while inside (the plan's
+    kernel record is swapped for a counting stand-in and put back on exit; for an untimed call only)."""
+    setup = plan.setup  # type: ignore[attr-defined]
+    spec = setup.kernel
+    counts = {"fwd": 0, "bwd": 0}
+
+    class Impl:
+        def __getattr__(self, name: str) -> object:
+            return getattr(spec.impl, name)
+
+        def fwd_step(self, *a: object, **kw: object) -> object:
+            counts["fwd"] += 1
+            return spec.impl.fwd_step(*a, **kw)
+
+        def bwd_step(self, *a: object, **kw: object) -> object:
+            counts["bwd"] += 1
+            return spec.impl.bwd_step(*a, **kw)
+
+    class Spec:
+        impl = Impl()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(spec, name)
+
+    object.__setattr__(setup, "kernel", Spec())
+    try:
+        yield counts
+    finally:
+        object.__setattr__(setup, "kernel", spec)
+
+
+def _owners(passes: list, me: int, world: int) -> list[int]:
+    return [me] + [(me - p.direction * t) % world for p in passes for t in range(1, p.steps + 1)]
+
+
+def plan_tiles(plan: object) -> tuple[int, int]:
+    """``(forward, backward)`` tile calls of this rank under ``plan`` from its step plan (``RingSetup.ops`` over the
+    blocks the rank meets: every block on the double ring, the passes' owners on the flat ring)."""
+    from ds_burst.core.step_plan import mirror
+
+    setup = plan.setup  # type: ignore[attr-defined]
+    me, world = setup.info.rank, setup.info.world
+    if setup.nodes is not None:
+        fwd_owners = bwd_owners = list(range(world))
+    else:
+        fwd_owners, bwd_owners = _owners(setup.passes, me, world), _owners(mirror(setup.passes), me, world)
+    fwd = sum(len(setup.ops(me, o)) for o in fwd_owners)
+    if plan.backward == "burst":  # type: ignore[attr-defined]
+        bwd = sum(len(setup.ops(o, me)) for o in bwd_owners)
+    else:
+        bwd = fwd
+    return fwd, bwd
+
+
+def ran_schedule(plan: object, requested: str) -> str:
+    """The schedule ``plan`` runs for the ``requested`` one: the flat ring where the plan has neither the double
+    ring's node groups nor a Ulysses all-to-all (a double ring inside one node), else the one requested. A schedule
+    added to ``core.options.CONCRETE_SCHEDULES`` (the ``--schedules`` choices) needs only its compute term in
+    ``core.cost_model`` (``ulysses`` has one)."""
+    if requested == "double_ring" and plan.setup.nodes is None:  # type: ignore[attr-defined]
+        return "ring"
+    if requested.startswith("ulysses") and plan.ulysses is None:  # type: ignore[attr-defined]
+        return "ring"
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_rank(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> tuple[float, float]:
+    """``(wall ms, host ms)`` medians of ``fn``: wall from CUDA events around the call with the device synchronised
+    before and after (CPU: the host clock); host: the time until ``fn`` returns, from an idle device."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    walls, hosts = [], []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            start.record()
+            fn()
+            hosts.append((time.perf_counter() - t0) * 1e3)
+            end.record()
+            torch.cuda.synchronize(device)
+            walls.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            hosts.append((time.perf_counter() - t0) * 1e3)
+            walls.append(hosts[-1])
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    return med(walls), med(hosts)
+
+
+def measure(fn: Callable[[], torch.Tensor], grads: list[torch.Tensor], dout: torch.Tensor, device: torch.device,
+            iters: int) -> dict:
+    """Forward and forward+backward wall and host times of ``fn`` and the peak memory of forward+backward."""
+    def fb() -> None:
+        fn().backward(dout)
+        for t in grads:
+            t.grad = None
+
+    with torch.no_grad():
+        fwd, fwd_host = time_rank(fn, device, iters)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fwdbwd, fwdbwd_host = time_rank(fb, device, iters)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "fwd_host_ms": fwd_host, "fwdbwd_host_ms": fwdbwd_host,
+            "peak_gib": peak}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two methods
+
+
+def burst_rank(topo: object, s: int, world: int, h: int, hkv: int, d: int, kernel: str, layout: str,
+               dtype: torch.dtype, device: torch.device, iters: int) -> tuple[dict, object]:
+    """Rank r's ``burst_attn_func`` on its shard: times, counted tile calls and the plan's; returns (row, plan)."""
+    import ds_burst
+    from ds_burst.attention.call_plan import PLANS
+
+    mk = lambda heads: torch.randn(1, s // world, heads, d, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = mk(h), mk(hkv), mk(hkv)
+    dout = torch.randn_like(q)
+    fn = lambda: ds_burst.burst_attn_func(q, k, v, causal=True, layout=layout, kernel=kernel, group=topo)
+    fn()  # plan, kernel choice, compilation
+    plan = PLANS.last()
+    with count_tiles(plan) as counts:
+        fn().backward(dout)
+    q.grad = k.grad = v.grad = None
+    row = measure(fn, [q, k, v], dout, device, iters)
+    fwd_plan, bwd_plan = plan_tiles(plan)
+    row.update(kernel=plan.setup.kernel.name, backward=plan.backward, tiles_fwd=counts["fwd"],  # type: ignore[union-attr]
+               tiles_bwd=counts["bwd"], plan_tiles_fwd=fwd_plan, plan_tiles_bwd=bwd_plan)
+    return row, plan
+
+
+def ulysses_rank(s: int, world: int, h: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device,
+                 iters: int) -> dict:
+    """The local attention of a DeepSpeed-Ulysses rank after its all-to-all: ``[1, S, Hq/P, D]`` queries against
+    ``max(Hkv, P)/P`` KV heads, causal, torch SDPA (cuDNN, else flash, on CUDA; torch's CPU op on CPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if h % world or (hkv % world and world % hkv):
+        raise ValueError(f"Ulysses cannot split Hq={h}, Hkv={hkv} over P={world}")
+    hl, kvl = h // world, max(hkv, world) // world
+    mk = lambda heads: torch.randn(1, heads, s, d, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = mk(hl), mk(kvl), mk(kvl)
+    dout = torch.randn_like(q)
+    tried = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [None]
+    last: Exception | None = None
+    for backend in tried:
+        ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+
+        def fn(ctx: contextlib.AbstractContextManager = ctx) -> torch.Tensor:
+            with ctx:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kvl != hl)
+
+        try:
+            fn().backward(dout)
+        except RuntimeError as exc:  # this backend does not take the shape: the next one
+            last = exc
+            continue
+        row = measure(fn, [q, k, v], dout, device, iters)
+        row["kernel"] = "sdpa-" + (backend.name.lower().removesuffix("_attention") if backend is not None else "cpu")
+        row["Hq_local"], row["Hkv_local"] = hl, kvl
+        return row
+    raise RuntimeError(f"no SDPA backend ran the Ulysses rank: {last}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cost model
+
+
+def hardware(args: argparse.Namespace) -> object:
+    """The cost model's rates: the defaults, then ``--calibration``, then ``--kernel-bench``."""
+    from dataclasses import replace
+
+    from ds_burst.core.cost_model import Hardware, load_calibration, rates_from_kernel_bench, split_bench_arg
+
+    hw = Hardware()
+    if args.calibration:
+        hw = load_calibration(args.calibration, hw)
+    if args.kernel_bench:
+        path, method = split_bench_arg(args.kernel_bench)
+        hw = replace(hw, **rates_from_kernel_bench(path, method, args.head_dim))
+    hw.check()
+    return hw
+
+
+def predicted_ms(schedule: str, s: int, world: int, per_node: int, h: int, hkv: int, d: int, elem: int,
+                 hw: object, peer: bool = False) -> tuple[float, float]:
+    """The cost model's ``(forward, backward)`` compute ms of one rank under ``schedule``."""
+    from ds_burst.core.cost_model import Problem, compute_seconds
+
+    nodes = world // per_node if world % per_node == 0 else 1
+    per_node = world // nodes
+    prob = Problem(s, nodes, per_node, h, hkv, d, 1, elem, True)
+    f, b = compute_seconds(prob, schedule, hw, peer=peer)  # type: ignore[arg-type]
+    return f * 1e3, b * 1e3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ds_burst.core.options import CONCRETE_SCHEDULES, LAYOUTS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/emulate.json")
+    ap.add_argument("--world", type=int, nargs="+", default=[2, 4, 8], help="group sizes P to emulate")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="the rank to run (default: the one with the most work in the compute layout)")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[131072])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--schedules", nargs="+", default=["ring"], choices=list(CONCRETE_SCHEDULES),
+                    help="ds-burst schedules (double_ring and ulysses_ring over --gpus-per-node ranks per node)")
+    ap.add_argument("--gpus-per-node", type=int, default=8,
+                    help="ranks per (emulated) node; a group of P <= this is one node")
+    ap.add_argument("--kernels", nargs="+", default=None,
+                    help="ds-burst kernels (default: triton on CUDA, torch on CPU)")
+    ap.add_argument("--layout", default="zigzag", choices=list(LAYOUTS), help="the caller's layout")
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    ap.add_argument("--calibration", metavar="FILE.json",
+                    help="cost-model rates from `python -m ds_burst.plan calibrate`")
+    ap.add_argument("--kernel-bench", metavar="FILE[:METHOD]",
+                    help="cost-model kernel rates from a launch/bench_kernels.py JSON")
+    args = ap.parse_args(argv)
+    if args.rank is not None and not 0 <= args.rank < min(args.world):
+        ap.error(f"--rank {args.rank} is not a rank of every --world {args.world}")
+    if min(args.world) < 2:
+        ap.error("--world: emulate groups of 2 ranks or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    else:
+        torch.set_flush_denormal(True)  # received buffers hold garbage: no denormal slow path in the CPU math
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    kernels = args.kernels or (["triton"] if device.type == "cuda" else ["torch"])
+    hw = hardware(args)
+    name = device_name(device)
+    elem = torch.empty((), dtype=dtype).element_size()
+    h, d = args.heads, args.head_dim
+    print(f"emulating one rank on {name} ({device.type}), torch {torch.__version__}, {dtype}", flush=True)
+    import ds_burst
+
+    rows: list[dict] = []
+    for world in args.world:
+        per_node = min(args.gpus_per_node, world)
+        for s in args.seqs:
+            rank = args.rank if args.rank is not None else busiest_rank(world, s, args.layout)
+            emulate_rank(world, rank)
+            share = attn_flops(1, h, s, d, True) / world  # this rank's FLOPs (every rank's on zigzag)
+            base = {"S": s, "P": world, "rank": rank, "Hq": h, "D": d, "dtype": str(dtype).removeprefix("torch."),
+                    "device": name, "emulated": True, "gpus_per_node": per_node}
+            for hkv in args.kv_heads:
+                todo: list[tuple[str, str | None, str | None]] = [("ulysses-rank", None, None)]
+                todo += [(f"ds-burst-{kern}" + ("" if sched == "ring" else f"-{sched}"), sched, kern)
+                         for sched in args.schedules for kern in kernels]
+                for method, sched, kern in todo:
+                    row = dict(base, method=method, Hkv=hkv, schedule=sched or "ulysses")
+                    try:
+                        if sched is None:
+                            row.update(ulysses_rank(s, world, h, hkv, d, dtype, device, args.iters))
+                            pf, pb = predicted_ms("ulysses", s, world, per_node, h, hkv, d, elem, hw, peer=True)
+                        else:
+                            topo = ds_burst.init_sequence_parallel(world, gpus_per_node=per_node, schedule=sched)
+                            got, plan = burst_rank(topo, s, world, h, hkv, d, kern, args.layout, dtype, device,
+                                                   args.iters)
+                            row.update(got, schedule=ran_schedule(plan, sched))
+                            pf, pb = predicted_ms(row["schedule"], s, world, per_node, h, hkv, d, elem, hw)
+                        row.update(predicted_fwd_ms=pf, predicted_bwd_ms=pb, predicted_ms=pf + pb,
+                                   fwd_tflops=share / row["fwd_ms"] / 1e9,
+                                   fwdbwd_tflops=3.5 * share / row["fwdbwd_ms"] / 1e9,
+                                   ratio_to_predicted=row["fwdbwd_ms"] / (pf + pb),
+                                   fwd_ratio_to_predicted=row["fwd_ms"] / pf)
+                    except Exception as exc:  # noqa: BLE001 - a point that cannot run is reported, not fatal
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    rows.append(row)
+                    print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
+    for r in rows:
+        peer = next((x for x in rows if x["method"] == "ulysses-rank" and x["P"] == r["P"] and x["S"] == r["S"]
+                     and x["Hkv"] == r["Hkv"] and "fwdbwd_ms" in x), None)
+        if peer is not None and "fwdbwd_ms" in r:
+            r["ratio_to_ulysses"] = r["fwdbwd_ms"] / peer["fwdbwd_ms"]
+    cols = ["method", "schedule", "P", "rank", "S", "Hkv", "fwd_ms", "fwdbwd_ms", "fwdbwd_host_ms", "fwdbwd_tflops",
+            "peak_gib", "predicted_ms", "ratio_to_predicted", "ratio_to_ulysses", "tiles_fwd", "plan_tiles_fwd",
+            "tiles_bwd", "plan_tiles_bwd", "error"]
+    print_table(rows, cols)
+    from dataclasses import asdict
+
+    meta = device_meta() | {"command": " ".join(sys.argv), "device": name, "device_type": device.type,
+                            "emulated": True, "rates": asdict(hw)}  # type: ignore[call-overload]
+    write_json(args.out, meta, rows)
+    if dist.is_initialized():
+        from ds_burst.dist.topology import reset_topology
+
+        reset_topology()
+        dist.destroy_process_group()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
