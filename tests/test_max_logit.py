@@ -37,17 +37,10 @@ def doc_bounds(s: int) -> tuple[int, ...]:
 def row_max(q: torch.Tensor, k: torch.Tensor, causal: bool, window: tuple[int, int],
             docs: tuple[int, ...] | None, scale: float | None = None) -> torch.Tensor:
     """float64 ``[B, S, Hq]``: each query's largest visible scaled score (``-inf``: none)."""
-    from ds_burst.kernels.reference import visible_mask
+    from ds_burst.kernels.reference import naive_row_max
 
-    b, s, hq, d = q.shape
-    kk = k.double().repeat_interleave(hq // k.shape[2], dim=2)
-    sc = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) * (d**-0.5 if scale is None else scale)
-    ok = visible_mask(0, s, 0, s, causal, window, q.device)
-    if docs is not None:
-        idx = torch.bucketize(torch.arange(s, device=q.device), torch.tensor(docs[1:-1], device=q.device),
-                              right=True)
-        ok &= idx[:, None] == idx[None, :]
-    return sc.masked_fill(~ok, -math.inf).amax(-1).transpose(1, 2)
+    return naive_row_max(q.double(), k.double(), causal=causal, window=window, scale=scale,
+                         docs=docs).transpose(1, 2)
 
 
 def _inputs(world: int, idx: int, hkv: int, batch: int = 2, per_rank: int = 6, dtype=torch.float64):

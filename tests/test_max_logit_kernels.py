@@ -69,12 +69,8 @@ def ref_rows(q: torch.Tensor, k: torch.Tensor, c: Case, scale: float, k_shift: i
              masked: bool = True) -> torch.Tensor:
     """``[B, Hq, Sq]`` float64: each query's largest ``scale * q.k`` over its visible keys (``-inf``: none);
     ``masked=False``: over every key (what a kernel that ignored the mask would give)."""
-    kk = k.double().repeat_interleave(c.hq // c.hkv, dim=2).transpose(1, 2)
-    s = torch.matmul(q.double().transpose(1, 2), kk.transpose(-1, -2)) * scale
-    if masked:
-        ok = reference.visible_mask(c.q_off, c.sq, c.k_off + k_shift, k.shape[1], c.causal, c.window, q.device)
-        s = s.masked_fill(~ok, -math.inf)
-    return s.amax(-1)
+    mask = dict(q_offset=c.q_off, k_offset=c.k_off + k_shift, causal=c.causal, window=c.window) if masked else {}
+    return reference.naive_row_max(q.double(), k.double(), scale=scale, **mask)
 
 
 def check_max(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:

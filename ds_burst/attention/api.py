@@ -126,7 +126,7 @@ def burst_attn_func(
                        cu_seqlens=cu_seqlens, position_ids=position_ids, max_logit=bool(return_max_logit))
     if plan.direct is not None and active_keep() is None:  # one rank, one fused op under torch's autograd
         out, lse = plan.direct(q, k, v)
-        return (out, lse) if return_lse else out
+        return returns(out, lse, None, return_lse)
     out, lse, max_logit = BurstAttnFunction.apply(q, k, v, plan, sinks)
     return returns(out, lse, max_logit, return_lse)
 

@@ -259,12 +259,12 @@ class DistributedAttention(torch.nn.Module):
             raise ValueError(f"DistributedAttention: num_kv_heads={self.num_kv_heads} but key has {key.shape[2]} heads")
         if rotary_pos_emb is not None:
             query, key = self._rotary(query, key, rotary_pos_emb, batch_dim_idx, opts["layout"])
-        if self.burst_options.get("record_max_logit"):
-            out, max_logit = burst_attn_func(query, key, value, group=self.spg, cu_seqlens=cu_seqlens,
-                                             return_max_logit=True, **opts)
+        record = bool(self.burst_options.get("record_max_logit"))
+        out = burst_attn_func(query, key, value, group=self.spg, cu_seqlens=cu_seqlens, return_max_logit=record,
+                              **opts)
+        if record:
+            out, max_logit = out
             RECORD.add(self, max_logit)
-        else:
-            out = burst_attn_func(query, key, value, group=self.spg, cu_seqlens=cu_seqlens, **opts)
         assert isinstance(out, torch.Tensor)
         return out if batch_dim_idx == 0 else out.transpose(0, 1).contiguous()
 

@@ -152,8 +152,6 @@ def hf_burst_attention(
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
     opts = dict(burst_options or {})
     record = bool(opts.pop("record_max_logit", False))
-    if record:
-        opts["return_max_logit"] = True
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     documents: dict[str, Any] = {}
     if cu_q is not None or cu_k is not None:  # full-sequence boundaries (or flattened-batch offsets), read in the op
@@ -172,6 +170,7 @@ def hf_burst_attention(
         layout=layout,
         softcap=None if softcap is None else float(softcap),
         sinks=s_aux,
+        return_max_logit=record,
         **documents,
         **opts,
     )

@@ -202,6 +202,13 @@ def bwd_step(
     dq += dq_acc.reshape(b, hq, sq, d).permute(0, 2, 1, 3).to(dq.dtype)
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """``scale * q.k`` of every (query, key) pair, ``[B, Hq, Sq, Sk]`` in the inputs' dtype (GQA by repetition)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kk = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
+    return torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2)) * scale
+
+
 def naive_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -221,13 +228,10 @@ def naive_attention(
     ``softcap``: scores ``softcap * tanh(s / softcap)``; ``sinks [Hq]``: a per-head logit in the softmax
     denominator (GPT-OSS), included in the returned ``lse``.
     """
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    rep = hq // hkv
-    kk = k.repeat_interleave(rep, dim=2).transpose(1, 2)
-    vv = v.repeat_interleave(rep, dim=2).transpose(1, 2)
-    s = torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2)) * scale
+    b, sq, hq, _ = q.shape
+    sk = k.shape[1]
+    vv = v.repeat_interleave(hq // k.shape[2], dim=2).transpose(1, 2)
+    s = _scores(q, k, scale)
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     ok = visible_mask(q_offset, sq, k_offset, sk, causal, window, q.device)
@@ -242,7 +246,7 @@ def naive_attention(
     return out, lse
 
 
-def naive_max_logit(
+def naive_row_max(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
@@ -253,21 +257,23 @@ def naive_max_logit(
     k_offset: int = 0,
     docs: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """The maximum logit of plain attention: ``[Hq]``, the largest ``scale * q.k`` (before any softcapping) over
-    every batch row, query and the keys it sees (``docs``: global document boundaries the pairs may not cross),
-    ``-inf`` for a head with no visible pair; computed in the inputs' dtype (use float64 for references)."""
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    kk = k.repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
-    s = torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
+    """Each query's largest ``scale * q.k`` (before any softcapping) over the keys it sees, ``[B, Hq, Sq]``
+    (``docs``: global document boundaries the pairs may not cross), ``-inf`` for a query with no visible key;
+    computed in the inputs' dtype (use float64 for references)."""
+    sq, sk = q.shape[1], k.shape[1]
     ok = visible_mask(q_offset, sq, k_offset, sk, causal, window, q.device)
     if docs is not None:
         edges = torch.tensor(docs[1:-1], device=q.device)
         dq = torch.bucketize(torch.arange(q_offset, q_offset + sq, device=q.device), edges, right=True)
         dk = torch.bucketize(torch.arange(k_offset, k_offset + sk, device=q.device), edges, right=True)
         ok &= dq[:, None] == dk[None, :]
-    return s.masked_fill(~ok, -math.inf).amax(dim=(0, 2, 3))
+    return _scores(q, k, scale).masked_fill(~ok, -math.inf).amax(-1)
+
+
+def naive_max_logit(q: torch.Tensor, k: torch.Tensor, **mask: object) -> torch.Tensor:
+    """The maximum logit of plain attention: ``[Hq]``, :func:`naive_row_max` (same keywords) over every batch row
+    and query."""
+    return naive_row_max(q, k, **mask).amax(dim=(0, 2))  # type: ignore[arg-type]
 
 
 KERNEL = KernelSpec(
