@@ -145,15 +145,16 @@ def plan_tiles(plan: object) -> tuple[int, int]:
 
 
 def ran_schedule(plan: object, requested: str) -> str:
-    """The schedule ``plan`` runs for the ``requested`` one: the flat ring where the plan has neither the double
-    ring's node groups nor a Ulysses all-to-all (a double ring inside one node), else the one requested. A schedule
-    added to ``core.options.CONCRETE_SCHEDULES`` (the ``--schedules`` choices) needs only its compute term in
-    ``core.cost_model`` (``ulysses`` has one)."""
-    if requested == "double_ring" and plan.setup.nodes is None:  # type: ignore[attr-defined]
-        return "ring"
-    if requested.startswith("ulysses") and plan.ulysses is None:  # type: ignore[attr-defined]
-        return "ring"
-    return requested
+    """The schedule ``plan`` ran for the ``requested`` one (``auto`` included), read from the plan: a Ulysses
+    all-to-all over the whole group is ``ulysses``, over part of it ``ulysses_ring``; node groups without it the double
+    ring; neither the flat ring. A schedule added to ``core.options.CONCRETE_SCHEDULES`` needs only its compute term
+    in ``core.cost_model`` (``ulysses`` has one)."""
+    uly = plan.ulysses  # type: ignore[attr-defined]
+    if uly is not None:
+        return "ulysses" if plan.setup.info.world == 1 else "ulysses_ring"  # type: ignore[attr-defined]
+    if plan.setup.nodes is not None:  # type: ignore[attr-defined]
+        return "double_ring"
+    return "ring"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def time_rank(fn: Callable[[], object], device: torch.device, iters: int, warmup
 
 
 def measure(fn: Callable[[], torch.Tensor], grads: list[torch.Tensor], dout: torch.Tensor, device: torch.device,
-            iters: int) -> dict:
+            iters: int, warmup: int = 2) -> dict:
     """Forward and forward+backward wall and host times of ``fn`` and the peak memory of forward+backward."""
     def fb() -> None:
         fn().backward(dout)
@@ -198,10 +199,10 @@ def measure(fn: Callable[[], torch.Tensor], grads: list[torch.Tensor], dout: tor
             t.grad = None
 
     with torch.no_grad():
-        fwd, fwd_host = time_rank(fn, device, iters)
+        fwd, fwd_host = time_rank(fn, device, iters, warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fwdbwd, fwdbwd_host = time_rank(fb, device, iters)
+    fwdbwd, fwdbwd_host = time_rank(fb, device, iters, warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "fwd_host_ms": fwd_host, "fwdbwd_host_ms": fwdbwd_host,
             "peak_gib": peak}
@@ -212,7 +213,7 @@ def measure(fn: Callable[[], torch.Tensor], grads: list[torch.Tensor], dout: tor
 
 
 def burst_rank(topo: object, s: int, world: int, h: int, hkv: int, d: int, kernel: str, layout: str,
-               dtype: torch.dtype, device: torch.device, iters: int) -> tuple[dict, object]:
+               dtype: torch.dtype, device: torch.device, iters: int, warmup: int = 2) -> tuple[dict, object]:
     """Rank r's ``burst_attn_func`` on its shard: times, counted tile calls and the plan's; returns (row, plan)."""
     import ds_burst
     from ds_burst.attention.call_plan import PLANS
@@ -226,7 +227,7 @@ def burst_rank(topo: object, s: int, world: int, h: int, hkv: int, d: int, kerne
     with count_tiles(plan) as counts:
         fn().backward(dout)
     q.grad = k.grad = v.grad = None
-    row = measure(fn, [q, k, v], dout, device, iters)
+    row = measure(fn, [q, k, v], dout, device, iters, warmup)
     fwd_plan, bwd_plan = plan_tiles(plan)
     row.update(kernel=plan.setup.kernel.name, backward=plan.backward, tiles_fwd=counts["fwd"],  # type: ignore[union-attr]
                tiles_bwd=counts["bwd"], plan_tiles_fwd=fwd_plan, plan_tiles_bwd=bwd_plan)
@@ -234,7 +235,7 @@ def burst_rank(topo: object, s: int, world: int, h: int, hkv: int, d: int, kerne
 
 
 def ulysses_rank(s: int, world: int, h: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device,
-                 iters: int) -> dict:
+                 iters: int, warmup: int = 2) -> dict:
     """The local attention of a DeepSpeed-Ulysses rank after its all-to-all: ``[1, S, Hq/P, D]`` queries against
     ``max(Hkv, P)/P`` KV heads, causal, torch SDPA (cuDNN, else flash, on CUDA; torch's CPU op on CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -259,7 +260,7 @@ def ulysses_rank(s: int, world: int, h: int, hkv: int, d: int, dtype: torch.dtyp
         except RuntimeError as exc:  # this backend does not take the shape: the next one
             last = exc
             continue
-        row = measure(fn, [q, k, v], dout, device, iters)
+        row = measure(fn, [q, k, v], dout, device, iters, warmup)
         row["kernel"] = "sdpa-" + (backend.name.lower().removesuffix("_attention") if backend is not None else "cpu")
         row["Hq_local"], row["Hkv_local"] = hl, kvl
         return row
@@ -270,10 +271,12 @@ def ulysses_rank(s: int, world: int, h: int, hkv: int, d: int, dtype: torch.dtyp
 # The cost model
 
 
-def hardware(args: argparse.Namespace) -> object:
-    """The cost model's rates: the defaults, then ``--calibration``, then ``--kernel-bench``."""
+def hardware(args: argparse.Namespace, device: torch.device) -> object:
+    """The cost model's rates: the defaults, then ``--calibration``, then ``--kernel-bench``; the kernel term by tile
+    length from ``--tiles``, else the table shipped for this GPU at ``--head-dim`` (none on CPU)."""
     from dataclasses import replace
 
+    from ds_burst.core import settings, tile_rates
     from ds_burst.core.cost_model import Hardware, load_calibration, rates_from_kernel_bench, split_bench_arg
 
     hw = Hardware()
@@ -282,19 +285,25 @@ def hardware(args: argparse.Namespace) -> object:
     if args.kernel_bench:
         path, method = split_bench_arg(args.kernel_bench)
         hw = replace(hw, **rates_from_kernel_bench(path, method, args.head_dim))
+    if args.tiles:
+        hw = replace(hw, tiles=tile_rates.read(args.tiles, args.head_dim))
+        os.environ[settings.TILE_RATES] = os.path.abspath(args.tiles)  # schedule="auto" picks with it too
+    elif device.type == "cuda" and not args.kernel_bench:
+        hw = replace(hw, tiles=tile_rates.shipped(tile_rates.gpu_kind(torch.cuda.get_device_name(device)),
+                                                  args.head_dim))
     hw.check()
     return hw
 
 
 def predicted_ms(schedule: str, s: int, world: int, per_node: int, h: int, hkv: int, d: int, elem: int,
-                 hw: object, peer: bool = False) -> tuple[float, float]:
-    """The cost model's ``(forward, backward)`` compute ms of one rank under ``schedule``."""
+                 hw: object, peer: bool = False, kernel: str = "auto") -> tuple[float, float]:
+    """The cost model's ``(forward, backward)`` compute ms of one rank under ``schedule`` with tile ``kernel``."""
     from ds_burst.core.cost_model import Problem, compute_seconds
 
     nodes = world // per_node if world % per_node == 0 else 1
     per_node = world // nodes
     prob = Problem(s, nodes, per_node, h, hkv, d, 1, elem, True)
-    f, b = compute_seconds(prob, schedule, hw, peer=peer)  # type: ignore[arg-type]
+    f, b = compute_seconds(prob, schedule, hw, peer=peer, kernel=kernel)  # type: ignore[arg-type]
     return f * 1e3, b * 1e3
 
 
@@ -326,8 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--schedules", nargs="+", default=["ring"], choices=list(CONCRETE_SCHEDULES),
-                    help="ds-burst schedules (double_ring and ulysses_ring over --gpus-per-node ranks per node)")
+    ap.add_argument("--schedules", nargs="+", default=["ring"], choices=["auto", *CONCRETE_SCHEDULES],
+                    help="ds-burst schedules (double_ring and ulysses_ring over --gpus-per-node ranks per node; "
+                    "auto: the one the cost model picks, reported as run)")
     ap.add_argument("--gpus-per-node", type=int, default=8,
                     help="ranks per (emulated) node; a group of P <= this is one node")
     ap.add_argument("--kernels", nargs="+", default=None,
@@ -335,6 +345,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layout", default="zigzag", choices=list(LAYOUTS), help="the caller's layout")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
+    ap.add_argument("--max-seq-kv", type=int, default=None,
+                    help="above this S, only the first --kv-heads value (keeps long points short)")
+    ap.add_argument("--tiles", metavar="FILE.json",
+                    help="cost-model kernel term by tile length (`python -m ds_burst.plan calibrate --tiles`), also "
+                    "what schedule auto picks with (DS_BURST_TILE_RATES); default on CUDA: the table shipped for "
+                    "this GPU")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     ap.add_argument("--calibration", metavar="FILE.json",
                     help="cost-model rates from `python -m ds_burst.plan calibrate`")
@@ -357,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_flush_denormal(True)  # received buffers hold garbage: no denormal slow path in the CPU math
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     kernels = args.kernels or (["triton"] if device.type == "cuda" else ["torch"])
-    hw = hardware(args)
+    hw = hardware(args, device)
     name = device_name(device)
     elem = torch.empty((), dtype=dtype).element_size()
     h, d = args.heads, args.head_dim
@@ -373,22 +390,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
             share = attn_flops(1, h, s, d, True) / world  # this rank's FLOPs (every rank's on zigzag)
             base = {"S": s, "P": world, "rank": rank, "Hq": h, "D": d, "dtype": str(dtype).removeprefix("torch."),
                     "device": name, "emulated": True, "gpus_per_node": per_node}
-            for hkv in args.kv_heads:
+            kvs = args.kv_heads[:1] if args.max_seq_kv is not None and s > args.max_seq_kv else args.kv_heads
+            for hkv in kvs:
                 todo: list[tuple[str, str | None, str | None]] = [("ulysses-rank", None, None)]
+                # inside one node double_ring is the flat ring and ulysses_ring is ulysses: not run twice
                 todo += [(f"ds-burst-{kern}" + ("" if sched == "ring" else f"-{sched}"), sched, kern)
-                         for sched in args.schedules for kern in kernels]
+                         for sched in args.schedules for kern in kernels
+                         if not (world <= per_node and sched in ("double_ring", "ulysses_ring")
+                                 and {"double_ring": "ring", "ulysses_ring": "ulysses"}[sched] in args.schedules)]
                 for method, sched, kern in todo:
                     row = dict(base, method=method, Hkv=hkv, schedule=sched or "ulysses")
                     try:
                         if sched is None:
-                            row.update(ulysses_rank(s, world, h, hkv, d, dtype, device, args.iters))
+                            row.update(ulysses_rank(s, world, h, hkv, d, dtype, device, args.iters, args.warmup))
                             pf, pb = predicted_ms("ulysses", s, world, per_node, h, hkv, d, elem, hw, peer=True)
                         else:
                             topo = ds_burst.init_sequence_parallel(world, gpus_per_node=per_node, schedule=sched)
                             got, plan = burst_rank(topo, s, world, h, hkv, d, kern, args.layout, dtype, device,
-                                                   args.iters)
-                            row.update(got, schedule=ran_schedule(plan, sched))
-                            pf, pb = predicted_ms(row["schedule"], s, world, per_node, h, hkv, d, elem, hw)
+                                                   args.iters, args.warmup)
+                            row.update(got, schedule=ran_schedule(plan, sched), requested=sched)
+                            # the whole call of "ulysses" is charged as the kernel requested; ring tiles as the
+                            # kernel the plan ran
+                            model_kernel = kern if row["schedule"] == "ulysses" else row["kernel"]
+                            pf, pb = predicted_ms(row["schedule"], s, world, per_node, h, hkv, d, elem, hw,
+                                                  kernel=model_kernel)
                         row.update(predicted_fwd_ms=pf, predicted_bwd_ms=pb, predicted_ms=pf + pb,
                                    fwd_tflops=share / row["fwd_ms"] / 1e9,
                                    fwdbwd_tflops=3.5 * share / row["fwdbwd_ms"] / 1e9,
@@ -409,10 +434,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "peak_gib", "predicted_ms", "ratio_to_predicted", "ratio_to_ulysses", "tiles_fwd", "plan_tiles_fwd",
             "tiles_bwd", "plan_tiles_bwd", "error"]
     print_table(rows, cols)
-    from dataclasses import asdict
-
     meta = device_meta() | {"command": " ".join(sys.argv), "device": name, "device_type": device.type,
-                            "emulated": True, "rates": asdict(hw)}  # type: ignore[call-overload]
+                            "emulated": True, "rates": hw.to_dict()}  # type: ignore[attr-defined]
     write_json(args.out, meta, rows)
     if dist.is_initialized():
         from ds_burst.dist.topology import reset_topology

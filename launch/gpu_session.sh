@@ -3,7 +3,7 @@
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
 # equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before
-# max_logit emulate.
+# max_logit tile_rates emulate.
 # Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
 # tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
@@ -171,11 +171,17 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       PYTHONPATH=$root:$PYTHONPATH timeout "$limit" python3 "$root/launch/bench_kernels.py" --out "$OUT/$stage.json" \
         --seqs 8192 32768 --head-dims 128 --methods ds-burst-triton sdpa-cudnn --iters 3 >"$OUT/$stage.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/$stage.log" | tail -8 ;;
-    emulate)  # one rank of a P-rank group on one GPU (fake process group) beside a Ulysses rank's SDPA, cost model
-      timeout "$limit" python3 launch/bench_emulate.py --world 2 4 8 --seqs 131072 --kv-heads 8 \
-        --schedules ring ulysses_ring --gpus-per-node 2 --kernels triton --iters 3 --out "$OUT/emulate.json" \
+    tile_rates)  # the cost model's kernel term: rates against tile length, D 128 and 64 (calibrate --tiles)
+      timeout "$limit" python3 -m ds_burst.plan calibrate --tiles --out "$OUT/tiles.json" >"$OUT/tiles_calib.log" 2>&1
+      echo "rc=$?"; tail -20 "$OUT/tiles_calib.log" | cut -c1-250 ;;
+    emulate)  # one rank of a P-rank group on one GPU (fake process group) beside a Ulysses rank's cuDNN, for every
+      # schedule at P 2..32 (8 GPUs per node), S 128K and 512K, the model's compute term from the tile table
+      tiles=$OUT/tiles.json; [ -f "$tiles" ] || tiles=${TILES:-}
+      timeout "$limit" python3 launch/bench_emulate.py --world 2 4 8 16 32 --seqs 131072 524288 --kv-heads 8 32 \
+        --max-seq-kv 131072 --schedules auto ring ulysses double_ring ulysses_ring --gpus-per-node 8 \
+        --kernels triton --iters 1 --warmup 0 ${tiles:+--tiles "$tiles"} --out "$OUT/emulate.json" \
         >"$OUT/emulate.log" 2>&1
-      echo "rc=$?"; grep -v "^{" "$OUT/emulate.log" | tail -20 | cut -c1-300 ;;
+      echo "rc=$?"; grep -v "^{" "$OUT/emulate.log" | tail -60 | cut -c1-260 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "=== stage $stage done ($(date -u +%H:%M:%S))"

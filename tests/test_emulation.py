@@ -52,6 +52,8 @@ def expected_tiles(row: dict) -> tuple[int, int, int, int]:
     p, s, rank, hkv = row["P"], row["S"], row["rank"], row["Hkv"]
     if row["schedule"] == "ulysses_ring":
         n, me, hq, kv = p // L, rank // L, HQ // L, max(hkv, L) // L
+    elif row["schedule"] == "ulysses":  # the whole sequence at every rank: a ring of one
+        n, me, hq, kv = 1, 0, HQ // p, max(hkv, p) // p
     else:
         n, me, hq, kv = p, rank, HQ, hkv
     segs = [segments("zigzag", r, n, s // n) for r in range(n)]
@@ -79,24 +81,55 @@ def _check_rows(rows: list[dict]) -> None:
 def test_emulated_ranks_run_their_whole_ring(tmp_path):
     rows = _bench(tmp_path, "all", "--world", "2", "4", "8", "--seqs", "64", "--kv-heads", "8", "2",
                   "--schedules", "ring", "double_ring", "ulysses_ring")
-    assert len(rows) == 3 * 2 * 4, [r["method"] for r in rows]
+    # one node (P = 2 = L): the double ring is the flat ring, which runs once
+    assert len(rows) == 2 * (3 + 4 + 4), [r["method"] for r in rows]
     _check_rows(rows)
     ran = {(r["method"], r["P"]): r["schedule"] for r in rows}
+    assert ("ds-burst-torch-double_ring", 2) not in ran
     for p in (2, 4, 8):
         assert ran[("ds-burst-torch", p)] == "ring"
-        assert ran[("ds-burst-torch-double_ring", p)] == ("double_ring" if p > L else "ring")  # one node: flat ring
-        assert ran[("ds-burst-torch-ulysses_ring", p)] == "ulysses_ring"
+        if p > L:
+            assert ran[("ds-burst-torch-double_ring", p)] == "double_ring"
+        # inside one node ulysses_ring is Ulysses over the node, the whole group: a ring of one
+        assert ran[("ds-burst-torch-ulysses_ring", p)] == ("ulysses_ring" if p > L else "ulysses")
     assert {r["rank"] for r in rows} == {0}  # causal zigzag: every rank has the same work, the lowest is taken
     assert {r["backward"] for r in rows if "backward" in r} == {"burst", "ring"}  # MHA and GQA both ran
     tiles = {r["P"]: r["tiles_fwd"] for r in rows if r["method"] == "ds-burst-torch"}
     assert tiles[2] < tiles[4] < tiles[8], tiles
 
 
+def _slow_ring_table(path: Path) -> dict:
+    """A tile-rates file at this file's head dim whose ring tiles are 100x slower than its whole call."""
+    from ds_burst.core.tile_rates import TILE_RATES_FORMAT
+
+    pt = lambda r, t: [{"tokens": 16, "fwd_tflops": r, "bwd_tflops": r / 2}, {"tokens": 64, "fwd_tflops": t,  # noqa: E731
+                                                                               "bwd_tflops": t / 2}]
+    doc = {"format": TILE_RATES_FORMAT, "gpu": "test", "head_dim": D, "dtype": "float32",
+           "curves": {"diag": {"torch": pt(1e-4, 2e-4)}, "step": {"torch": pt(1e-4, 2e-4)},
+                      "whole": {"torch": pt(1e-2, 2e-2)}, "peer": {"sdpa-cpu": pt(3e-2, 4e-2)}}}
+    path.write_text(json.dumps(doc))
+    return doc
+
+
 def test_emulated_rank_from_the_command_line(tmp_path):
+    """Rank 3 of 4, contiguous; with a tile table (``--tiles``) every row's prediction is the cost model's compute
+    term at that table and the kernel the row ran, and ``auto`` runs the schedule the table makes fastest."""
+    from ds_burst.core import tile_rates
+    from ds_burst.core.cost_model import Hardware, Problem, compute_seconds
+
+    _slow_ring_table(tmp_path / "tiles.json")
     rows = _bench(tmp_path, "rank3", "--world", "4", "--rank", "3", "--seqs", "32", "--kv-heads", "2",
-                  "--layout", "contiguous", "--schedules", "ring", "ulysses_ring")
-    assert len(rows) == 3 and {r["rank"] for r in rows} == {3}
+                  "--layout", "contiguous", "--schedules", "ring", "ulysses_ring", "auto",
+                  "--tiles", str(tmp_path / "tiles.json"))
+    assert len(rows) == 4 and {r["rank"] for r in rows} == {3}
     _check_rows(rows)
+    hw = Hardware(tiles=tile_rates.read(str(tmp_path / "tiles.json")))
+    by = {r["method"]: r for r in rows}
+    assert by["ds-burst-torch-auto"]["schedule"] == "ulysses"  # the ring's tiles are the slow ones
+    for r in rows:
+        prob = Problem(32, 2, L, HQ, 2, D, 1, 4, True)
+        f, b = compute_seconds(prob, r["schedule"], hw, peer=r["method"] == "ulysses-rank", kernel="torch")
+        assert r["predicted_ms"] == pytest.approx((f + b) * 1e3, rel=1e-9), r
 
 
 def test_default_rank_is_the_busiest():

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import pytest
 
@@ -16,6 +16,7 @@ from ds_burst.cli.plan import main
 from ds_burst.core.cost import backward_bytes_per_token
 from ds_burst.core.cost_model import (
     CALIBRATION_FORMAT,
+    HARDWARE_FIELDS,
     Hardware,
     Problem,
     choose,
@@ -85,7 +86,7 @@ def test_memory_command_line():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
-MEASURED = [f.name for f in fields(Hardware) if not f.name.startswith("peer_")]
+MEASURED = [f for f in HARDWARE_FIELDS if not f.startswith("peer_")]
 
 
 def _ring_comm_ms(seq: int, world: int, heads: int, kv_heads: int, d: int, gbps: float) -> float:

@@ -200,6 +200,7 @@ def worker_main(rank, world):
         for idx, case in enumerate(cases(2, docs_too=False)[:4]):
             errs, stats = run_case(2, idx, case, schedule="ulysses_ring")
             res[("node_ulysses",) + case] = (errs, stats.get("a2a", 0) > 0 and not stats.get("fwd"))
+        res["auto_node"] = auto_inside_one_node()
     if world == 4:
         sp = ds_burst.init_sequence_parallel(2, gpus_per_node=4, schedule="ulysses")  # 2 replicas of 2 ranks
         for idx, case in enumerate(c for c in cases(2, docs_too=False) if c[2] != 1):
@@ -216,6 +217,43 @@ def worker_main(rank, world):
             res[("hybrid",) + case] = (errs, stats.get("a2a", 0) > 0 and ring)
     res["refusals"] = refusals(world)
     return res
+
+
+def _table(ring_tflops, whole_tflops):
+    """A tile table at this file's head dim whose ring tiles run at ``ring_tflops`` and whose whole call at
+    ``whole_tflops``."""
+    from ds_burst.core.tile_rates import TileRates
+
+    pt = lambda r: ((1, r, r),)  # noqa: E731 - one point: that rate at every length
+    return TileRates("test", D, "float64", (("diag", "torch", pt(ring_tflops)), ("step", "torch", pt(ring_tflops)),
+                                            ("whole", "torch", pt(whole_tflops)), ("peer", "cudnn", pt(1.0))))
+
+
+def auto_inside_one_node():
+    """``schedule="auto"`` inside one node with a tile table (as on a GPU that has one): the cost model's pick runs,
+    Ulysses where the table makes the ring's tiles slow, the ring where it makes them fast, each exact; without a
+    table (CPU) the ring. ``{table: [(errs, ulysses ran, ring ran), ...]}``."""
+    import ds_burst
+    from ds_burst.attention.call_plan import clear_plans
+    from ds_burst.core import cost_model as cm
+
+    ds_burst.init_sequence_parallel(2, gpus_per_node=2)  # schedule "auto", one node
+    original = cm.hardware_for
+    got = {}
+    try:
+        for name, table in (("slow_ring", _table(1e-7, 1e3)), ("fast_ring", _table(1e3, 1e-7)), ("none", None)):
+            cm.hardware_for = lambda gpu, d, e, t=table: cm.Hardware(tiles=t)
+            cm.choose_schedule.cache_clear()
+            clear_plans()  # the schedule is part of a cached plan: every rank plans again with this table
+            got[name] = []
+            every = list(enumerate(cases(2, docs_too=False)))
+            for idx, case in (every[0], next(x for x in every if x[1][0] == "full")):  # causal, full
+                errs, stats = run_case(2, idx, case, schedule="auto")
+                got[name].append((errs, stats.get("a2a", 0) > 0, stats.get("fwd", 0) > 0))
+    finally:
+        cm.hardware_for = original
+        cm.choose_schedule.cache_clear()
+    return got
 
 
 def refusals(world):
@@ -252,9 +290,10 @@ def _check(world, which):
     results = main_results(world)
     seen = 0
     for rank, res in enumerate(results):
-        for key, (errs, ran) in res.items():
-            if key in ("refusals", "init_refusals") or key[0] != which:
+        for key, val in res.items():
+            if isinstance(key, str) or key[0] != which:  # the refusals and the auto picks have their own tests
                 continue
+            errs, ran = val
             seen += 1
             assert ran, f"the Ulysses schedule did not run: rank {rank}, {key}"
             bad = {n: e for n, e in errs.items() if not e <= TOL64}
@@ -280,6 +319,20 @@ def test_ulysses_ring_inside_one_node_is_ulysses():
 
 def test_ulysses_data_parallel_replicas():
     assert _check(4, "dp2xsp2") > 0
+
+
+def test_auto_inside_one_node_follows_the_tile_table():
+    """``auto`` at one node runs ``ulysses`` where the tile table predicts it faster, else the ring (and the ring
+    without a table); both exact against float64 on every rank."""
+    for res in main_results(2):
+        got = res["auto_node"]
+        assert all(len(got[n]) == 2 for n in ("slow_ring", "fast_ring", "none")), got
+        for name, (want_a2a, want_ring) in (("slow_ring", (True, False)), ("fast_ring", (False, True)),
+                                            ("none", (False, True))):
+            for errs, a2a, ring in got[name]:
+                assert (a2a, ring) == (want_a2a, want_ring), (name, a2a, ring)
+                bad = {n: e for n, e in errs.items() if not e <= TOL64}
+                assert not bad, (name, bad)
 
 
 def test_hybrid_ulysses_2_x_ring_2_inside_one_node():

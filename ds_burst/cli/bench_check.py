@@ -85,7 +85,7 @@ def validate_bench(path: str, hw: Hardware | None = None, kernel_bench: str | No
             elif method in PEER_KERNELS and kernel_bench:
                 rates = rates_from_kernel_bench(kernel_bench, PEER_KERNELS[method], prob.head_dim)
                 pred = predict_ulysses(prob, replace(hw, peer_fwd_tflops=rates["fwd_tflops"],
-                                              peer_bwd_tflops=rates["bwd_tflops"]))
+                                              peer_bwd_tflops=rates["bwd_tflops"]), peer=True)
                 res |= {"schedule": "ulysses", "backward": "-"}
             else:
                 why = "needs --kernel-bench" if method in PEER_KERNELS else "not modelled"

@@ -20,6 +20,16 @@ What it measures (every rank at once; each figure is the median over iterations 
 * all-to-all of ``--p2p-mib`` MiB per rank inside each node -> ``a2a_intra_gbps`` and over all ranks when
   there are several nodes -> ``a2a_inter_gbps`` (bus bandwidth: bytes * (n-1)/n / time).
 
+``--tiles`` (one process) measures the kernel term's table instead, written as a tile-rates file
+(:mod:`ds_burst.core.tile_rates`) for ``--head-dims``: for each length ``s`` of ``--sizes`` the ``diag`` and ``step``
+tiles above with every kernel of ``--kernels`` (CUDA ``triton sdpa``, CPU ``torch``), ds-burst's whole one-rank call
+(``whole``, kernels ``--whole-kernels``: CUDA ``auto triton``, CPU ``torch``) and torch SDPA's causal call
+(``peer``: cuDNN on CUDA), forward and backward (fwd+bwd minus fwd for the whole calls). Above
+``--full-heads-tokens`` tokens the heads shrink in proportion (``max(1, H * full / s)``), as a Ulysses rank's do,
+which keeps each measurement short::
+
+    python -m ds_burst.plan calibrate --tiles --out docs/results/tiles_h100.json
+
 Figures a run cannot measure (one rank per node: no intra-node link; one node: no inter-node link) are left
 out of the file, and ``--calibration`` keeps the defaults for them (listed in ``meta.not_measured``).
 On CUDA the ranks use NCCL, bf16 and Triton's fixed tile configurations (``DS_BURST_TRITON_AUTOTUNE=0``
@@ -29,6 +39,7 @@ unless set; autotuning every configuration takes minutes); on CPU gloo, float32 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,6 +62,9 @@ SMALL_MSG_BYTES = 4096
 CUDA_DEFAULTS = {"tile_tokens": 16384, "heads": 32, "head_dim": 128, "dtype": "bfloat16", "p2p_mib": 256.0,
                  "iters": 5}
 CPU_DEFAULTS = {"tile_tokens": 256, "heads": 4, "head_dim": 32, "dtype": "float32", "p2p_mib": 4.0, "iters": 3}
+TILE_DEFAULTS = {"cuda": {"sizes": [2**i for i in range(10, 18)], "kernels": ["triton", "sdpa"],
+                          "whole_kernels": ["auto", "triton"], "head_dims": [128, 64]},
+                 "cpu": {"sizes": [64, 128, 256], "kernels": ["torch"], "whole_kernels": ["torch"], "head_dims": [32]}}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -132,6 +146,128 @@ def measure_kernel(kernel: str, device: torch.device, dtype: torch.dtype, tokens
         res[tile] = {"q_tokens": sq, "k_tokens": sk, "q_offset": q_off, "fwd_ms": fwd_s * 1e3, "bwd_ms": bwd_s * 1e3,
                      "fwd_tflops": flops / fwd_s / 1e12, "bwd_tflops": 2.5 * flops / bwd_s / 1e12}
     return res
+
+
+def _whole_seconds(fn: Callable[[], torch.Tensor], dout: torch.Tensor, leaves: list[torch.Tensor],
+                   device: torch.device, iters: int) -> tuple[float, float]:
+    """Median ``(forward, backward)`` seconds of a whole attention call: forward alone under no_grad, backward as
+    forward+backward minus forward."""
+    def fb() -> None:
+        fn().backward(dout)
+        for t in leaves:
+            t.grad = None
+
+    with torch.no_grad():
+        fwd = statistics.median(_times(fn, device, iters))
+    fwdbwd = statistics.median(_times(fb, device, iters))
+    return fwd, max(fwdbwd - fwd, 1e-9)
+
+
+def measure_tiles(device: torch.device, dtype: torch.dtype, sizes: list[int], heads: int, kv_heads: int,
+                  head_dim: int, iters: int, kernels: list[str], whole_kernels: list[str],
+                  full_heads_tokens: int) -> tuple[dict, list[dict]]:
+    """The ``curves`` of one tile-rates table and the raw rows (ms, heads, FLOPs) behind them."""
+    from ds_burst.kernels import registry
+
+    curves: dict[str, dict[str, list[dict]]] = {}
+    rows: list[dict] = []
+
+    def add(kind: str, kern: str, tokens: int, h: int, flops: float, fwd_s: float, bwd_s: float) -> None:
+        point = {"tokens": tokens, "fwd_tflops": flops / fwd_s / 1e12, "bwd_tflops": 2.5 * flops / bwd_s / 1e12}
+        curves.setdefault(kind, {}).setdefault(kern, []).append(point)
+        rows.append({"kind": kind, "kernel": kern, "tokens": tokens, "heads": h, "fwd_ms": fwd_s * 1e3,
+                     "bwd_ms": bwd_s * 1e3, "flops": flops} | point)
+
+    for s in sizes:
+        h = max(1, heads * full_heads_tokens // s) if s > full_heads_tokens else heads
+        h -= h % max(1, heads // kv_heads) if h >= heads // kv_heads else 0
+        hk = max(1, h * kv_heads // heads)
+        for kern in kernels:
+            mod = registry.get(kern).impl
+            for kind, sq, sk, q_off in (("diag", s, s, 0), ("step", s, s // 2, s)):
+                fwd, bwd = _tile_seconds(mod, device, dtype, sq, sk, q_off, h, hk, head_dim, iters)
+                flops = 4.0 * h * sq * sk * head_dim * (0.5 if kind == "diag" else 1.0)
+                add(kind, kern, s, h, flops, statistics.median(fwd), statistics.median(bwd))
+        for kind, kern, fwd_s, bwd_s in _whole_calls(device, dtype, s, h, hk, head_dim, iters, whole_kernels):
+            add(kind, kern, s, h, 4.0 * h * s * s * head_dim * 0.5, fwd_s, bwd_s)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return curves, rows
+
+
+def _whole_calls(device: torch.device, dtype: torch.dtype, s: int, h: int, hk: int, head_dim: int, iters: int,
+                 whole_kernels: list[str]) -> list[tuple[str, str, float, float]]:
+    """``(kind, kernel, fwd s, bwd s)`` of ds-burst's whole one-rank causal call with each of ``whole_kernels`` and of
+    torch SDPA's (cuDNN on CUDA) on ``s`` tokens, ``h`` query and ``hk`` KV heads."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from ds_burst.attention.api import burst_attn_func
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(1, s, n, head_dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+               for n in (h, hk, hk))
+    dout = torch.randn_like(q)
+    got = []
+    for kern in whole_kernels:
+        fn = functools.partial(burst_attn_func, q, k, v, causal=True, kernel=kern)
+        fn().backward(dout)  # plan, kernel choice, compilation
+        got.append(("whole", kern, *_whole_seconds(fn, dout, [q, k, v], device, iters)))
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    dt = dout.transpose(1, 2).contiguous()
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx, peer = functools.partial(sdpa_kernel, [SDPBackend.CUDNN_ATTENTION]), "cudnn"
+    else:
+        ctx, peer = contextlib.nullcontext, "sdpa-cpu"
+
+    def run_peer() -> torch.Tensor:
+        with ctx():
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=hk != h)
+
+    run_peer().backward(dt)
+    got.append(("peer", peer, *_whole_seconds(run_peer, dt, [qt, kt, vt], device, iters)))
+    return got
+
+
+def calibrate_tiles(args: argparse.Namespace, device: torch.device) -> dict:
+    """The tile-rates document of ``--tiles`` (one table per head dim)."""
+    from ds_burst.core.tile_rates import TILE_RATES_FORMAT, from_dict
+
+    t_start = time.perf_counter()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("--tiles measures one GPU: run it as one process (python -m ds_burst.plan calibrate)")
+    dtype = DTYPES[args.dtype]
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        raise ValueError(f"--heads {args.heads} must be divisible by --kv-heads {kv_heads}")
+    if any(s < 2 or s % 2 for s in args.sizes):
+        raise ValueError(f"--sizes must be even numbers >= 2, got {args.sizes}")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tables = []
+    for d in args.head_dims:
+        curves, rows = measure_tiles(device, dtype, sorted(args.sizes), args.heads, kv_heads, d, args.iters,
+                                     args.kernels, args.whole_kernels, args.full_heads_tokens)
+        table = {"head_dim": d, "dtype": args.dtype, "curves": curves, "measurements": rows}
+        from_dict({"format": TILE_RATES_FORMAT, "gpu": gpu} | table, "measured table")  # well formed
+        tables.append(table)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([os.path.basename(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "device": gpu, "torch": torch.__version__, "heads": args.heads, "kv_heads": kv_heads,
+        "full_heads_tokens": args.full_heads_tokens, "iters": args.iters,
+        "triton_autotune": settings.raw(settings.TRITON_AUTOTUNE) or None,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return {"format": TILE_RATES_FORMAT, "gpu": gpu, "meta": meta, "tables": tables}
 
 
 def _ring_step(info: GroupInfo, nbytes: int, device: torch.device, iters: int) -> float:
@@ -260,7 +396,23 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--p2p-mib", type=float, default=None, help="message MiB per rank (CUDA 256, CPU 4)")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per figure (CUDA 5, CPU 3)")
     ap.add_argument("--cpu", action="store_true", help="measure on CPU with gloo even when CUDA is available")
+    tiles = ap.add_argument_group("--tiles: the kernel term's table against tile length (one process)")
+    tiles.add_argument("--tiles", action="store_true", help="measure the tile-rates table instead of the figures")
+    tiles.add_argument("--sizes", type=int, nargs="+", default=None,
+                       help="tile lengths s (CUDA 1K..128K in powers of 2, CPU 64 128 256)")
+    tiles.add_argument("--kernels", nargs="+", default=None, help="tile kernels (CUDA triton sdpa, CPU torch)")
+    tiles.add_argument("--whole-kernels", nargs="+", default=None,
+                       help="kernel= of the whole one-rank call (CUDA auto triton, CPU torch)")
+    tiles.add_argument("--head-dims", type=int, nargs="+", default=None, help="one table each (CUDA 128 64, CPU 32)")
+    tiles.add_argument("--full-heads-tokens", type=int, default=32768,
+                       help="above this length the heads shrink in proportion (default 32768)")
     return ap
+
+
+def _write(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     use_cuda = torch.cuda.is_available() and not args.cpu
     for key, value in (CUDA_DEFAULTS if use_cuda else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, value in TILE_DEFAULTS["cuda" if use_cuda else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.iters < 1 or args.p2p_mib <= 0:
@@ -285,14 +440,20 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     try:
         try:
-            doc = calibrate(args, device)
+            doc = calibrate_tiles(args, device) if args.tiles else calibrate(args, device)
         except ValueError as exc:
             raise SystemExit(f"calibrate: {exc}") from None
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(doc, f, indent=1)
+        if args.tiles:
+            _write(args.out, doc)
+            print(f"tile rates written to {args.out} ({doc['meta']['wall_s']:.1f} s, {doc['gpu']})")
+            for table in doc["tables"]:
+                for kind, by_kernel in table["curves"].items():
+                    for kern, pts in by_kernel.items():
+                        print(f"  D={table['head_dim']} {kind:5s} {kern:8s} " + " ".join(
+                            f"{p['tokens']}:{p['fwd_tflops']:.0f}/{p['bwd_tflops']:.0f}" for p in pts))
+        elif rank == 0:
+            _write(args.out, doc)
             hw = doc["hardware"]
             print(f"calibration written to {args.out} ({doc['meta']['wall_s']:.1f} s, kernel "
                   f"{doc['meta']['kernel']}, {doc['meta']['nodes']} node(s) x {doc['meta']['gpus_per_node']})")

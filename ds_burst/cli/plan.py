@@ -119,7 +119,8 @@ def _hardware_from_args(args: argparse.Namespace, head_dim: int = 128) -> Hardwa
 
 
 def _describe(hw: Hardware) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in asdict(hw).items() if v is not None)
+    text = ", ".join(f"{k}={v:g}" for k, v in hw.figures().items() if v is not None)
+    return text + (f"; kernel rates by tile length: {hw.tiles.gpu} table (D={hw.tiles.head_dim})" if hw.tiles else "")
 
 
 def _project_main(argv: list[str]) -> None:
@@ -163,7 +164,7 @@ def _project_main(argv: list[str]) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"meta": {"command": "python -m ds_burst.plan project " + shlex.join(argv), "title": title},
-                       "hardware": asdict(hw), "peer_hardware": None if peer_hw is None else asdict(peer_hw),
+                       "hardware": hw.to_dict(), "peer_hardware": None if peer_hw is None else peer_hw.to_dict(),
                        "rows": rows}, f, indent=1)
     if args.plot and not plot_projection(rows, args.plot, title, peer_label):
         print("matplotlib is not installed: no plot written", file=sys.stderr)
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(str(exc))
     best = choose(prob, hw, implemented_only=not args.all)
     if args.json:
-        print(json.dumps({"problem": asdict(prob), "hardware": asdict(hw),
+        print(json.dumps({"problem": asdict(prob), "hardware": hw.to_dict(),
                           "predictions": [x.to_dict() for x in preds], "choice": asdict(best)}, indent=1))
         return
     print(format_predictions(preds))

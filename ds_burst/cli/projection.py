@@ -23,7 +23,7 @@ def project(nodes: int, gpus_per_node: int, seqs: list[int], heads: int, kv_head
             best = choose(prob, hw)
             cands = [(x.schedule, x) for x in preds]
             if peer_hw is not None:
-                cands.append(("ulysses_peer", predict_ulysses(prob, peer_hw)))
+                cands.append(("ulysses_peer", predict_ulysses(prob, peer_hw, peer=True)))
             for name in (*SCHEDULE_ORDER, "ulysses", "ulysses_peer"):
                 mine = [x for n, x in cands if n == name]
                 if not mine:

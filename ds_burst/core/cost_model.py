@@ -10,8 +10,16 @@ causal tiles, every later zigzag step unmasked tiles of the same FLOPs. Schedule
   with the intra-node steps (one NIC per GPU, all rails in parallel).
 * ``ulysses_ring``: all-to-all over heads inside the node, then a ring of ``nodes`` steps across nodes
   (KV heads replicated up to ``L`` when fewer); the all-to-alls do not overlap compute.
-* ``ulysses``: DeepSpeed-Ulysses over all ``P`` ranks (ds-burst's ``schedule="ulysses"``; needs heads divisible
-  by P), no overlap of its all-to-alls; not an ``auto`` candidate (:data:`IMPLEMENTED`) until calibrated.
+* ``ulysses``: the all-to-all over heads across all ``P`` ranks, then ds-burst's whole one-rank call on ``Hq/P``
+  heads (``schedule="ulysses"``; needs heads divisible by P), no overlap of its all-to-alls. It is an ``auto``
+  candidate only where the hardware has a measured tile table (:attr:`Hardware.tiles`): whether it beats the ring
+  inside a node turns on the kernel rates at the ring's tile length, which only a measurement gives.
+
+Kernel term: with a tile table (:mod:`ds_burst.core.tile_rates`, shipped per GPU kind, measured by
+``python -m ds_burst.plan calibrate --tiles``) every tile is charged the rate measured at its own length (the
+ring's ``diag``/``step`` curves at ``S/P`` tokens, the Ulysses call's ``whole`` curve at ``S``, DeepSpeed-Ulysses'
+cuDNN ``peer`` curve at ``S``), for ``kernel="auto"`` the kernel whose ring pass is fastest; without one, the
+scalar rates of :class:`Hardware` for every tile.
 
 
 Pure Python: ``python -m ds_burst.plan`` (:mod:`ds_burst.cli.plan`) is its command line.
@@ -26,7 +34,9 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 
+from ds_burst.core import settings, tile_rates
 from ds_burst.core.cost import backward_bytes_per_token
+from ds_burst.core.tile_rates import TileRates, shipped
 
 RATES_FORMAT = "ds-burst-rates/1"
 #: the figures every rates file holds (the defaults of :class:`Hardware` that are numbers)
@@ -83,6 +93,7 @@ class Hardware:
     bwd_tflops_full: float | None = None
     peer_fwd_tflops: float | None = None
     peer_bwd_tflops: float | None = None
+    tiles: TileRates | None = None
 
     def rates(self, causal_tile: bool) -> tuple[float, float]:
         """(forward, backward) TFLOP/s of ds-burst's kernel on a causal or an unmasked tile."""
@@ -96,9 +107,17 @@ class Hardware:
         return (self.fwd_tflops if self.peer_fwd_tflops is None else self.peer_fwd_tflops,
                 self.bwd_tflops if self.peer_bwd_tflops is None else self.peer_bwd_tflops)
 
+    def figures(self) -> dict[str, float | None]:
+        """The numeric figures (every field but :attr:`tiles`), for printing and JSON."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiles"}
+
+    def to_dict(self) -> dict:
+        """The figures and, where present, the tile table (JSON output)."""
+        return self.figures() | {"tiles": None if self.tiles is None else self.tiles.to_dict()}
+
     def check(self) -> None:
         """Raise ``ValueError`` unless every rate is a finite positive number (latencies: non-negative)."""
-        for name, value in asdict(self).items():
+        for name, value in self.figures().items():
             if value is None and name.endswith(("_full", "tflops")) and name not in ("fwd_tflops", "bwd_tflops"):
                 continue
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -165,15 +184,46 @@ def _pair_flops(p: Problem, q_tokens: int, k_tokens: int, heads: int) -> float:
     return 4.0 * p.batch * heads * q_tokens * k_tokens * p.head_dim * (0.5 if p.causal else 1.0)
 
 
-def _step_seconds(p: Problem, hw: Hardware, flops: float) -> tuple[float, float, float, float]:
-    """Forward and backward seconds of the local (diagonal) step and of every later ring step.
+def _tile_seconds(p: Problem, hw: Hardware, flops: float, tokens: int,
+                  kernel: str) -> tuple[float, float, float, float]:
+    """Forward and backward seconds of the local (diagonal) step and of every later ring step of ``kernel``.
 
     Causal: the local step runs masked diagonal tiles, the later zigzag steps unmasked tiles of the same FLOPs.
-    The backward does 2.5x the forward FLOPs.
+    The backward does 2.5x the forward FLOPs. With a tile table the rates are ``kernel``'s at ``tokens``
+    (the ``diag`` and ``step`` curves), else the scalar rates.
     """
-    f_loc, b_loc = hw.rates(p.causal)
-    f_st, b_st = hw.rates(False)
+    if hw.tiles is None:
+        f_loc, b_loc = hw.rates(p.causal)
+        f_st, b_st = hw.rates(False)
+    else:
+        f_loc, b_loc = hw.tiles.rate("diag" if p.causal else "step", kernel, tokens)
+        f_st, b_st = hw.tiles.rate("step", kernel, tokens)
     return (flops / (f_loc * 1e12), 2.5 * flops / (b_loc * 1e12), flops / (f_st * 1e12), 2.5 * flops / (b_st * 1e12))
+
+
+def ring_kernel(hw: Hardware, tokens: int, blocks: int, causal: bool = True, kernel: str = "auto") -> str:
+    """The tile kernel the model charges a ring of ``blocks`` steps over ``tokens``-token tiles: ``kernel`` when
+    concrete, for ``"auto"`` the table's kernel with the fastest pass (one local step and ``blocks - 1`` later
+    steps, forward and backward), as ``kernel="auto"`` measures it per shape; ``kernel`` itself without a table."""
+    tiles = hw.tiles
+    if tiles is None or kernel != "auto":
+        return kernel
+    cands = [k for k in tiles.kernels("step") if not causal or k in tiles.kernels("diag")]
+    if not cands:
+        raise ValueError(f"tile rates for {tiles.gpu}: no kernel with ring curves")
+
+    def cost(k: str) -> float:
+        f_loc, b_loc = tiles.rate("diag" if causal else "step", k, tokens)
+        f_st, b_st = tiles.rate("step", k, tokens)
+        return 1 / f_loc + 2.5 / b_loc + (blocks - 1) * (1 / f_st + 2.5 / b_st)
+
+    return min(cands, key=cost)
+
+
+def _step_seconds(p: Problem, hw: Hardware, flops: float, tokens: int, blocks: int,
+                  kernel: str = "auto") -> tuple[float, float, float, float]:
+    """:func:`_tile_seconds` of the kernel :func:`ring_kernel` charges this ring."""
+    return _tile_seconds(p, hw, flops, tokens, ring_kernel(hw, tokens, blocks, p.causal, kernel))
 
 
 def _chain(steps: int, c_local: float, c_step: float, hop: float) -> float:
@@ -183,25 +233,28 @@ def _chain(steps: int, c_local: float, c_step: float, hop: float) -> float:
     return max(c_local, hop) + (steps - 1) * max(c_step, hop) + c_step
 
 
-def compute_seconds(p: Problem, schedule: str, hw: Hardware = Hardware(), peer: bool = False) -> tuple[float, float]:
+def compute_seconds(p: Problem, schedule: str, hw: Hardware = Hardware(), peer: bool = False,
+                    kernel: str = "auto") -> tuple[float, float]:
     """``(forward, backward)`` seconds of local attention compute that the model charges one rank under
     ``schedule``, communication excluded (:func:`predict` adds links, latency and all-to-alls on top; with
     unbounded links and no latency its times are these).
 
     ``ring``/``double_ring``: the local (diagonal) tile pair and ``P - 1`` received blocks of ``S/P`` tokens, all
     ``Hq`` heads; ``ulysses_ring``: the same over ``nodes`` node-level blocks of ``S/nodes`` tokens on ``Hq/L`` heads;
-    ``ulysses``: the whole sequence on ``Hq/P`` heads in one causal call (``peer``: the comparison's kernel rates,
-    :meth:`Hardware.peer_rates`). Raises ``ValueError`` for an unknown schedule or heads it cannot split.
+    ``ulysses``: the whole sequence on ``Hq/P`` heads in one causal call (``peer``: DeepSpeed-Ulysses' cuDNN call,
+    the table's ``peer`` curve or :meth:`Hardware.peer_rates`). ``kernel``: the tile kernel (``"auto"``: the one
+    :func:`ring_kernel` picks). Raises ``ValueError`` for an unknown schedule or heads it cannot split.
     """
     p.validate()
     if schedule not in _COMPUTE:
         raise ValueError(f"no compute term for schedule {schedule!r}: known {tuple(_COMPUTE)}")
-    return _COMPUTE[schedule](p, hw, peer)
+    return _COMPUTE[schedule](p, hw, peer, kernel)
 
 
-def _ring_compute(p: Problem, hw: Hardware, heads: int, tokens: int, blocks: int) -> tuple[float, float]:
+def _ring_compute(p: Problem, hw: Hardware, heads: int, tokens: int, blocks: int,
+                  kernel: str) -> tuple[float, float]:
     """Local step and ``blocks - 1`` received blocks of ``tokens`` tokens on ``heads`` heads."""
-    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, tokens, tokens, heads))
+    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, tokens, tokens, heads), tokens, blocks, kernel)
     return cf_loc + (blocks - 1) * cf, cb_loc + (blocks - 1) * cb
 
 
@@ -211,18 +264,36 @@ def _split(heads: int, ways: int, what: str) -> int:
     return heads // ways
 
 
-def _ulysses_compute(p: Problem, hw: Hardware, peer: bool) -> tuple[float, float]:
+def whole_rates(p: Problem, hw: Hardware, peer: bool, kernel: str = "auto") -> tuple[float, float]:
+    """``(forward, backward)`` TFLOP/s of one causal call over the whole sequence: ds-burst's one-rank call with
+    ``kernel`` (table curve ``whole``) or, with ``peer``, DeepSpeed-Ulysses' cuDNN call (curve ``peer``); without a
+    table the scalar rates (:meth:`Hardware.peer_rates` for the peer when set)."""
+    if hw.tiles is None:
+        if peer:
+            return hw.peer_rates()
+        return hw.rates(p.causal)
+    if peer:
+        return hw.tiles.rate("peer", hw.tiles.kernels("peer")[0], p.seq)
+    have = hw.tiles.kernels("whole")
+    if kernel not in have:  # e.g. "auto" in a table measured per kernel: the fastest of them
+        if not have:
+            raise ValueError(f"tile rates for {hw.tiles.gpu}: no 'whole' curve")
+        kernel = min(have, key=lambda k: sum(1 / r for r in hw.tiles.rate("whole", k, p.seq)))
+    return hw.tiles.rate("whole", kernel, p.seq)
+
+
+def _ulysses_compute(p: Problem, hw: Hardware, peer: bool, kernel: str) -> tuple[float, float]:
     flops = _pair_flops(p, p.seq, p.seq, _split(p.heads, p.world, "P"))
-    rf, rb = hw.peer_rates() if peer else hw.rates(p.causal)
+    rf, rb = whole_rates(p, hw, peer, kernel)
     return flops / (rf * 1e12), 2.5 * flops / (rb * 1e12)
 
 
-#: the compute term of each schedule (``Problem``, ``Hardware``, peer rates) -> (fwd s, bwd s); one line per schedule
+#: the compute term of each schedule (``Problem``, ``Hardware``, peer rates, kernel) -> (fwd s, bwd s)
 _COMPUTE = {
-    "ring": lambda p, hw, peer: _ring_compute(p, hw, p.heads, p.seq // p.world, p.world),
-    "double_ring": lambda p, hw, peer: _ring_compute(p, hw, p.heads, p.seq // p.world, p.world),
-    "ulysses_ring": lambda p, hw, peer: _ring_compute(p, hw, _split(p.heads, p.gpus_per_node, "gpus_per_node"),
-                                                      p.seq // p.nodes, p.nodes),
+    "ring": lambda p, hw, peer, kern: _ring_compute(p, hw, p.heads, p.seq // p.world, p.world, kern),
+    "double_ring": lambda p, hw, peer, kern: _ring_compute(p, hw, p.heads, p.seq // p.world, p.world, kern),
+    "ulysses_ring": lambda p, hw, peer, kern: _ring_compute(
+        p, hw, _split(p.heads, p.gpus_per_node, "gpus_per_node"), p.seq // p.nodes, p.nodes, kern),
     "ulysses": _ulysses_compute,
 }
 
@@ -236,7 +307,7 @@ def predict(p: Problem, hw: Hardware = Hardware()) -> list[Prediction]:
     out: list[Prediction] = []
     fwd_bytes_tok = 2 * p.kv_heads * p.head_dim * e * p.batch
     multi = p.nodes > 1
-    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, s, s, p.heads))
+    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, s, s, p.heads), s, p.world)
     steps = p.world - 1
     for backward in ("burst", "ring"):
         bwd_bytes_tok = backward_bytes_per_token(backward, p.heads, p.kv_heads, p.head_dim, e) * p.batch
@@ -282,7 +353,7 @@ def _ulysses_ring(p: Problem, hw: Hardware, backward: str) -> Prediction:
     a2a_f = a2a(p.heads + 2 * max(p.kv_heads, L)) + a2a(p.heads)  # q, k, v in; out back
     a2a_b = a2a(p.heads) + a2a(p.heads + 2 * max(p.kv_heads, L))  # dO in; dq, dk, dv back
     tokens = s * L
-    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, tokens, tokens, hq))
+    cf_loc, cb_loc, cf, cb = _step_seconds(p, hw, _pair_flops(p, tokens, tokens, hq), tokens, n)
     wire_f = tokens * 2 * hkv * d * e * p.batch / (hw.inter_gbps * 1e9)
     wire_b = tokens * backward_bytes_per_token(backward, hq, hkv, d, e) * p.batch / (hw.inter_gbps * 1e9)
     f = _chain(n - 1, cf_loc, cf, hw.inter_latency_s + wire_f) + a2a_f
@@ -292,49 +363,78 @@ def _ulysses_ring(p: Problem, hw: Hardware, backward: str) -> Prediction:
                       comm_ms=(a2a_f + a2a_b + (n - 1) * (wire_f + wire_b)) * 1e3)
 
 
-def predict_ulysses(p: Problem, hw: Hardware) -> Prediction:
+def predict_ulysses(p: Problem, hw: Hardware, peer: bool = False) -> Prediction:
+    """Ulysses over all ``P`` ranks: the all-to-alls of q, k, v (KV heads replicated up to ``P``) and of the output
+    (forward), of dO and of dq, dk, dv (backward), none overlapped, each with one link latency; the local call is
+    the whole sequence on ``Hq/P`` heads. ``peer=False``: ds-burst's ``schedule="ulysses"`` (its own one-rank call,
+    :func:`whole_rates`); ``peer=True``: DeepSpeed-Ulysses with cuDNN (the ``peer`` rates)."""
     P = p.world
+    name = "ulysses_peer" if peer else "ulysses"
     if p.heads % P:
-        return Prediction("ulysses", "-", float("inf"), float("inf"), 0.0, "heads not divisible by P")
+        return Prediction(name, "-", float("inf"), float("inf"), 0.0, "heads not divisible by P")
     s = p.seq // P
-    bw = (hw.a2a_inter_gbps if p.nodes > 1 else hw.a2a_intra_gbps) * 1e9
+    multi = p.nodes > 1
+    bw = (hw.a2a_inter_gbps if multi else hw.a2a_intra_gbps) * 1e9
+    lat = hw.inter_latency_s if multi else hw.intra_latency_s
     kv = max(p.kv_heads, P)
-    a2a = lambda heads_total: s * heads_total * p.head_dim * p.elem_bytes * p.batch * (P - 1) / P / bw
+    a2a = lambda heads_total: lat + s * heads_total * p.head_dim * p.elem_bytes * p.batch * (P - 1) / P / bw
     flops = _pair_flops(p, p.seq, p.seq, p.heads // P)
-    peer = hw.peer_fwd_tflops is not None or hw.peer_bwd_tflops is not None
-    rf, rb = hw.peer_rates() if peer else hw.rates(p.causal)
+    rf, rb = whole_rates(p, hw, peer)
     comm = 2 * (a2a(p.heads + 2 * kv) + a2a(p.heads))
     f = a2a(p.heads + 2 * kv) + a2a(p.heads) + flops / (rf * 1e12)
     b = a2a(p.heads) + a2a(p.heads + 2 * kv) + 2.5 * flops / (rb * 1e12)
-    note = "DeepSpeed-Ulysses with the peer kernel rates" if peer else "DeepSpeed-Ulysses with the same local kernel"
-    return Prediction("ulysses", "-", f * 1e3, b * 1e3, comm * 1e3, note, comm_ms=comm * 1e3)
+    note = "DeepSpeed-Ulysses, cuDNN (peer rates)" if peer else "ds-burst schedule='ulysses'"
+    return Prediction(name, "-", f * 1e3, b * 1e3, comm * 1e3, note, comm_ms=comm * 1e3)
 
 
-# the candidates of schedule="auto"; "ulysses" runs too (schedule="ulysses") but is picked by name only for now
-IMPLEMENTED = ("ring", "double_ring", "ulysses_ring")
-# On equal predictions prefer the topology-aware schedules (robust to a misestimated inter-node link).
-_PREFERENCE = {"double_ring": 0, "ulysses_ring": 1, "ring": 2}
+#: the candidates of schedule="auto" ("ulysses" only where the hardware has a measured tile table)
+IMPLEMENTED = ("ring", "double_ring", "ulysses_ring", "ulysses")
+# On equal predictions prefer the topology-aware schedules (robust to a misestimated inter-node link), then the
+# ring (its communication overlaps compute).
+_PREFERENCE = {"double_ring": 0, "ulysses_ring": 1, "ring": 2, "ulysses": 3}
 
 
 def choose(p: Problem, hw: Hardware = Hardware(), implemented_only: bool = True) -> Prediction:
-    """The fastest predicted ds-burst schedule/backward pair (only implemented schedules by default)."""
-    cands = [x for x in predict(p, hw) if x.schedule != "ulysses"]
+    """The fastest predicted ds-burst schedule/backward pair (only ``auto``'s candidates by default: every
+    schedule of :data:`IMPLEMENTED`, ``ulysses`` only with a tile table)."""
+    cands = predict(p, hw)
     if implemented_only:
-        cands = [x for x in cands if x.schedule in IMPLEMENTED]
+        cands = [x for x in cands if x.schedule in IMPLEMENTED and (x.schedule != "ulysses" or hw.tiles is not None)]
+    cands = [x for x in cands if math.isfinite(x.total_ms)] or cands
     best = min(x.total_ms for x in cands)
     # predictions equal up to rounding count as ties
     ties = [x for x in cands if x.total_ms <= best * (1 + 1e-9)]
-    return min(ties, key=lambda x: (_PREFERENCE.get(x.schedule, 3), x.total_ms, x.comm_ms))
+    return min(ties, key=lambda x: (_PREFERENCE.get(x.schedule, 4), x.total_ms, x.comm_ms))
+
+
+@functools.lru_cache(maxsize=32)
+def hardware_for(gpu: str | None, head_dim: int, elem_bytes: int) -> Hardware:
+    """The figures ``schedule="auto"`` uses on GPU kind ``gpu`` (:func:`ds_burst.core.tile_rates.gpu_kind`): the
+    defaults, with a tile table measured at this head dimension and element size: the file named by
+    ``DS_BURST_TILE_RATES`` (any device), else the table shipped for ``gpu``; the defaults alone without one."""
+    path = settings.raw(settings.TILE_RATES)
+    if path:
+        tables = [t for t in tile_rates.read_tables(read_json(path, "tile rates"), f"tile rates {path}")
+                  if t.head_dim == head_dim]
+        tiles = tables[0] if tables else None
+    else:
+        tiles = shipped(gpu, head_dim)
+    if tiles is not None and tile_rates.element_size(tiles.dtype) != elem_bytes:
+        tiles = None
+    return Hardware(tiles=tiles)
 
 
 @functools.lru_cache(maxsize=256)
 def choose_schedule(seq: int, nodes: int, gpus_per_node: int, heads: int, kv_heads: int, head_dim: int,
-                    elem_bytes: int, causal: bool) -> str:
-    """The schedule ``schedule="auto"`` runs for one attention call (same answer on every rank)."""
-    if nodes <= 1 or seq % (2 * nodes * gpus_per_node) or heads % kv_heads:
+                    elem_bytes: int, causal: bool, gpu: str | None = None) -> str:
+    """The schedule ``schedule="auto"`` runs for one attention call (same answer on every rank of one GPU kind;
+    ranks that differ are told by the per-call header, which carries the schedule). Inside one node: the flat
+    ring, or ``ulysses`` where the tile table of ``gpu`` predicts it faster; across nodes :func:`choose`."""
+    hw = hardware_for(gpu, head_dim, elem_bytes)
+    if seq % (2 * nodes * gpus_per_node) or heads % kv_heads or (nodes <= 1 and hw.tiles is None):
         return "ring"
     prob = Problem(seq, nodes, gpus_per_node, heads, kv_heads, head_dim, 1, elem_bytes, causal)
-    return choose(prob).schedule
+    return choose(prob, hw).schedule
 
 
 def schedule_report(schedule: str, seq: int, sequence_parallel_size: int, gpus_per_node: int, heads: int,
@@ -371,7 +471,7 @@ def format_table(preds: list[Prediction]) -> str:
 # Figures from files: calibration JSON, kernel benchmark JSON
 
 CALIBRATION_FORMAT = "ds-burst-calibration/1"
-HARDWARE_FIELDS = tuple(f.name for f in fields(Hardware))
+HARDWARE_FIELDS = tuple(f.name for f in fields(Hardware) if f.name != "tiles")  # the numeric figures
 
 
 def read_json(path: str, what: str) -> dict:

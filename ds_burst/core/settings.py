@@ -11,6 +11,7 @@
 | ``DS_BURST_SDPA_BWD_ROWS`` | ``16384`` | query rows per backward chunk of the sdpa tiles |
 | ``DS_BURST_SDPA_SELFCHECK`` | ``1`` | check each fused op once against the reference before use |
 | ``DS_BURST_BUFFER_POOL`` | ``0`` | reuse the ring's scratch buffers across calls |
+| ``DS_BURST_TILE_RATES`` | the table shipped for the GPU | tile-rates JSON ``schedule="auto"`` uses (read once) |
 | ``TRITON_INTERPRET`` | unset | Triton's interpreter (CPU tensors; tests) |
 | ``LOCAL_WORLD_SIZE``, ``WORLD_SIZE`` | launcher's | ranks per node; ranks of the job |
 
@@ -31,6 +32,7 @@ SDPA_BACKENDS = "DS_BURST_SDPA_BACKENDS"
 SDPA_BWD_ROWS = "DS_BURST_SDPA_BWD_ROWS"
 SDPA_SELFCHECK = "DS_BURST_SDPA_SELFCHECK"
 BUFFER_POOL = "DS_BURST_BUFFER_POOL"
+TILE_RATES = "DS_BURST_TILE_RATES"
 
 
 def raw(name: str, default: str = "") -> str:
