@@ -3,7 +3,7 @@
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
 # equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before
-# max_logit tile_rates emulate.
+# max_logit tile_rates emulate alst_memory.
 # Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
 # tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
@@ -182,6 +182,10 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
         --kernels triton --iters 1 --warmup 0 ${tiles:+--tiles "$tiles"} --out "$OUT/emulate.json" \
         >"$OUT/emulate.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/emulate.log" | tail -60 | cut -c1-260 ;;
+    alst_memory)  # memory against DeepSpeed ALST on one GPU, a 3B Llama, ZeRO-3 + optimizer offload (issue 28)
+      timeout "$limit" python3 launch/bench_alst_memory.py --model llama-3.2-3b --seqs ${ALST_SEQS:-4K 8K 16K} \
+        --steps 2 --timeout ${ALST_RUN_TIMEOUT:-110} --out "$OUT/alst_memory.json" >"$OUT/alst_memory.log" 2>&1
+      echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/alst_memory.log" | tail -40 | cut -c1-260 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "=== stage $stage done ($(date -u +%H:%M:%S))"

@@ -223,7 +223,7 @@ def test_projection_command(tmp_path, capsys):
           "--peer-kernel-bench", os.path.join(RESULTS, "kernels_tuned.json") + ":sdpa-cudnn"])
     table = capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert "| 1M | 8 |" in table and "Ulysses (sdpa-cudnn rates)" in table
+    assert "| 1M | 8 |" in table and "DeepSpeed-Ulysses (sdpa-cudnn rates)" in table
     for seq in (131072, 1048576):
         for hkv in (32, 8):
             mine = {r["schedule"]: r for r in rows if r["S"] == seq and r["Hkv"] == hkv}

@@ -3,7 +3,8 @@
     python -m ds_burst.plan --seq 1048576 --nodes 4 --gpus-per-node 8 --heads 32 --kv-heads 8 --head-dim 128
     torchrun --nproc_per_node N -m ds_burst.plan calibrate --out calib.json [--gpus-per-node L]
     python -m ds_burst.plan --seq 131072 --nodes 1 --gpus-per-node 2 --calibration calib.json
-    python -m ds_burst.plan project --nodes 4 --gpus-per-node 8 --out projection.json --plot projection.png
+    python -m ds_burst.plan calibrate --tiles --out tiles.json
+    python -m ds_burst.plan project --nodes 4 --gpus-per-node 8 --gpu h100 --out projection.json --plot projection.png
     python -m ds_burst.plan validate docs/results/ring_tuned.json [--kernel-bench docs/results/kernels_tuned.json]
 
 Per ring step a rank computes one tile pair and moves one block; the step takes the longer of the two
@@ -22,9 +23,10 @@ causal tiles, every later zigzag step unmasked tiles of the same FLOPs. Schedule
 Backward patterns: ``burst`` (Q, dO, lse, delta and the fp32 dQ travel) and ``ring`` (K, V and fp32
 dK, dV travel); bytes from :mod:`ds_burst.core.cost`. Defaults are H200 figures measured in this project
 (``docs/BENCHMARKS.md``) and 400 Gb/s InfiniBand per GPU; a calibration file (``calibrate``), the rates of
-a kernel benchmark JSON (``--kernel-bench``) and every single flag override them, in that order.
-All four are ds-burst schedules; ``schedule="auto"`` picks among the other three with :func:`choose_schedule`
-(always with the defaults); ``ulysses`` is asked for by name until its rates are calibrated.
+a kernel benchmark JSON (``--kernel-bench``) and every single flag override them, in that order; ``--tiles FILE``
+(``calibrate --tiles``) or ``--gpu h100|h200`` (the shipped table) give the kernel term by tile length.
+All four are ds-burst schedules; ``schedule="auto"`` picks among them with :func:`choose_schedule` (the defaults and
+the GPU's shipped tile table; ``ulysses`` only with a table).
 
 Subcommands: ``calibrate`` measures the figures on the machine it runs on (:mod:`ds_burst.cli.calibrate`);
 ``project`` tabulates the schedules against Ulysses over a range of sequence lengths (JSON, plot);
@@ -44,6 +46,7 @@ from dataclasses import asdict, fields, replace
 
 from ds_burst.cli.bench_check import validate_bench, validation_markdown
 from ds_burst.cli.projection import plot_projection, project, projection_markdown
+from ds_burst.core import tile_rates
 from ds_burst.core.cost_model import (
     HARDWARE_FIELDS,
     Hardware,
@@ -101,8 +104,13 @@ def _add_hardware_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration", metavar="FILE.json", help="figures measured by `python -m ds_burst.plan calibrate`")
     g.add_argument("--kernel-bench", metavar="FILE[:METHOD]",
                    help="kernel rates from a launch/bench_kernels.py JSON (method default ds-burst-triton)")
-    for f in fields(Hardware):
-        g.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=None, help=f"default {f.default}")
+    g.add_argument("--tiles", metavar="FILE.json",
+                   help="kernel rates by tile length (`python -m ds_burst.plan calibrate --tiles`)")
+    g.add_argument("--gpu", choices=sorted(tile_rates.SHIPPED_GPUS),
+                   help="kernel rates by tile length from the table shipped for this GPU (ds_burst/core/rates)")
+    for name in HARDWARE_FIELDS:
+        default = next(f.default for f in fields(Hardware) if f.name == name)
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help=f"default {default}")
 
 
 def _hardware_from_args(args: argparse.Namespace, head_dim: int = 128) -> Hardware:
@@ -114,6 +122,13 @@ def _hardware_from_args(args: argparse.Namespace, head_dim: int = 128) -> Hardwa
         hw = replace(hw, **rates_from_kernel_bench(path, method, head_dim))
     given = {k: getattr(args, k) for k in HARDWARE_FIELDS if getattr(args, k) is not None}
     hw = replace(hw, **given)
+    if getattr(args, "tiles", None):
+        hw = replace(hw, tiles=tile_rates.read(args.tiles, head_dim))
+    elif getattr(args, "gpu", None):
+        tiles = tile_rates.shipped(args.gpu, head_dim)
+        if tiles is None:
+            raise ValueError(f"no tile table shipped for {args.gpu} at head_dim={head_dim}")
+        hw = replace(hw, tiles=tiles)
     hw.check()
     return hw
 

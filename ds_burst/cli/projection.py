@@ -12,9 +12,12 @@ SCHEDULE_ORDER = ("ring", "double_ring", "ulysses_ring")
 
 def project(nodes: int, gpus_per_node: int, seqs: list[int], heads: int, kv_heads: list[int], head_dim: int,
             hw: Hardware, peer_hw: Hardware | None = None, elem_bytes: int = 2, causal: bool = True) -> list[dict]:
-    """One row per (S, Hkv, schedule): each ds-burst schedule with its faster backward pattern, Ulysses with
-    the same kernel (``ulysses``) and, with ``peer_hw``, Ulysses with the peer kernel rates (``ulysses_peer``).
-    The row of the schedule ``choose`` picks has ``chosen=True``."""
+    """One row per (S, Hkv, schedule): each ds-burst schedule with its faster backward pattern (``ulysses``:
+    ds-burst's own) and, with ``peer_hw`` (or a tile table in ``hw``: its cuDNN curve), DeepSpeed-Ulysses with the
+    peer kernel rates (``ulysses_peer``). The row of the schedule ``choose`` picks has ``chosen=True``; every row
+    has ``speedup_of_auto``: the peer's time over the chosen schedule's (``None`` without a peer)."""
+    if peer_hw is None and hw.tiles is not None:
+        peer_hw = hw  # the table's cuDNN curve
     rows = []
     for seq in seqs:
         for hkv in kv_heads:
@@ -34,13 +37,17 @@ def project(nodes: int, gpus_per_node: int, seqs: list[int], heads: int, kv_head
                 rows.append({"S": seq, "Hq": heads, "Hkv": hkv, "schedule": name} | x.to_dict() | {
                     "schedule": name, "chosen": x.schedule == best.schedule and x.backward == best.backward
                     and name != "ulysses_peer"})
+            peer = [x for n, x in cands if n == "ulysses_peer"]
+            for r in rows:
+                if r["S"] == seq and r["Hkv"] == hkv:
+                    r["speedup_of_auto"] = peer[0].total_ms / best.total_ms if peer else None
     return rows
 
 
 def projection_markdown(rows: list[dict], peer_label: str = "peer kernel") -> str:
     """Two markdown tables: fwd+bwd ms per schedule (backward pattern in brackets), exposed communication ms."""
     present = [n for n in (*SCHEDULE_ORDER, "ulysses", "ulysses_peer") if any(r["schedule"] == n for r in rows)]
-    label = {"ulysses": "Ulysses (same kernel)", "ulysses_peer": f"Ulysses ({peer_label})"}
+    label = {"ulysses": "ds-burst ulysses", "ulysses_peer": f"DeepSpeed-Ulysses ({peer_label})"}
     keys = sorted({(r["S"], r["Hkv"]) for r in rows}, key=lambda k: (-k[1], k[0]))
 
     def cell(r: dict | None, field: str, with_bwd: bool) -> str:
@@ -61,6 +68,16 @@ def projection_markdown(rows: list[dict], peer_label: str = "peer kernel") -> st
             got = {r["schedule"]: r for r in rows if r["S"] == seq and r["Hkv"] == hkv}
             cells = " | ".join(cell(got.get(n), field, with_bwd) for n in present)
             out.append(f"| {tokens_label(seq)} | {hkv} | {cells} |")
+        out.append("")
+    if any(r.get("speedup_of_auto") for r in rows):
+        out.append("speedup of `auto` over DeepSpeed-Ulysses (its time / auto's; > 1: auto faster)\n")
+        out.append("| S | " + " | ".join(f"Hkv={h}" for h in sorted({k[1] for k in keys}, reverse=True)) + " |")
+        kvs = sorted({k[1] for k in keys}, reverse=True)
+        out.append("| --- |" + " --- |" * len(kvs))
+        for seq in sorted({k[0] for k in keys}):
+            vals = [next((r["speedup_of_auto"] for r in rows if r["S"] == seq and r["Hkv"] == h), None) for h in kvs]
+            out.append(f"| {tokens_label(seq)} | " + " | ".join("n/a" if v is None else f"{v:.2f}x" for v in vals)
+                       + " |")
         out.append("")
     return "\n".join(out)
 
@@ -83,10 +100,11 @@ def plot_projection(rows: list[dict], path: str, title: str, peer_label: str = "
         return False
     kv = sorted({r["Hkv"] for r in rows}, reverse=True)
     names = [n for n in (*SCHEDULE_ORDER, "ulysses", "ulysses_peer") if any(r["schedule"] == n for r in rows)]
-    label = {"ulysses": "Ulysses (same kernel)", "ulysses_peer": f"Ulysses ({peer_label})"}
+    label = {"ulysses": "ds-burst ulysses", "ulysses_peer": f"DeepSpeed-Ulysses ({peer_label})"}
     fig, axes = plt.subplots(2, len(kv), figsize=(5.5 * len(kv), 7), squeeze=False, sharex=True)
     for col, hkv in enumerate(kv):
-        ref = {r["S"]: r["total_ms"] for r in rows if r["schedule"] == "ulysses" and r["Hkv"] == hkv}
+        base = "ulysses_peer" if any(r["schedule"] == "ulysses_peer" for r in rows) else "ulysses"
+        ref = {r["S"]: r["total_ms"] for r in rows if r["schedule"] == base and r["Hkv"] == hkv}
         for i, n in enumerate(names):
             pts = sorted((r["S"], r["total_ms"]) for r in rows if r["schedule"] == n and r["Hkv"] == hkv
                          and math.isfinite(r["total_ms"]))
@@ -100,7 +118,7 @@ def plot_projection(rows: list[dict], path: str, title: str, peer_label: str = "
         axes[0][col].set_yscale("log")
         axes[0][col].set_title(f"{title}, Hkv={hkv}", fontsize=9)
         axes[0][col].set_ylabel("predicted fwd+bwd s per layer")
-        axes[1][col].set_ylabel("time / Ulysses (same kernel)")
+        axes[1][col].set_ylabel(f"time / {label[base]}")
         axes[1][col].set_xlabel("sequence length (tokens)")
         for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
