@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import attn_flops, device_meta, print_table, write_json  # noqa: E402
+from bench_common import attn_flops, device_meta, print_table, pyplot, write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -310,6 +310,37 @@ def predicted_ms(schedule: str, s: int, world: int, per_node: int, h: int, hkv: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def plot_rows(rows: list[dict], path: str, title: str) -> bool:
+    """Emulated forward+backward ms against the cost model's compute term, one marker per schedule, the 10% band
+    shaded; returns False without matplotlib or timed rows."""
+    plt = pyplot()
+    pts = [r for r in rows if "fwdbwd_ms" in r and "predicted_ms" in r]
+    if plt is None or not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for i, sched in enumerate(sorted({r["schedule"] for r in pts})):
+        for peer in (False, True):
+            mine = [r for r in pts if r["schedule"] == sched and (r["method"] == "ulysses-rank") == peer]
+            if mine:
+                ax.scatter([r["predicted_ms"] for r in mine], [r["fwdbwd_ms"] for r in mine], color=f"C{i}",
+                           marker="x" if peer else "o", label=("DeepSpeed-Ulysses rank (cuDNN)" if peer else sched))
+    lo = min(min(r["predicted_ms"], r["fwdbwd_ms"]) for r in pts) / 1.5
+    hi = max(max(r["predicted_ms"], r["fwdbwd_ms"]) for r in pts) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="k", alpha=0.08, label="+-10%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cost model: compute ms of the rank (fwd+bwd)")
+    ax.set_ylabel("emulated ms (fwd+bwd)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -437,6 +468,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meta = device_meta() | {"command": " ".join(sys.argv), "device": name, "device_type": device.type,
                             "emulated": True, "rates": hw.to_dict()}  # type: ignore[attr-defined]
     write_json(args.out, meta, rows)
+    plot_rows(rows, os.path.splitext(args.out)[0] + ".png", f"one emulated rank on {name}")
     if dist.is_initialized():
         from ds_burst.dist.topology import reset_topology
 
