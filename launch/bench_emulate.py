@@ -249,10 +249,8 @@ def ulysses_rank(s: int, world: int, h: int, hkv: int, d: int, dtype: torch.dtyp
     tried = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [None]
     last: Exception | None = None
     for backend in tried:
-        ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
-
-        def fn(ctx: contextlib.AbstractContextManager = ctx) -> torch.Tensor:
-            with ctx:
+        def fn(backend: SDPBackend | None = backend) -> torch.Tensor:
+            with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():  # a fresh one per call
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kvl != hl)
 
         try:

@@ -178,7 +178,7 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       # schedule at P 2..32 (8 GPUs per node), S 128K and 512K, the model's compute term from the tile table
       tiles=$OUT/tiles.json; [ -f "$tiles" ] || tiles=${TILES:-}
       timeout "$limit" python3 launch/bench_emulate.py --world 2 4 8 16 32 --seqs 131072 524288 --kv-heads 8 32 \
-        --max-seq-kv 131072 --schedules auto ring ulysses double_ring ulysses_ring --gpus-per-node 8 \
+        --max-seq-kv 131072 --schedules ${EMU_SCHEDULES:-auto ring ulysses double_ring ulysses_ring} --gpus-per-node 8 \
         --kernels triton --iters 1 --warmup 0 ${tiles:+--tiles "$tiles"} --out "$OUT/emulate.json" \
         >"$OUT/emulate.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/emulate.log" | tail -60 | cut -c1-260 ;;

@@ -110,7 +110,7 @@ def _positions(docs, batch):
     return torch.cat([torch.arange(e - s) for s, e in zip(docs, docs[1:])]).expand(batch, -1).contiguous()
 
 
-def run_case(world, idx, case, group=None, schedule="ulysses", per_rank=4, seed=0):
+def run_case(world, idx, case, group=None, schedule="ulysses", per_rank=4, seed=0, kernel="auto"):
     """This rank's call of one case on its shards; ``{name: relative error}`` of the gathered results against the
     float64 reference, and the bytes this rank sent per phase."""
     import torch.distributed as dist
@@ -138,7 +138,7 @@ def run_case(world, idx, case, group=None, schedule="ulysses", per_rank=4, seed=
     ds_burst.reset_comm_stats()
     got = ds_burst.burst_attn_func(ql, kl, vl, causal=causal, window_size=window, group=group, layout=layout,
                                    backward=backward, deterministic=deterministic, schedule=schedule, softcap=softcap,
-                                   sinks=sl, return_lse=True, return_max_logit=want_max, **extra)
+                                   sinks=sl, return_lse=True, return_max_logit=want_max, kernel=kernel, **extra)
     out, lse = got[0], got[1]
     out.backward(shard(do))
     stats = dict(ds_burst.comm_stats())
@@ -181,6 +181,12 @@ def worker_main(rank, world):
         # Ulysses ran: all-to-alls, no ring hop (a ring of one) and no relayout (every rank holds the whole sequence)
         res[("world",) + case] = (errs, calls[0] > before and stats.get("a2a", 0) > 0 and not stats.get("fwd")
                                   and not stats.get("relayout") and not stats.get("bwd_relayout"))
+    # the fused ops' whole-block call (attend / attend_bwd) after the all-to-all: its gradients go back too
+    fused = [c[:4] + ("ring", False) + c[6:] for c in cases(world) if c[3] in ("plain", "softcap")
+             and c[0] != "window"]  # the fused ops' backward needs the output (backward="ring"), not deterministic
+    for idx, case in enumerate(fused):
+        errs, stats = run_case(world, idx, case, kernel="sdpa")
+        res[("sdpa",) + case] = (errs, stats.get("a2a", 0) > 0 and not stats.get("fwd"))
     topo = ds_burst.init_sequence_parallel(world, gpus_per_node=world, schedule="ulysses")
     assert topo.schedule == "ulysses" and topo.ulysses_degree == world
     for idx, case in enumerate(cases(world, docs_too=False)[:6]):  # the topology's schedule, group=None
@@ -306,6 +312,13 @@ def _check(world, which):
 def test_ulysses_every_case_matches_float64(world):
     n = _check(world, "world")
     assert n == world * len(cases(world))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ulysses_with_the_fused_whole_block_call(world):
+    """kernel="sdpa": Ulysses' local call is one fused op (``attend`` / ``attend_bwd``), whose gradients must make
+    the reverse all-to-all like the tiles' (the GPU's whole-block Hopper call takes the same path)."""
+    assert _check(world, "sdpa") >= world * 4
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

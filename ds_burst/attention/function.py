@@ -120,24 +120,25 @@ def backward_impl(plan: CallPlan, saved: Saved, dout: torch.Tensor, sinks: torch
     dsinks = None
     if sinks is not None:
         dsinks = sinks_grad(sinks, lse, reference.bwd_preprocess(out_c, dout_c), plan)
-    if plan.whole is not None:
-        op = plan.whole
+    got = None
+    if plan.whole is not None:  # one call over the whole block (a one-rank plan, or Ulysses' local call)
         got = kernel.attend_bwd(qc, kc, vc, out_c, dout_c, lse, scale=plan.setup.scale,
-                                deterministic=plan.setup.deterministic, **plan.setup.mask_args(op))
-        if got is not None:
-            return got if dsinks is None else (*got, dsinks)
-    dout_c = dout_c.contiguous()
-    delta = kernel.impl.bwd_preprocess(out_c, dout_c)  # the fused ops' fallback tiles and row chunks need it too
-    if plan.backward == "burst":
-        dq, dk, dv = burst_backward(qc, kc, vc, dout_c, lse, delta, plan.setup)
+                                deterministic=plan.setup.deterministic, **plan.setup.mask_args(plan.whole))
+    if got is not None:
+        dq, dk, dv = got
     else:
-        dq, dk, dv = kv_ring_backward(qc, kc, vc, dout_c, lse, delta, plan.setup, out_c)
-    pool = buffer_pool()  # the accumulators may be pooled: fresh tensors from here on
-    acc = qc.dtype if spec is None or spec.kv_repeat == 1 else dk.dtype
-    dq, dk, dv = pool.export(dq, qc.dtype), pool.export(dk, acc), pool.export(dv, acc)
-    if spec is not None:  # replicated KV heads: sum their copies in fp32 before rounding
+        dout_c = dout_c.contiguous()
+        delta = kernel.impl.bwd_preprocess(out_c, dout_c)  # the fused ops' fallback tiles and row chunks need it
+        if plan.backward == "burst":
+            dq, dk, dv = burst_backward(qc, kc, vc, dout_c, lse, delta, plan.setup)
+        else:
+            dq, dk, dv = kv_ring_backward(qc, kc, vc, dout_c, lse, delta, plan.setup, out_c)
+        pool = buffer_pool()  # the accumulators may be pooled: fresh tensors from here on
+        acc = qc.dtype if spec is None or spec.kv_repeat == 1 else dk.dtype
+        dq, dk, dv = pool.export(dq, qc.dtype), pool.export(dk, acc), pool.export(dv, acc)
+    if spec is not None:  # back to the caller's shards; replicated KV heads: their copies summed in fp32 at least
         dq = uly.from_node(dq, spec, "bwd_a2a")
-        acc = qc.dtype if spec.kv_repeat == 1 else dk.dtype
+        acc = qc.dtype if spec.kv_repeat == 1 else torch.promote_types(dk.dtype, torch.float32)
         dk, dv = (uly.sum_repeated(uly.from_node(g.to(acc), spec, "bwd_a2a"), spec.kv_repeat) for g in (dk, dv))
     dk, dv = dk.to(qc.dtype), dv.to(qc.dtype)
     if src != dst:
