@@ -172,7 +172,8 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
         --seqs 8192 32768 --head-dims 128 --methods ds-burst-triton sdpa-cudnn --iters 3 >"$OUT/$stage.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/$stage.log" | tail -8 ;;
     tile_rates)  # the cost model's kernel term: rates against tile length, D 128 and 64 (calibrate --tiles)
-      timeout "$limit" python3 -m ds_burst.plan calibrate --tiles --out "$OUT/tiles.json" >"$OUT/tiles_calib.log" 2>&1
+      timeout "$limit" python3 -m ds_burst.plan calibrate --tiles --head-dims ${TILE_HEAD_DIMS:-128 64} \
+        --out "$OUT/tiles.json" >"$OUT/tiles_calib.log" 2>&1
       echo "rc=$?"; tail -20 "$OUT/tiles_calib.log" | cut -c1-250 ;;
     emulate)  # one rank of a P-rank group on one GPU (fake process group) beside a Ulysses rank's cuDNN, for every
       # schedule at P 2..32 (8 GPUs per node), S 128K and 512K, the model's compute term from the tile table

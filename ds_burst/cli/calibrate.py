@@ -24,9 +24,11 @@ What it measures (every rank at once; each figure is the median over iterations 
 (:mod:`ds_burst.core.tile_rates`) for ``--head-dims``: for each length ``s`` of ``--sizes`` the ``diag`` and ``step``
 tiles above with every kernel of ``--kernels`` (CUDA ``triton sdpa``, CPU ``torch``), ds-burst's whole one-rank call
 (``whole``, kernels ``--whole-kernels``: CUDA ``auto triton``, CPU ``torch``) and torch SDPA's causal call
-(``peer``: cuDNN on CUDA), forward and backward (fwd+bwd minus fwd for the whole calls). Above
-``--full-heads-tokens`` tokens the heads shrink in proportion (``max(1, H * full / s)``), as a Ulysses rank's do,
-which keeps each measurement short::
+(``peer``: cuDNN on CUDA), forward and backward (fwd+bwd minus fwd for the whole calls), each call timed back to
+back with the others of its sample (as the engine issues them: a short tile's launch overlaps the previous one's
+work). Above ``--full-heads-tokens`` tokens the whole calls' heads shrink in proportion (``max(1, H * full / s)``),
+as a Ulysses rank's do; the ring tiles keep every head up to ``--ring-heads-tokens``. That keeps each measurement
+short::
 
     python -m ds_burst.plan calibrate --tiles --out docs/results/tiles_h100.json
 
@@ -93,6 +95,28 @@ def _times(fn: Callable[[], object], device: torch.device, iters: int, warmup: i
     return out
 
 
+def _throughput_times(fn: Callable[[], object], device: torch.device, iters: int,
+                      batch_s: float = 0.02) -> list[float]:
+    """Seconds per call of ``fn`` run back to back, as the engine issues its tiles: each of ``iters`` samples times
+    enough calls between two synchronisations to fill about ``batch_s`` seconds, so a short tile's launch latency
+    overlaps the previous call's work instead of being counted once per call."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    reps = max(1, min(1000, int(batch_s / max(time.perf_counter() - t0, 1e-6))))
+    out = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        out.append((time.perf_counter() - t0) / reps)
+    return out
+
+
 def _slowest(values: list[float], device: torch.device) -> float:
     """Per-position maximum over the ranks, then the median (one value per iteration in ``values``)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -103,8 +127,10 @@ def _slowest(values: list[float], device: torch.device) -> float:
 
 
 def _tile_seconds(mod: TileKernel, device: torch.device, dtype: torch.dtype, sq: int, sk: int, q_offset: int,
-                  heads: int, kv_heads: int, head_dim: int, iters: int) -> tuple[list[float], list[float]]:
-    """Per-iteration seconds of ``fwd_step`` and ``bwd_step`` on one tile (causal mask by global position)."""
+                  heads: int, kv_heads: int, head_dim: int, iters: int,
+                  throughput: bool = False) -> tuple[list[float], list[float]]:
+    """Per-iteration seconds of ``fwd_step`` and ``bwd_step`` on one tile (causal mask by global position);
+    ``throughput``: per call of calls run back to back (:func:`_throughput_times`)."""
     gen = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=gen)
     q, dout = rnd(1, sq, heads, head_dim), rnd(1, sq, heads, head_dim)
@@ -117,13 +143,17 @@ def _tile_seconds(mod: TileKernel, device: torch.device, dtype: torch.dtype, sq:
         out.zero_()
         lse.fill_(-math.inf)
 
-    fwd = _times(lambda: mod.fwd_step(q, k, v, out, lse, **mask), device, iters, before=reset)
+    if throughput:  # back to back, the state accumulating (the engine's ring steps); else one call per sample
+        fwd = _throughput_times(lambda: mod.fwd_step(q, k, v, out, lse, **mask), device, iters)
+    else:
+        fwd = _times(lambda: mod.fwd_step(q, k, v, out, lse, **mask), device, iters, before=reset)
     reset()
     mod.fwd_step(q, k, v, out, lse, **mask)
     out_in = out.to(dtype)
     delta = mod.bwd_preprocess(out_in, dout)
     grads = [torch.zeros(x.shape, device=device, dtype=torch.float32) for x in (q, k, v)]
-    bwd = _times(lambda: mod.bwd_step(q, k, v, dout, lse, delta, *grads, **mask, out=out_in), device, iters)
+    run_bwd = lambda: mod.bwd_step(q, k, v, dout, lse, delta, *grads, **mask, out=out_in)  # noqa: E731
+    bwd = _throughput_times(run_bwd, device, iters) if throughput else _times(run_bwd, device, iters)
     return fwd, bwd
 
 
@@ -158,19 +188,20 @@ def _whole_seconds(fn: Callable[[], torch.Tensor], dout: torch.Tensor, leaves: l
             t.grad = None
 
     with torch.no_grad():
-        fwd = statistics.median(_times(fn, device, iters))
-    fwdbwd = statistics.median(_times(fb, device, iters))
+        fwd = statistics.median(_throughput_times(fn, device, iters))
+    fwdbwd = statistics.median(_throughput_times(fb, device, iters))
     return fwd, max(fwdbwd - fwd, 1e-9)
 
 
 def measure_tiles(device: torch.device, dtype: torch.dtype, sizes: list[int], heads: int, kv_heads: int,
                   head_dim: int, iters: int, kernels: list[str], whole_kernels: list[str],
-                  full_heads_tokens: int) -> tuple[dict, list[dict]]:
+                  full_heads_tokens: int, ring_heads_tokens: int | None = None) -> tuple[dict, list[dict]]:
     """The ``curves`` of one tile-rates table and the raw rows (ms, heads, FLOPs) behind them."""
     from ds_burst.kernels import registry
 
     curves: dict[str, dict[str, list[dict]]] = {}
     rows: list[dict] = []
+    ring_heads_tokens = ring_heads_tokens or full_heads_tokens
 
     def add(kind: str, kern: str, tokens: int, h: int, flops: float, fwd_s: float, bwd_s: float) -> None:
         point = {"tokens": tokens, "fwd_tflops": flops / fwd_s / 1e12, "bwd_tflops": 2.5 * flops / bwd_s / 1e12}
@@ -178,16 +209,20 @@ def measure_tiles(device: torch.device, dtype: torch.dtype, sizes: list[int], he
         rows.append({"kind": kind, "kernel": kern, "tokens": tokens, "heads": h, "fwd_ms": fwd_s * 1e3,
                      "bwd_ms": bwd_s * 1e3, "flops": flops} | point)
 
-    for s in sizes:
-        h = max(1, heads * full_heads_tokens // s) if s > full_heads_tokens else heads
+    def shrink(s: int, full: int) -> tuple[int, int]:  # heads above ``full`` tokens: in proportion, GQA kept
+        h = max(1, heads * full // s) if s > full else heads
         h -= h % max(1, heads // kv_heads) if h >= heads // kv_heads else 0
-        hk = max(1, h * kv_heads // heads)
+        return h, max(1, h * kv_heads // heads)
+
+    for s in sizes:
+        hr, hkr = shrink(s, ring_heads_tokens)  # a ring rank keeps every head
         for kern in kernels:
             mod = registry.get(kern).impl
             for kind, sq, sk, q_off in (("diag", s, s, 0), ("step", s, s // 2, s)):
-                fwd, bwd = _tile_seconds(mod, device, dtype, sq, sk, q_off, h, hk, head_dim, iters)
-                flops = 4.0 * h * sq * sk * head_dim * (0.5 if kind == "diag" else 1.0)
-                add(kind, kern, s, h, flops, statistics.median(fwd), statistics.median(bwd))
+                fwd, bwd = _tile_seconds(mod, device, dtype, sq, sk, q_off, hr, hkr, head_dim, iters, True)
+                flops = 4.0 * hr * sq * sk * head_dim * (0.5 if kind == "diag" else 1.0)
+                add(kind, kern, s, hr, flops, statistics.median(fwd), statistics.median(bwd))
+        h, hk = shrink(s, full_heads_tokens)  # a Ulysses rank holds H/P heads of the whole sequence
         for kind, kern, fwd_s, bwd_s in _whole_calls(device, dtype, s, h, hk, head_dim, iters, whole_kernels):
             add(kind, kern, s, h, 4.0 * h * s * s * head_dim * 0.5, fwd_s, bwd_s)
         if device.type == "cuda":
@@ -249,7 +284,8 @@ def calibrate_tiles(args: argparse.Namespace, device: torch.device) -> dict:
     tables = []
     for d in args.head_dims:
         curves, rows = measure_tiles(device, dtype, sorted(args.sizes), args.heads, kv_heads, d, args.iters,
-                                     args.kernels, args.whole_kernels, args.full_heads_tokens)
+                                     args.kernels, args.whole_kernels, args.full_heads_tokens,
+                                     args.ring_heads_tokens)
         table = {"head_dim": d, "dtype": args.dtype, "curves": curves, "measurements": rows}
         from_dict({"format": TILE_RATES_FORMAT, "gpu": gpu} | table, "measured table")  # well formed
         tables.append(table)
@@ -257,7 +293,8 @@ def calibrate_tiles(args: argparse.Namespace, device: torch.device) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join([os.path.basename(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
         "device": gpu, "torch": torch.__version__, "heads": args.heads, "kv_heads": kv_heads,
-        "full_heads_tokens": args.full_heads_tokens, "iters": args.iters,
+        "full_heads_tokens": args.full_heads_tokens, "ring_heads_tokens": args.ring_heads_tokens,
+        "iters": args.iters, "timing": "back to back, about 20 ms of calls per sample",
         "triton_autotune": settings.raw(settings.TRITON_AUTOTUNE) or None,
         "wall_s": time.perf_counter() - t_start,
     }
@@ -405,7 +442,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="kernel= of the whole one-rank call (CUDA auto triton, CPU torch)")
     tiles.add_argument("--head-dims", type=int, nargs="+", default=None, help="one table each (CUDA 128 64, CPU 32)")
     tiles.add_argument("--full-heads-tokens", type=int, default=32768,
-                       help="above this length the heads shrink in proportion (default 32768)")
+                       help="above this length the whole calls' heads shrink in proportion (default 32768)")
+    tiles.add_argument("--ring-heads-tokens", type=int, default=65536,
+                       help="above this length the ring tiles' heads shrink in proportion (default 65536)")
     return ap
 
 
