@@ -352,6 +352,37 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def summary_markdown(rows: list[dict]) -> str:
+    """One markdown row per (P, S, Hkv): each schedule's emulated fwd+bwd ms with its ratio to the cost model's
+    compute term, the DeepSpeed-Ulysses rank's, the schedule ``auto`` ran and its time over the Ulysses rank's."""
+    scheds = [s for s in ("ring", "double_ring", "ulysses_ring", "ulysses")
+              if any(r.get("requested") == s for r in rows)]
+    head = ("| P | S | Hkv | " + " | ".join(f"{s} ms (/model)" for s in scheds)
+            + " | DS-Ulysses rank (cuDNN) ms (/model) | auto ran | auto / DS-Ulysses |")
+    out = [head, "|" + " --- |" * (head.count("|") - 1)]
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        if "fwdbwd_ms" not in r:
+            return "error"
+        return f"{r['fwdbwd_ms']:.1f} ({r['ratio_to_predicted']:.2f})"
+
+    for key in sorted({(r["P"], r["S"], r["Hkv"]) for r in rows}):
+        mine = [r for r in rows if (r["P"], r["S"], r["Hkv"]) == key]
+        def get(req: str, mine: list[dict] = mine) -> dict | None:
+            return next((r for r in mine if r.get("requested") == req), None)
+
+        peer = next((r for r in mine if r["method"] == "ulysses-rank"), None)
+        auto = get("auto")
+        ratio = (f"{auto['fwdbwd_ms'] / peer['fwdbwd_ms']:.2f}" if auto and peer and "fwdbwd_ms" in auto
+                 and "fwdbwd_ms" in peer else "-")
+        seq = f"{key[1] // 1024}K" if key[1] % 1024 == 0 else str(key[1])
+        out.append(f"| {key[0]} | {seq} | {key[2]} | " + " | ".join(cell(get(s)) for s in scheds)
+                   + f" | {cell(peer)} | {auto['schedule'] if auto else '-'} | {ratio} |")
+    return "\n".join(out)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from ds_burst.core.options import CONCRETE_SCHEDULES, LAYOUTS
 
@@ -395,6 +426,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--summary"]:  # the markdown summary of a results file: --summary FILE.json
+        import json
+
+        with open(argv[1]) as f:
+            rows = json.load(f)["rows"]
+        print(summary_markdown(rows))
+        return rows
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -463,6 +502,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "peak_gib", "predicted_ms", "ratio_to_predicted", "ratio_to_ulysses", "tiles_fwd", "plan_tiles_fwd",
             "tiles_bwd", "plan_tiles_bwd", "error"]
     print_table(rows, cols)
+    print(summary_markdown(rows))
     meta = device_meta() | {"command": " ".join(sys.argv), "device": name, "device_type": device.type,
                             "emulated": True, "rates": hw.to_dict()}  # type: ignore[attr-defined]
     write_json(args.out, meta, rows)
