@@ -406,6 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
+    ap.add_argument("--summary", metavar="FILE.json",
+                    help="print the markdown summary of a results file of this script and exit (nothing is run)")
     ap.add_argument("--max-seq-kv", type=int, default=None,
                     help="above this S, only the first --kv-heads value (keeps long points short)")
     ap.add_argument("--tiles", metavar="FILE.json",
@@ -426,15 +428,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--summary"]:  # the markdown summary of a results file: --summary FILE.json
+    args = parse_args(argv)
+    if args.summary:  # the markdown summary of a results file, nothing run
         import json
 
-        with open(argv[1]) as f:
+        with open(args.summary) as f:
             rows = json.load(f)["rows"]
         print(summary_markdown(rows))
         return rows
-    args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)

@@ -164,6 +164,8 @@ def _project_main(argv: list[str]) -> None:
             rates = rates_from_kernel_bench(path, method, args.head_dim)
             peer_hw = replace(hw, peer_fwd_tflops=rates["fwd_tflops"], peer_bwd_tflops=rates["bwd_tflops"])
             peer_label = f"{method} rates"
+        if peer_hw is None and hw.tiles is not None:
+            peer_label = "cuDNN, tile table"
         rows = project(args.nodes, args.gpus_per_node, args.seqs, args.heads, args.kv_heads, args.head_dim, hw,
                        peer_hw, args.elem_bytes, not args.non_causal)
     except ValueError as exc:
