@@ -714,3 +714,22 @@ def test_bench_memory_cpu_mode(tmp_path):
     with open(out) as f:
         data = json.load(f)
     assert data["meta"]["world"] == 2 and len(data["rows"]) == len(rows)
+
+
+@pytest.mark.parametrize("sp, opts", [(1, {}), (4, {"activation_checkpointing": True, "mlp_tiles": 4,
+                                                      "lm_head_chunk_tokens": 512, "zero_stage": 3})])
+def test_longest_sequence_is_the_boundary_of_the_estimate(sp, opts):
+    """``longest_sequence`` (``python -m ds_burst.plan --memory --gpu-memory GIB``) returns the last multiple of its
+    step whose estimate fits the budget: the next step does not fit; 0 when the first does not."""
+    from ds_burst.training.estimate import estimate_memory, longest_sequence
+
+    cfg = ModelConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                      intermediate_size=512)
+    step = 2 * sp * 1024
+    for budget in (0.3, 1.0, 3.7):
+        n = longest_sequence(cfg, budget, sp=sp, **opts)
+        assert n % step == 0
+        if n:
+            assert estimate_memory(cfg, n, sp=sp, **opts)["total"] <= budget
+        assert estimate_memory(cfg, n + step, sp=sp, **opts)["total"] > budget
+    assert longest_sequence(cfg, 1e-6, sp=sp, **opts) == 0

@@ -81,21 +81,28 @@ def format_predictions(preds: list[Prediction]) -> str:
 
 def _memory_report(args: argparse.Namespace) -> str:
     """``--memory``: :func:`ds_burst.training.estimate.estimate_memory` for the model and parallel layout given."""
-    from ds_burst.training.estimate import estimate_memory
+    from ds_burst.training.estimate import estimate_memory, longest_sequence
     from ds_burst.training.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.heads * args.head_dim, num_layers=args.layers,
                       num_heads=args.heads, num_kv_heads=args.kv_heads or args.heads,
                       intermediate_size=args.intermediate)
     sp = args.nodes * args.gpus_per_node
-    est = estimate_memory(cfg, args.seq, sp=sp, zero_stage=args.zero_stage, dp=args.dp, dtype_bytes=args.elem_bytes,
-                          activation_checkpointing=args.checkpointing, micro_batch=args.batch,
-                          lm_head_chunk_tokens=args.lm_head_chunk, mlp_tiles=args.mlp_tiles,
-                          keep_attention_layers=args.keep_attention, offload_checkpoints=args.offload_checkpoints,
-                          offload_optimizer=args.offload_optimizer)
+    kwargs = dict(sp=sp, zero_stage=args.zero_stage, dp=args.dp, dtype_bytes=args.elem_bytes,
+                  activation_checkpointing=args.checkpointing, micro_batch=args.batch,
+                  lm_head_chunk_tokens=args.lm_head_chunk, mlp_tiles=args.mlp_tiles,
+                  keep_attention_layers=args.keep_attention, offload_checkpoints=args.offload_checkpoints,
+                  offload_optimizer=args.offload_optimizer)
+    est = estimate_memory(cfg, args.seq, **kwargs)
     lines = [f"memory per GPU (GiB): S={args.seq}, SP={sp}, DP={args.dp}, ZeRO-{args.zero_stage}, "
              f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
     lines += [f"  {k:20s} {readable(v, 2):>10s}" for k, v in est.items()]
+    if args.gpu_memory:
+        opts = {k: v for k, v in kwargs.items() if k != "sp"}
+        longest = longest_sequence(cfg, args.gpu_memory, sp=sp, **opts)
+        lines.append(f"longest sequence within {args.gpu_memory:g} GiB per GPU: S={longest}"
+                     + (f" ({readable(estimate_memory(cfg, longest, **kwargs)['total'], 2)} GiB)" if longest else
+                        " (not even the shortest step fits)"))
     return "\n".join(lines)
 
 
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     mem.add_argument("--offload-checkpoints", action="store_true", help="checkpointed layer inputs in host memory")
     mem.add_argument("--offload-optimizer", action="store_true",
                      help="ZeRO optimizer states and fp32 gradients in host memory")
+    mem.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                     help="also print the longest sequence whose estimate fits in this many GiB per GPU")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     if args.memory:

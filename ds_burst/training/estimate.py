@@ -151,6 +151,24 @@ def estimate_memory(
     return out
 
 
+def longest_sequence(cfg: Any, budget_gib: float, sp: int = 1, step: int | None = None, **kwargs: Any) -> int:
+    """The longest sequence (a multiple of ``step``, default ``2 * sp * 1024`` tokens) whose estimated ``total``
+    (:func:`estimate_memory` with ``kwargs``) fits in ``budget_gib`` GiB per GPU; 0 when not even ``step`` does.
+    The estimate grows with the length, so a doubling search then bisection finds it."""
+    step = step or 2 * sp * 1024
+    fits = lambda n: estimate_memory(cfg, n * step, sp=sp, **kwargs)["total"] <= budget_gib  # noqa: E731
+    if not fits(1):
+        return 0
+    hi = 2
+    while fits(hi):
+        hi *= 2
+    lo = hi // 2  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
+
+
 def attention_buffer_bytes(tokens: int, hq: int, hkv: int, head_dim: int, dtype_bytes: int,
                            backward: str = "auto") -> float:
     """Scratch bytes of one burst attention call on ``tokens`` local tokens (the ring's receive buffers and
