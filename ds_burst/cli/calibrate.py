@@ -289,21 +289,9 @@ def calibrate_tiles(args: argparse.Namespace, device: torch.device) -> dict:
         table = {"head_dim": d, "dtype": args.dtype, "curves": curves, "measurements": rows}
         from_dict({"format": TILE_RATES_FORMAT, "gpu": gpu} | table, "measured table")  # well formed
         tables.append(table)
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join([os.path.basename(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
-        "device": gpu, "torch": torch.__version__, "heads": args.heads, "kv_heads": kv_heads,
-        "full_heads_tokens": args.full_heads_tokens, "ring_heads_tokens": args.ring_heads_tokens,
-        "iters": args.iters, "timing": "back to back, about 20 ms of calls per sample",
-        "triton_autotune": settings.raw(settings.TRITON_AUTOTUNE) or None,
-        "wall_s": time.perf_counter() - t_start,
-    }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
+    meta = _run_meta(t_start, device=gpu, heads=args.heads, kv_heads=kv_heads,
+                     full_heads_tokens=args.full_heads_tokens, ring_heads_tokens=args.ring_heads_tokens,
+                     iters=args.iters, timing="back to back, about 20 ms of calls per sample")
     return {"format": TILE_RATES_FORMAT, "gpu": gpu, "meta": meta, "tables": tables}
 
 
@@ -393,25 +381,12 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
             meas["inter"] = link | {"a2a_world_ms": a2a * 1e3}
             hw |= {"inter_gbps": link["gbps"], "inter_latency_s": link["latency_s"],
                    "a2a_inter_gbps": nbytes * (world - 1) / world / a2a / 1e9}
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join([os.path.basename(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "backend": dist.get_backend() if dist.is_initialized() else None,
-        "world": world, "nodes": nodes, "gpus_per_node": per_node, "kernel": kern["kernel"], "dtype": args.dtype,
-        "tile_tokens": args.tile_tokens, "heads": args.heads, "kv_heads": kv_heads, "head_dim": args.head_dim,
-        "p2p_bytes": nbytes, "iters": args.iters,
-        "triton_autotune": settings.raw(settings.TRITON_AUTOTUNE) or None,
-        "not_measured": [f for f in HARDWARE_FIELDS if f not in hw and not f.startswith("peer_")],
-        "wall_s": time.perf_counter() - t_start,
-    }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
+    meta = _run_meta(
+        t_start, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        backend=dist.get_backend() if dist.is_initialized() else None, world=world, nodes=nodes,
+        gpus_per_node=per_node, kernel=kern["kernel"], dtype=args.dtype, tile_tokens=args.tile_tokens,
+        heads=args.heads, kv_heads=kv_heads, head_dim=args.head_dim, p2p_bytes=nbytes, iters=args.iters,
+        not_measured=[f for f in HARDWARE_FIELDS if f not in hw and not f.startswith("peer_")])
     return {"format": FORMAT, "meta": meta, "hardware": hw, "measurements": meas}
 
 
@@ -446,6 +421,23 @@ def _parser() -> argparse.ArgumentParser:
     tiles.add_argument("--ring-heads-tokens", type=int, default=65536,
                        help="above this length the ring tiles' heads shrink in proportion (default 65536)")
     return ap
+
+
+def _run_meta(t_start: float, **fields: object) -> dict:
+    """The ``meta`` of a calibration document: date, command, torch (and triton) versions, the autotune setting,
+    ``fields`` and the wall time since ``t_start``."""
+    meta: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "command": " ".join([os.path.basename(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
+                  "torch": torch.__version__, **fields,
+                  "triton_autotune": settings.raw(settings.TRITON_AUTOTUNE) or None,
+                  "wall_s": time.perf_counter() - t_start}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return meta
 
 
 def _write(path: str, doc: dict) -> None:
