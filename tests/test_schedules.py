@@ -82,9 +82,18 @@ def worker_schedule(rank, world, per_node, schedule):
     return errs
 
 
+def worker_all(rank, world, per_node):
+    """Every schedule's cases, one after the other, in one launch of this node shape."""
+    return {schedule: worker_schedule(rank, world, per_node, schedule) for schedule in CASES}
+
+
 @functools.cache
+def _launch(nodes: int, per_node: int):
+    return values(run_ranks(worker_all, nodes * per_node, per_node, timeout=900))
+
+
 def _results(nodes: int, per_node: int, schedule: str):
-    return values(run_ranks(worker_schedule, nodes * per_node, per_node, schedule, timeout=900))
+    return [res[schedule] for res in _launch(nodes, per_node)]
 
 
 PARAMS = [(sched, shape, case) for sched in CASES for shape in NODE_SHAPES for case in CASES[sched]]
