@@ -95,7 +95,7 @@ def test_compute_term_charges_each_tile_its_own_rate():
     assert cm.compute_seconds(p, "ulysses", hw, peer=True)[0] == pytest.approx(whole / 500e12)
     # auto charges the kernel with the faster ring pass; a concrete kernel its own curve
     fast = cm.Hardware(tiles=_table(100.0, 400.0, sdpa=1000.0))
-    assert cm.ring_kernel(fast, s, 8) == "sdpa"
+    assert cm.ring_kernel(p, fast, s, 8) == "sdpa"
     assert cm.compute_seconds(p, "ring", fast)[0] == pytest.approx(8 * flops / 1000e12)
     assert cm.compute_seconds(p, "ring", fast, kernel="triton")[0] == pytest.approx(f)
 

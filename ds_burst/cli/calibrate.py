@@ -450,10 +450,8 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m ds_burst.plan calibrate``: measure and write the calibration JSON."""
     args = _parser().parse_args(argv)
     use_cuda = torch.cuda.is_available() and not args.cpu
-    for key, value in (CUDA_DEFAULTS if use_cuda else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key, value in TILE_DEFAULTS["cuda" if use_cuda else "cpu"].items():
+    defaults = (CUDA_DEFAULTS if use_cuda else CPU_DEFAULTS) | TILE_DEFAULTS["cuda" if use_cuda else "cpu"]
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.iters < 1 or args.p2p_mib <= 0:

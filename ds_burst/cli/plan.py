@@ -98,8 +98,7 @@ def _memory_report(args: argparse.Namespace) -> str:
              f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
     lines += [f"  {k:20s} {readable(v, 2):>10s}" for k, v in est.items()]
     if args.gpu_memory:
-        opts = {k: v for k, v in kwargs.items() if k != "sp"}
-        longest = longest_sequence(cfg, args.gpu_memory, sp=sp, **opts)
+        longest = longest_sequence(cfg, args.gpu_memory, **kwargs)
         lines.append(f"longest sequence within {args.gpu_memory:g} GiB per GPU: S={longest}"
                      + (f" ({readable(estimate_memory(cfg, longest, **kwargs)['total'], 2)} GiB)" if longest else
                         " (not even the shortest step fits)"))
@@ -115,9 +114,9 @@ def _add_hardware_args(ap: argparse.ArgumentParser) -> None:
                    help="kernel rates by tile length (`python -m ds_burst.plan calibrate --tiles`)")
     g.add_argument("--gpu", choices=sorted(tile_rates.SHIPPED_GPUS),
                    help="kernel rates by tile length from the table shipped for this GPU (ds_burst/core/rates)")
-    for name in HARDWARE_FIELDS:
-        default = next(f.default for f in fields(Hardware) if f.name == name)
-        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help=f"default {default}")
+    for f in fields(Hardware):
+        if f.name in HARDWARE_FIELDS:
+            g.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=None, help=f"default {f.default}")
 
 
 def _hardware_from_args(args: argparse.Namespace, head_dim: int = 128) -> Hardware:

@@ -25,8 +25,11 @@ def project(nodes: int, gpus_per_node: int, seqs: list[int], heads: int, kv_head
             preds = predict(prob, hw)
             best = choose(prob, hw)
             cands = [(x.schedule, x) for x in preds]
+            speedup = None
             if peer_hw is not None:
-                cands.append(("ulysses_peer", predict_ulysses(prob, peer_hw, peer=True)))
+                peer = predict_ulysses(prob, peer_hw, peer=True)
+                cands.append(("ulysses_peer", peer))
+                speedup = peer.total_ms / best.total_ms
             for name in (*SCHEDULE_ORDER, "ulysses", "ulysses_peer"):
                 mine = [x for n, x in cands if n == name]
                 if not mine:
@@ -36,11 +39,7 @@ def project(nodes: int, gpus_per_node: int, seqs: list[int], heads: int, kv_head
                 x = min((y for y in mine if y.total_ms <= fastest * (1 + 1e-9)), key=lambda y: y.comm_ms)
                 rows.append({"S": seq, "Hq": heads, "Hkv": hkv, "schedule": name} | x.to_dict() | {
                     "schedule": name, "chosen": x.schedule == best.schedule and x.backward == best.backward
-                    and name != "ulysses_peer"})
-            peer = [x for n, x in cands if n == "ulysses_peer"]
-            for r in rows:
-                if r["S"] == seq and r["Hkv"] == hkv:
-                    r["speedup_of_auto"] = peer[0].total_ms / best.total_ms if peer else None
+                    and name != "ulysses_peer", "speedup_of_auto": speedup})
     return rows
 
 
@@ -70,9 +69,9 @@ def projection_markdown(rows: list[dict], peer_label: str = "peer kernel") -> st
             out.append(f"| {tokens_label(seq)} | {hkv} | {cells} |")
         out.append("")
     if any(r.get("speedup_of_auto") for r in rows):
-        out.append("speedup of `auto` over DeepSpeed-Ulysses (its time / auto's; > 1: auto faster)\n")
-        out.append("| S | " + " | ".join(f"Hkv={h}" for h in sorted({k[1] for k in keys}, reverse=True)) + " |")
         kvs = sorted({k[1] for k in keys}, reverse=True)
+        out.append("speedup of `auto` over DeepSpeed-Ulysses (its time / auto's; > 1: auto faster)\n")
+        out.append("| S | " + " | ".join(f"Hkv={h}" for h in kvs) + " |")
         out.append("| --- |" + " --- |" * len(kvs))
         for seq in sorted({k[0] for k in keys}):
             vals = [next((r["speedup_of_auto"] for r in rows if r["S"] == seq and r["Hkv"] == h), None) for h in kvs]

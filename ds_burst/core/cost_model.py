@@ -109,7 +109,7 @@ class Hardware:
 
     def figures(self) -> dict[str, float | None]:
         """The numeric figures (every field but :attr:`tiles`), for printing and JSON."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiles"}
+        return {name: getattr(self, name) for name in HARDWARE_FIELDS}
 
     def to_dict(self) -> dict:
         """The figures and, where present, the tile table (JSON output)."""
@@ -201,21 +201,21 @@ def _tile_seconds(p: Problem, hw: Hardware, flops: float, tokens: int,
     return (flops / (f_loc * 1e12), 2.5 * flops / (b_loc * 1e12), flops / (f_st * 1e12), 2.5 * flops / (b_st * 1e12))
 
 
-def ring_kernel(hw: Hardware, tokens: int, blocks: int, causal: bool = True, kernel: str = "auto") -> str:
+def ring_kernel(p: Problem, hw: Hardware, tokens: int, blocks: int, kernel: str = "auto") -> str:
     """The tile kernel the model charges a ring of ``blocks`` steps over ``tokens``-token tiles: ``kernel`` when
     concrete, for ``"auto"`` the table's kernel with the fastest pass (one local step and ``blocks - 1`` later
-    steps, forward and backward), as ``kernel="auto"`` measures it per shape; ``kernel`` itself without a table."""
+    steps, forward and backward, by :func:`_tile_seconds`), as ``kernel="auto"`` measures it per shape; ``kernel``
+    itself without a table."""
     tiles = hw.tiles
     if tiles is None or kernel != "auto":
         return kernel
-    cands = [k for k in tiles.kernels("step") if not causal or k in tiles.kernels("diag")]
+    cands = [k for k in tiles.kernels("step") if not p.causal or k in tiles.kernels("diag")]
     if not cands:
         raise ValueError(f"tile rates for {tiles.gpu}: no kernel with ring curves")
 
     def cost(k: str) -> float:
-        f_loc, b_loc = tiles.rate("diag" if causal else "step", k, tokens)
-        f_st, b_st = tiles.rate("step", k, tokens)
-        return 1 / f_loc + 2.5 / b_loc + (blocks - 1) * (1 / f_st + 2.5 / b_st)
+        f_loc, b_loc, f_st, b_st = _tile_seconds(p, hw, 1.0, tokens, k)
+        return f_loc + b_loc + (blocks - 1) * (f_st + b_st)
 
     return min(cands, key=cost)
 
@@ -223,7 +223,7 @@ def ring_kernel(hw: Hardware, tokens: int, blocks: int, causal: bool = True, ker
 def _step_seconds(p: Problem, hw: Hardware, flops: float, tokens: int, blocks: int,
                   kernel: str = "auto") -> tuple[float, float, float, float]:
     """:func:`_tile_seconds` of the kernel :func:`ring_kernel` charges this ring."""
-    return _tile_seconds(p, hw, flops, tokens, ring_kernel(hw, tokens, blocks, p.causal, kernel))
+    return _tile_seconds(p, hw, flops, tokens, ring_kernel(p, hw, tokens, blocks, kernel))
 
 
 def _chain(steps: int, c_local: float, c_step: float, hop: float) -> float:
@@ -413,12 +413,7 @@ def hardware_for(gpu: str | None, head_dim: int, elem_bytes: int) -> Hardware:
     defaults, with a tile table measured at this head dimension and element size: the file named by
     ``DS_BURST_TILE_RATES`` (any device), else the table shipped for ``gpu``; the defaults alone without one."""
     path = settings.raw(settings.TILE_RATES)
-    if path:
-        tables = [t for t in tile_rates.read_tables(read_json(path, "tile rates"), f"tile rates {path}")
-                  if t.head_dim == head_dim]
-        tiles = tables[0] if tables else None
-    else:
-        tiles = shipped(gpu, head_dim)
+    tiles = tile_rates.at_head_dim(tile_rates.read_file(path), head_dim) if path else shipped(gpu, head_dim)
     if tiles is not None and tile_rates.element_size(tiles.dtype) != elem_bytes:
         tiles = None
     return Hardware(tiles=tiles)

@@ -105,19 +105,30 @@ def from_dict(doc: dict, where: str = "tile rates") -> TileRates:
     return TileRates(str(doc.get("gpu", "?")), head_dim, dtype, tuple(curves))
 
 
-def read(path: str, head_dim: int | None = None) -> TileRates:
-    """The table in a tile-rates JSON file (``python -m ds_burst.plan calibrate --tiles --out FILE``) at
-    ``head_dim`` (``None``: the file's first table). ``ValueError`` when unreadable or without that head dim."""
+def read_file(path: str) -> list[TileRates]:
+    """Every table of a tile-rates JSON file (``python -m ds_burst.plan calibrate --tiles --out FILE``);
+    ``ValueError`` when unreadable or malformed."""
     try:
         with open(path) as f:
             doc = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read tile rates {path}: {exc}") from None
-    tables = read_tables(doc, f"tile rates {path}")
-    for table in tables:
-        if head_dim is None or table.head_dim == head_dim:
-            return table
-    raise ValueError(f"tile rates {path}: no table at head_dim={head_dim} (have {[t.head_dim for t in tables]})")
+    return read_tables(doc, f"tile rates {path}")
+
+
+def at_head_dim(tables: list[TileRates], head_dim: int) -> TileRates | None:
+    """The first of ``tables`` measured at ``head_dim`` (``None`` when none is)."""
+    return next((t for t in tables if t.head_dim == head_dim), None)
+
+
+def read(path: str, head_dim: int | None = None) -> TileRates:
+    """The table in a tile-rates file at ``head_dim`` (``None``: the file's first table). ``ValueError`` when
+    unreadable or without that head dim."""
+    tables = read_file(path)
+    table = tables[0] if head_dim is None else at_head_dim(tables, head_dim)
+    if table is None:
+        raise ValueError(f"tile rates {path}: no table at head_dim={head_dim} (have {[t.head_dim for t in tables]})")
+    return table
 
 
 def element_size(dtype: str) -> int:
@@ -145,10 +156,7 @@ def shipped(gpu: str | None, head_dim: int = 128) -> TileRates | None:
     res = resources.files("ds_burst.core").joinpath("rates", f"tiles_{gpu}.json")
     if not res.is_file():
         return None
-    for table in read_tables(json.loads(res.read_text()), f"shipped tile rates tiles_{gpu}.json"):
-        if table.head_dim == head_dim:
-            return table
-    return None
+    return at_head_dim(read_tables(json.loads(res.read_text()), f"shipped tile rates tiles_{gpu}.json"), head_dim)
 
 
 def read_tables(doc: dict, where: str) -> list[TileRates]:
