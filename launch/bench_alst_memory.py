@@ -69,7 +69,6 @@ import json
 import math
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -77,7 +76,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import device_meta, print_table, pyplot, write_json  # noqa: E402
+from bench_common import device_meta, free_port, parse_tokens, print_table, pyplot, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("alst", "ds-burst")
@@ -106,9 +105,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def parse_seq(text: str) -> int:
     """``4096``, ``16K`` (16384) or ``1M``."""
-    mult = {"K": 1024, "M": 1024 * 1024}.get(text[-1:].upper(), 1)
     try:
-        value = int(text[:-1] if mult > 1 else text) * mult
+        value = parse_tokens(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"bad sequence length {text!r}") from exc
     if value < 2:
@@ -190,12 +188,6 @@ def ds_config(bf16: bool) -> dict[str, Any]:
 # one run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_dist(cuda: bool) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -204,7 +196,7 @@ def _init_dist(cuda: bool) -> None:
         return
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
 
 

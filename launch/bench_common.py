@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for a rendezvous of ranks this script starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_tokens(text: str) -> int:
+    """A token count written ``131072``, ``128K`` (x 1024) or ``1M`` (x 1024^2); ``ValueError`` otherwise."""
+    mult = {"K": 1024, "M": 1024 * 1024}.get(text[-1:].upper(), 1)
+    return int(text[:-1] if mult > 1 else text) * mult
 
 
 def attn_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, window: int = -1) -> float:

@@ -22,11 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import free_port  # noqa: E402
 
 
 def _worker(rank: int, world: int, port: int, iters: int, queue: mp.Queue) -> None:
@@ -64,7 +61,7 @@ def _worker(rank: int, world: int, port: int, iters: int, queue: mp.Queue) -> No
 def measure(world: int, iters: int) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, iters, queue)) for r in range(world)]
     for p in procs:
         p.start()

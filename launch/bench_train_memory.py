@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import device_meta, print_table, pyplot, write_json  # noqa: E402
+from bench_common import device_meta, parse_tokens, print_table, pyplot, write_json  # noqa: E402
 from train import apply_overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +46,8 @@ def parse_run(spec: str) -> tuple[str, int]:
     method, _, seq = spec.partition(":")
     if method not in METHODS or not seq:
         raise argparse.ArgumentTypeError(f"--runs: expected METHOD:S with METHOD in {METHODS}, got {spec!r}")
-    mult = {"K": 1024, "M": 1024 * 1024}.get(seq[-1].upper(), 1)
     try:
-        return method, int(seq[:-1] if mult > 1 else seq) * mult
+        return method, parse_tokens(seq)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--runs: bad length in {spec!r}") from exc
 
