@@ -144,13 +144,12 @@ def plan_tiles(plan: object) -> tuple[int, int]:
     return fwd, bwd
 
 
-def ran_schedule(plan: object, requested: str) -> str:
-    """The schedule ``plan`` ran for the ``requested`` one (``auto`` included), read from the plan: a Ulysses
-    all-to-all over the whole group is ``ulysses``, over part of it ``ulysses_ring``; node groups without it the double
-    ring; neither the flat ring. A schedule added to ``core.options.CONCRETE_SCHEDULES`` needs only its compute term
-    in ``core.cost_model`` (``ulysses`` has one)."""
-    uly = plan.ulysses  # type: ignore[attr-defined]
-    if uly is not None:
+def ran_schedule(plan: object) -> str:
+    """The schedule ``plan`` runs (whatever was requested, ``auto`` included), read from the plan: a Ulysses
+    all-to-all with a ring of one rank is ``ulysses``, with a longer ring ``ulysses_ring``; node groups without it the
+    double ring; neither the flat ring. A schedule added to ``core.options.CONCRETE_SCHEDULES`` needs only its
+    compute term in ``core.cost_model`` (``ulysses`` has one)."""
+    if plan.ulysses is not None:  # type: ignore[attr-defined]
         return "ulysses" if plan.setup.info.world == 1 else "ulysses_ring"  # type: ignore[attr-defined]
     if plan.setup.nodes is not None:  # type: ignore[attr-defined]
         return "double_ring"
@@ -477,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             topo = ds_burst.init_sequence_parallel(world, gpus_per_node=per_node, schedule=sched)
                             got, plan = burst_rank(topo, s, world, h, hkv, d, kern, args.layout, dtype, device,
                                                    args.iters, args.warmup)
-                            row.update(got, schedule=ran_schedule(plan, sched), requested=sched)
+                            row.update(got, schedule=ran_schedule(plan), requested=sched)
                             # the whole call of "ulysses" is charged as the kernel requested; ring tiles as the
                             # kernel the plan ran
                             model_kernel = kern if row["schedule"] == "ulysses" else row["kernel"]
