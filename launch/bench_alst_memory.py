@@ -568,6 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[list[str]]:
             row = run_subprocess(m, s, args)
         rows.append(row)
         print(f"[{m} S={s}] {row.get('status')} step {row.get('step_time_s')}", flush=True)
+        print(RESULT_TAG + json.dumps(row), flush=True)  # every row in the log too: a run stopped later keeps it
     shape = model_shape(args.model, args.layers)
     on_gpu = any(r.get("peak_alloc_gib") is not None for r in rows)
     add_estimates(rows, shape, 2 if (on_gpu or args.dtype == "bf16") else 4)

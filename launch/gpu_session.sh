@@ -3,7 +3,7 @@
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
 # equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before
-# max_logit tile_rates emulate alst_memory.
+# max_logit tile_rates emulate alst_memory launch.
 # Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
 # tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
@@ -187,6 +187,9 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       timeout "$limit" python3 launch/bench_alst_memory.py --model llama-3.2-3b --seqs ${ALST_SEQS:-4K 8K 16K} \
         --steps 2 --timeout ${ALST_RUN_TIMEOUT:-110} --out "$OUT/alst_memory.json" >"$OUT/alst_memory.log" 2>&1
       echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/alst_memory.log" | tail -40 | cut -c1-260 ;;
+    launch)  # host time of one Hopper kernel launch and where it goes (issue 26's light launch)
+      timeout "$limit" python3 launch/bench_launch.py --out "$OUT/launch.json" ${LAUNCH_ARGS:-} >"$OUT/launch.log" 2>&1
+      echo "rc=$?"; head -12 "$OUT/launch.log" | cut -c1-250 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "=== stage $stage done ($(date -u +%H:%M:%S))"
