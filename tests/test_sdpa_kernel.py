@@ -298,6 +298,32 @@ def test_self_check_accepts_cpu_op_and_rejects_wrong_lse(monkeypatch: pytest.Mon
         assert sa._mode.__wrapped__("cpu_flash", torch.device("cpu"), torch.float32, 32) is None
 
 
+def test_self_check_inside_checkpointed_region() -> None:
+    """The first call's self-check runs inside the caller's non-reentrant checkpoint (the HF decoder layers of a
+    training run): the recomputation, which skips the check, must save what the forward saved, and the gradients
+    must be the reference's. Before the check kept its own saved tensors, backward raised CheckpointError
+    (forward 70 tensors, recomputation 30, in a Llama layer)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ds_burst import burst_attn_func
+
+    sa._mode.cache_clear()  # the check runs again, on this call
+    g = gen(7)
+    q, k, v = (randn((1, 96, h, 32), g, device="cpu").requires_grad_() for h in (4, 2, 2))
+    w = torch.randn(96, 4, 32, generator=g)
+
+    def region(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return burst_attn_func(torch.sin(q), k * 1.5, v, causal=True, kernel="sdpa") * w
+
+    checkpoint(region, q, k, v, use_reentrant=False).sum().backward()
+    assert sa._mode.cache_info().currsize > 0  # the check ran on this call
+    wide = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, _ = ref.naive_attention(torch.sin(wide[0]), wide[1] * 1.5, wide[2], causal=True, scale=32**-0.5)
+    (out * w.double()).sum().backward()
+    for got, want in zip((q, k, v), wide, strict=True):
+        assert rel(got.grad, want.grad) < 1e-5
+
+
 def test_op_error_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise RuntimeError("simulated unsupported configuration")

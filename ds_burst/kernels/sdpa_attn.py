@@ -338,10 +338,18 @@ def _check_case(
     )
 
 
+def _own_saved_tensors(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _passes(backend: str, device: torch.device, dtype: torch.dtype, d: int, cases: list[tuple]) -> str | None:
-    """``None`` if every case passes, else why not."""
+    """``None`` if every case passes, else why not.
+
+    The check may run on the first attention call, inside a caller's checkpointed region or activation offload:
+    its own autograd graph saves its tensors as they are (the innermost saved-tensor hooks win), so a checkpoint
+    does not count them as the region's and a recomputation (which skips the check) still matches the forward."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(_own_saved_tensors, _own_saved_tensors):
             for hq, hkv, sq, sk, causal in cases:
                 if not _check_case(backend, device, dtype, d, hq, hkv, sq, sk, causal, False):
                     return f"mismatch vs. fp32 math (Hq={hq}, Hkv={hkv}, Sq={sq}, Sk={sk}, causal={causal})"
