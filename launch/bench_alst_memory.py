@@ -19,6 +19,13 @@ checkpointing (``use_reentrant=False``), at sequence-parallel size 1:
   names ``TiledFusedLogitsLoss`` as DeepSpeed's replacement) and ArcticTraining's reentrant-checkpoint CPU offload
   monkey patch. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (the tutorial's last item) is set for both
   methods.
+* ``alst-offloaded``: ``alst`` with the checkpointed layer inputs moved to host memory by ds-burst's offload
+  (the adapter below) instead of DeepSpeed's context. Under ZeRO-3 DeepSpeed's context offloads nothing: it
+  marks the tensor ``GradientCheckpointingLayer.__call__`` receives and offloads it when a saved tensor is that
+  same object, but ZeRO-3's forward pre-hook hands the layer a new tensor (the output of its
+  ``PostBackwardFunctionModule``), so the mark is never matched (its counters on CPU and GPU: every layer
+  marked, ``skipped_marked_tensors`` and ``offloaded_tensors`` 0; ``ckpt_stats`` in each row). This variant
+  separates what the offload is worth from the rest of the comparison.
 * ``ds-burst``: ds-burst's attention (``ds_burst.hf.setup(1)``, ``attn_implementation="burst"``), its MLP tiles
   (``ds_burst.training.memory.tiled_mlp``, the same tile count), its chunked LM head and loss
   (``chunked_lm_head_loss``, the same chunk length), and its offload of checkpointed layer inputs
@@ -79,10 +86,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import device_meta, free_port, parse_tokens, print_table, pyplot, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("alst", "ds-burst")
+METHODS = ("alst", "alst-offloaded", "ds-burst")
 #: ``plain``: the model with none of either method's options (sdpa, no tiling, no checkpointing, HF's loss), the
 #: reference of the checks; not a default method
 ALL_METHODS = (*METHODS, "plain")
+#: methods built from DeepSpeed's ALST pieces (tiled MLP, tiled logits + loss, sdpa attention)
+ALST_METHODS = ("alst", "alst-offloaded")
 GIB = float(1 << 30)
 #: dense bf16 peak TFLOP/s by a substring of the GPU name
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -311,9 +320,11 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
     params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
     state: dict[str, Any] = {}
-    if method == "alst":
+    if method in ALST_METHODS:
         for layer in model.model.layers:
             alst_tiled_mlp(layer.mlp)
+        if method == "alst-offloaded":
+            burst_checkpoint_offload(model, state)
     elif method == "ds-burst":
         for layer in model.model.layers:
             burst_tiled_mlp(layer.mlp, tiles)
@@ -322,13 +333,15 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
     ids, shift = ids.to(device), shift.to(device)
     position_ids = torch.arange(seq, device=device)[None]
 
-    if method == "alst":
+    if method in ALST_METHODS:
         from deepspeed.runtime.activation_checkpointing.offload_activations import (
             get_checkpoint_hidden_states_offloading_ctx_manager,
         )
         from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
 
-        offload_ctx = get_checkpoint_hidden_states_offloading_ctx_manager(use_pin_memory=cuda, use_streams=cuda)
+        offload_ctx = None
+        if method == "alst":
+            offload_ctx = get_checkpoint_hidden_states_offloading_ctx_manager(use_pin_memory=cuda, use_streams=cuda)
         shards = loss_shards(seq, shape["vocab_size"])
 
         def loss_fn(module: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -337,6 +350,10 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
                                                      ignore_index=-100, reduction="sum")
 
         def step_loss() -> torch.Tensor:
+            if method == "alst-offloaded":
+                from ds_burst.attention.selective import ActivationOffload
+
+                state["offload"] = ActivationOffload()
             hidden = engine.module.model(input_ids=ids, position_ids=position_ids).last_hidden_state
             total = TiledFusedLogitsLoss.apply(loss_fn, engine.module, hidden, shift, None, shards,
                                                [engine.module.lm_head.weight], "sum")
@@ -395,6 +412,7 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
     if method == "alst" and offload_ctx is not None:  # DeepSpeed's stats of the last step
         row["ckpt_offloaded_bytes"] = int(offload_ctx.stats.offloaded_bytes)
         row["ckpt_marked"] = int(offload_ctx.stats.marked_tensors)
+        row["ckpt_stats"] = {k: int(v) for k, v in vars(offload_ctx.stats).items()}  # every counter DeepSpeed keeps
     else:
         from ds_burst.attention.selective import selective_stats
 
@@ -474,13 +492,15 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         if at_row is not None:
             entry["tokens_per_s"], entry["mfu"] = at_row["tokens_per_s"], at_row["mfu"]
         fits["methods"][m] = entry
-    a, b = fits["methods"].get("alst"), fits["methods"].get("ds-burst")
-    ratios: dict[str, Any] = {"projected_max_S": None, "tokens_per_s": None}
-    if a and b:
-        for k in ratios:
-            if a[k] and b[k] is not None:
-                ratios[k] = b[k] / a[k]
-    fits["ratio_ds_burst_over_alst"] = ratios
+    b = fits["methods"].get("ds-burst")
+    for peer, name in (("alst", "ratio_ds_burst_over_alst"), ("alst-offloaded", "ratio_ds_burst_over_alst_offloaded")):
+        a = fits["methods"].get(peer)
+        ratios: dict[str, Any] = {"projected_max_S": None, "tokens_per_s": None}
+        if a and b:
+            for k in ratios:
+                if a[k] and b[k] is not None:
+                    ratios[k] = b[k] / a[k]
+        fits[name] = ratios
     return fits
 
 
@@ -577,7 +597,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[list[str]]:
                        "estimate_gib", "estimate_error", "step_time_s", "tokens_per_s", "mfu", "losses"])
     print_table([{"method": m, **e} for m, e in fits["methods"].items()],
                 ["method", "points", "fixed_gib", "kib_per_token", "projected_max_S", "tokens_per_s", "mfu"])
-    print("ds-burst / alst:", json.dumps(fits["ratio_ds_burst_over_alst"]), f"(fit on {fits['fit_on']})")
+    print("ds-burst / alst:", json.dumps(fits["ratio_ds_burst_over_alst"]),
+          "ds-burst / alst-offloaded:", json.dumps(fits["ratio_ds_burst_over_alst_offloaded"]),
+          f"(fit on {fits['fit_on']})")
     import deepspeed
     import torch
 
@@ -585,10 +607,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[list[str]]:
         **device_meta(), "deepspeed": deepspeed.__version__, "model": args.model, "shape": shape,
         "steps": args.steps, "seqs": sorted(args.seqs), "methods": args.methods,
         "optimizer": "torch AdamW over fp32 states in host memory (ZeRO-3 offload_optimizer cpu, torch_adam, "
-                     "zero_force_ds_cpu_optimizer false), both methods",
+                     "zero_force_ds_cpu_optimizer false), every method",
         "alst": "DeepSpeed TiledMLP (ceil(S/hidden) shards) + TiledFusedLogitsLoss (1 GiB fp32-logit shards, sum / "
                 "labelled tokens) + get_checkpoint_hidden_states_offloading_ctx_manager (non-reentrant HF "
                 "checkpointing); sdpa attention (Ulysses all-to-all is the identity at SP=1, not registered)",
+        "alst_offloaded": "alst with ds-burst's offload of checkpointed layer inputs instead of DeepSpeed's context, "
+                          "which offloads nothing under ZeRO-3 (see ckpt_stats)",
         "alst_not_shipped_by_deepspeed": "Liger-Kernel (separate package); ArcticTraining's reentrant-checkpoint CPU "
                                          "offload monkey patch",
         "ds_burst": "ds_burst.hf attention (setup(1)), ds_burst.training.memory.tiled_mlp (same tiles), "
