@@ -22,6 +22,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import attn_flops, cuda_time_ms, device_meta, print_table, pyplot, tl_kernel, write_json  # noqa: E402
 
+SOFTCAP = 30.0
+"""The softcap of the ``ds-burst-triton-softcap`` rows (Gemma 2's attention softcap)."""
+
 
 def _sdpa(backend):
     from torch.nn.attention import sdpa_kernel
@@ -34,11 +37,11 @@ def _sdpa(backend):
     return run
 
 
-def _burst(kernel):
+def _burst(kernel, softcap=None):
     import ds_burst
 
     def run(q, k, v, causal):
-        return ds_burst.burst_attn_func(q, k, v, causal=causal, kernel=kernel)
+        return ds_burst.burst_attn_func(q, k, v, causal=causal, kernel=kernel, softcap=softcap)
 
     return run
 
@@ -73,6 +76,8 @@ def main() -> None:
     methods = {
         "ds-burst-triton": _burst("triton"),
         "ds-burst-triton-tl": _burst(tl_kernel()),  # the portable tl tiles, forward and backward
+        # Gemma 2's logit softcapping (30.0), against ds-burst-triton without it ("softcap_vs_plain")
+        "ds-burst-triton-softcap": _burst("triton", softcap=SOFTCAP),
         "ds-burst-torch": _burst("torch"),
         "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION),
@@ -109,8 +114,13 @@ def main() -> None:
                       and x["causal"] == r["causal"] and "fwd_ms" in x), None)
             if p and "fwd_ms" in r:
                 r[f"fwdbwd_vs_{peer}"] = p["fwdbwd_ms"] / r["fwdbwd_ms"]
+        if r["method"] == "ds-burst-triton-softcap" and "fwdbwd_ms" in r:  # its rate against the plain kernel's
+            p = next((x for x in rows if x["method"] == "ds-burst-triton" and x["S"] == r["S"] and x["D"] == r["D"]
+                      and x["causal"] == r["causal"] and "fwdbwd_ms" in x), None)
+            if p:
+                r["softcap_vs_plain"] = p["fwdbwd_ms"] / r["fwdbwd_ms"]
     cols = ["method", "S", "D", "causal", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "peak_gib",
-            "fwdbwd_vs_sdpa-cudnn", "fwdbwd_vs_sdpa-flash", "error"]
+            "fwdbwd_vs_sdpa-cudnn", "fwdbwd_vs_sdpa-flash", "softcap_vs_plain", "error"]
     print_table(rows, cols)
     meta = device_meta() | {"command": " ".join(sys.argv)}
     write_json(args.out, meta, rows)

@@ -7,6 +7,7 @@
 | ``DS_BURST_TRITON_AUTOTUNE`` | ``1`` | autotune the Triton tiles (``0``: fixed configs) |
 | ``DS_BURST_HOPPER_KERNELS`` | ``1`` | Gluon Hopper tiles on sm_90 where they apply (``0``: ``tl`` only) |
 | ``DS_BURST_HOPPER_BWD`` | ``1`` | the Gluon Hopper backward too (``0``: Hopper forward, ``tl`` backward) |
+| ``DS_BURST_FAST_LAUNCH`` | ``1`` | launch the Hopper kernels through their compiled launcher (``0``: the JIT) |
 | ``DS_BURST_SDPA_BACKENDS`` | ``cudnn,flash`` | order of torch's fused ops tried by ``kernel="sdpa"`` |
 | ``DS_BURST_SDPA_BWD_ROWS`` | ``16384`` | query rows per backward chunk of the sdpa tiles |
 | ``DS_BURST_SDPA_SELFCHECK`` | ``1`` | check each fused op once against the reference before use |
@@ -28,6 +29,7 @@ KERNEL_CACHE = "DS_BURST_KERNEL_CACHE"
 TRITON_AUTOTUNE = "DS_BURST_TRITON_AUTOTUNE"
 HOPPER_KERNELS = "DS_BURST_HOPPER_KERNELS"
 HOPPER_BWD = "DS_BURST_HOPPER_BWD"
+FAST_LAUNCH = "DS_BURST_FAST_LAUNCH"
 SDPA_BACKENDS = "DS_BURST_SDPA_BACKENDS"
 SDPA_BWD_ROWS = "DS_BURST_SDPA_BWD_ROWS"
 SDPA_SELFCHECK = "DS_BURST_SDPA_SELFCHECK"
