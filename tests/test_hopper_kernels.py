@@ -3,7 +3,9 @@
 Every mask case the ``tl`` kernels take: global q/k offsets (ring steps), causal diagonal and straddling blocks,
 zigzag halves (one query half against one key half), sliding windows, GQA/MQA, ragged sizes that end inside a
 tile, a carried state from an earlier step, and rows that see no key. Real sizes (up to 16K) in bf16 and fp16.
-Off the GPU (CPU CI, other GPUs) the module's applicability rules are tested and the GPU cases skip.
+Softcap (logits ``softcap * tanh(scale * q.k / softcap)``, ``tanh.approx.f32``) on a subset of the cases, with the
+scores well above the cap. Off the GPU (CPU CI, other GPUs) the module's applicability rules are tested and the GPU
+cases skip.
 """
 
 from __future__ import annotations
@@ -42,6 +44,36 @@ CASES = [
          carried=True),
     Case("long-causal-d128", 16384, 16384, 4, 1, 128, True),
 ]
+DTYPES = ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+
+CAP = 5.0
+"""The softcap of the softcap cases."""
+CAP_SCALE = 4.0
+"""Their ``scale * sqrt(D)``: scores ``scale * q.k`` of standard deviation 4, many of them beyond the cap."""
+SOFTCAP_CASES = ("full-square-d128", "causal-square-d64-gqa4", "causal-ragged-d64", "ring-step-past-keys-carried",
+                 "zigzag-straddle", "window-both-sides", "window-causal-offsets")
+"""The cases also run with softcap (bf16): full and causal, GQA/MQA, ragged, offsets with a carried state,
+windows."""
+
+
+def _params(cases: list[Case]) -> list:
+    """``(case, dtype, softcap)`` of a test over ``cases``: each in bf16 and fp16 without softcap, then those of
+    :data:`SOFTCAP_CASES` in bf16 with softcap :data:`CAP`."""
+    plain = [pytest.param(c, dt, None, id=f"{c.name}-{name}") for c in cases for dt, name in DTYPES]
+    return plain + [pytest.param(c, torch.bfloat16, CAP, id=f"{c.name}-bf16-softcap") for c in cases
+                    if c.name in SOFTCAP_CASES]
+
+
+def _scale(case: Case, softcap: float | None) -> float:
+    """The case's ``scale``: ``1 / sqrt(D)``, with softcap :data:`CAP_SCALE` times that."""
+    return case.d ** -0.5 if softcap is None else CAP_SCALE * case.d ** -0.5
+
+
+def _cap_tol(softcap: float | None) -> float:
+    """What the Hopper kernels' ``tanh.approx.f32`` (relative error up to about ``2**-11``) adds to a relative
+    tolerance: the largest error of a capped logit ``softcap * tanh(..)`` in natural units, which is the relative
+    error it gives its ``exp``."""
+    return 0.0 if softcap is None else softcap * 2.0 ** -11
 
 
 def _inputs(c: Case, dtype: torch.dtype, seed: int):
@@ -60,47 +92,60 @@ def _inputs(c: Case, dtype: torch.dtype, seed: int):
     return q, k, v, out, lse
 
 
-def _ref_fresh(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+def _ref_fresh(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               softcap: float | None = None):
     """``(out, lse)`` of the block from no state, by the float64 reference."""
     out64 = torch.zeros(q.shape, device="cuda", dtype=torch.float64)
     lse64 = torch.full((case.b, case.hq, case.sq), -math.inf, device="cuda", dtype=torch.float64)
-    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, **case.mask_kw())
+    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, softcap=softcap, **case.mask_kw())
     return out64, lse64
 
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_forward_matches_float64_reference(case: Case, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("case,dtype,softcap", _params(CASES))
+def test_forward_matches_float64_reference(case: Case, dtype: torch.dtype, softcap: float | None) -> None:
+    """The forward continuing the case's state, against float64; with softcap also ``max_out`` (the largest
+    visible ``scale * q.k``, before the cap), whose launch leaves out and lse bitwise as without it."""
     q, k, v, out, lse = _inputs(case, dtype, seed=sum(map(ord, case.name)))
-    assert ha.applicable(q, k, v), ha.why_not(q, k, v, None)
-    scale = case.d ** -0.5
+    assert ha.applicable(q, k, v, softcap), ha.why_not(q, k, v, softcap)
+    scale = _scale(case, softcap)
+    tol = ta.KERNEL.tolerance[dtype][0] + _cap_tol(softcap)
     out64, lse64 = out.double(), lse.double()
-    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, **case.mask_kw())
+    mx64 = torch.full(lse.shape, -math.inf, device="cuda", dtype=torch.float64)
+    ref.fwd_step(q.double(), k.double(), v.double(), out64, lse64, scale=scale, softcap=softcap, max_out=mx64,
+                 **case.mask_kw())
     o, l_ = out.clone(), lse.clone()
-    ha.fwd_step(q, k, v, o, l_, scale=scale, **case.mask_kw())
+    ha.fwd_step(q, k, v, o, l_, scale=scale, softcap=softcap, **case.mask_kw())
     torch.cuda.synchronize()
-    assert rel(l_, lse64) < ta.KERNEL.tolerance[dtype][0] / 10
-    assert rel(o, out64) < ta.KERNEL.tolerance[dtype][0]
+    assert rel(l_, lse64) < tol / 10
+    assert rel(o, out64) < tol
     # rows that saw no key keep their state bitwise
     untouched = torch.isneginf(lse64) & torch.isneginf(lse)
     if untouched.any():
         assert torch.equal(o.permute(0, 2, 1, 3)[untouched], out.permute(0, 2, 1, 3)[untouched])
+    if softcap is not None:  # HAS_MAX with SOFTCAP: the maximum before the cap, the softmax unchanged
+        assert (mx64 > softcap + 1).any()  # the cap changes the scores
+        o2, l2 = out.clone(), lse.clone()
+        mx = torch.full(lse.shape, -math.inf, device="cuda")
+        ha.fwd_step(q, k, v, o2, l2, scale=scale, softcap=softcap, max_out=mx, **case.mask_kw())
+        torch.cuda.synchronize()
+        assert torch.equal(o2, o) and torch.equal(l2, l_)
+        assert rel(mx, mx64) < 1e-4
 
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", [c for c in CASES if c.sq * c.sk <= 4096 * 4096], ids=repr)
-def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("case,dtype,softcap", _params([c for c in CASES if c.sq * c.sk <= 4096 * 4096]))
+def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype, softcap: float | None) -> None:
     """dQ, dK, dV added to carried fp32 accumulators, with global lse (this block's, raised where the case
-    carries a state: other blocks' keys) and delta, against the float64 reference."""
+    carries a state: other blocks' keys) and delta, against the float64 reference (softcap: P from the capped
+    logits, dS times ``1 - tanh^2``)."""
     q, k, v, _, _ = _inputs(case, dtype, seed=sum(map(ord, case.name)) + 1)
     g = torch.Generator(device="cuda").manual_seed(7)
     dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
-    scale = case.d ** -0.5
-    _, lse64 = _ref_fresh(case, q, k, v, scale)
+    scale = _scale(case, softcap)
+    _, lse64 = _ref_fresh(case, q, k, v, scale, softcap)
     if case.carried:
         lse64 = lse64 + torch.rand(lse64.shape, device="cuda", generator=g, dtype=torch.float64)
     # lse and delta in rows padded to 16 bytes (TMA reads them): strided views, as the ring may hand them
@@ -113,18 +158,19 @@ def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype) -> N
     grads = [x.clone() for x in init]
     want = [x.double() for x in init]
     ref.bwd_step(q.double(), k.double(), v.double(), dout.double(), lse.double(), delta.double(), *want,
-                 scale=scale, **case.mask_kw())
-    assert hb.applicable(q, k, v, dout, lse, delta, *grads, None, deterministic=False)
-    assert not hb.applicable(q, k, v, dout, lse, delta, *grads, None, deterministic=True)
+                 scale=scale, softcap=softcap, **case.mask_kw())
+    assert hb.applicable(q, k, v, dout, lse, delta, *grads, softcap, deterministic=False)
+    assert not hb.applicable(q, k, v, dout, lse, delta, *grads, softcap, deterministic=True)
     heads_apart = torch.zeros(case.b, case.hq, case.sq, case.d, device="cuda").transpose(1, 2)
-    assert not hb.applicable(q, k, v, dout, lse, delta, heads_apart, *grads[1:], None, deterministic=False)
+    assert not hb.applicable(q, k, v, dout, lse, delta, heads_apart, *grads[1:], softcap, deterministic=False)
     if case.sq % 4:  # rows of lse not 16-byte aligned: refused (the tl backward runs such calls)
-        assert not hb.applicable(q, k, v, dout, lse.contiguous(), delta, *grads, None, deterministic=False)
-    hb.bwd_step(q, k, v, dout, lse, delta, *grads, scale=scale, **case.mask_kw())
+        assert not hb.applicable(q, k, v, dout, lse.contiguous(), delta, *grads, softcap, deterministic=False)
+    hb.bwd_step(q, k, v, dout, lse, delta, *grads, scale=scale, softcap=softcap, **case.mask_kw())
     torch.cuda.synchronize()
+    tol = 2 * (ta.KERNEL.tolerance[dtype][0] + _cap_tol(softcap))
     for name, got, exp, start in zip(("dq", "dk", "dv"), grads, want, init):
         # the increments, not the accumulators (a dropped gradient must not hide behind the carried values)
-        assert rel(got.double() - start.double(), exp - start.double()) < 2 * ta.KERNEL.tolerance[dtype][0], name
+        assert rel(got.double() - start.double(), exp - start.double()) < tol, name
 
 
 WHOLE = [c for c in CASES if not c.carried and c.sq * c.sk <= 4096 * 4096]
@@ -132,37 +178,37 @@ WHOLE = [c for c in CASES if not c.carried and c.sq * c.sk <= 4096 * 4096]
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", WHOLE, ids=repr)
-def test_attend_whole_block_matches_float64_reference(case: Case, dtype: torch.dtype) -> None:
-    """``triton_attn.attend`` / ``attend_bwd`` (one rank, the whole block): the output in the input dtype and lse
-    written without a state, dK/dV written directly and dQ, against float64; both refuse what they do not cover
-    (softcap, ``deterministic=True``, lse rows TMA cannot read)."""
+@pytest.mark.parametrize("case,dtype,softcap", _params(WHOLE))
+def test_attend_whole_block_matches_float64_reference(case: Case, dtype: torch.dtype, softcap: float | None) -> None:
+    """``triton_attn.attend`` / ``attend_bwd`` (one rank, the whole block, with softcap or not): the output in the
+    input dtype and lse written without a state, dK/dV written directly and dQ, against float64; both refuse what
+    they do not cover (``deterministic=True``, lse rows TMA cannot read)."""
     q, k, v, _, _ = _inputs(case, dtype, seed=sum(map(ord, case.name)) + 2)
     g = torch.Generator(device="cuda").manual_seed(11)
     dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
-    scale = case.d ** -0.5
+    scale = _scale(case, softcap)
+    tol = ta.KERNEL.tolerance[dtype][0] + _cap_tol(softcap)
+    kw = dict(scale=scale, softcap=softcap, **case.mask_kw())
     q64, k64, v64, do64 = (x.double() for x in (q, k, v, dout))
-    out64, lse64 = _ref_fresh(case, q, k, v, scale)
-    got = ta.attend(q, k, v, scale=scale, **case.mask_kw())
+    out64, lse64 = _ref_fresh(case, q, k, v, scale, softcap)
+    got = ta.attend(q, k, v, **kw)
     assert got is not None
     out, lse = got
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert rel(lse, lse64) < ta.KERNEL.tolerance[dtype][0] / 10
-    assert rel(out.float(), out64) < ta.KERNEL.tolerance[dtype][0]
+    assert rel(lse, lse64) < tol / 10
+    assert rel(out.float(), out64) < tol
     want = [torch.zeros(x.shape, device="cuda", dtype=torch.float64) for x in (q, k, v)]
     delta64 = (do64 * out64).sum(-1).transpose(1, 2)
-    ref.bwd_step(q64, k64, v64, do64, lse64, delta64, *want, scale=scale, **case.mask_kw())
-    grads = ta.attend_bwd(q, k, v, out, dout, lse, scale=scale, **case.mask_kw())
+    ref.bwd_step(q64, k64, v64, do64, lse64, delta64, *want, **kw)
+    grads = ta.attend_bwd(q, k, v, out, dout, lse, **kw)
     if case.sq % 4:  # lse / delta rows not 16-byte aligned for TMA: refused (the general path runs the tl backward)
         assert grads is None
         return
     assert grads is not None
     for name, got_g, exp in zip(("dq", "dk", "dv"), grads, want):
         assert got_g.dtype == dtype, name
-        assert rel(got_g.float(), exp) < 2 * ta.KERNEL.tolerance[dtype][0], name
-    assert ta.attend(q, k, v, scale=scale, softcap=30.0, **case.mask_kw()) is None
-    assert ta.attend_bwd(q, k, v, out, dout, lse, scale=scale, deterministic=True, **case.mask_kw()) is None
+        assert rel(got_g.float(), exp) < 2 * tol, name
+    assert ta.attend_bwd(q, k, v, out, dout, lse, deterministic=True, **kw) is None
 
 
 @gpu
@@ -206,19 +252,20 @@ def test_burst_attn_func_one_rank_uses_attend(monkeypatch: pytest.MonkeyPatch) -
 @gpu
 @needs_hopper
 def test_triton_fwd_step_routes_to_hopper_and_matches_tl() -> None:
-    """``triton_attn.fwd_step`` hands covered calls to the Hopper kernel; the ``tl`` kernel gives the same result
-    within bf16 rounding, and a call it does not cover (softcap) still runs on ``tl``."""
+    """``triton_attn.fwd_step`` hands covered calls to the Hopper kernel, with softcap too; the ``tl`` kernel gives
+    the same result within bf16 rounding (and, with softcap, ``tanh.approx.f32``'s error)."""
     c = CASES[1]
     q, k, v, out, lse = _inputs(c, torch.bfloat16, seed=3)
-    kw = dict(scale=c.d ** -0.5, **c.mask_kw())
-    runs = {}
-    for use in (True, False):
-        o, l_ = out.clone(), lse.clone()
-        ta.Tiles(hopper=use).fwd_step(q, k, v, o, l_, **kw)
-        runs[use] = (o, l_)
-    assert rel(runs[True][0], runs[False][0]) < 1e-2
-    assert rel(runs[True][1], runs[False][1]) < 1e-3
-    assert not ha.applicable(q, k, v, softcap=30.0)
+    for softcap in (None, CAP):
+        assert ha.applicable(q, k, v, softcap=softcap)
+        kw = dict(scale=c.d ** -0.5 if softcap is None else CAP_SCALE / c.d ** 0.5, softcap=softcap, **c.mask_kw())
+        runs = {}
+        for use in (True, False):
+            o, l_ = out.clone(), lse.clone()
+            ta.Tiles(hopper=use).fwd_step(q, k, v, o, l_, **kw)
+            runs[use] = (o, l_)
+        assert rel(runs[True][0], runs[False][0]) < 1e-2 + _cap_tol(softcap), softcap
+        assert rel(runs[True][1], runs[False][1]) < 1e-3 + _cap_tol(softcap), softcap
 
 
 @gpu
@@ -242,14 +289,14 @@ def test_attend_refuses_off_hopper() -> None:
 
 def test_applicability_rules() -> None:
     """What the Hopper path refuses is named (and then runs on the ``tl`` kernels): wrong device or dtype,
-    head dims other than 64/128, softcap, heads not side by side in a row."""
+    head dims other than 64/128, heads not side by side in a row; softcap is covered."""
     x = torch.empty(1, 8, 2, 128)
     assert ha.why_not(x, x, x, None) is not None  # CPU (or off, or no Gluon)
     if not ON_HOPPER:
         return
     cu = torch.empty(1, 256, 4, 128, device="cuda", dtype=torch.bfloat16)
     assert ha.why_not(cu, cu, cu, None) is None
-    assert "softcap" in ha.why_not(cu, cu, cu, 20.0)
+    assert ha.why_not(cu, cu, cu, 20.0) is None
     assert "dtype" in ha.why_not(cu.float(), cu.float(), cu.float(), None)
     d96 = torch.empty(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
     assert "head dims" in ha.why_not(d96, d96, d96, None)

@@ -10,9 +10,12 @@ causal, windows) with the same three key ranges as the ``tl`` kernel (masked, ma
 ``fwd_step(..., fresh=True)`` starts from no state: nothing is read, every row is written, and ``out`` may have the
 input dtype (the one-rank path, :func:`ds_burst.kernels.triton_attn.attend`). ``max_out=`` (``HAS_MAX``): each
 consumer also keeps its rows' largest visible raw ``q.k`` and raises ``max_out`` to it times ``scale`` at the end.
+``softcap=`` (``SOFTCAP``): the ``tl`` kernel's logits ``softcap * tanh(scale * q.k / softcap)``, in the log2
+domain ``tanh(q.k * qk_scale) * cap2`` (``qk_scale = scale / softcap``, ``cap2 = softcap * log2(e)``,
+:func:`~ds_burst.kernels.hopper_common.softcap_args`) with ``tanh.approx.f32``; ``max_out`` is taken before the cap.
 
-What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, at least
-128 query and key rows, and q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads
+What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, softcap or not, at
+least 128 query and key rows, and q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads
 ``D``, 16-byte aligned), so that a 3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`why_not` names
 what a call lacks;
 :mod:`ds_burst.kernels.triton_attn` asks :func:`applicable` and keeps its ``tl`` kernel for everything else
@@ -37,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from ds_burst.kernels import tile_math
-from ds_burst.kernels.hopper_common import AVAILABLE, ENABLED, LOG2E, desc, tma_aligned, why_not
+from ds_burst.kernels.hopper_common import AVAILABLE, ENABLED, desc, softcap_args, tma_aligned, why_not
 
 __all__ = ["AVAILABLE", "ENABLED", "applicable", "fwd_step", "tma_aligned", "why_not"]
 
@@ -53,7 +56,7 @@ if AVAILABLE:
         warpgroup_mma_wait,
     )
 
-    from ds_burst.kernels.hopper_common import finish, span
+    from ds_burst.kernels.hopper_common import finish, span, tanh_approx
 
 
     @gluon.jit
@@ -94,7 +97,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _softmax_step(s, m_i, l_i, qk_scale):
-        """Online-softmax update in the log2 domain: returns ``(p, alpha, m_new, l_new)``."""
+        """Online-softmax update in the log2 domain (logits ``s * qk_scale``): returns ``(p, alpha, m_new, l_new)``."""
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(s * qk_scale - m_use[:, None])
@@ -118,12 +121,12 @@ if AVAILABLE:
     @gluon.jit
     def _fwd_producer(descs, bufs, bars, state, dims, mxs, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      FRESH: gl.constexpr, HAS_MAX: gl.constexpr):
+                      FRESH: gl.constexpr, HAS_MAX: gl.constexpr, SOFTCAP: gl.constexpr):
         """One warp: the two Q halves, then every K and V tile of the span, each into the next free ring slot."""
         q_desc, k_desc, v_desc = descs
         q_smem, k_smem, v_smem = bufs
         q_bar, k_ready, v_ready, k_empty, v_empty = bars
-        Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale = dims
+        Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, cap2 = dims
         b, h, m0, start, n_a, n_b, n_c = _program_tile(Hq, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M,
                                                        BLOCK_N)
         total = n_a + n_b + n_c
@@ -145,15 +148,16 @@ if AVAILABLE:
     @gluon.jit
     def _fwd_consumer(descs, bufs, bars, state, dims, mxs, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      FRESH: gl.constexpr, HAS_MAX: gl.constexpr):
+                      FRESH: gl.constexpr, HAS_MAX: gl.constexpr, SOFTCAP: gl.constexpr):
         """One warpgroup: the online softmax of query rows ``m0 + wg * BLOCK_M / 2`` onwards (half the tile) over
         every tile of the span; arrives on a slot's empty barrier once its matmul on the slot is done. ``HAS_MAX``:
-        also raises ``max_out`` (``mxs``) to the rows' largest visible ``scale * q.k``."""
+        also raises ``max_out`` (``mxs``) to the rows' largest visible ``scale * q.k``. ``SOFTCAP``: logits
+        ``tanh(q.k * qk_scale) * cap2`` (log2 domain), the maximum taken before the cap, as in the ``tl`` kernel."""
         q_desc, k_desc, v_desc = descs
         q_smem, k_smem, v_smem = bufs
         q_bar, k_ready, v_ready, k_empty, v_empty = bars
         Out, Lse, sob, sos, soh, sod, slb, slh, sls = state
-        Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale = dims
+        Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, cap2 = dims
         Max, sxb, sxh, sxs, sm_scale = mxs
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_M // 2
@@ -187,6 +191,8 @@ if AVAILABLE:
         offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         if HAS_MAX:  # the rows' largest visible raw q.k of this call
             mx = gl.full([HALF], float("-inf"), gl.float32, srow)
+        # the softmax's factor to log2-domain logits: q.k * qk_scale, or with softcap tanh(q.k * qk_scale) * cap2
+        p_scale = cap2 if SOFTCAP else qk_scale
         q_tile = q_smem.index(wg).reshape([HALF, HEAD_DIM])
         mbarrier.wait(q_bar, phase=0)
 
@@ -196,11 +202,20 @@ if AVAILABLE:
                                   gl.zeros([HALF, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(0), count=1)
+            if SOFTCAP:
+                if HAS_MAX:  # the maximum logit is taken before the cap
+                    if n_a > 0 or n_b == 0:
+                        mx = gl.maximum(mx, gl.max(_masked_scores(s, start, offs_ms, offs_ns, Sk, delta0, win_l,
+                                                                  win_r, HAS_LO, HAS_HI), 1))
+                    else:
+                        mx = gl.maximum(mx, gl.max(s, 1))
+                s = tanh_approx(s * qk_scale)
             if n_a > 0 or n_b == 0:
                 s = _masked_scores(s, start, offs_ms, offs_ns, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI)
             if HAS_MAX:
-                mx = gl.maximum(mx, gl.max(s, 1))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+                if not SOFTCAP:
+                    mx = gl.maximum(mx, gl.max(s, 1))
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, p_scale)
             acc = acc * gl.convert_layout(alpha, orow)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -215,12 +230,21 @@ if AVAILABLE:
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
                 mbarrier.arrive(k_empty.index(slot), count=1)
+                if SOFTCAP:
+                    if HAS_MAX:  # the maximum logit is taken before the cap
+                        if j < n_a or j >= n_a + n_b:
+                            mx = gl.maximum(mx, gl.max(_masked_scores(s, start + j * BLOCK_N, offs_ms, offs_ns, Sk,
+                                                                      delta0, win_l, win_r, HAS_LO, HAS_HI), 1))
+                        else:
+                            mx = gl.maximum(mx, gl.max(s, 1))
+                    s = tanh_approx(s * qk_scale)
                 if j < n_a or j >= n_a + n_b:
                     s = _masked_scores(s, start + j * BLOCK_N, offs_ms, offs_ns, Sk, delta0, win_l, win_r,
                                        HAS_LO, HAS_HI)
                 if HAS_MAX:
-                    mx = gl.maximum(mx, gl.max(s, 1))
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+                    if not SOFTCAP:
+                        mx = gl.maximum(mx, gl.max(s, 1))
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, p_scale)
                 p16 = p.to(dtype)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
                 mbarrier.arrive(v_empty.index(prev), count=1)
@@ -262,13 +286,14 @@ if AVAILABLE:
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
     def _fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, Max,
                     sob, sos, soh, sod, slb, slh, sls, sxb, sxh, sxs,
-                    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale,
+                    Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, cap2, sm_scale,
                     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FRESH: gl.constexpr,
-                    HAS_MAX: gl.constexpr, num_warps: gl.constexpr):
+                    HAS_MAX: gl.constexpr, SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
         """Warp-specialised forward (``FRESH``: no carried state to read, ``out`` of any float dtype; ``HAS_MAX``:
-        ``Max`` is raised to the rows' maximum logit): the default partition (4 warps) and one worker (4 warps) each
-        run :func:`_fwd_consumer` on half of the query tile; one worker warp runs :func:`_fwd_producer`."""
+        ``Max`` is raised to the rows' maximum logit; ``SOFTCAP``: logits ``tanh(q.k * qk_scale) * cap2``, log2
+        domain): the default partition (4 warps) and one worker (4 warps) each run :func:`_fwd_consumer` on half of
+        the query tile; one worker warp runs :func:`_fwd_producer`."""
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -289,16 +314,16 @@ if AVAILABLE:
         bufs = (q_smem, k_smem, v_smem)
         bars = (q_bar, k_ready, v_ready, k_empty, v_empty)
         state = (Out, Lse, sob, sos, soh, sod, slb, slh, sls)
-        dims = (Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale)
+        dims = (Hq, Sq, Sk, G, delta0, win_l, win_r, qk_scale, cap2)
         mxs = (Max, sxb, sxh, sxs, sm_scale)
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
             (_fwd_consumer, (descs, bufs, bars, state, dims, mxs, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, FRESH, HAS_MAX)),
+                             STAGES, FRESH, HAS_MAX, SOFTCAP)),
             (_fwd_consumer, (descs, bufs, bars, state, dims, mxs, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M,
-                             BLOCK_N, STAGES, FRESH, HAS_MAX)),
+                             BLOCK_N, STAGES, FRESH, HAS_MAX, SOFTCAP)),
             (_fwd_producer, (descs, bufs, bars, state, dims, mxs, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, FRESH, HAS_MAX)),
+                             STAGES, FRESH, HAS_MAX, SOFTCAP)),
         ], [4, 1], [240, 24])
 
 
@@ -313,17 +338,20 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float
 
 def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
              scale: float, q_offset: int = 0, k_offset: int = 0, causal: bool = False,
-             window: tuple[int, int] = (-1, -1), fresh: bool = False, max_out: torch.Tensor | None = None) -> None:
+             window: tuple[int, int] = (-1, -1), fresh: bool = False, max_out: torch.Tensor | None = None,
+             softcap: float | None = None) -> None:
     """Continue ``(out, lse)`` over ``k, v`` in place: :func:`ds_burst.kernels.triton_attn.fwd_step`'s contract,
     for the calls :func:`applicable` accepts (the caller checks; shapes are checked there).
 
     ``fresh=True``: no state yet, so ``out`` and ``lse`` are only written (their contents are ignored; every row
     is written, rows without keys as ``0`` / ``-inf``) and ``out`` may have any float dtype (the normalised
     output is rounded to it once). ``max_out [B, Hq, Sq]`` (fp32, may be a view; read even with ``fresh``):
-    raised in place to each row's largest visible ``scale * q.k``, in the same launch."""
+    raised in place to each row's largest visible ``scale * q.k`` (before the cap), in the same launch. ``softcap``:
+    logits ``softcap * tanh(scale * q.k / softcap)`` (a positive finite number, or ``None``: none)."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
+    qk_scale, cap2 = softcap_args(scale, softcap)
     bm, bn, stages = _CONFIGS[d]
     grid = (triton.cdiv(sq, bm), b * hq)
     # 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at launch;
@@ -331,7 +359,7 @@ def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     mx = lse if max_out is None else max_out  # a dummy pointer without max_out (never read)
     _fwd_kernel[grid](
         desc(q, bm // 2), desc(k, bn), desc(v, bn), out, lse, mx, *out.stride(), *lse.stride(), *mx.stride(),
-        hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * LOG2E, float(scale),
+        hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, float(scale),
         HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, FRESH=fresh,
-        HAS_MAX=max_out is not None, num_warps=4, maxnreg=168,
+        HAS_MAX=max_out is not None, SOFTCAP=softcap is not None, num_warps=4, maxnreg=168,
     )

@@ -2,8 +2,8 @@
 (128 keys) and kv head adds this block's dK, dV and dQ.
 
 Same contract as :func:`ds_burst.kernels.triton_attn.bwd_step` for the calls :func:`applicable` accepts: what
-:mod:`ds_burst.kernels.hopper_attn` covers (sm_90, fp16/bf16, ``D = Dv`` in {64, 128}, no softcap, at least 128
-rows, TMA-addressable q/k/v/dout), fp32 ``lse``/``delta`` rows TMA can read, an fp32 ``dq`` accumulator TMA can
+:mod:`ds_burst.kernels.hopper_attn` covers (sm_90, fp16/bf16, ``D = Dv`` in {64, 128}, softcap or not, at least
+128 rows, TMA-addressable q/k/v/dout), fp32 ``lse``/``delta`` rows TMA can read, an fp32 ``dq`` accumulator TMA can
 address (heads side by side), fp32 ``dk``/``dv`` with a contiguous head dim, and ``deterministic=False``: dQ is
 added with TMA reduce-adds from many programs (``deterministic=True`` stays on the ``tl`` kernels, whose separate
 dQ pass adds none).
@@ -16,7 +16,9 @@ Partitions of one program (warp specialisation)::
     consumer 0 and 1     4 warps each, 64 of the 128 keys each; step i:
                            S^T = K Q^T, dP^T = V dO^T            (wgmma, fp32 in registers)
                            P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked by global positions
-                           dS^T = P^T * (dP^T - delta)
+                             (softcap: T^T = tanh(S^T * scale / softcap), masked to -inf, then
+                             P^T = exp2(T^T * softcap * log2 e - lse * log2 e))
+                           dS^T = P^T * (dP^T - delta)           (softcap: times 1 - T^T * T^T, clamped to >= 0)
                            dV += P^T dO, dK += dS^T Q             (P^T, dS^T as register A operands)
                            dS^T -> shared memory (both halves, double-buffered; ready/free mbarriers)
                            dQ of step i - 1: dQ[:, wg * D/2 : (wg + 1) * D/2] = dS K over all 128 keys,
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from ds_burst.kernels import tile_math
-from ds_burst.kernels.hopper_common import AVAILABLE, LOG2E, desc, tma_aligned, why_not
+from ds_burst.kernels.hopper_common import AVAILABLE, desc, softcap_args, tma_aligned, why_not
 
 __all__ = ["applicable", "bwd_step"]
 
@@ -50,7 +52,7 @@ if AVAILABLE:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from ds_burst.kernels.hopper_common import span
+    from ds_burst.kernels.hopper_common import span, tanh_approx
 
     if hasattr(tma, "async_atomic_add"):  # public from triton 3.7 on
         _tma_add = tma.async_atomic_add
@@ -108,14 +110,14 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_producer(descs, bufs, bars, outs, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      KV_OUT: gl.constexpr):
+                      KV_OUT: gl.constexpr, SOFTCAP: gl.constexpr):
         """One warp: K and V of the program's key tile (two row halves, and K again in two column halves for
         dQ), then Q, dO, lse and delta of every visible query tile of every query head of the kv head, in the
         consumers' order, into a ``STAGES``-slot ring."""
         q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc = descs
         q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem = bufs
         kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free = bars
-        Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale = dims
+        Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, cap2 = dims
         HALF: gl.constexpr = BLOCK_N // 2
         b, hk, n0, start, nq, n_a, n_b = _program_keys(Hkv, Sq, Sk, delta0, win_l, win_r, HAS_LO, HAS_HI, BLOCK_M,
                                                        BLOCK_N)
@@ -147,14 +149,16 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_consumer(descs, bufs, bars, outs, dims, wg, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      KV_OUT: gl.constexpr):
+                      KV_OUT: gl.constexpr, SOFTCAP: gl.constexpr):
         """One warpgroup: dK and dV of keys ``n0 + wg * BLOCK_N / 2`` onwards (half the tile), and dQ's columns
-        ``wg * HEAD_DIM / 2`` onwards over all the tile's keys (both halves of dS^T, through shared memory)."""
+        ``wg * HEAD_DIM / 2`` onwards over all the tile's keys (both halves of dS^T, through shared memory).
+        ``SOFTCAP``: logits ``tanh(q.k * qk_scale) * cap2`` (log2 domain) and dS times ``1 - tanh^2``, as in the
+        ``tl`` kernels."""
         q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc = descs
         q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem = bufs
         kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free = bars
         dq_desc, DK, DV, skb, sks, skh, svb, svs, svh = outs
-        Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale = dims
+        Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, cap2 = dims
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_N // 2
         DQC: gl.constexpr = HEAD_DIM // 2
@@ -208,7 +212,10 @@ if AVAILABLE:
             # rows past Sq (zero-filled by TMA) and rows that saw no key contribute nothing
             lse2 = gl.where((lse == float("-inf")) | (qm >= Sq), float("inf"), lse * 1.4426950408889634)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok,))
-            pt = gl.exp2(st * qk_scale - lse2[None, :])
+            if SOFTCAP:  # logits tanh(S^T * qk_scale) * cap2 (qk_scale = scale / softcap, cap2 = softcap * log2(e))
+                tt = tanh_approx(st * qk_scale)
+            else:
+                pt = gl.exp2(st * qk_scale - lse2[None, :])
             if t < n_a or t >= n_a + n_b:
                 # Key j sees queries j - delta0 - win_r .. j - delta0 + win_l: bounds per key row.
                 ok = (qm < Sq)[None, :] & (offs_k < Sk)[:, None]
@@ -216,10 +223,18 @@ if AVAILABLE:
                     ok = ok & (qm[None, :] <= (offs_k - delta0 + win_l)[:, None])
                 if HAS_HI:
                     ok = ok & (qm[None, :] >= (offs_k - delta0 - win_r)[:, None])
-                pt = gl.where(ok, pt, 0.0)
+                if SOFTCAP:  # -inf: P^T = 0 and 1 - T^2 clamped to 0 below (T^T alone lives through the branch)
+                    tt = gl.where(ok, tt, float("-inf"))
+                else:
+                    pt = gl.where(ok, pt, 0.0)
+            if SOFTCAP:  # P^T of the capped logits; d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2, in [0, 1]
+                pt = gl.exp2(tt * cap2 - lse2[None, :])
+                gt = gl.maximum(1.0 - tt * tt, 0.0)
             dlt = dl_smem.index(slot).reshape([BLOCK_M]).load(qry_l)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok,))
             dst = pt * (dpt - dlt[None, :])
+            if SOFTCAP:  # as the tl kernels: dS^T = P^T (dP^T - delta) (1 - T^2), scale applied at the end
+                dst = dst * gt
             pt16 = gl.convert_layout(pt.to(dtype), a_layout)
             dv_tok = warpgroup_mma(pt16, do_tile, dv, is_async=True)
             ds16 = dst.to(dtype)
@@ -279,10 +294,10 @@ if AVAILABLE:
     @gluon.jit(do_not_specialize=["delta0", "win_l", "win_r"])
     def _bwd_kernel(q_desc, k_desc, kc_desc, v_desc, do_desc, lse_desc, dl_desc, dq_desc, DK, DV,
                     skb, sks, skh, svb, svs, svh,
-                    Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale,
+                    Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, cap2,
                     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KV_OUT: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    SOFTCAP: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         HALF: gl.constexpr = BLOCK_N // 2
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
@@ -316,15 +331,15 @@ if AVAILABLE:
         bufs = (q_smem, k_smem, kc_smem, v_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem)
         bars = (kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, ds_free)
         outs = (dq_desc, DK, DV, skb, sks, skh, svb, svs, svh)
-        dims = (Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale)
+        dims = (Hkv, Sq, Sk, G, delta0, win_l, win_r, qk_scale, sm_scale, cap2)
         zero = gl.program_id(0) * 0  # the warpgroup index, as a run-time value (the workers share one signature)
         gl.warp_specialize([
             (_bwd_consumer, (descs, bufs, bars, outs, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, KV_OUT)),
+                             STAGES, KV_OUT, SOFTCAP)),
             (_bwd_consumer, (descs, bufs, bars, outs, dims, zero + 1, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, KV_OUT)),
+                             STAGES, KV_OUT, SOFTCAP)),
             (_bwd_producer, (descs, bufs, bars, outs, dims, zero, HAS_LO, HAS_HI, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             STAGES, KV_OUT)),
+                             STAGES, KV_OUT, SOFTCAP)),
         ], [4, 1], [240, 24])
 
 
@@ -372,15 +387,17 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Te
 def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, scale: float,
              q_offset: int = 0, k_offset: int = 0, causal: bool = False, window: tuple[int, int] = (-1, -1),
-             kv_out: bool = False) -> None:
+             kv_out: bool = False, softcap: float | None = None) -> None:
     """Add this block's gradients to the fp32 ``dq``, ``dk``, ``dv`` (``triton_attn.bwd_step``'s contract, for
     the calls :func:`applicable` accepts; the caller checks shapes).
 
     ``kv_out=True``: ``dk`` and ``dv`` are outputs, not accumulators: every row is written (rounded once to
-    their dtype, which may be any float type) and their contents are ignored; ``dq`` is still added to."""
+    their dtype, which may be any float type) and their contents are ignored; ``dq`` is still added to. ``softcap``:
+    logits ``softcap * tanh(scale * q.k / softcap)``, as in the forward that produced ``lse``."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
+    qk_scale, cap2 = softcap_args(scale, softcap)
     bm, bn, stages = _CONFIGS[d]
     grid = (-(-sk // bn), b * hkv)
     _bwd_kernel[grid](
@@ -388,7 +405,7 @@ def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
         _row_desc(lse, bm), _row_desc(delta, bm), desc(dq, bm, d // 2), dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        hkv, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, float(scale) * LOG2E, float(scale),
+        hkv, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, float(scale), cap2,
         HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, KV_OUT=kv_out,
-        num_warps=4, maxnreg=168,
+        SOFTCAP=softcap is not None, num_warps=4, maxnreg=168,
     )

@@ -1,10 +1,12 @@
 """What the Gluon Hopper (sm_90) forward and backward share: Gluon import and switch, the rules a call must meet
-(:func:`why_not`), TMA descriptors, and the Gluon copies of :mod:`~ds_burst.kernels.tile_math`. Triton 3.6's Gluon.
+(:func:`why_not`), TMA descriptors, the softcap arguments (:func:`softcap_args`) and ``tanh`` (``tanh_approx``),
+and the Gluon copies of :mod:`~ds_burst.kernels.tile_math`. Triton 3.6's Gluon.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -39,6 +41,26 @@ if AVAILABLE:
     span = gluon.jit(tile_math.in_dialect(tile_math.span, gl))
     finish = gluon.jit(tile_math.in_dialect(tile_math.finish, gl))
 
+    @gluon.jit
+    def tanh_approx(x):
+        """``tanh(x)`` of fp32 ``x`` by the hardware approximation ``tanh.approx.f32`` (one MUFU instruction, sm_75
+        and later; relative error at most about ``2**-11``; +-inf give +-1): the softcap of both kernels."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+
+def softcap_args(scale: float, softcap: float | None) -> tuple[float, float]:
+    """The kernels' ``(qk_scale, cap2)``, as the ``tl`` kernels take them (``triton_attn._softcap_args``): without
+    softcap ``scale * log2(e)`` (log2-domain logits ``q.k * qk_scale``) and 1 (unused); with it ``scale / softcap``
+    and ``softcap * log2(e)`` (logits ``tanh(q.k * qk_scale) * cap2``, i.e. ``softcap * tanh(scale * q.k /
+    softcap)`` in the log2 domain)."""
+    if softcap is None:
+        return float(scale) * LOG2E, 1.0
+    c = float(softcap)
+    if not 0.0 < c < math.inf:
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    return float(scale) / c, c * LOG2E
+
 
 @functools.cache
 def _is_sm90(device_index: int) -> bool:
@@ -54,7 +76,7 @@ def tma_aligned(t: torch.Tensor) -> bool:
 
 def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
     """``None`` when the Hopper forward covers this call (the backward adds its own rules), else the reason it
-    does not (for logs and tests)."""
+    does not (for logs and tests). ``softcap`` is covered (the kernels' ``SOFTCAP``, with ``tanh.approx.f32``)."""
     if not ENABLED:
         return "the Gluon Hopper kernels are off (not importable, interpreter, or DS_BURST_HOPPER_KERNELS=0)"
     if q.device.type != "cuda" or not _is_sm90(q.device.index if q.device.index is not None else 0):
@@ -64,8 +86,6 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | 
     d = q.shape[-1]
     if d not in _HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
         return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} (equal, one of {_HEAD_DIMS})"
-    if softcap is not None:
-        return "softcap"
     if q.shape[1] < _MIN_ROWS or k.shape[1] < _MIN_ROWS:
         # tested on H200 from 512 rows up; smaller tiles (short document pieces) stay on the tl kernels
         return f"a tile shorter than {_MIN_ROWS} rows (q {q.shape[1]}, k {k.shape[1]})"

@@ -30,9 +30,9 @@ Design (docs/KERNELS.md has more):
 * Under ``TRITON_INTERPRET=1`` (CPU) a single small config is used; on GPU the kernels are autotuned over a
   small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
 * On sm_90 (H100, H200) the launchers hand the calls that :mod:`ds_burst.kernels.hopper_attn` covers to its
-  Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`; ``Tiles(hopper=False)``: never);
-  these ``tl`` kernels stay the portable path (other GPUs, the interpreter, softcap, ``Dv != D``, other head
-  dims, ``deterministic=True``).
+  Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`; ``Tiles(hopper=False)``: never;
+  softcap too, with the same ``qk_scale`` / ``cap2`` and ``tanh.approx.f32``); these ``tl`` kernels stay the
+  portable path (other GPUs, the interpreter, ``Dv != D``, other head dims, ``deterministic=True``).
 * One rank, the whole block as the only tile: :func:`attend` / :func:`attend_bwd` run it in one Hopper launch
   each way with the outputs written in the input dtype (no fp32 state or gradient buffers for out, dK, dV), or
   return ``None`` where the Hopper kernels do not cover the call.
@@ -623,7 +623,7 @@ class Tiles:
     :data:`TILES` follows the settings; benchmarks and tests make others (``Tiles(hopper=False)``: the portable
     ``tl`` kernels alone, on any GPU)."""
 
-    # the calls hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, no softcap, TMA-addressable strides;
+    # the calls hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, softcap or not, TMA-addressable strides;
     # DS_BURST_HOPPER_KERNELS=0: none) run on the Gluon forward
     hopper: bool = True
     # with hopper, the backward too (deterministic=False, TMA-readable lse/delta); on H200 at 32K it matched or beat
@@ -683,7 +683,7 @@ class Tiles:
         if (self.hopper and out.dtype == torch.float32 and lse.dtype == torch.float32
                 and (max_out is None or max_out.dtype == torch.float32) and hopper_attn.applicable(q, k, v, softcap)):
             hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset,
-                                 causal=causal, window=window, max_out=max_out)
+                                 causal=causal, window=window, max_out=max_out, softcap=softcap)
             return
         has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
         bd, bdv = _block_d(d), _block_d(dv)
@@ -748,7 +748,7 @@ class Tiles:
         if self.hopper and self.hopper_bwd and hopper_attn_bwd.applicable(q, k, v, dout, lse, delta, dq, dk, dv,
                                                                            softcap, deterministic):
             hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
-                                     k_offset=k_offset, causal=causal, window=window)
+                                     k_offset=k_offset, causal=causal, window=window, softcap=softcap)
             return
         has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
         bd, bdv = _block_d(d), _block_d(d_v)
@@ -789,7 +789,7 @@ class Tiles:
         out = torch.empty(b, sq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
         hopper_attn.fwd_step(q, k, v, out, lse, scale=scale, q_offset=q_offset, k_offset=k_offset, causal=causal,
-                             window=window, fresh=True, max_out=max_out)
+                             window=window, fresh=True, max_out=max_out, softcap=softcap)
         return out, lse
 
     def attend_bwd(
@@ -816,7 +816,7 @@ class Tiles:
                                           kv_out=True):
             return None  # e.g. lse / delta rows TMA cannot read (the general path computes delta again)
         hopper_attn_bwd.bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, scale=scale, q_offset=q_offset,
-                                 k_offset=k_offset, causal=causal, window=window, kv_out=True)
+                                 k_offset=k_offset, causal=causal, window=window, kv_out=True, softcap=softcap)
         return dq.to(q.dtype), dk, dv
 
 
