@@ -105,7 +105,7 @@ def bench(seq: int, heads: int, d: int, calls: int) -> tuple[list[dict], dict[st
     descs = {
         "fwd": lambda: (desc(q, bm // 2), desc(k, bn), desc(v, bn)),
         "bwd": lambda: (desc(q, bm), desc(k, bn // 2), desc(k, bn, d // 2), desc(v, bn // 2), desc(do, bm),
-                        hb._row_desc(lse, bm), hb._row_desc(delta, bm), desc(dq, bm, d // 2)),
+                        hb._row_desc(lse, bm).build(), hb._row_desc(delta, bm).build(), desc(dq, bm, d // 2)),
     }
     rows, profiles = [], {}
     for name, check, launch, outs in (("fwd", fwd, fwd, [out, lse]), ("bwd", bwd, bwd_launch, [dq, dk, dv])):

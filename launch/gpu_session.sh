@@ -3,7 +3,7 @@
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
 # equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before
-# max_logit tile_rates emulate alst_memory launch.
+# max_logit tile_rates emulate alst_memory launch kernels_softcap emulate_host.
 # Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
 # tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
@@ -185,8 +185,22 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       echo "rc=$?"; grep -v "^{" "$OUT/emulate.log" | tail -60 | cut -c1-260 ;;
     alst_memory)  # memory against DeepSpeed ALST on one GPU, a 3B Llama, ZeRO-3 + optimizer offload (issue 28)
       timeout "$limit" python3 launch/bench_alst_memory.py --model llama-3.2-3b --seqs ${ALST_SEQS:-4K 8K 16K} \
+        ${ALST_METHODS:+--methods $ALST_METHODS} \
         --steps 2 --timeout ${ALST_RUN_TIMEOUT:-110} --out "$OUT/alst_memory.json" >"$OUT/alst_memory.log" 2>&1
       echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/alst_memory.log" | tail -40 | cut -c1-260 ;;
+    kernels_softcap)  # softcap against the plain kernel and cuDNN, D=128, 8K and 32K (issue 26)
+      timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels_softcap.json" --seqs 8192 32768 \
+        --head-dims 128 --methods ds-burst-triton ds-burst-triton-softcap sdpa-cudnn --iters 3 \
+        >"$OUT/kernels_softcap.log" 2>&1
+      echo "rc=$?"; grep -v "^{" "$OUT/kernels_softcap.log" | tail -16 | cut -c1-250 ;;
+    emulate_host)  # the host-bound cells: one rank of P=16/32 at 128K, flat ring, Hkv=8, 3 timed iterations, with
+      # the light launch and without it (DS_BURST_FAST_LAUNCH=0), each under half the limit
+      for fast in 1 0; do
+        DS_BURST_FAST_LAUNCH=$fast timeout $((limit / 2)) python3 launch/bench_emulate.py --world 16 32 --seqs 131072 \
+          --kv-heads 8 --schedules ring --gpus-per-node 8 --kernels triton --iters 3 --warmup 1 \
+          --out "$OUT/emulate_host_fast$fast.json" >"$OUT/emulate_host_fast$fast.log" 2>&1
+        echo "light launch $fast: rc=$?"; grep -v "^{" "$OUT/emulate_host_fast$fast.log" | tail -6 | cut -c1-260
+      done ;;
     launch)  # host time of one Hopper kernel launch and where it goes (issue 26's light launch)
       timeout "$limit" python3 launch/bench_launch.py --out "$OUT/launch.json" ${LAUNCH_ARGS:-} >"$OUT/launch.log" 2>&1
       echo "rc=$?"; head -12 "$OUT/launch.log" | cut -c1-250 ;;

@@ -173,6 +173,52 @@ def test_backward_matches_float64_reference(case: Case, dtype: torch.dtype, soft
         assert rel(got.double() - start.double(), exp - start.double()) < tol, name
 
 
+LIGHT_CASES = [c for c in CASES if c.name in ("causal-square-d64-gqa4", "zigzag-straddle", "window-causal-offsets",
+                                               "full-ragged-d128-b2")]
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("softcap", [None, CAP])
+@pytest.mark.parametrize("case", LIGHT_CASES, ids=[c.name for c in LIGHT_CASES])
+def test_light_launch_is_the_jit_launch(case: Case, softcap: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The light launch (``fast_launch``: the compiled launcher, cached TMA maps) writes what the JIT launch
+    writes: forward bitwise (from the same carried state), backward dK/dV bitwise and dQ (added by atomics in any
+    order) to fp32 rounding; and after the first call of a variant no launch goes through the JIT."""
+    from ds_burst.kernels import fast_launch
+
+    assert fast_launch.ENABLED, "triton 3.6 on an sm_90 GPU: the light launch is declared for this release"
+    q, k, v, out0, lse0 = _inputs(case, torch.bfloat16, seed=11)
+    g = torch.Generator(device="cuda").manual_seed(12)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = _scale(case, softcap)
+
+    def run() -> list[torch.Tensor]:
+        out, lse = out0.clone(), lse0.clone()
+        ha.fwd_step(q, k, v, out, lse, scale=scale, softcap=softcap, **case.mask_kw())
+        pad = -(-case.sq // 4) * 4
+        lse_p = torch.empty(case.b, case.hq, pad, device="cuda")[..., :case.sq]
+        lse_p.copy_(lse)
+        delta = torch.empty_like(lse_p)
+        delta.copy_((out * dout.float()).sum(-1).transpose(1, 2))
+        grads = [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]
+        hb.bwd_step(q, k, v, dout, lse_p, delta, *grads, scale=scale, softcap=softcap, **case.mask_kw())
+        torch.cuda.synchronize()
+        return [out, lse, *grads]
+
+    jit_before = (ha._FWD.jit_launches, hb._BWD.jit_launches)
+    light = [run() for _ in range(3)]
+    assert ha._FWD.jit_launches - jit_before[0] <= 1 and hb._BWD.jit_launches - jit_before[1] <= 1
+    monkeypatch.setattr(fast_launch, "ENABLED", False)
+    jit = run()
+    for got in light:
+        for name, a, b in zip(("out", "lse"), got[:2], jit[:2], strict=True):
+            assert torch.equal(a, b), name
+        for name, a, b in zip(("dk", "dv"), got[3:], jit[3:], strict=True):
+            assert torch.equal(a, b), name
+        assert rel(got[2], jit[2]) < 1e-6, "dq"
+
+
 WHOLE = [c for c in CASES if not c.carried and c.sq * c.sk <= 4096 * 4096]
 
 

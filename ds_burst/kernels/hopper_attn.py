@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 
 from ds_burst.kernels import tile_math
-from ds_burst.kernels.hopper_common import AVAILABLE, ENABLED, desc, softcap_args, tma_aligned, why_not
+from ds_burst.kernels.fast_launch import Launcher
+from ds_burst.kernels.hopper_common import AVAILABLE, ENABLED, desc_spec, softcap_args, tma_aligned, why_not
 
 __all__ = ["AVAILABLE", "ENABLED", "applicable", "fwd_step", "tma_aligned", "why_not"]
 
@@ -331,6 +332,11 @@ if AVAILABLE:
 _CONFIGS: dict[int, tuple[int, int, int]] = {128: (128, 128, 3), 64: (128, 128, 4)}
 
 
+# 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at launch;
+# the producer gives its warpgroup's down to 24 and the consumers take 240 each.
+_FWD = Launcher(_fwd_kernel, {"maxnreg": 168}) if AVAILABLE else None
+
+
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None) -> bool:
     """Whether :func:`fwd_step` runs this call (see :func:`why_not`)."""
     return why_not(q, k, v, softcap) is None
@@ -354,12 +360,9 @@ def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     qk_scale, cap2 = softcap_args(scale, softcap)
     bm, bn, stages = _CONFIGS[d]
     grid = (triton.cdiv(sq, bm), b * hq)
-    # 4 + 4 consumer warps and a producer warp (12 after rounding to warpgroups): 168 registers a thread at launch;
-    # the producer gives its warpgroup's down to 24 and the consumers take 240 each.
     mx = lse if max_out is None else max_out  # a dummy pointer without max_out (never read)
-    _fwd_kernel[grid](
-        desc(q, bm // 2), desc(k, bn), desc(v, bn), out, lse, mx, *out.stride(), *lse.stride(), *mx.stride(),
-        hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, float(scale),
-        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, FRESH=fresh,
-        HAS_MAX=max_out is not None, SOFTCAP=softcap is not None, num_warps=4, maxnreg=168,
-    )
+    _FWD(grid, (desc_spec(q, bm // 2), desc_spec(k, bn), desc_spec(v, bn)),
+         (out, lse, mx, *out.stride(), *lse.stride(), *mx.stride(),
+          hq, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, cap2, float(scale)),
+         {"HAS_LO": has_lo, "HAS_HI": has_hi, "HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages,
+          "FRESH": fresh, "HAS_MAX": max_out is not None, "SOFTCAP": softcap is not None, "num_warps": 4})

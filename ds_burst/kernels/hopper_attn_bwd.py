@@ -31,12 +31,11 @@ apart by up to a step and their softmax phases stop coinciding (in lockstep the 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ds_burst.kernels import tile_math
-from ds_burst.kernels.hopper_common import AVAILABLE, desc, softcap_args, tma_aligned, why_not
+from ds_burst.kernels.fast_launch import Desc, Launcher
+from ds_burst.kernels.hopper_common import AVAILABLE, desc_spec, softcap_args, tma_aligned, why_not
 
 __all__ = ["applicable", "bwd_step"]
 
@@ -50,7 +49,6 @@ if AVAILABLE:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from ds_burst.kernels.hopper_common import span, tanh_approx
 
@@ -351,9 +349,9 @@ _ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, ra
 """Unswizzled fp32 rows: the shared layout of the lse / delta blocks."""
 
 
-def _row_desc(t: torch.Tensor, rows: int) -> Any:
+def _row_desc(t: torch.Tensor, rows: int) -> Desc:
     """TMA descriptor over the fp32 ``t [B, H, S]`` (``lse``, ``delta``), block ``[1, 1, rows]``."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], _ROW_LAYOUT)
+    return Desc(t, tuple(t.shape), tuple(t.stride()), (1, 1, rows), _ROW_LAYOUT)
 
 
 def _tma_acc(t: torch.Tensor) -> bool:
@@ -365,6 +363,9 @@ def _tma_acc(t: torch.Tensor) -> bool:
 def _tma_rows(t: torch.Tensor) -> bool:
     """Whether the fp32 ``[B, H, S]`` tensor ``t`` can be read by TMA (contiguous rows, 16-byte aligned)."""
     return t.dtype == torch.float32 and t.stride(2) == 1 and tma_aligned(t)
+
+
+_BWD = Launcher(_bwd_kernel, {"maxnreg": 168}) if AVAILABLE else None
 
 
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
@@ -400,12 +401,9 @@ def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     qk_scale, cap2 = softcap_args(scale, softcap)
     bm, bn, stages = _CONFIGS[d]
     grid = (-(-sk // bn), b * hkv)
-    _bwd_kernel[grid](
-        desc(q, bm), desc(k, bn // 2), desc(k, bn, d // 2), desc(v, bn // 2), desc(dout, bm),
-        _row_desc(lse, bm), _row_desc(delta, bm), desc(dq, bm, d // 2), dk, dv,
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        hkv, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, float(scale), cap2,
-        HAS_LO=has_lo, HAS_HI=has_hi, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, KV_OUT=kv_out,
-        SOFTCAP=softcap is not None, num_warps=4, maxnreg=168,
-    )
+    _BWD(grid, (desc_spec(q, bm), desc_spec(k, bn // 2), desc_spec(k, bn, d // 2), desc_spec(v, bn // 2),
+                desc_spec(dout, bm), _row_desc(lse, bm), _row_desc(delta, bm), desc_spec(dq, bm, d // 2)),
+         (dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+          hkv, sq, sk, hq // hkv, q_offset - k_offset, win_l, win_r, qk_scale, float(scale), cap2),
+         {"HAS_LO": has_lo, "HAS_HI": has_hi, "HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages,
+          "KV_OUT": kv_out, "SOFTCAP": softcap is not None, "num_warps": 4})

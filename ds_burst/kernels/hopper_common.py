@@ -13,6 +13,7 @@ import torch
 
 from ds_burst.core import settings
 from ds_burst.kernels import tile_math
+from ds_burst.kernels.fast_launch import Desc
 
 try:  # Gluon's API moves between Triton releases; written against triton 3.6.
     from triton.experimental import gluon
@@ -24,7 +25,7 @@ try:  # Gluon's API moves between Triton releases; written against triton 3.6.
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401 - what Desc.build makes
 
     AVAILABLE: bool = True
     """Whether the Gluon Hopper modules imported (they do not run under ``TRITON_INTERPRET=1``)."""
@@ -104,10 +105,14 @@ def smem_layout(block: tuple[int, ...], dtype: torch.dtype) -> Any:
     return gl.NVMMASharedLayout.get_default_for(list(block), gdt)
 
 
-def desc(t: torch.Tensor, rows: int, cols: int | None = None) -> Any:
+def desc_spec(t: torch.Tensor, rows: int, cols: int | None = None) -> Desc:
     """3-D TMA descriptor ``[B, S, H * D]`` over ``t [B, S, H, D]`` (heads side by side), block
-    ``[1, rows, cols]`` (``cols`` default ``D``)."""
+    ``[1, rows, cols]`` (``cols`` default ``D``), as the light launch takes it (built only when encoded)."""
     b, s, h, d = t.shape
     cols = d if cols is None else cols
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], [1, rows, cols],
-                            smem_layout((1, rows, cols), t.dtype))
+    return Desc(t, (b, s, h * d), (t.stride(0), t.stride(1), 1), (1, rows, cols), smem_layout((1, rows, cols), t.dtype))
+
+
+def desc(t: torch.Tensor, rows: int, cols: int | None = None) -> Any:
+    """:func:`desc_spec` built: the ``TensorDescriptor`` the JIT takes."""
+    return desc_spec(t, rows, cols).build()
