@@ -207,6 +207,7 @@ def worker_main(rank, world):
             errs, stats = run_case(2, idx, case, schedule="ulysses_ring")
             res[("node_ulysses",) + case] = (errs, stats.get("a2a", 0) > 0 and not stats.get("fwd"))
         res["auto_node"] = auto_inside_one_node()
+        res["bad_table"] = bad_tile_table(rank)
     if world == 4:
         sp = ds_burst.init_sequence_parallel(2, gpus_per_node=4, schedule="ulysses")  # 2 replicas of 2 ranks
         for idx, case in enumerate(c for c in cases(2, docs_too=False) if c[2] != 1):
@@ -260,6 +261,44 @@ def auto_inside_one_node():
         cm.hardware_for = original
         cm.choose_schedule.cache_clear()
     return got
+
+
+def bad_tile_table(rank):
+    """``DS_BURST_TILE_RATES`` names an unreadable file on rank 1 only: ``schedule="auto"`` raises on every rank
+    (rank 1's error, carried by the header) instead of leaving rank 0 waiting; with it unset again a call runs.
+    ``[(error class, message), shape of the call after]``."""
+    import os
+    import tempfile
+
+    import ds_burst
+    from ds_burst.attention.call_plan import clear_plans
+    from ds_burst.core import cost_model as cm
+    from ds_burst.core import settings
+
+    ds_burst.init_sequence_parallel(2, gpus_per_node=2)  # schedule "auto", one node
+
+    def fresh():
+        cm.hardware_for.cache_clear()
+        cm.choose_schedule.cache_clear()
+        clear_plans()
+
+    q = torch.randn(1, 4, 2, D)
+    with tempfile.TemporaryDirectory() as tmp:
+        bad = os.path.join(tmp, "rates.json")
+        with open(bad, "w") as f:
+            f.write("{not json")
+        if rank == 1:
+            os.environ[settings.TILE_RATES] = bad
+        fresh()
+        try:
+            ds_burst.burst_attn_func(q, q, q, schedule="auto")
+            got = ("no error", "")
+        except ValueError as exc:
+            got = ("ValueError", str(exc))
+        finally:
+            os.environ.pop(settings.TILE_RATES, None)
+            fresh()
+    return got, tuple(ds_burst.burst_attn_func(q, q, q, schedule="auto").shape)
 
 
 def refusals(world):
@@ -346,6 +385,15 @@ def test_auto_inside_one_node_follows_the_tile_table():
                 assert (a2a, ring) == (want_a2a, want_ring), (name, a2a, ring)
                 bad = {n: e for n, e in errs.items() if not e <= TOL64}
                 assert not bad, (name, bad)
+
+
+def test_unreadable_tile_table_on_one_rank_raises_on_every_rank():
+    results = main_results(2)
+    for rank, res in enumerate(results):
+        (kind, msg), shape = res["bad_table"]
+        assert kind == "ValueError" and msg.startswith("rank 1: schedule='auto' could not choose: cannot read tile "
+                                                       "rates"), (rank, msg)
+        assert shape == (1, 4, 2, D)
 
 
 def test_hybrid_ulysses_2_x_ring_2_inside_one_node():

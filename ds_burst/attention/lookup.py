@@ -56,14 +56,19 @@ def _args(q: object, k: object, causal: bool, softmax_scale: float | None, windo
           schedule: str | None, check_finite: bool, softcap: float | None, sinks: object, info: GroupInfo,
           docs: tuple[int, ...] | None, docs_error: tuple[str, str] | None, max_logit: bool = False) -> AttnArgs:
     node_groups = getattr(group, "node_groups", None)
-    sched = resolve_schedule(schedule, group, q, k, causal, window_size, info)
+    sched_error = None
+    try:
+        sched = resolve_schedule(schedule, group, q, k, causal, window_size, info)
+    except (OSError, ValueError) as exc:  # "auto" on this rank could not read its tile table (DS_BURST_TILE_RATES):
+        # reported through the header, so every rank raises it instead of waiting for this one
+        sched, sched_error = "ring", (type(exc).__name__, f"schedule='auto' could not choose: {exc}")
     uly_groups = ulysses_groups(group, sched, info)
     return AttnArgs(bool(causal), softmax_scale, tuple(window_size), layout, backward, kernel,  # type: ignore[arg-type]
                     bool(return_lse), sched, node_groups is not None,
                     node_groups.per_node if node_groups is not None else 0, bool(check_finite), softcap=softcap,
                     has_sinks=sinks is not None, cu_seqlens=docs, cu_error=docs_error,
                     deterministic=bool(deterministic), max_logit=bool(max_logit),
-                    ulysses_degree=uly_groups.per_node if uly_groups is not None else 0)
+                    ulysses_degree=uly_groups.per_node if uly_groups is not None else 0, schedule_error=sched_error)
 
 
 def _docs_tag(layout: str, info: GroupInfo) -> tuple:

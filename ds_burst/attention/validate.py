@@ -51,6 +51,7 @@ class AttnArgs:
     deterministic: bool = False
     max_logit: bool = False  # also return the per-head maximum logit (return_max_logit)
     ulysses_degree: int = 0  # ranks of the all-to-all over heads of a Ulysses schedule (0: none / no groups)
+    schedule_error: tuple[str, str] | None = None  # (exception class, message) when "auto" could not decide here
 
 
 _PER_ROW = ("ds-burst applies one set of document boundaries to every row of the batch: pass the boundaries of one "
@@ -209,6 +210,8 @@ def local_error(q: object, k: object, v: object, a: AttnArgs, info: GroupInfo, s
         return "ValueError", problem
     if a.cu_error is not None:
         return a.cu_error
+    if a.schedule_error is not None:
+        return a.schedule_error
     return None
 
 
