@@ -100,6 +100,21 @@ def test_compute_term_charges_each_tile_its_own_rate():
     assert cm.compute_seconds(p, "ring", fast, kernel="triton")[0] == pytest.approx(f)
 
 
+def test_kernels_are_ranked_by_one_pass_the_same_way_for_ring_and_whole_call():
+    """Forward plus backward at 2.5x the forward's FLOPs, for the ring's tiles and the whole call alike: a kernel
+    with the fast forward but the slow backward loses to the even one (``1/f + 1/b`` would rank them the other way)."""
+    def pts(f, b):
+        return _pts((1024, f, b), (1 << 20, f, b))
+
+    t = tr.from_dict(_doc(diag={"fwd_fast": pts(1000, 300), "even": pts(250, 500)},
+                          step={"fwd_fast": pts(1000, 300), "even": pts(250, 500)},
+                          whole={"fwd_fast": pts(1000, 300), "even": pts(250, 500)}, peer={"cudnn": pts(1, 1)}))
+    hw = cm.Hardware(tiles=t)
+    p = cm.Problem(131072, 1, 8, 32, 8, 128)
+    assert cm.ring_kernel(p, hw, 16384, 8) == "even"
+    assert cm.whole_rates(p, hw, peer=False) == (250, 500)
+
+
 def test_auto_inside_one_node_follows_the_table(monkeypatch):
     # without a table (CPU, an unknown GPU): the flat ring, as before
     monkeypatch.setattr(cm, "shipped", lambda gpu, d: None)

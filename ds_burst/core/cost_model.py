@@ -278,8 +278,14 @@ def whole_rates(p: Problem, hw: Hardware, peer: bool, kernel: str = "auto") -> t
     if kernel not in have:  # e.g. "auto" in a table measured per kernel: the fastest of them
         if not have:
             raise ValueError(f"tile rates for {hw.tiles.gpu}: no 'whole' curve")
-        kernel = min(have, key=lambda k: sum(1 / r for r in hw.tiles.rate("whole", k, p.seq)))
+        kernel = min(have, key=lambda k: _pass_seconds(*hw.tiles.rate("whole", k, p.seq)))
     return hw.tiles.rate("whole", kernel, p.seq)
+
+
+def _pass_seconds(fwd_tflops: float, bwd_tflops: float) -> float:
+    """Seconds per FLOP of the forward of a call and its backward (2.5x the forward's FLOPs) at these rates: how
+    the kernels are ranked, for the ring (:func:`ring_kernel`) and the whole call alike."""
+    return 1.0 / fwd_tflops + 2.5 / bwd_tflops
 
 
 def _ulysses_compute(p: Problem, hw: Hardware, peer: bool, kernel: str) -> tuple[float, float]:
