@@ -52,7 +52,8 @@ for spec in "$@"; do
       timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_triton_kernels.py >"$OUT/gpu_tests_triton.log" 2>&1
       grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_triton.log" | tail -20 ;;
     tests_hopper)  # the Gluon Hopper tiles against float64 (forward and backward, every mask case)
-      timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_hopper_kernels.py >"$OUT/gpu_tests_hopper.log" 2>&1
+      timeout "$limit" python3 -m pytest -q -m gpu -v tests/test_hopper_kernels.py ${HOPPER_K:+-k "$HOPPER_K"} \
+        >"$OUT/gpu_tests_hopper.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_hopper.log" | tail -20 ;;
     max_logit)  # the maximum logit (QK-clip): the GPU tests of every path, then its cost (each under the limit)
       timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_max_logit_kernels.py \
