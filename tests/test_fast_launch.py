@@ -51,7 +51,6 @@ def light(monkeypatch: pytest.MonkeyPatch) -> list:
     encoded: list = []
     monkeypatch.setattr(fl, "ENABLED", True)
     monkeypatch.setattr(fl, "_stream", lambda dev: 5)
-    monkeypatch.setattr(fl, "_hooked", lambda: False)  # triton 3.9 keeps an empty hook chain there, 3.6 None
     monkeypatch.setattr(fl.Desc, "build", lambda self: ("built", self.base.data_ptr(), self.block))
 
     def encode(desc: tuple, meta: dict) -> list:
@@ -150,6 +149,24 @@ def test_profiler_hook_takes_the_jit_path(light: list, monkeypatch: pytest.Monke
     monkeypatch.setattr(fl, "_hooked", lambda: True)
     launch(*call)
     assert len(k.jit_calls) == 2 and not k.raw_calls
+
+
+def test_hooked_reads_triton_hook_chain() -> None:
+    """No hook added: the light path; a profiler's hook added to triton's chain: the JIT path."""
+    from triton import knobs
+
+    chain = knobs.runtime.launch_enter_hook
+    assert not fl._hooked()
+
+    def hook(*args: Any) -> None:
+        pass
+
+    chain.add(hook)
+    try:
+        assert fl._hooked()
+    finally:
+        chain.remove(hook)
+    assert not fl._hooked()
 
 
 def test_enabled_only_on_checked_triton_releases() -> None:

@@ -107,10 +107,12 @@ class _Variant:
 
 
 def _hooked() -> bool:
-    """Whether a launch hook (a profiler) is set: its calls need the JIT's launch metadata."""
+    """Whether a launch hook (a profiler) is set: its calls need the JIT's launch metadata. Triton 3.6 keeps a
+    ``HookChain`` there, empty unless a hook was added (a plain callable counts as set)."""
     from triton import knobs
 
-    return knobs.runtime.launch_enter_hook is not None
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _stream(device_index: int) -> int:
