@@ -187,6 +187,9 @@ def main() -> None:
             json.dump({"losses": losses, "comm": comm, "sp": sp, "backend": args.backend,
                        "attn_implementation": model.config._attn_implementation, "bf16": args.bf16,
                        "device": str(trainer.args.device)}, f)
+    if torch.distributed.is_initialized():  # shut the group down before the interpreter does (gloo's threads)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
