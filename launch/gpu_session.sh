@@ -190,7 +190,7 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
         --steps 2 --timeout ${ALST_RUN_TIMEOUT:-110} --out "$OUT/alst_memory.json" >"$OUT/alst_memory.log" 2>&1
       echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/alst_memory.log" | tail -40 | cut -c1-260 ;;
     kernels_softcap)  # softcap against the plain kernel and cuDNN, D=128, 8K and 32K (issue 26)
-      timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels_softcap.json" --seqs 8192 32768 \
+      timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels_softcap.json" --seqs ${KS_SEQS:-8192 32768} \
         --head-dims 128 --methods ds-burst-triton ds-burst-triton-softcap sdpa-cudnn --iters 3 \
         >"$OUT/kernels_softcap.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/kernels_softcap.log" | tail -16 | cut -c1-250 ;;
