@@ -76,11 +76,15 @@ def _jit_path(fn: Callable[[], object], outs: list[torch.Tensor], calls: int) ->
 
 
 def bench(seq: int, heads: int, d: int, calls: int) -> tuple[list[dict], dict[str, str]]:
+    import triton
+
     from ds_burst.kernels import fast_launch
     from ds_burst.kernels import hopper_attn as hf
     from ds_burst.kernels import hopper_attn_bwd as hb
     from ds_burst.kernels.hopper_common import desc
 
+    # measured on the release it was written for, whether or not it is declared on there yet (TRITON_RELEASES)
+    fast_launch.ENABLED = triton.__version__.startswith(fast_launch.WRITTEN_FOR)
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(seq)
     q, k, v, do = (torch.randn(1, seq, heads, d, device=dev, dtype=dt, generator=g) for _ in range(4))

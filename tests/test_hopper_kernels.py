@@ -28,6 +28,15 @@ ON_HOPPER = (torch.cuda.is_available() and ha.AVAILABLE and torch.cuda.get_devic
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU with Gluon (triton 3.6)")
 
 
+@pytest.fixture(autouse=True)
+def _softcap_variants_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are the check ``hopper_common.SOFTCAP_CHECKED`` waits for: the softcap cases run the Hopper
+    kernels."""
+    from ds_burst.kernels import hopper_common
+
+    monkeypatch.setattr(hopper_common, "SOFTCAP_CHECKED", True)
+
+
 CASES = [
     Case("full-square-d128", 4096, 4096, 8, 8, 128, False),
     Case("causal-square-d128", 4096, 4096, 8, 8, 128, True),
@@ -185,9 +194,12 @@ def test_light_launch_is_the_jit_launch(case: Case, softcap: float | None, monke
     """The light launch (``fast_launch``: the compiled launcher, cached TMA maps) writes what the JIT launch
     writes: forward bitwise (from the same carried state), backward dK/dV bitwise and dQ (added by atomics in any
     order) to fp32 rounding; and after the first call of a variant no launch goes through the JIT."""
+    import triton
+
     from ds_burst.kernels import fast_launch
 
-    assert fast_launch.ENABLED, "triton 3.6 on an sm_90 GPU: the light launch is declared for this release"
+    assert triton.__version__.startswith(fast_launch.WRITTEN_FOR), "the light launch reads triton 3.6's launcher"
+    monkeypatch.setattr(fast_launch, "ENABLED", True)  # on for this test whatever TRITON_RELEASES declares
     q, k, v, out0, lse0 = _inputs(case, torch.bfloat16, seed=11)
     g = torch.Generator(device="cuda").manual_seed(12)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -322,6 +334,17 @@ def test_cases_run_on_sm90() -> None:
         pytest.skip("not an sm_90 GPU with the Gluon kernels on")
     probe = torch.empty(1, 128, 1, 128, device="cuda", dtype=torch.bfloat16)
     assert ON_HOPPER, ha.why_not(probe, probe, probe, None)
+
+
+def test_softcap_waits_for_its_gpu_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until ``SOFTCAP_CHECKED``, softcap calls are refused by the Hopper kernels (they run on ``tl``)."""
+    from ds_burst.kernels import hopper_common
+
+    monkeypatch.setattr(hopper_common, "ENABLED", True)
+    monkeypatch.setattr(hopper_common, "SOFTCAP_CHECKED", False)
+    t = torch.empty(1, 128, 1, 128)
+    assert "not yet checked on a GPU" in hopper_common.why_not(t, t, t, 5.0)
+    assert "not yet checked" not in hopper_common.why_not(t, t, t, None)
 
 
 def test_attend_refuses_off_hopper() -> None:

@@ -21,10 +21,11 @@ pace.
 A hit then costs one dictionary lookup per descriptor and one call of triton's C launcher.
 
 The launcher internals this reads (``CompiledKernel.run`` is a ``CudaLauncher`` whose ``launch`` wraps the C
-launcher and the descriptors' metadata) are those of the triton releases in :data:`TRITON_RELEASES`, the ones
-checked on a GPU (``tests/test_hopper_kernels.py``: the light launch is bitwise the JIT launch). Anywhere else,
-under a launch hook (profilers), with ``DS_BURST_FAST_LAUNCH=0``, or for a variant that needs scratch memory,
-every call takes the JIT path: slower, never different.
+launcher and the descriptors' metadata) are triton 3.6's (:data:`WRITTEN_FOR`). The light launch is on only for
+the releases in :data:`TRITON_RELEASES`, those where the GPU test (``tests/test_hopper_kernels.py``: the light
+launch writes what the JIT launch writes) has passed; none yet. Anywhere else, under a launch hook (profilers),
+with ``DS_BURST_FAST_LAUNCH=0``, or for a variant that needs scratch memory, every call takes the JIT path:
+slower, never different.
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ import torch
 
 from ds_burst.core import settings
 
-TRITON_RELEASES: tuple[str, ...] = ("3.6.",)
-"""Triton releases (version prefixes) whose launcher internals :class:`Launcher` was written against and checked."""
+TRITON_RELEASES: tuple[str, ...] = ()
+"""Triton releases (version prefixes) whose launcher internals :class:`Launcher` was checked against on a GPU
+(``tests/test_hopper_kernels.py::test_light_launch_is_the_jit_launch``). Written against 3.6's; empty until that
+test has passed there, so every launch takes the JIT path."""
+WRITTEN_FOR: tuple[str, ...] = ("3.6.",)
+"""The releases whose launcher layout this module reads (the GPU test turns the light launch on for them)."""
 MAX_MAPS = 4096
 """Expanded descriptors kept per compiled variant before the cache is cleared."""
 

@@ -34,6 +34,10 @@ except Exception:  # pragma: no cover - older/newer triton without these names
 
 ENABLED: bool = AVAILABLE and settings.flag(settings.HOPPER_KERNELS, True) and not settings.triton_interpret()
 """Whether the Hopper kernels may run at all (imported, not the interpreter, ``DS_BURST_HOPPER_KERNELS`` on)."""
+SOFTCAP_CHECKED: bool = False
+"""Whether the softcap variants of the Hopper kernels have passed the GPU tests (``tests/test_hopper_kernels.py``,
+bf16 against float64) as they are: they compile for sm_90a but have not run on a GPU yet, so softcap calls stay on
+the ``tl`` kernels. The GPU tests set it to run them."""
 LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128)
 _MIN_ROWS = 128  # one query / key tile: the TMA boxes never exceed the tensor
@@ -77,9 +81,12 @@ def tma_aligned(t: torch.Tensor) -> bool:
 
 def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str | None:
     """``None`` when the Hopper forward covers this call (the backward adds its own rules), else the reason it
-    does not (for logs and tests). ``softcap`` is covered (the kernels' ``SOFTCAP``, with ``tanh.approx.f32``)."""
+    does not (for logs and tests). ``softcap``: the kernels' ``SOFTCAP`` (``tanh.approx.f32``) once
+    :data:`SOFTCAP_CHECKED`."""
     if not ENABLED:
         return "the Gluon Hopper kernels are off (not importable, interpreter, or DS_BURST_HOPPER_KERNELS=0)"
+    if softcap is not None and not SOFTCAP_CHECKED:
+        return "softcap: the Hopper softcap variants are not yet checked on a GPU (SOFTCAP_CHECKED)"
     if q.device.type != "cuda" or not _is_sm90(q.device.index if q.device.index is not None else 0):
         return "not a compute-capability 9.x GPU"
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
