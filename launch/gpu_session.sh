@@ -195,7 +195,8 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
         >"$OUT/kernels_softcap.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/kernels_softcap.log" | tail -16 | cut -c1-250 ;;
     emulate_host)  # the host-bound cells: one rank of P=16/32 at 128K, flat ring, Hkv=8, 3 timed iterations, with
-      # the light launch and without it (DS_BURST_FAST_LAUNCH=0), each under half the limit
+      # the light launch and without it (DS_BURST_FAST_LAUNCH=0), each under half the limit (the two differ only
+      # once fast_launch.TRITON_RELEASES declares the light launch for this triton)
       for fast in 1 0; do
         DS_BURST_FAST_LAUNCH=$fast timeout $((limit / 2)) python3 launch/bench_emulate.py --world 16 32 --seqs 131072 \
           --kv-heads 8 --schedules ring --gpus-per-node 8 --kernels triton --iters 3 --warmup 1 \
