@@ -70,7 +70,14 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--methods", nargs="+", default=None, help="subset of the methods to time (default: all)")
+    ap.add_argument("--hopper-softcap", action="store_true",
+                    help="run softcap on the Hopper kernels even before hopper_common.SOFTCAP_CHECKED (to time them "
+                         "in the call that runs their GPU tests)")
     args = ap.parse_args()
+    if args.hopper_softcap:
+        from ds_burst.kernels import hopper_common
+
+        hopper_common.SOFTCAP_CHECKED = True
     from torch.nn.attention import SDPBackend
 
     methods = {

@@ -191,7 +191,7 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/alst_memory.log" | tail -40 | cut -c1-260 ;;
     kernels_softcap)  # softcap against the plain kernel and cuDNN, D=128, 8K and 32K (issue 26)
       timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels_softcap.json" --seqs ${KS_SEQS:-8192 32768} \
-        --head-dims 128 --methods ds-burst-triton ds-burst-triton-softcap sdpa-cudnn --iters 3 \
+        --head-dims 128 --methods ds-burst-triton ds-burst-triton-softcap sdpa-cudnn --iters 3 --hopper-softcap \
         >"$OUT/kernels_softcap.log" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/kernels_softcap.log" | tail -16 | cut -c1-250 ;;
     emulate_host)  # the host-bound cells: one rank of P=16/32 at 128K, flat ring, Hkv=8, 3 timed iterations, with
