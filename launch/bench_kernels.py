@@ -129,7 +129,7 @@ def main() -> None:
     cols = ["method", "S", "D", "causal", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "peak_gib",
             "fwdbwd_vs_sdpa-cudnn", "fwdbwd_vs_sdpa-flash", "softcap_vs_plain", "error"]
     print_table(rows, cols)
-    meta = device_meta() | {"command": " ".join(sys.argv)}
+    meta = device_meta() | {"command": " ".join(sys.argv), "hopper_softcap": args.hopper_softcap}
     write_json(args.out, meta, rows)
     _plot(rows, os.path.splitext(args.out)[0] + ".png")
 
