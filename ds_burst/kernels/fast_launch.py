@@ -45,6 +45,7 @@ WRITTEN_FOR: tuple[str, ...] = ("3.6.",)
 """The releases whose launcher layout this module reads (the GPU test turns the light launch on for them)."""
 MAX_MAPS = 4096
 """Expanded descriptors kept per compiled variant before the cache is cleared."""
+_TensorDescriptor: Any = None  # Gluon's, imported on the first build
 
 
 def _release_ok() -> bool:
@@ -72,9 +73,10 @@ class Desc(NamedTuple):
 
     def build(self) -> Any:
         """The ``TensorDescriptor`` the JIT takes."""
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-        return TensorDescriptor(self.base, list(self.shape), list(self.strides), list(self.block), self.layout)
+        global _TensorDescriptor
+        if _TensorDescriptor is None:
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _TensorDescriptor
+        return _TensorDescriptor(self.base, list(self.shape), list(self.strides), list(self.block), self.layout)
 
 
 class _Variant:
