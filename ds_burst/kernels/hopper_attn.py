@@ -12,12 +12,12 @@ input dtype (the one-rank path, :func:`ds_burst.kernels.triton_attn.attend`). ``
 consumer also keeps its rows' largest visible raw ``q.k`` and raises ``max_out`` to it times ``scale`` at the end.
 ``softcap=`` (``SOFTCAP``): the ``tl`` kernel's logits ``softcap * tanh(scale * q.k / softcap)``, in the log2
 domain ``tanh(q.k * qk_scale) * cap2`` (``qk_scale = scale / softcap``, ``cap2 = softcap * log2(e)``,
-:func:`~ds_burst.kernels.hopper_common.softcap_args`) with ``tanh.approx.f32``; ``max_out`` is taken before the cap.
+:func:`~ds_burst.kernels.tile_math.softcap_args`) with ``tanh.approx.f32``; ``max_out`` is taken before the cap.
 
-What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, softcap or not, at
-least 128 query and key rows, and q/k/v whose heads sit side by side in a row (stride of the head dim 1, of the heads
-``D``, 16-byte aligned), so that a 3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`why_not` names
-what a call lacks;
+What it covers: CUDA devices of compute capability 9.x, fp16/bf16, ``D = Dv`` in {64, 128}, softcap once its
+variants are checked on a GPU (``hopper_common.SOFTCAP_CHECKED``), at least 128 query and key rows, and q/k/v
+whose heads sit side by side in a row (stride of the head dim 1, of the heads ``D``, 16-byte aligned), so that a
+3-D TMA descriptor ``[B, S, H * D]`` addresses them. :func:`why_not` names what a call lacks;
 :mod:`ds_burst.kernels.triton_attn` asks :func:`applicable` and keeps its ``tl`` kernel for everything else
 (other GPUs, the CPU interpreter, where Gluon does not run).
 
@@ -41,7 +41,7 @@ import torch
 
 from ds_burst.kernels import tile_math
 from ds_burst.kernels.fast_launch import Launcher
-from ds_burst.kernels.hopper_common import AVAILABLE, ENABLED, desc_spec, softcap_args, tma_aligned, why_not
+from ds_burst.kernels.hopper_common import AVAILABLE, ENABLED, desc_spec, tma_aligned, why_not
 
 __all__ = ["AVAILABLE", "ENABLED", "applicable", "fwd_step", "tma_aligned", "why_not"]
 
@@ -357,7 +357,7 @@ def fwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
-    qk_scale, cap2 = softcap_args(scale, softcap)
+    qk_scale, cap2 = tile_math.softcap_args(scale, softcap)
     bm, bn, stages = _CONFIGS[d]
     grid = (triton.cdiv(sq, bm), b * hq)
     mx = lse if max_out is None else max_out  # a dummy pointer without max_out (never read)

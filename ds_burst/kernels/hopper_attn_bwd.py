@@ -35,7 +35,7 @@ import torch
 
 from ds_burst.kernels import tile_math
 from ds_burst.kernels.fast_launch import Desc, Launcher
-from ds_burst.kernels.hopper_common import AVAILABLE, desc_spec, softcap_args, tma_aligned, why_not
+from ds_burst.kernels.hopper_common import AVAILABLE, desc_spec, tma_aligned, why_not
 
 __all__ = ["applicable", "bwd_step"]
 
@@ -398,7 +398,7 @@ def bwd_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     has_lo, has_hi, win_l, win_r = tile_math.mask_args(causal, window)
-    qk_scale, cap2 = softcap_args(scale, softcap)
+    qk_scale, cap2 = tile_math.softcap_args(scale, softcap)
     bm, bn, stages = _CONFIGS[d]
     grid = (-(-sk // bn), b * hkv)
     _BWD(grid, (desc_spec(q, bm), desc_spec(k, bn // 2), desc_spec(k, bn, d // 2), desc_spec(v, bn // 2),

@@ -1,12 +1,11 @@
 """What the Gluon Hopper (sm_90) forward and backward share: Gluon import and switch, the rules a call must meet
-(:func:`why_not`), TMA descriptors, the softcap arguments (:func:`softcap_args`) and ``tanh`` (``tanh_approx``),
-and the Gluon copies of :mod:`~ds_burst.kernels.tile_math`. Triton 3.6's Gluon.
+(:func:`why_not`), TMA descriptors, ``tanh`` (``tanh_approx``, for softcap) and the Gluon copies of
+:mod:`~ds_burst.kernels.tile_math`. Triton 3.6's Gluon.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -38,7 +37,6 @@ SOFTCAP_CHECKED: bool = False
 """Whether the softcap variants of the Hopper kernels have passed the GPU tests (``tests/test_hopper_kernels.py``,
 bf16 against float64) as they are: they compile for sm_90a but have not run on a GPU yet, so softcap calls stay on
 the ``tl`` kernels. The GPU tests set it to run them."""
-LOG2E = 1.4426950408889634
 _HEAD_DIMS = (64, 128)
 _MIN_ROWS = 128  # one query / key tile: the TMA boxes never exceed the tensor
 
@@ -52,19 +50,6 @@ if AVAILABLE:
         and later; relative error at most about ``2**-11``; +-inf give +-1): the softcap of both kernels."""
         return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
                                          pack=1)
-
-
-def softcap_args(scale: float, softcap: float | None) -> tuple[float, float]:
-    """The kernels' ``(qk_scale, cap2)``, as the ``tl`` kernels take them (``triton_attn._softcap_args``): without
-    softcap ``scale * log2(e)`` (log2-domain logits ``q.k * qk_scale``) and 1 (unused); with it ``scale / softcap``
-    and ``softcap * log2(e)`` (logits ``tanh(q.k * qk_scale) * cap2``, i.e. ``softcap * tanh(scale * q.k /
-    softcap)`` in the log2 domain)."""
-    if softcap is None:
-        return float(scale) * LOG2E, 1.0
-    c = float(softcap)
-    if not 0.0 < c < math.inf:
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    return float(scale) / c, c * LOG2E
 
 
 @functools.cache

@@ -16,6 +16,23 @@ from typing import Any
 
 from ds_burst.core.mask import window_bounds
 
+LOG2E = 1.4426950408889634
+"""``log2(e)``: the kernels' softmax runs in the log2 domain."""
+
+
+def softcap_args(scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(qk_scale, cap2)``, the logit arguments of every kernel family (``tl`` and Gluon Hopper): the kernels
+    multiply ``q.k`` by ``qk_scale``; without softcap that is ``scale * log2(e)`` (log2-domain logits; ``cap2`` 1,
+    unused), with it ``scale / softcap``, then ``tanh`` and times ``cap2 = softcap * log2(e)``. ``ValueError`` for a
+    softcap that is not a positive finite number."""
+    if softcap is None:
+        return float(scale) * LOG2E, 1.0
+    c = float(softcap)
+    if not 0.0 < c < math.inf:
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    return float(scale) / c, c * LOG2E
+
+
 ops: Any = types.SimpleNamespace(maximum=max, minimum=min, where=lambda c, a, b: a if c else b)
 """The operations the functions below use (``maximum``, ``minimum``, ``where``, ``log``): plain Python here."""
 

@@ -31,8 +31,9 @@ Design (docs/KERNELS.md has more):
   small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
 * On sm_90 (H100, H200) the launchers hand the calls that :mod:`ds_burst.kernels.hopper_attn` covers to its
   Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`; ``Tiles(hopper=False)``: never;
-  softcap too, with the same ``qk_scale`` / ``cap2`` and ``tanh.approx.f32``); these ``tl`` kernels stay the
-  portable path (other GPUs, the interpreter, ``Dv != D``, other head dims, ``deterministic=True``).
+  softcap too once ``hopper_common.SOFTCAP_CHECKED``, with the same ``qk_scale`` / ``cap2`` and
+  ``tanh.approx.f32``); these ``tl`` kernels stay the portable path (other GPUs, the interpreter, ``Dv != D``,
+  other head dims, ``deterministic=True``).
 * One rank, the whole block as the only tile: :func:`attend` / :func:`attend_bwd` run it in one Hopper launch
   each way with the outputs written in the input dtype (no fp32 state or gradient buffers for out, dK, dV), or
   return ``None`` where the Hopper kernels do not cover the call.
@@ -40,7 +41,6 @@ Design (docs/KERNELS.md has more):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +64,6 @@ INTERPRET: bool = settings.triton_interpret()
 _AUTOTUNE: bool = (not INTERPRET) and settings.flag(settings.TRITON_AUTOTUNE, True)
 
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -595,17 +594,6 @@ def _rules(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     return "bf16 under the interpreter (its bf16 dot is wrong)" if q.dtype == torch.bfloat16 else None
 
 
-def _softcap_args(scale: float, softcap: float | None) -> tuple[float, float, bool]:
-    """``(qk_scale, cap2, SOFTCAP)``: the kernels multiply ``q.k`` by ``qk_scale``; with softcap that is
-    ``scale / softcap``, then ``tanh`` and ``cap2 = softcap * log2(e)`` (log2-domain logits)."""
-    if softcap is None:
-        return float(scale) * _LOG2E, 1.0, False
-    c = float(softcap)
-    if not 0.0 < c < math.inf:
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    return float(scale) / c, c * _LOG2E, True
-
-
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     why = KERNEL.why_not(q, k, v)
     if why is not None:
@@ -623,7 +611,7 @@ class Tiles:
     :data:`TILES` follows the settings; benchmarks and tests make others (``Tiles(hopper=False)``: the portable
     ``tl`` kernels alone, on any GPU)."""
 
-    # the calls hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, softcap or not, TMA-addressable strides;
+    # the calls hopper_attn covers (sm_90, fp16/bf16, D = Dv in {64, 128}, softcap once checked, TMA strides;
     # DS_BURST_HOPPER_KERNELS=0: none) run on the Gluon forward
     hopper: bool = True
     # with hopper, the backward too (deterministic=False, TMA-readable lse/delta); on H200 at 32K it matched or beat
@@ -677,7 +665,8 @@ class Tiles:
         _check_shape("lse", lse, (b, hq, sq))
         if max_out is not None:
             _check_shape("max_out", max_out, (b, hq, sq))
-        qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
+        qk_scale, cap2 = tile_math.softcap_args(scale, softcap)
+        has_cap = softcap is not None
         if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
             return
         if (self.hopper and out.dtype == torch.float32 and lse.dtype == torch.float32
@@ -740,7 +729,8 @@ class Tiles:
         _check_shape("dq", dq, (b, sq, hq, d))
         _check_shape("dk", dk, (b, sk, hkv, d))
         _check_shape("dv", dv, (b, sk, hkv, d_v))
-        qk_scale, cap2, has_cap = _softcap_args(scale, softcap)
+        qk_scale, cap2 = tile_math.softcap_args(scale, softcap)
+        has_cap = softcap is not None
         if classify_block(q_offset, sq, k_offset, sk, causal, window) is BlockKind.EMPTY:
             return
         if dout.dtype != q.dtype:
