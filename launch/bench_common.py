@@ -51,6 +51,20 @@ def cuda_time_ms(fn: Callable[[], object], warmup: int = 2, iters: int = 5) -> f
     return times[len(times) // 2]
 
 
+def host_us(fn: Callable[[], object], calls: int = 50, warmup: int = 3) -> float:
+    """CPU microseconds per call of ``fn`` issued ``calls`` times back to back without a sync, after ``warmup``
+    calls, from an idle device: what the host spends per call while the GPU runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
 def dist_time_ms(fn: Callable[[], object], warmup: int = 1, iters: int = 4) -> float:
     """Median over iterations of the slowest rank's wall time (barrier before each), in ms."""
     import torch.distributed as dist

@@ -24,24 +24,10 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 from collections.abc import Callable
 
 import torch
-from bench_common import device_meta, print_table, write_json
-
-
-def host_us(fn: Callable[[], object], calls: int) -> float:
-    """CPU microseconds per call of ``fn`` issued ``calls`` times back to back (after 5 warm-up calls)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
+from bench_common import device_meta, host_us, print_table, write_json
 
 
 def profile_top(fn: Callable[[], object], calls: int, top: int = 25) -> str:
@@ -67,7 +53,7 @@ def _jit_path(fn: Callable[[], object], outs: list[torch.Tensor], calls: int) ->
     light = [t.clone() for t in outs]
     was, fast_launch.ENABLED = fast_launch.ENABLED, False
     try:
-        us = host_us(fn, calls)
+        us = host_us(fn, calls, warmup=5)
         fn()
         torch.cuda.synchronize()
     finally:
@@ -115,12 +101,13 @@ def bench(seq: int, heads: int, d: int, calls: int) -> tuple[list[dict], dict[st
     for name, check, launch, outs in (("fwd", fwd, fwd, [out, lse]), ("bwd", bwd, bwd_launch, [dq, dk, dv])):
         jit_us, same = _jit_path(check, outs, calls)
         rows.append({"kernel": f"hopper {name}_step", "seq": seq, "heads": heads, "d": d,
-                     "light_launch": fast_launch.ENABLED, "step_us": host_us(launch, calls), "step_jit_us": jit_us,
-                     "light_matches_jit": same, "descriptors_us": host_us(descs[name], calls)})
+                     "light_launch": fast_launch.ENABLED, "step_us": host_us(launch, calls, warmup=5),
+                     "step_jit_us": jit_us, "light_matches_jit": same,
+                     "descriptors_us": host_us(descs[name], calls, warmup=5)})
         profiles[f"{name}_step"] = profile_top(launch, calls)
     one = torch.ones(1, device=dev)
     rows.append({"kernel": "torch.add (1 element)", "seq": 1, "heads": 1, "d": 1,
-                 "step_us": host_us(lambda: torch.add(one, one), calls)})
+                 "step_us": host_us(lambda: torch.add(one, one), calls, warmup=5)})
     return rows, profiles
 
 

@@ -14,24 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from bench_common import attn_flops, cuda_time_ms, device_meta, print_table, write_json
-
-
-def _host_us(fn, calls: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
-
+from bench_common import attn_flops, cuda_time_ms, device_meta, host_us, print_table, write_json
 
 COLUMNS = ["method", "S", "ms", "tflops", "vs_sdpa_cudnn", "host_us_fwd", "host_us_fwd_nograd", "peak_gib", "error"]
 
@@ -73,8 +59,8 @@ def bench_shape(s: int, hq: int, hkv: int, d: int, kernels: list[str], iters: in
             ms = cuda_time_ms(lambda fwd=fwd: fwd().backward(do), warmup=3, iters=iters)
             row.update(ms=ms, tflops=flops / ms / 1e9, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
             with torch.no_grad():
-                row["host_us_fwd_nograd"] = _host_us(fwd)
-            row["host_us_fwd"] = _host_us(fwd)
+                row["host_us_fwd_nograd"] = host_us(fwd)
+            row["host_us_fwd"] = host_us(fwd)
             if method == "sdpa-cudnn":
                 peer_ms = ms
             row["vs_sdpa_cudnn"] = peer_ms / ms if peer_ms else None
