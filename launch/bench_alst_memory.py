@@ -320,14 +320,14 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
     params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
     state: dict[str, Any] = {}
+    burst_offload = method in ("alst-offloaded", "ds-burst")  # ds-burst's offload of the checkpointed layer inputs
     if method in ALST_METHODS:
         for layer in model.model.layers:
             alst_tiled_mlp(layer.mlp)
-        if method == "alst-offloaded":
-            burst_checkpoint_offload(model, state)
     elif method == "ds-burst":
         for layer in model.model.layers:
             burst_tiled_mlp(layer.mlp, tiles)
+    if burst_offload:
         burst_checkpoint_offload(model, state)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     ids, shift = ids.to(device), shift.to(device)
@@ -350,10 +350,6 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
                                                      ignore_index=-100, reduction="sum")
 
         def step_loss() -> torch.Tensor:
-            if method == "alst-offloaded":
-                from ds_burst.attention.selective import ActivationOffload
-
-                state["offload"] = ActivationOffload()
             hidden = engine.module.model(input_ids=ids, position_ids=position_ids).last_hidden_state
             total = TiledFusedLogitsLoss.apply(loss_fn, engine.module, hidden, shift, None, shards,
                                                [engine.module.lm_head.weight], "sum")
@@ -364,22 +360,24 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
         def step_loss() -> torch.Tensor:
             return engine(input_ids=ids, position_ids=position_ids, labels=ids).loss
     else:
-        from ds_burst.attention.selective import ActivationOffload
         from ds_burst.training.memory import chunked_lm_head_loss
 
         offload_ctx = None
 
         def step_loss() -> torch.Tensor:
-            state["offload"] = ActivationOffload()
             hidden = engine.module.model(input_ids=ids, position_ids=position_ids).last_hidden_state
             ce, count = chunked_lm_head_loss(hidden, engine.module.lm_head, shift, chunk)
             return ce / count.clamp(min=1).to(ce.dtype)
+
+    from ds_burst.attention.selective import ActivationOffload
 
     losses, times = [], []
     for _ in range(args.steps):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        if burst_offload:  # one offload per step, as BurstLlama keeps it
+            state["offload"] = ActivationOffload()
         if offload_ctx is not None:
             with offload_ctx:
                 loss = step_loss()
