@@ -116,22 +116,24 @@ def main() -> None:
                 del q, k, v, do
     # ratios against the peers measured in the same run
     for r in rows:
-        for peer in ("sdpa-cudnn", "sdpa-flash"):
-            p = next((x for x in rows if x["method"] == peer and x["S"] == r["S"] and x["D"] == r["D"]
-                      and x["causal"] == r["causal"] and "fwd_ms" in x), None)
-            if p and "fwd_ms" in r:
-                r[f"fwdbwd_vs_{peer}"] = p["fwdbwd_ms"] / r["fwdbwd_ms"]
-        if r["method"] == "ds-burst-triton-softcap" and "fwdbwd_ms" in r:  # its rate against the plain kernel's
-            p = next((x for x in rows if x["method"] == "ds-burst-triton" and x["S"] == r["S"] and x["D"] == r["D"]
-                      and x["causal"] == r["causal"] and "fwdbwd_ms" in x), None)
-            if p:
-                r["softcap_vs_plain"] = p["fwdbwd_ms"] / r["fwdbwd_ms"]
+        ratios = {f"fwdbwd_vs_{peer}": _ratio(rows, r, peer) for peer in ("sdpa-cudnn", "sdpa-flash")}
+        if r["method"] == "ds-burst-triton-softcap":  # its rate against the plain kernel's
+            ratios["softcap_vs_plain"] = _ratio(rows, r, "ds-burst-triton")
+        r.update({k: v for k, v in ratios.items() if v is not None})
     cols = ["method", "S", "D", "causal", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops", "peak_gib",
             "fwdbwd_vs_sdpa-cudnn", "fwdbwd_vs_sdpa-flash", "softcap_vs_plain", "error"]
     print_table(rows, cols)
     meta = device_meta() | {"command": " ".join(sys.argv), "hopper_softcap": args.hopper_softcap}
     write_json(args.out, meta, rows)
     _plot(rows, os.path.splitext(args.out)[0] + ".png")
+
+
+def _ratio(rows: list[dict], r: dict, peer: str) -> float | None:
+    """``peer``'s forward+backward time over row ``r``'s at the same shape in the same run (``None`` where either
+    did not run)."""
+    p = next((x for x in rows if x["method"] == peer and (x["S"], x["D"], x["causal"]) == (r["S"], r["D"], r["causal"])
+              and "fwdbwd_ms" in x), None)
+    return p["fwdbwd_ms"] / r["fwdbwd_ms"] if p is not None and "fwdbwd_ms" in r else None
 
 
 def _plot(rows: list[dict], path: str) -> None:
