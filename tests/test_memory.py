@@ -733,3 +733,244 @@ def test_longest_sequence_is_the_boundary_of_the_estimate(sp, opts):
             assert estimate_memory(cfg, n, sp=sp, **opts)["total"] <= budget
         assert estimate_memory(cfg, n + step, sp=sp, **opts)["total"] > budget
     assert longest_sequence(cfg, 1e-6, sp=sp, **opts) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# offload of the first layers only (offload_checkpoints as a fraction) and the offload plan
+
+
+def test_offload_fraction_picks_the_first_layers_round_down():
+    from ds_burst.training.model import offloaded_layer_count
+
+    cfg = ModelConfig(num_layers=4, offload_checkpoints=0.5)
+    assert [cfg.offloads_input(i) for i in range(4)] == [True, True, False, False]
+    assert ModelConfig(num_layers=4, offload_checkpoints=0.3).offloaded_layers() == 1  # floor(1.2)
+    assert ModelConfig(num_layers=4, offload_checkpoints=0.2).offloaded_layers() == 0
+    assert ModelConfig(num_layers=4, offload_checkpoints=True).offloaded_layers() == 4
+    assert ModelConfig(num_layers=4, offload_checkpoints=1.0).offloaded_layers() == 4
+    assert ModelConfig(num_layers=4).offloaded_layers() == 0
+    assert [offloaded_layer_count(k / 28, 28) for k in range(29)] == list(range(29))  # k / L gives back k
+    for bad in (1, 0, -0.1, 1.5, "0.5", None):
+        with pytest.raises(ValueError, match="model.offload_checkpoints"):
+            ModelConfig(offload_checkpoints=bad)
+
+
+def test_activation_offload_skipped_slots_keep_the_prefetch_chain():
+    """Slots 0, 1 offloaded, 2, 3 skipped: re-running region 3 fetches nothing, region 2 (the last re-run with its
+    input on the device) starts fetching region 1's input, region 1 waits for it and starts region 0's."""
+    from ds_burst.attention.selective import ActivationOffload
+
+    off = ActivationOffload()
+    xs = [torch.full((3, 5), float(i)) for i in range(4)]
+    assert [off.add(xs[0]), off.add(xs[1]), off.skip(), off.skip()] == [0, 1, 2, 3]
+    assert off.offloaded() == [0, 1] and all(x.untyped_storage().nbytes() == 0 for x in xs[:2])
+
+    def back() -> list[bool]:
+        return [x.untyped_storage().nbytes() > 0 for x in xs[:2]]
+
+    off.before_rerun(3)
+    assert back() == [False, False]
+    off.before_rerun(2)
+    assert back() == [False, True] and torch.equal(xs[1], torch.full((3, 5), 1.0))
+    off.before_rerun(1)
+    assert back() == [True, True] and torch.equal(xs[0], torch.zeros(3, 5))
+    off.before_rerun(0)
+
+
+class _RecordingOffload:
+    """Stands in for ``ActivationOffload`` in the model: remembers the instance and the order of the re-runs."""
+
+    made: list = []
+
+    def __new__(cls):
+        from ds_burst.attention.selective import ActivationOffload
+
+        class Rec(ActivationOffload):
+            def __init__(self):
+                super().__init__()
+                self.reruns = []
+
+            def before_rerun(self, i):
+                self.reruns.append(i)
+                super().before_rerun(i)
+
+        inst = Rec()
+        cls.made.append(inst)
+        return inst
+
+
+@pytest.mark.parametrize("opts", ids=_opts_id, argvalues=[
+    {"offload_checkpoints": 0.5},
+    {"offload_checkpoints": 0.3, "keep_attention_layers": 1.0},
+    {"offload_checkpoints": 0.75, "keep_attention_layers": 0.5, "keep_attention_tokens": "half"},
+])
+def test_offload_fraction_same_loss_and_grads_first_layers_only(opts, monkeypatch):
+    """Single process, fp32 (the estimator's lse is fp32), 4 layers: offloading the first k layers gives the loss and
+    every gradient of the same options without offload (and of plain checkpointing); exactly slots 0..k-1 go to
+    host (and their kept attention), every layer re-runs through the chain (last to first), and the estimator's
+    host_offload / kept_attention are the bytes offloaded / kept on the device."""
+    import ds_burst.training.model as model_mod
+    from ds_burst.attention.selective import reset_selective_stats, selective_stats
+    from ds_burst.training.estimate import GIB, estimate_model_memory
+
+    base = dict(vocab_size=50, hidden_size=24, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=32)
+    cfg = ModelConfig(**base, **opts)
+    k = cfg.offloaded_layers()
+    assert 0 < k < 4
+    torch.manual_seed(0)
+    ref = BurstLlama(ModelConfig(**base), activation_checkpointing=True)
+    keep_only = {n: v for n, v in opts.items() if n != "offload_checkpoints"}
+    on_device = BurstLlama(ModelConfig(**base, **keep_only), activation_checkpointing=True)
+    model = BurstLlama(cfg, activation_checkpointing=True)
+    on_device.load_state_dict(ref.state_dict())
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(20)
+    loss_ref, g_ref = _loss_and_grads(ref, ids, pos, ids)
+    reset_selective_stats()
+    loss_dev, g_dev = _loss_and_grads(on_device, ids, pos, ids)
+    kept_all = selective_stats()["kept_bytes"]
+    monkeypatch.setattr(model_mod, "ActivationOffload", _RecordingOffload)
+    _RecordingOffload.made.clear()
+    reset_selective_stats()
+    loss, g = _loss_and_grads(model, ids, pos, ids)
+    st = selective_stats()
+    _close(loss, loss_dev, 1e-7)
+    _close(loss, loss_ref, 1e-6)
+    assert g.keys() == g_ref.keys()
+    for n in g_ref:
+        _close(g[n], g_dev[n], 1e-7)
+        _close(g[n], g_ref[n], 1e-5)
+    (off,) = _RecordingOffload.made
+    assert off.offloaded() == list(range(k)) and len(off.inputs) == 4
+    assert [kp is not None and kp.offload for kp in off.keeps[:k]] == [cfg.keeps_attention(i) for i in range(k)]
+    assert off.keeps[k:] == [None] * (4 - k)
+    assert off.reruns == [3, 2, 1, 0]
+    assert st["kept_bytes"] == kept_all  # the same attention is kept, part of it on the host
+    kept_host = sum(kept_all // sum(cfg.keeps_attention(i) for i in range(4)) for i in range(k)
+                    if cfg.keeps_attention(i))
+    inputs = k * 2 * 20 * 24 * 4
+    assert st["offloaded_bytes"] == st["restored_bytes"] == inputs + kept_host
+    est = estimate_model_memory(cfg, 20, dtype_bytes=4, activation_checkpointing=True, micro_batch=2)
+    assert est["host_offload"] * GIB == inputs + kept_host
+    assert est["kept_attention"] * GIB == kept_all - kept_host
+
+
+def _resident_saved_bytes_after_forward(model, ids, pos, labels) -> int:
+    """Bytes still held, once the forward returned, by the distinct storages it saved for backward (parameters
+    excluded): an offloaded storage has been freed (0 bytes) by then. Storages are told apart by their storage
+    object (``_cdata``), not their address, which a freed one hands on to a later tensor."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            seen.setdefault(st._cdata, st)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, pos, labels)
+    held = sum(st.nbytes() for st in seen.values())
+    del loss
+    return held
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_estimate_memory_gpu_activations_with_offload_fraction(fraction):
+    """fp32, local attention, 4 layers, the first k offloaded: the layer inputs on the device after the forward are
+    the last 4 - k (>= 2 here, so the estimator's max(L - k, 2) is that count), as the estimator counts them."""
+    from ds_burst.training.estimate import GIB, estimate_memory
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
+                      intermediate_size=80, offload_checkpoints=fraction)
+    model = BurstLlama(cfg, attention="local", activation_checkpointing=True)
+    s = 96
+    ids = torch.randint(0, 300, (1, s))
+    held = _resident_saved_bytes_after_forward(model, ids, torch.arange(s), ids)
+    est = estimate_memory(cfg, s, dtype_bytes=4, activation_checkpointing=True, offload_checkpoints=fraction)
+    none = estimate_memory(cfg, s, dtype_bytes=4, activation_checkpointing=True)
+    k = cfg.offloaded_layers()
+    assert none["activations"] - est["activations"] == pytest.approx(k * s * 48 * 4 / GIB, rel=1e-12)
+    assert abs(est["activations"] * GIB - held) <= 0.01 * held, (est["activations"] * GIB, held)
+    assert est["host_offload"] * GIB == k * s * 48 * 4
+
+
+def _big_cfg() -> ModelConfig:
+    return ModelConfig(vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8,
+                       intermediate_size=8192)
+
+
+PLAN_KW = dict(zero_stage=3, activation_checkpointing=True, offload_optimizer=True, lm_head_chunk_tokens=8192,
+               mlp_tiles=64)
+
+
+def test_plan_offload_smallest_fitting_fraction():
+    from ds_burst.training.estimate import estimate_memory, host_bytes, plan_offload
+
+    cfg, seq = _big_cfg(), 262144
+    est = [estimate_memory(cfg, seq, offload_checkpoints=k / 28, **PLAN_KW) for k in range(29)]
+    gpu = [e["total"] for e in est]
+    assert all(a >= b for a, b in zip(gpu, gpu[1:])) and gpu[0] > gpu[-1]  # offloading more never costs GPU memory
+    host = [host_bytes(e, 16.0) for e in est]
+    assert all(a < b for a, b in zip(host, host[1:]))
+    budget = (gpu[9] + gpu[10]) / 2  # 10 layers is the fewest that fit
+    assert gpu[10] <= budget < gpu[9]
+    assert plan_offload(cfg, seq, budget, 1e9, 16.0, **PLAN_KW) == 10 / 28
+    assert plan_offload(cfg, seq, budget, host[10], 16.0, **PLAN_KW) == 10 / 28  # the host just fits
+    assert plan_offload(cfg, seq, budget, host[10] - 0.01, 16.0, **PLAN_KW) is None  # more layers only need more
+    assert plan_offload(cfg, seq, budget, 2 * host[10], 16.0, ranks_per_host=2, **PLAN_KW) == 10 / 28
+    assert plan_offload(cfg, seq, budget, 2 * host[10] - 0.01, 16.0, ranks_per_host=2, **PLAN_KW) is None
+    assert plan_offload(cfg, seq, gpu[0], 1e9, **PLAN_KW) == 0.0  # the GPU holds everything: nothing offloaded
+    assert plan_offload(cfg, seq, gpu[-1] - 0.01, 1e9, **PLAN_KW) is None  # not even offloading every layer fits
+    # an offload_checkpoints given along is ignored; without checkpointing nothing can be offloaded
+    assert plan_offload(cfg, seq, budget, 1e9, 16.0, offload_checkpoints=True, **PLAN_KW) == 10 / 28
+    no_ckpt = {**PLAN_KW, "activation_checkpointing": False}
+    plain = estimate_memory(cfg, seq, **no_ckpt)["total"]
+    assert plan_offload(cfg, seq, plain, 1e9, **no_ckpt) == 0.0
+    assert plan_offload(cfg, seq, plain - 0.01, 1e9, **no_ckpt) is None
+    with pytest.raises(ValueError, match="ranks_per_host"):
+        plan_offload(cfg, seq, budget, 1e9, ranks_per_host=0, **PLAN_KW)
+    for bad in (1, 2.0, -0.5, "all"):
+        with pytest.raises(ValueError, match="offload_checkpoints"):
+            estimate_memory(cfg, seq, offload_checkpoints=bad, **PLAN_KW)
+
+
+def test_longest_sequence_with_a_host_budget():
+    """GPU 76 GiB: with ample host memory the longest sequence is the GPU-only one with every layer offloaded; with
+    128 GiB of host (16 GiB fixed) it is shorter, and it is the boundary of plan_offload."""
+    from ds_burst.training.estimate import estimate_memory, host_bytes, longest_sequence, plan_offload
+
+    cfg, step = _big_cfg(), 2048
+    gpu_only = longest_sequence(cfg, 76.0, offload_checkpoints=True, **PLAN_KW)
+    assert gpu_only > 0
+    assert longest_sequence(cfg, 76.0, host_budget_gib=1e6, **PLAN_KW) == gpu_only
+    assert longest_sequence(cfg, 76.0, host_budget_gib=1e6, offload_checkpoints=False, **PLAN_KW) == gpu_only
+    tight = longest_sequence(cfg, 76.0, host_budget_gib=128.0, host_fixed_gib=16.0, **PLAN_KW)
+    assert 0 < tight < gpu_only and tight % step == 0
+    frac = plan_offload(cfg, tight, 76.0, 128.0, 16.0, **PLAN_KW)
+    assert frac is not None and 0 < frac < 1
+    e = estimate_memory(cfg, tight, offload_checkpoints=frac, **PLAN_KW)
+    assert e["total"] <= 76.0 and host_bytes(e, 16.0) <= 128.0
+    assert plan_offload(cfg, tight + step, 76.0, 128.0, 16.0, **PLAN_KW) is None
+    # the GPU-only answer without offload is shorter still: the host is what the plan trades against
+    assert longest_sequence(cfg, 76.0, **PLAN_KW) < tight
+    assert longest_sequence(cfg, 76.0, host_budget_gib=50.0, **PLAN_KW) == 0  # the optimizer alone is 54 GiB
+
+
+def test_plan_memory_command_line_with_host_memory(capsys):
+    from ds_burst.cli.plan import main
+
+    argv = ["--memory", "--seq", "524288", "--gpus-per-node", "1", "--heads", "24", "--kv-heads", "8", "--layers", "28",
+            "--intermediate", "8192", "--checkpointing", "--lm-head-chunk", "8192", "--mlp-tiles", "64",
+            "--offload-optimizer", "--gpu-memory", "76"]
+    main(argv + ["--offload-checkpoints", "0.5"])
+    out = capsys.readouterr().out
+    assert "host_offload" in out and "longest sequence within 76 GiB per GPU: S=" in out
+    main(argv + ["--host-memory", "128", "--host-fixed", "16"])
+    out = capsys.readouterr().out
+    assert "at S=524288: offload_checkpoints=0.6786 (the first 19 of 28 layers" in out
+    assert "longest sequence within 76 GiB per GPU and 128 GiB per node: S=" in out
+    for bad in (["--offload-checkpoints", "1.5"], ["--host-memory", "128"]):
+        with pytest.raises(SystemExit):
+            main(["--memory", "--seq", "131072", *bad])

@@ -276,9 +276,13 @@ def active_keep() -> AttentionKeep | None:
 class ActivationOffload:
     """Host offload of the inputs of a chain of checkpointed regions, for one forward pass.
 
-    :meth:`add` (after region ``i``'s forward) copies its input to host and frees the device storage; the
-    region's re-run (see :func:`region`) calls :meth:`before_rerun`, which waits for input ``i`` (and the
-    region's kept attention) to be back and starts bringing back region ``i - 1``'s.
+    Every region of the chain takes one slot, in forward order: :meth:`add` (after region ``i``'s forward) copies
+    its input to host and frees the device storage; :meth:`skip` gives a region that keeps its input on the
+    device an empty slot. The region's re-run (see :func:`region`) calls :meth:`before_rerun`, which waits for
+    input ``i`` (and the region's kept attention) to be back and starts bringing back region ``i - 1``'s, if that
+    one was offloaded. So with the first ``k`` regions offloaded and the rest skipped, the re-run of region ``k``
+    (of those that kept their input on the device, the one backward re-runs last) starts fetching region
+    ``k - 1``'s input.
     """
 
     def __init__(self) -> None:
@@ -290,6 +294,17 @@ class ActivationOffload:
         self.inputs.append(HostCopy(x, free_source=True) if owns_storage(x) else None)
         self.keeps.append(keep)
         return len(self.inputs) - 1
+
+    def skip(self) -> int:
+        """A region whose input (and kept attention) stays on the device: an empty slot, so that the indices of
+        the later regions stay their positions in the chain; returns the region's index."""
+        self.inputs.append(None)
+        self.keeps.append(None)
+        return len(self.inputs) - 1
+
+    def offloaded(self) -> list[int]:
+        """Indices of the regions whose input went to host memory."""
+        return [i for i, h in enumerate(self.inputs) if h is not None]
 
     def _prefetch(self, i: int) -> None:
         h = self.inputs[i]

@@ -1,5 +1,6 @@
 """Memory estimator: per-GPU bytes of training the built-in Llama-style model (``python -m ds_burst.plan --memory``),
-and the working set of the attention ring's buffers. Pure arithmetic over the config."""
+the host bytes beside them, the offload fraction that fits both (:func:`plan_offload`), and the working set of the
+attention ring's buffers. Pure arithmetic over the config."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from typing import Any
 
 from ds_burst.core.cost import choose_backward
+from ds_burst.training.model import offloaded_layer_count
 
 GIB = float(1 << 30)
 
@@ -24,7 +26,7 @@ def estimate_memory(
     mlp_tiles: int = 1,
     keep_attention_layers: float = 0.0,
     keep_attention_tokens: str = "all",
-    offload_checkpoints: bool = False,
+    offload_checkpoints: bool | float = False,
     backward: str = "auto",
     offload_optimizer: bool = False,
 ) -> dict[str, float]:
@@ -57,10 +59,16 @@ def estimate_memory(
       checkpointing):
       the attention output and lse kept for the re-run, ``n*nh*(D*b + 4)`` per kept layer (half of it with
       ``keep_attention_tokens="half"``), for ``keep_attention_layers`` of the ``L`` layers (as
-      ``ModelConfig.keeps_attention`` picks them); 0 on the GPU with ``offload_checkpoints``.
-    * ``offload_checkpoints`` (with checkpointing): the layer inputs live in host memory; the GPU holds at
-      most two at a time (the one re-run and the one being fetched), and the reported ``host_offload`` entry
-      (host bytes: all layer inputs and kept attention) is **not** part of ``total``.
+      ``ModelConfig.keeps_attention`` picks them); only the layers that keep their input on the GPU count here
+      (the offloaded layers' kept attention is host memory, below).
+    * ``offload_checkpoints`` (with checkpointing): ``True`` every layer, ``False`` none, or a fraction ``f``:
+      the inputs of the first ``k = floor(f*L)`` layers (and their kept attention) live in host memory
+      (``ModelConfig.offloads_input``), the last ``L - k`` keep theirs on the GPU. The GPU then holds
+      ``max(L - k, min(L, 2))`` layer inputs instead of ``L``: the ``L - k`` device-kept ones until backward has
+      passed them (they are re-run first), then at most two offloaded ones at a time (the one re-run and the one
+      being fetched), never both groups at once. The reported ``host_offload`` entry (host bytes: the ``k``
+      offloaded inputs, ``k*n*H*b``, and their kept attention) is present when ``k > 0`` and is **not** part of
+      ``total``. :func:`plan_offload` picks the smallest ``k`` that fits a GPU and a host budget.
     * ``attn_buffers``: the ring's working set, held by the buffer pool (``ds_burst.ring.pool``) between calls:
       the larger of the forward's (K/V receive buffers, double-buffered, ``4*n*Hkv*D*b``, plus the fp32 output
       accumulator ``4*n*nh*D`` for 16-bit inputs) and the backward's. Burst backward: travelling
@@ -97,6 +105,8 @@ def estimate_memory(
         raise ValueError(f"keep_attention_tokens: expected 'all' or 'half', got {keep_attention_tokens!r}")
     if backward not in ("auto", "burst", "ring"):
         raise ValueError(f"backward: expected 'auto', 'burst' or 'ring', got {backward!r}")
+    n_off = offloaded_layer_count(offload_checkpoints, cfg.num_layers)  # validates it too
+    n_off = n_off if activation_checkpointing else 0
     b = dtype_bytes
     n_ranks = dp * sp
     p = cfg.num_params()
@@ -110,9 +120,8 @@ def estimate_memory(
         "optimizer": p * k_opt / (n_ranks if zero_stage >= 1 else 1),
     }
     layer_full = 10 * h + nh + 2 + (4 * i if mlp_tiles == 1 else 0)
-    offload = bool(offload_checkpoints) and activation_checkpointing
     if activation_checkpointing:
-        act = n * (min(layers, 2) if offload else layers) * h * b
+        act = n * max(layers - n_off, min(layers, 2) if n_off else 0) * h * b
     else:
         act = n * layers * layer_full * b
     act += n * (3 * h + 2 * d + 3) * b
@@ -129,13 +138,15 @@ def estimate_memory(
     out["recompute_peak"] = rec
     out["attn_buffers"] = attention_buffer_bytes(n, nh, cfg.num_kv_heads, d, b, backward) if sp > 1 else 0.0
     kept = 0.0
-    host = n * layers * h * b if offload else 0.0
+    host = n * n_off * h * b  # the first n_off layers' inputs
     if activation_checkpointing:
-        n_keep = sum(math.floor((j + 1) * f + 1e-9) > math.floor(j * f + 1e-9) for j in range(layers))
-        kept = n_keep * n * nh * (d * b + 4) * (0.5 if keep_attention_tokens == "half" else 1.0)
-    if offload:
-        host += kept
-        kept = 0.0
+        per_layer = n * nh * (d * b + 4) * (0.5 if keep_attention_tokens == "half" else 1.0)
+        for j in range(layers):  # as ModelConfig.keeps_attention; the first n_off layers keep theirs on the host
+            if math.floor((j + 1) * f + 1e-9) > math.floor(j * f + 1e-9):
+                if j < n_off:
+                    host += per_layer
+                else:
+                    kept += per_layer
     out["kept_attention"] = kept
     host_opt = 0.0
     if offload_optimizer:
@@ -144,19 +155,61 @@ def estimate_memory(
     out = {k: val / GIB for k, val in out.items()}
     transient = max(out["logits_peak"], out["recompute_peak"] + out["attn_buffers"])
     out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "activations", "kept_attention")) + transient
-    if offload:
+    if n_off:
         out["host_offload"] = host / GIB
     if offload_optimizer:
         out["host_optimizer"] = host_opt / GIB
     return out
 
 
-def longest_sequence(cfg: Any, budget_gib: float, sp: int = 1, step: int | None = None, **kwargs: Any) -> int:
+def host_bytes(est: dict[str, float], host_fixed_gib: float = 0.0, ranks_per_host: int = 1) -> float:
+    """Host memory (GiB) of one host for an :func:`estimate_memory` result: ``ranks_per_host`` processes, each with
+    its ``host_offload`` and ``host_optimizer`` entries (0 when absent) and ``host_fixed_gib`` of its own (the
+    runtime, the pinned buffers of the data path, ...: whatever the process holds beside those two)."""
+    return ranks_per_host * (est.get("host_offload", 0.0) + est.get("host_optimizer", 0.0) + host_fixed_gib)
+
+
+def plan_offload(cfg: Any, seq_len: int, gpu_budget_gib: float, host_budget_gib: float, host_fixed_gib: float = 0.0,
+                 ranks_per_host: int = 1, **kwargs: Any) -> float | None:
+    """The smallest ``offload_checkpoints`` fraction ``k / L`` (``k = 0 .. L`` layers, ``L = cfg.num_layers``) with
+    which training ``seq_len`` tokens fits both memories: :func:`estimate_memory`'s ``total`` (with ``kwargs``) within
+    ``gpu_budget_gib`` per GPU, and :func:`host_bytes` (``ranks_per_host`` processes' ``host_offload`` +
+    ``host_optimizer`` + ``host_fixed_gib``) within ``host_budget_gib`` per host; ``None`` when no ``k`` fits.
+
+    Offloading one more layer never raises the GPU total and never lowers the host bytes, so the answer is the
+    smallest ``k`` whose GPU total fits, if its host bytes fit too (a larger ``k`` only needs more host memory).
+    Without activation checkpointing nothing is offloaded: ``0.0`` when the estimate fits, else ``None``. An
+    ``offload_checkpoints`` in ``kwargs`` is ignored (it is what this function picks)."""
+    if isinstance(ranks_per_host, bool) or not isinstance(ranks_per_host, int) or ranks_per_host < 1:
+        raise ValueError(f"ranks_per_host: expected a positive integer, got {ranks_per_host!r}")
+    kwargs.pop("offload_checkpoints", None)
+    layers = cfg.num_layers
+    for k in range(layers + 1):
+        est = estimate_memory(cfg, seq_len, offload_checkpoints=k / layers, **kwargs)
+        if est["total"] > gpu_budget_gib:
+            continue
+        return k / layers if host_bytes(est, host_fixed_gib, ranks_per_host) <= host_budget_gib else None
+    return None
+
+
+def longest_sequence(cfg: Any, budget_gib: float, sp: int = 1, step: int | None = None,
+                     host_budget_gib: float | None = None, host_fixed_gib: float = 0.0, ranks_per_host: int = 1,
+                     **kwargs: Any) -> int:
     """The longest sequence (a multiple of ``step``, default ``2 * sp * 1024`` tokens) whose estimated ``total``
     (:func:`estimate_memory` with ``kwargs``) fits in ``budget_gib`` GiB per GPU; 0 when not even ``step`` does.
-    The estimate grows with the length, so a doubling search then bisection finds it."""
+
+    With ``host_budget_gib`` (GiB per host, shared by ``ranks_per_host`` processes with ``host_fixed_gib`` each) the
+    host must hold the offloaded layer inputs and the offloaded optimizer too, and the offload fraction is chosen
+    per length by :func:`plan_offload` (``kwargs``' ``offload_checkpoints`` is ignored): a length fits when some
+    fraction fits both memories; call :func:`plan_offload` at the answer for the fraction. The estimate grows with
+    the length for every fraction, so "fits" stays monotone: a doubling search then bisection finds it."""
     step = step or 2 * sp * 1024
-    fits = lambda n: estimate_memory(cfg, n * step, sp=sp, **kwargs)["total"] <= budget_gib  # noqa: E731
+    if host_budget_gib is None:
+        fits = lambda n: estimate_memory(cfg, n * step, sp=sp, **kwargs)["total"] <= budget_gib  # noqa: E731
+    else:
+        def fits(n: int) -> bool:
+            return plan_offload(cfg, n * step, budget_gib, host_budget_gib, host_fixed_gib, ranks_per_host, sp=sp,
+                                **kwargs) is not None
     if not fits(1):
         return 0
     hi = 2

@@ -50,7 +50,9 @@ class ModelConfig:
     # under activation checkpointing (ds_burst.attention.selective); same results, less recompute or less device memory
     keep_attention_layers: float = 0.0  # fraction of layers whose attention output + lse are kept for the re-run
     keep_attention_tokens: str = "all"  # "all" (re-run skips the ring forward) or "half" (later half kept)
-    offload_checkpoints: bool = False  # layer inputs kept by checkpointing (and kept attention) go to host memory
+    # layer inputs kept by checkpointing (and kept attention) go to host memory: true (every layer), false (none) or
+    # a fraction of the layers, the first ones (see offloads_input)
+    offload_checkpoints: bool | float = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -79,14 +81,25 @@ class ModelConfig:
         if self.keep_attention_tokens not in KEEP_TOKENS:
             raise ValueError(f"model.keep_attention_tokens: expected one of {list(KEEP_TOKENS)}, "
                              f"got {self.keep_attention_tokens!r}")
-        if not isinstance(self.offload_checkpoints, bool):
-            raise ValueError(f"model.offload_checkpoints: expected true or false, got {self.offload_checkpoints!r}")
+        offloaded_layer_count(self.offload_checkpoints, self.num_layers, "model.offload_checkpoints")
 
     def keeps_attention(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` keeps its attention output under activation checkpointing
         (``keep_attention_layers`` of the layers, spread evenly: layer ``i`` when ``floor((i+1) f) > floor(i f)``)."""
         f = float(self.keep_attention_layers)
         return math.floor((layer + 1) * f + 1e-9) > math.floor(layer * f + 1e-9)
+
+    def offloaded_layers(self) -> int:
+        """How many decoder layers offload their checkpointed input (:func:`offloaded_layer_count`)."""
+        return offloaded_layer_count(self.offload_checkpoints, self.num_layers, "model.offload_checkpoints")
+
+    def offloads_input(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (0-based) moves its checkpointed input (and its kept attention) to host
+        memory under activation checkpointing: the first ``k`` layers do, ``k`` = :meth:`offloaded_layers`
+        (``L`` for true, 0 for false, ``floor(f * L)`` for a fraction ``f``). The first layers, because backward
+        re-runs them last: their inputs have the longest time to come back, while the last layers, re-run first,
+        keep theirs on the device."""
+        return layer < self.offloaded_layers()
 
     @property
     def head_dim(self) -> int:
@@ -116,6 +129,20 @@ class ModelConfig:
         ``6 * params`` plus causal attention ``6 * L * seq * Hq * D`` (halved again by a window)."""
         ctx = seq_len if self.sliding_window is None else min(seq_len, 2 * self.sliding_window)
         return 6.0 * self.num_params() + 6.0 * self.num_layers * ctx * self.num_heads * self.head_dim
+
+
+def offloaded_layer_count(offload: Any, num_layers: int, name: str = "offload_checkpoints") -> int:
+    """The number ``k`` of decoder layers (of ``num_layers``) whose checkpointed inputs go to host memory for the
+    ``offload_checkpoints`` value ``offload``: ``True`` every layer, ``False`` none, a float ``f`` in ``[0, 1]`` the
+    round-down ``k = floor(f * num_layers)`` (``k / num_layers`` gives back ``k``). Which ones: the first ``k``
+    (:meth:`ModelConfig.offloads_input`). Integers are refused (``0``/``1`` would read as a count or a flag):
+    ``ValueError`` naming ``name``, as for any other value."""
+    if isinstance(offload, bool):
+        return num_layers if offload else 0
+    if not isinstance(offload, float) or not 0.0 <= offload <= 1.0:
+        raise ValueError(f"{name}: expected true, false or a fraction of the layers in [0.0, 1.0] (a float), "
+                         f"got {offload!r}")
+    return min(num_layers, math.floor(offload * num_layers + 1e-9))
 
 
 class RMSNorm(nn.Module):
@@ -300,8 +327,8 @@ class BurstLlama(nn.Module):
         burst: :class:`~ds_burst.attention.config.BurstConfig` (its layout, backward, kernel, ... options), or ``None``.
         activation_checkpointing: recompute each decoder layer in backward. With it, ``cfg.keep_attention_layers``
             / ``keep_attention_tokens`` keep attention outputs for the re-run (selective checkpointing, burst
-            attention only) and ``cfg.offload_checkpoints`` moves the kept layer inputs to host memory
-            (:mod:`ds_burst.attention.selective`).
+            attention only) and ``cfg.offload_checkpoints`` moves the kept layer inputs to host memory, of every
+            layer or of the first ones (:meth:`ModelConfig.offloads_input`; :mod:`ds_burst.attention.selective`).
         checkpoint_impl: ``"torch"`` (``torch.utils.checkpoint``, non-reentrant) or ``"deepspeed"``
             (``deepspeed.checkpointing.checkpoint``).
     """
@@ -371,18 +398,24 @@ class BurstLlama(nn.Module):
         x = self.embed(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         ckpt = self.activation_checkpointing and self.training
-        offload = ActivationOffload() if ckpt and self.cfg.offload_checkpoints and torch.is_grad_enabled() else None
+        # every layer of the chain gets a slot (offloaded or not), so the first layer kept on the device starts
+        # fetching the last offloaded one back when it re-runs
+        offload = ActivationOffload() if ckpt and self.cfg.offloaded_layers() and torch.is_grad_enabled() else None
         for i, layer in enumerate(self.layers):
             if not ckpt:
                 x = layer(x, cos, sin)
                 continue
+            to_host = offload is not None and self.cfg.offloads_input(i)
             keep = None
             if self.attention == "burst" and self.cfg.keeps_attention(i):
-                keep = AttentionKeep(self.cfg.keep_attention_tokens, offload is not None)
+                keep = AttentionKeep(self.cfg.keep_attention_tokens, to_host)
             fn = layer if keep is None and offload is None else region(layer, keep, offload, i)
             x_in, x = x, self._checkpoint(fn, x, cos, sin)
             if offload is not None:
-                offload.add(x_in, keep)
+                if to_host:
+                    offload.add(x_in, keep)
+                else:
+                    offload.skip()
         h = self.norm(x)
         if labels is None:
             return self.lm_head(h)
