@@ -80,9 +80,11 @@ def format_predictions(preds: list[Prediction]) -> str:
 
 
 def _memory_report(args: argparse.Namespace) -> str:
-    """``--memory``: :func:`ds_burst.training.estimate.estimate_memory` for the model and parallel layout given."""
-    from ds_burst.training.estimate import estimate_memory, longest_sequence
-    from ds_burst.training.model import ModelConfig
+    """``--memory``: :func:`ds_burst.training.estimate.estimate_memory` for the model and parallel layout given; with
+    ``--gpu-memory`` the longest sequence that fits, and with ``--host-memory`` too the offload fraction per length
+    (:func:`ds_burst.training.estimate.plan_offload`)."""
+    from ds_burst.training.estimate import estimate_memory, host_bytes, longest_sequence, plan_offload
+    from ds_burst.training.model import ModelConfig, offloaded_layer_count
 
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.heads * args.head_dim, num_layers=args.layers,
                       num_heads=args.heads, num_kv_heads=args.kv_heads or args.heads,
@@ -97,12 +99,45 @@ def _memory_report(args: argparse.Namespace) -> str:
     lines = [f"memory per GPU (GiB): S={args.seq}, SP={sp}, DP={args.dp}, ZeRO-{args.zero_stage}, "
              f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
     lines += [f"  {k:20s} {readable(v, 2):>10s}" for k, v in est.items()]
-    if args.gpu_memory:
+    if args.gpu_memory and args.host_memory is None:
         longest = longest_sequence(cfg, args.gpu_memory, **kwargs)
         lines.append(f"longest sequence within {args.gpu_memory:g} GiB per GPU: S={longest}"
                      + (f" ({readable(estimate_memory(cfg, longest, **kwargs)['total'], 2)} GiB)" if longest else
                         " (not even the shortest step fits)"))
+    elif args.gpu_memory:
+        host = dict(host_budget_gib=args.host_memory, host_fixed_gib=args.host_fixed,
+                    ranks_per_host=args.gpus_per_node)
+        lines.append(f"host memory: {args.host_memory:g} GiB per node for {args.gpus_per_node} rank(s), "
+                     f"{args.host_fixed:g} GiB of each process's own beside host_offload and host_optimizer")
+
+        def planned(seq: int) -> str:
+            frac = plan_offload(cfg, seq, args.gpu_memory, **host, **kwargs)
+            if frac is None:
+                return "nothing fits"
+            e = estimate_memory(cfg, seq, **{**kwargs, "offload_checkpoints": frac})
+            on_host = host_bytes(e, args.host_fixed, args.gpus_per_node)
+            return (f"offload_checkpoints={frac:.4g} (the first {offloaded_layer_count(frac, cfg.num_layers)} of "
+                    f"{cfg.num_layers} layers; GPU {readable(e['total'], 2)} GiB, host {readable(on_host, 2)} GiB)")
+
+        lines.append(f"at S={args.seq}: {planned(args.seq)}")
+        longest = longest_sequence(cfg, args.gpu_memory, **host, **kwargs)
+        lines.append(f"longest sequence within {args.gpu_memory:g} GiB per GPU and {args.host_memory:g} GiB per "
+                     f"node: S={longest}" + (f", {planned(longest)}" if longest else
+                                              " (not even the shortest step fits)"))
+        if not args.checkpointing:
+            lines.append("(no --checkpointing: nothing to offload)")
     return "\n".join(lines)
+
+
+def _offload_fraction(text: str) -> float:
+    """``--offload-checkpoints F``: a fraction of the layers in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def _add_hardware_args(ap: argparse.ArgumentParser) -> None:
@@ -258,13 +293,24 @@ def main(argv: list[str] | None = None) -> None:
     mem.add_argument("--mlp-tiles", type=int, default=1, help="sequence tiles of the MLP (1: off)")
     mem.add_argument("--keep-attention", type=float, default=0.0,
                      help="fraction of layers keeping attention output + lse under checkpointing")
-    mem.add_argument("--offload-checkpoints", action="store_true", help="checkpointed layer inputs in host memory")
+    mem.add_argument("--offload-checkpoints", nargs="?", const=True, default=False, type=_offload_fraction,
+                     metavar="FRACTION", help="checkpointed layer inputs in host memory: of every layer, or of this "
+                     "fraction of the layers (the first ones; ModelConfig.offload_checkpoints)")
     mem.add_argument("--offload-optimizer", action="store_true",
                      help="ZeRO optimizer states and fp32 gradients in host memory")
     mem.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                      help="also print the longest sequence whose estimate fits in this many GiB per GPU")
+    mem.add_argument("--host-memory", type=float, default=None, metavar="GIB",
+                     help="with --gpu-memory: host memory per node (shared by --gpus-per-node ranks); the host must "
+                     "hold the offloaded layer inputs and optimizer too, and the offload fraction is chosen per "
+                     "length (the smallest that fits both; replaces --offload-checkpoints there) and printed")
+    mem.add_argument("--host-fixed", type=float, default=0.0, metavar="GIB",
+                     help="with --host-memory: host memory each process holds beside the offloaded layer inputs and "
+                     "optimizer states (runtime, data path; default 0)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
+    if args.host_memory is not None and not args.gpu_memory:
+        ap.error("--host-memory needs --gpu-memory (the longest sequence is searched within both)")
     if args.memory:
         print(_memory_report(args))
         return
