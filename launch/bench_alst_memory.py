@@ -31,7 +31,13 @@ checkpointing (``use_reentrant=False``), at sequence-parallel size 1:
   (``chunked_lm_head_loss``, the same chunk length), and its offload of checkpointed layer inputs
   (``ds_burst.attention.selective.ActivationOffload`` / ``region``, the machinery of ``BurstLlama``'s
   ``offload_checkpoints``, attached here to the HF decoder layers' checkpoint function by
-  :func:`burst_checkpoint_offload`, a small adapter: ds-burst ships that offload for its own model only).
+  :func:`burst_checkpoint_offload`, a small adapter: ds-burst ships that offload for its own model only). ds-burst
+  offloads only the inputs of the first ``k`` layers, ``k`` chosen per length by :func:`offload_plan`
+  (``ds_burst.training.estimate.plan_offload``: the fewest layers with which the estimate fits the GPU, the card's
+  memory less :data:`MARGIN_FRACTION`, and the host, ``MemTotal`` of ``/proc/meminfo``, holding the offloaded inputs,
+  the optimizer states and ``--host-fixed-gib`` of the process's own); all ``L`` when nothing fits, and on CPU, where
+  there is no GPU memory to balance; ``--offload-layers K`` fixes ``k``. ``alst-offloaded`` offloads every layer,
+  as DeepSpeed's context would.
 
 Tied embeddings: Llama-3.2-3B ties the LM head to the embedding; the presets untie them (0.39B more parameters,
 0.73 GiB more in bf16, in both methods' fixed part). ``TiledFusedLogitsLoss`` runs the LM head's backward inside
@@ -52,7 +58,9 @@ CPU). ``--in-process`` runs them in this process instead (the CPU test). Measure
 (``getrusage``), mean step time of the steps after the first, tokens/s, TFLOP/s and MFU, and the bytes of
 checkpointed layer inputs moved to host memory (``ckpt_offloaded_bytes``: ``alst``: DeepSpeed's count of the last
 step, which is 0 on CPU, where DeepSpeed's offload skips tensors that are not on an accelerator; ``ckpt_marked``:
-the layer inputs it saw; ``ds-burst``: all steps).
+the layer inputs it saw; ``ds-burst``: all steps), and for the methods with ds-burst's offload the layers offloaded
+(``offload_layers``, of ``layers``) and the plan that chose them (``offload_plan``: the GPU and host budgets, the
+fixed host part, whether the plan fit).
 
 Model FLOPs per step (no recomputation counted): ``6 * N * S + 6 * L * Hq * D * S^2`` with ``N`` all parameters
 (the tied embedding counts once: it is the LM head's matmul) and the second term the causal attention
@@ -63,7 +71,10 @@ The parent fits, per method, ``peak = fixed + slope * S`` (least squares over th
 peak reserved GPU memory (what must fit; host RSS on CPU), and reports the fixed part (GiB), the memory per token
 (KiB/token), the projected longest sequence ``(total - margin - fixed) / slope`` with ``total`` the card's
 memory and ``margin`` = :data:`MARGIN_FRACTION` of it (CUDA context, fragmentation), tokens/s and MFU at the
-longest length both methods ran, and the ratios ds-burst / ALST. ``ds_burst.training.estimate.estimate_model_memory``
+longest length both methods ran, and the ratios ds-burst / ALST. ds-burst's offloaded layer count may change with
+the length, and then its line is not one configuration (``offload_layers_varied``); its entry adds the estimator's
+longest sequence with the per-length plan within the same GPU and host budgets (``planned_max_S``, at
+``planned_offload_layers``; :func:`planned_longest`). ``ds_burst.training.estimate.estimate_model_memory``
 (through :func:`estimator_config`, a ``ModelConfig`` of the same shape) predicts each run's allocated peak; its
 relative error is reported. Prints a table, writes JSON (``{"meta", "rows", "fits"}``) and, with matplotlib, a PNG
 next to it. ``--dry-run`` prints the commands.
@@ -158,9 +169,10 @@ def peak_tflops(gpu_name: str | None) -> float | None:
     return None
 
 
-def estimator_config(shape: dict[str, Any], seq: int) -> Any:
-    """A ``ds_burst.training.model.ModelConfig`` of the HF Llama shape with this run's memory options, for
-    ``estimate_model_memory`` (same parameter count: both are RMSNorm/SwiGLU/GQA decoders)."""
+def estimator_config(shape: dict[str, Any], seq: int, offload: bool | float = True) -> Any:
+    """A ``ds_burst.training.model.ModelConfig`` of the HF Llama shape with this run's memory options (``offload``:
+    its ``offload_checkpoints``), for ``estimate_model_memory`` (same parameter count: both are RMSNorm/SwiGLU/GQA
+    decoders)."""
     from ds_burst.training.model import ModelConfig
 
     if shape["head_dim"] * shape["num_attention_heads"] != shape["hidden_size"]:
@@ -170,14 +182,70 @@ def estimator_config(shape: dict[str, Any], seq: int) -> Any:
                        num_kv_heads=shape["num_key_value_heads"], intermediate_size=shape["intermediate_size"],
                        tie_embeddings=shape["tie_word_embeddings"],
                        lm_head_chunk_tokens=loss_chunk_tokens(seq, shape["vocab_size"]),
-                       mlp_tiles=mlp_tiles(seq, shape["hidden_size"]), offload_checkpoints=True)
+                       mlp_tiles=mlp_tiles(seq, shape["hidden_size"]), offload_checkpoints=offload)
 
 
-def estimate(shape: dict[str, Any], seq: int, dtype_bytes: int) -> dict[str, float]:
+#: estimate_memory's layout and options of every run (one GPU, ZeRO-3, optimizer offload, checkpointing)
+ESTIMATE_KWARGS: dict[str, Any] = dict(sp=1, zero_stage=3, dp=1, activation_checkpointing=True,
+                                       offload_optimizer=True)
+
+
+def estimate(shape: dict[str, Any], seq: int, dtype_bytes: int, offload: bool | float = True) -> dict[str, float]:
     from ds_burst.training.estimate import estimate_model_memory
 
-    return estimate_model_memory(estimator_config(shape, seq), seq, sp=1, zero_stage=3, dp=1,
-                                 dtype_bytes=dtype_bytes, activation_checkpointing=True, offload_optimizer=True)
+    return estimate_model_memory(estimator_config(shape, seq, offload), seq, dtype_bytes=dtype_bytes,
+                                 **ESTIMATE_KWARGS)
+
+
+def offload_plan(shape: dict[str, Any], seq: int, dtype_bytes: int, gpu_budget_gib: float, host_budget_gib: float,
+                 host_fixed_gib: float) -> float | None:
+    """``ds_burst.training.estimate.plan_offload`` for this run: the smallest fraction of the layers whose
+    checkpointed inputs go to host memory with which the estimate fits ``gpu_budget_gib`` and the host's
+    ``host_budget_gib`` (offloaded inputs + optimizer states + ``host_fixed_gib``); ``None`` when none does."""
+    from ds_burst.training.estimate import plan_offload
+
+    cfg = estimator_config(shape, seq)
+    return plan_offload(cfg, seq, gpu_budget_gib, host_budget_gib, host_fixed_gib, dtype_bytes=dtype_bytes,
+                        lm_head_chunk_tokens=cfg.lm_head_chunk_tokens, mlp_tiles=cfg.mlp_tiles, **ESTIMATE_KWARGS)
+
+
+def planned_longest(shape: dict[str, Any], dtype_bytes: int, gpu_budget_gib: float, host_budget_gib: float,
+                    host_fixed_gib: float, step: int = 1024) -> tuple[int, int | None]:
+    """The longest sequence (a multiple of ``step``) for which :func:`offload_plan` finds a fraction, and the
+    layers it offloads there (``None`` when not even ``step`` fits): doubling, then bisection."""
+    def layers_at(n: int) -> int | None:
+        frac = offload_plan(shape, n * step, dtype_bytes, gpu_budget_gib, host_budget_gib, host_fixed_gib)
+        return None if frac is None else offloaded_layers(shape, frac)
+
+    if layers_at(1) is None:
+        return 0, None
+    hi = 2
+    while layers_at(hi) is not None:
+        hi *= 2
+    lo = hi // 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if layers_at(mid) is not None else (lo, mid)
+    return lo * step, layers_at(lo)
+
+
+def offloaded_layers(shape: dict[str, Any], fraction: bool | float) -> int:
+    """Layers whose inputs an ``offload_checkpoints`` value offloads (``ModelConfig.offloads_input``'s rule)."""
+    from ds_burst.training.model import offloaded_layer_count
+
+    return offloaded_layer_count(fraction, shape["num_hidden_layers"])
+
+
+def host_total_gib() -> float | None:
+    """``MemTotal`` of ``/proc/meminfo`` in GiB (``None`` where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
 
 
 def ds_config(bf16: bool) -> dict[str, Any]:
@@ -248,21 +316,31 @@ def burst_tiled_mlp(mlp: Any, tiles: int) -> None:
     mlp.forward = lambda x: tiled_mlp(plain, x, tiles)
 
 
-def burst_checkpoint_offload(model: Any, state: dict[str, Any]) -> None:
+def burst_checkpoint_offload(model: Any, state: dict[str, Any], offload_layers: int | None = None) -> None:
     """Attach ds-burst's offload of checkpointed layer inputs (``ds_burst.attention.selective``) to the HF
     decoder layers: each layer's checkpoint function wraps the layer in ``region`` (its re-run first brings its
     input back and prefetches the previous layer's) and, after the forward, hands the layer input to
-    ``state["offload"]`` (an ``ActivationOffload`` per step; ``None`` turns it off), as ``BurstLlama`` does."""
+    ``state["offload"]`` (an ``ActivationOffload`` per step; ``None`` turns it off), as ``BurstLlama`` does. Only
+    the first ``offload_layers`` layers (``None``: all) hand it over; the others keep their input on the device
+    and take an empty slot (``ActivationOffload.skip``), so the prefetch chain still reaches the offloaded ones."""
     from torch.utils.checkpoint import checkpoint
 
     from ds_burst.attention.selective import region
+
+    layers = len(model.model.layers)
+    k = layers if offload_layers is None else offload_layers
+    if not 0 <= k <= layers:
+        raise ValueError(f"offload_layers: expected 0..{layers}, got {offload_layers!r}")
 
     def make(index: int) -> Any:
         def ckpt(fn: Any, *args: Any) -> Any:
             off = state.get("offload")
             out = checkpoint(fn if off is None else region(fn, None, off, index), *args, use_reentrant=False)
             if off is not None:
-                off.add(args[0])
+                if index < k:
+                    off.add(args[0])
+                else:
+                    off.skip()
             return out
         return ckpt
 
@@ -321,6 +399,19 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
 
     state: dict[str, Any] = {}
     burst_offload = method in ("alst-offloaded", "ds-burst")  # ds-burst's offload of the checkpointed layer inputs
+    n_layers = shape["num_hidden_layers"]
+    n_offload, plan = (n_layers, None) if burst_offload else (None, None)
+    if method == "ds-burst" and args.offload_layers != "auto":
+        n_offload = int(args.offload_layers)
+    elif method == "ds-burst" and cuda:  # the fewest layers with which the estimate fits GPU and host
+        plan = {"gpu_budget_gib": torch.cuda.get_device_properties(0).total_memory / GIB * (1 - MARGIN_FRACTION),
+                "host_budget_gib": host_total_gib(), "host_fixed_gib": args.host_fixed_gib}
+        frac = None
+        if plan["host_budget_gib"] is not None:
+            frac = offload_plan(shape, seq, 2 if dtype == torch.bfloat16 else 4, plan["gpu_budget_gib"],
+                                plan["host_budget_gib"], args.host_fixed_gib)
+        plan["fits"] = frac is not None
+        n_offload = n_layers if frac is None else offloaded_layers(shape, frac)
     if method in ALST_METHODS:
         for layer in model.model.layers:
             alst_tiled_mlp(layer.mlp)
@@ -328,7 +419,7 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
         for layer in model.model.layers:
             burst_tiled_mlp(layer.mlp, tiles)
     if burst_offload:
-        burst_checkpoint_offload(model, state)
+        burst_checkpoint_offload(model, state, n_offload)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     ids, shift = ids.to(device), shift.to(device)
     position_ids = torch.arange(seq, device=device)[None]
@@ -405,6 +496,7 @@ def run_point(method: str, seq: int, args: argparse.Namespace) -> dict[str, Any]
         "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "step_time_s": step_time, "first_step_time_s": times[0], "tokens_per_s": seq / step_time,
         "tflops": tflops, "mfu": tflops / peak if peak else None, "gpu": gpu, "dtype": str(dtype).split(".")[-1],
+        "layers": n_layers, "offload_layers": n_offload, "offload_plan": plan, "host_total_gib": host_total_gib(),
     }
     row["ckpt_marked"] = None
     if method == "alst" and offload_ctx is not None:  # DeepSpeed's stats of the last step
@@ -430,6 +522,7 @@ def worker_command(method: str, seq: int, args: argparse.Namespace, result: str)
         cmd += ["--layers", str(args.layers)]
     if args.check_loss:
         cmd.append("--check-loss")
+    cmd += ["--offload-layers", str(args.offload_layers), "--host-fixed-gib", str(args.host_fixed_gib)]
     return cmd
 
 
@@ -466,8 +559,10 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return my - slope * ms, slope
 
 
-def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Per-method fits and projections, and the ds-burst / ALST ratios."""
+def summarize(rows: list[dict[str, Any]], methods: list[str], shape: dict[str, Any] | None = None,
+              dtype_bytes: int = 2) -> dict[str, Any]:
+    """Per-method fits and projections (with ``shape``, also the estimator's for a method whose rows carry an
+    offload plan), and the ds-burst / ALST ratios."""
     ok = [r for r in rows if r.get("status") == "ok"]
     on_gpu = any(r.get("peak_reserved_gib") is not None for r in ok)
     key = "peak_reserved_gib" if on_gpu else "host_rss_gib"
@@ -489,6 +584,12 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         at_row = next((r for r in mine if r["S"] == at), None)
         if at_row is not None:
             entry["tokens_per_s"], entry["mfu"] = at_row["tokens_per_s"], at_row["mfu"]
+        entry["offload_layers_varied"] = len({r.get("offload_layers") for r in mine}) > 1
+        plans = [r["offload_plan"] for r in mine if r.get("offload_plan") and r["offload_plan"]["host_budget_gib"]]
+        if plans and shape is not None:  # the estimator's longest length with the per-length plan, same budgets
+            p = plans[0]
+            entry["planned_max_S"], entry["planned_offload_layers"] = planned_longest(
+                shape, dtype_bytes, p["gpu_budget_gib"], p["host_budget_gib"], p["host_fixed_gib"])
         fits["methods"][m] = entry
     b = fits["methods"].get("ds-burst")
     for peer, name in (("alst", "ratio_ds_burst_over_alst"), ("alst-offloaded", "ratio_ds_burst_over_alst_offloaded")):
@@ -503,8 +604,12 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
 
 
 def add_estimates(rows: list[dict[str, Any]], shape: dict[str, Any], dtype_bytes: int) -> None:
+    """The estimator's GPU and host GiB for each row, with the row's offloaded layers where it has them (else with
+    every layer's input offloaded)."""
     for r in rows:
-        est = estimate(shape, r["S"], dtype_bytes)
+        k = r.get("offload_layers")
+        layers = shape["num_hidden_layers"]
+        est = estimate(shape, r["S"], dtype_bytes, True if k is None or k == layers else k / layers)
         r["estimate_gib"] = est["total"]
         r["estimate_host_gib"] = est.get("host_optimizer", 0.0) + est.get("host_offload", 0.0)
         meas = r.get("peak_alloc_gib")
@@ -539,6 +644,12 @@ def plot(path: str, rows: list[dict[str, Any]], fits: dict[str, Any], title: str
     return png
 
 
+def _offload_layers_arg(text: str) -> str:
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected auto or a layer count, got {text!r}")
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(PRESETS), default="llama-3.2-3b")
@@ -553,6 +664,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-loss", action="store_true",
                    help="also compute the plain model's loss on the same weights and tokens (builds the model on the "
                         "host, without zero.Init)")
+    p.add_argument("--offload-layers", default="auto", type=_offload_layers_arg, metavar="auto|K",
+                   help="ds-burst: offload the checkpointed inputs of the first K layers; auto (default): the fewest "
+                        "with which the estimate fits the GPU and the host memory (all layers on CPU)")
+    p.add_argument("--host-fixed-gib", type=float, default=16.0, metavar="GIB",
+                   help="for the auto offload plan: host memory of the process's own beside the optimizer states and "
+                        "the offloaded layer inputs (runtime, model copies, pinned buffers); each run records "
+                        "host_rss_gib to check it against")
     p.add_argument("--in-process", action="store_true", help="run every point in this process (CPU tests)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -590,11 +708,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[list[str]]:
     shape = model_shape(args.model, args.layers)
     on_gpu = any(r.get("peak_alloc_gib") is not None for r in rows)
     add_estimates(rows, shape, 2 if (on_gpu or args.dtype == "bf16") else 4)
-    fits = summarize(rows, args.methods)
-    print_table(rows, ["method", "S", "status", "peak_alloc_gib", "peak_reserved_gib", "host_rss_gib",
-                       "estimate_gib", "estimate_error", "step_time_s", "tokens_per_s", "mfu", "losses"])
+    dtype_bytes = 2 if (on_gpu or args.dtype == "bf16") else 4
+    fits = summarize(rows, args.methods, shape, dtype_bytes)
+    print_table(rows, ["method", "S", "status", "offload_layers", "peak_alloc_gib", "peak_reserved_gib",
+                       "host_rss_gib", "estimate_gib", "estimate_error", "step_time_s", "tokens_per_s", "mfu",
+                       "losses"])
     print_table([{"method": m, **e} for m, e in fits["methods"].items()],
-                ["method", "points", "fixed_gib", "kib_per_token", "projected_max_S", "tokens_per_s", "mfu"])
+                ["method", "points", "fixed_gib", "kib_per_token", "projected_max_S", "planned_max_S",
+                 "planned_offload_layers", "tokens_per_s", "mfu"])
     print("ds-burst / alst:", json.dumps(fits["ratio_ds_burst_over_alst"]),
           "ds-burst / alst-offloaded:", json.dumps(fits["ratio_ds_burst_over_alst_offloaded"]),
           f"(fit on {fits['fit_on']})")
@@ -615,12 +736,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[list[str]]:
                                          "offload monkey patch",
         "ds_burst": "ds_burst.hf attention (setup(1)), ds_burst.training.memory.tiled_mlp (same tiles), "
                     "chunked_lm_head_loss (same chunk), ds_burst.attention.selective offload of checkpointed layer "
-                    "inputs (attached to the HF layers by this script)",
+                    "inputs (attached to the HF layers by this script) of the first offload_layers layers",
+        "offload_layers": args.offload_layers, "host_fixed_gib": args.host_fixed_gib,
+        "offload_policy": "ds-burst: auto = ds_burst.training.estimate.plan_offload per length (GPU: the card's "
+                          "memory less margin_fraction; host: /proc/meminfo MemTotal holding the offloaded inputs, "
+                          "the optimizer states and host_fixed_gib; all layers when nothing fits and on CPU); "
+                          "alst-offloaded: every layer",
         "flops": "6*N*S + 6*L*Hq*D*S^2 per step (causal attention, no recompute)",
         "peak_tflops": PEAK_TFLOPS, "margin_fraction": MARGIN_FRACTION,
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cuda": torch.cuda.is_available(),
         "estimator": "ds_burst.training.estimate.estimate_model_memory on a ModelConfig of the same shape "
-                     "(offload_checkpoints, offload_optimizer, activation checkpointing), against peak_alloc_gib",
+                     "(offload_checkpoints: the row's offload_layers, else every layer; offload_optimizer, "
+                     "activation checkpointing), against peak_alloc_gib",
     }
     write_json(args.out, meta, rows)
     with open(args.out) as f:
