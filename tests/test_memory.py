@@ -3,6 +3,8 @@ computation (float64, tight tolerance), at unit and model level, and the chunked
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -789,9 +791,24 @@ class _RecordingOffload:
             def __init__(self):
                 super().__init__()
                 self.reruns = []
+                self.added_keeps = []  # the chain lets go of each slot's keep at its re-run
+                self.live_at_rerun = []  # per re-run: regions above i+1 whose input storage is still alive
+
+            def add(self, x, keep=None):
+                self.added_keeps.append(keep)
+                self.added_inputs = getattr(self, "added_inputs", []) + [weakref.ref(x)]
+                return super().add(x, keep)
+
+            def skip(self):
+                self.added_keeps.append(None)
+                self.added_inputs = getattr(self, "added_inputs", []) + [None]
+                return super().skip()
 
             def before_rerun(self, i):
                 self.reruns.append(i)
+                alive = [j for j, r in enumerate(getattr(self, "added_inputs", [])) if j > i + 1 and r is not None
+                         and r() is not None and r().untyped_storage().nbytes() > 0]
+                self.live_at_rerun.append(alive)
                 super().before_rerun(i)
 
         inst = Rec()
@@ -843,8 +860,9 @@ def test_offload_fraction_same_loss_and_grads_first_layers_only(opts, monkeypatc
         _close(g[n], g_ref[n], 1e-5)
     (off,) = _RecordingOffload.made
     assert off.offloaded() == list(range(k)) and len(off.inputs) == 4
-    assert [kp is not None and kp.offload for kp in off.keeps[:k]] == [cfg.keeps_attention(i) for i in range(k)]
-    assert off.keeps[k:] == [None] * (4 - k)
+    assert [kp is not None and kp.offload for kp in off.added_keeps[:k]] == [cfg.keeps_attention(i) for i in range(k)]
+    assert off.added_keeps[k:] == [None] * (4 - k)
+    assert off.inputs == [None] * 4 and off.keeps == [None] * 4  # let go of at each re-run
     assert off.reruns == [3, 2, 1, 0]
     assert st["kept_bytes"] == kept_all  # the same attention is kept, part of it on the host
     kept_host = sum(kept_all // sum(cfg.keeps_attention(i) for i in range(4)) for i in range(k)
@@ -854,6 +872,25 @@ def test_offload_fraction_same_loss_and_grads_first_layers_only(opts, monkeypatc
     est = estimate_model_memory(cfg, 20, dtype_bytes=4, activation_checkpointing=True, micro_batch=2)
     assert est["host_offload"] * GIB == inputs + kept_host
     assert est["kept_attention"] * GIB == kept_all - kept_host
+
+
+@pytest.mark.parametrize("checkpoint_impl", ["torch", "deepspeed"])
+def test_offload_restored_inputs_freed_after_their_region(checkpoint_impl, monkeypatch):
+    """A restored layer input lives only until its region's backward is done: when region ``i`` re-runs, the
+    inputs of regions ``i+2`` and above (their backward finished) are gone, not kept on the device by the offload
+    chain until the step ends (which held every restored input, all L of them by the end of backward)."""
+    import ds_burst.training.model as model_mod
+
+    cfg = ModelConfig(vocab_size=50, hidden_size=24, num_layers=5, num_heads=4, num_kv_heads=2,
+                      offload_checkpoints=True, keep_attention_layers=0.5)
+    model = BurstLlama(cfg, activation_checkpointing=True, checkpoint_impl=checkpoint_impl)
+    monkeypatch.setattr(model_mod, "ActivationOffload", _RecordingOffload)
+    _RecordingOffload.made.clear()
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(5))
+    _loss_and_grads(model, ids, torch.arange(16), ids)
+    (off,) = _RecordingOffload.made
+    assert off.reruns == [4, 3, 2, 1, 0] and off.offloaded() == [0, 1, 2, 3, 4]
+    assert off.live_at_rerun == [[]] * 5
 
 
 def _resident_saved_bytes_after_forward(model, ids, pos, labels) -> int:

@@ -288,11 +288,13 @@ class ActivationOffload:
     def __init__(self) -> None:
         self.inputs: list[HostCopy | None] = []
         self.keeps: list[AttentionKeep | None] = []
+        self._offloaded: list[bool] = []
 
     def add(self, x: torch.Tensor, keep: AttentionKeep | None = None) -> int:
         """Offload ``x`` (skipped when it does not own its storage); returns the region's index."""
         self.inputs.append(HostCopy(x, free_source=True) if owns_storage(x) else None)
         self.keeps.append(keep)
+        self._offloaded.append(self.inputs[-1] is not None)
         return len(self.inputs) - 1
 
     def skip(self) -> int:
@@ -300,11 +302,12 @@ class ActivationOffload:
         the later regions stay their positions in the chain; returns the region's index."""
         self.inputs.append(None)
         self.keeps.append(None)
+        self._offloaded.append(False)
         return len(self.inputs) - 1
 
     def offloaded(self) -> list[int]:
-        """Indices of the regions whose input went to host memory."""
-        return [i for i, h in enumerate(self.inputs) if h is not None]
+        """Indices of the regions whose input went to host memory (also once they have come back)."""
+        return [i for i, o in enumerate(self._offloaded) if o]
 
     def _prefetch(self, i: int) -> None:
         h = self.inputs[i]
@@ -322,6 +325,11 @@ class ActivationOffload:
         h = self.inputs[i]
         if h is not None:
             h.wait()
+        # The input is back in its own storage, which the region's checkpoint holds until the region's backward
+        # is done, and the region holds its kept attention: the chain lets go of both, or every restored input
+        # would stay on the device until the step ends (all L of them by the end of backward).
+        self.inputs[i] = None
+        self.keeps[i] = None
         if i > 0:
             self._prefetch(i - 1)
 
