@@ -23,7 +23,7 @@ A hit then costs one dictionary lookup per descriptor and one call of triton's C
 The launcher internals this reads (``CompiledKernel.run`` is a ``CudaLauncher`` whose ``launch`` wraps the C
 launcher and the descriptors' metadata) are triton 3.6's (:data:`WRITTEN_FOR`). The light launch is on only for
 the releases in :data:`TRITON_RELEASES`, those where the GPU test (``tests/test_hopper_kernels.py``: the light
-launch writes what the JIT launch writes) has passed; none yet. Anywhere else, under a launch hook (profilers),
+launch writes what the JIT launch writes) has passed: 3.6 (an H100, 2026-12-08). Anywhere else, under a launch hook (profilers),
 with ``DS_BURST_FAST_LAUNCH=0``, or for a variant that needs scratch memory, every call takes the JIT path:
 slower, never different.
 """
@@ -37,10 +37,11 @@ import torch
 
 from ds_burst.core import settings
 
-TRITON_RELEASES: tuple[str, ...] = ()
+TRITON_RELEASES: tuple[str, ...] = ("3.6.",)
 """Triton releases (version prefixes) whose launcher internals :class:`Launcher` was checked against on a GPU
-(``tests/test_hopper_kernels.py::test_light_launch_is_the_jit_launch``). Written against 3.6's; empty until that
-test has passed there, so every launch takes the JIT path."""
+(``tests/test_hopper_kernels.py::test_light_launch_is_the_jit_launch``, passed with triton 3.6.0 on an H100 on
+2026-12-08). A release enters here only after that test has passed on it; elsewhere every launch takes the JIT
+path."""
 WRITTEN_FOR: tuple[str, ...] = ("3.6.",)
 """The releases whose launcher layout this module reads (the GPU test turns the light launch on for them)."""
 MAX_MAPS = 4096

@@ -31,7 +31,7 @@ Design (docs/KERNELS.md has more):
   small config list keyed on head dim, mask flags, dtype and a sequence-length bucket.
 * On sm_90 (H100, H200) the launchers hand the calls that :mod:`ds_burst.kernels.hopper_attn` covers to its
   Gluon kernels (forward; backward in :mod:`ds_burst.kernels.hopper_attn_bwd`; ``Tiles(hopper=False)``: never;
-  softcap too once ``hopper_common.SOFTCAP_CHECKED``, with the same ``qk_scale`` / ``cap2`` and
+  softcap too, as ``hopper_common.SOFTCAP_CHECKED`` declares, with the same ``qk_scale`` / ``cap2`` and
   ``tanh.approx.f32``); these ``tl`` kernels stay the portable path (other GPUs, the interpreter, ``Dv != D``,
   other head dims, ``deterministic=True``).
 * One rank, the whole block as the only tile: :func:`attend` / :func:`attend_bwd` run it in one Hopper launch
