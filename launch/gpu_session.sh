@@ -186,7 +186,7 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
       echo "rc=$?"; grep -v "^{" "$OUT/emulate.log" | tail -60 | cut -c1-260 ;;
     alst_memory)  # memory against DeepSpeed ALST on one GPU, a 3B Llama, ZeRO-3 + optimizer offload (issue 28)
       timeout "$limit" python3 launch/bench_alst_memory.py --model llama-3.2-3b --seqs ${ALST_SEQS:-4K 8K 16K} \
-        ${ALST_METHODS:+--methods $ALST_METHODS} \
+        ${ALST_METHODS:+--methods $ALST_METHODS} ${ALST_ARGS:-} \
         --steps 2 --timeout ${ALST_RUN_TIMEOUT:-110} --out "$OUT/alst_memory.json" >"$OUT/alst_memory.log" 2>&1
       echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/alst_memory.log" | tail -40 | cut -c1-260 ;;
     kernels_softcap)  # softcap against the plain kernel and cuDNN, D=128, 8K and 32K (issue 26)
