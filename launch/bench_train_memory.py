@@ -80,7 +80,8 @@ def estimate(config: dict, ov: list[str], sp: int) -> dict | None:
         return estimate_model_memory(ModelConfig.from_dict(train["model"]), train["seq_len"], sp=sp,
                                      zero_stage=int(zero.get("stage", 0)),
                                      activation_checkpointing=bool(train.get("activation_checkpointing")),
-                                     offload_optimizer=off)
+                                     offload_optimizer=off,
+                                     zero_reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)))
     except ValueError:
         return None
 

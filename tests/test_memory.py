@@ -325,8 +325,9 @@ def test_estimate_memory_activations_match_saved_tensors(opts):
 
 
 def _persistent_plus_transient(est: dict) -> float:
-    persistent = sum(est[k] for k in ("params", "grads", "optimizer", "activations", "kept_attention"))
-    return persistent + max(est["logits_peak"], est["recompute_peak"] + est["attn_buffers"])
+    persistent = sum(est[k] for k in ("params", "grads", "optimizer", "activations", "kept_attention", "zero_bucket"))
+    return persistent + max(est["logits_peak"] + est["zero_gathered_head"],
+                            est["recompute_peak"] + est["attn_buffers"] + est["zero_gathered_layer"])
 
 
 def test_estimate_memory_consistency():

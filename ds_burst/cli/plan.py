@@ -94,7 +94,7 @@ def _memory_report(args: argparse.Namespace) -> str:
                   activation_checkpointing=args.checkpointing, micro_batch=args.batch,
                   lm_head_chunk_tokens=args.lm_head_chunk, mlp_tiles=args.mlp_tiles,
                   keep_attention_layers=args.keep_attention, offload_checkpoints=args.offload_checkpoints,
-                  offload_optimizer=args.offload_optimizer)
+                  offload_optimizer=args.offload_optimizer, zero_reduce_bucket=args.reduce_bucket)
     est = estimate_memory(cfg, args.seq, **kwargs)
     lines = [f"memory per GPU (GiB): S={args.seq}, SP={sp}, DP={args.dp}, ZeRO-{args.zero_stage}, "
              f"{args.layers} layers, hidden {cfg.hidden_size}, vocab {args.vocab}"]
@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
                      "fraction of the layers (the first ones; ModelConfig.offload_checkpoints)")
     mem.add_argument("--offload-optimizer", action="store_true",
                      help="ZeRO optimizer states and fp32 gradients in host memory")
+    mem.add_argument("--reduce-bucket", type=int, default=500_000_000, metavar="ELEMENTS",
+                     help="DeepSpeed's zero_optimization.reduce_bucket_size (ZeRO 2 and 3: a gradient bucket of this "
+                     "many elements on the GPU; default DeepSpeed's 5e8)")
     mem.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                      help="also print the longest sequence whose estimate fits in this many GiB per GPU")
     mem.add_argument("--host-memory", type=float, default=None, metavar="GIB",

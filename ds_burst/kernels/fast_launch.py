@@ -23,9 +23,9 @@ A hit then costs one dictionary lookup per descriptor and one call of triton's C
 The launcher internals this reads (``CompiledKernel.run`` is a ``CudaLauncher`` whose ``launch`` wraps the C
 launcher and the descriptors' metadata) are triton 3.6's (:data:`WRITTEN_FOR`). The light launch is on only for
 the releases in :data:`TRITON_RELEASES`, those where the GPU test (``tests/test_hopper_kernels.py``: the light
-launch writes what the JIT launch writes) has passed: 3.6 (an H100, 2026-12-08). Anywhere else, under a launch hook (profilers),
-with ``DS_BURST_FAST_LAUNCH=0``, or for a variant that needs scratch memory, every call takes the JIT path:
-slower, never different.
+launch writes what the JIT launch writes) has passed: 3.6 (an H100, 2026-12-08). Anywhere else, under a launch
+hook (profilers), with ``DS_BURST_FAST_LAUNCH=0``, or for a variant that needs scratch memory, every call takes
+the JIT path: slower, never different.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from ds_burst.core.cost import choose_backward
 from ds_burst.training.model import offloaded_layer_count
 
 GIB = float(1 << 30)
+PERSISTENT = ("params", "grads", "optimizer", "activations", "kept_attention", "zero_bucket")
+"""The :func:`estimate_memory` terms held for the whole step (``total`` adds the larger transient phase)."""
 
 
 def estimate_memory(
@@ -29,6 +31,7 @@ def estimate_memory(
     offload_checkpoints: bool | float = False,
     backward: str = "auto",
     offload_optimizer: bool = False,
+    zero_reduce_bucket: int = 500_000_000,
 ) -> dict[str, float]:
     """Per-GPU memory of training :class:`ds_burst.training.model.BurstLlama` (``cfg``: its ``ModelConfig``), in GiB.
 
@@ -77,15 +80,23 @@ def estimate_memory(
       fp32 dK/dV partials ``32*n*Hkv*D``; both plus the fp32 dq/dk/dv accumulators ``4*n*(nh + 2*Hkv)*D``.
       ``backward="auto"`` picks the pattern as :func:`ds_burst.core.cost.choose_backward` does. 0 when ``sp == 1``.
 
-    ``total`` is the persistent terms (``params``, ``grads``, ``optimizer``, ``activations``,
-    ``kept_attention``) plus the larger of two transient phases that never overlap in time: the LM head and
-    loss (``logits_peak``) and one layer's re-forward and backward (``recompute_peak + attn_buffers``; the
-    attention scratch is freed after each call, the buffer pool being off by default).
+    * ``zero_bucket`` (ZeRO stage 2 and 3): DeepSpeed's contiguous gradient reduce bucket, allocated once on the
+      GPU, ``zero_reduce_bucket`` elements (its ``reduce_bucket_size``, default ``5e8``) of ``b`` bytes.
+    * ``zero_gathered_head`` / ``zero_gathered_layer`` (ZeRO-3): parameters are whole on the GPU only while their
+      module runs (gathered beside their partition) and their gradient is whole until it is copied into the
+      bucket, so each phase adds its module's ``2 * params * b``: the LM head's ``V*H`` parameters in the loss
+      phase, one decoder layer's in a layer's re-run and backward.
 
-    Not counted: the allocator's fragmentation, communication buckets, ZeRO-3's gathered-parameter working
-    set, kernel workspaces; with ``attention="burst"`` the saved attention tensors differ a little (no GQA
-    repeat, fp32 lse) and 16-bit RMSNorm keeps an fp32 copy of its input (about ``2H`` elements more per
-    layer in bf16).
+    ``total`` is the persistent terms (``params``, ``grads``, ``optimizer``, ``activations``,
+    ``kept_attention``, ``zero_bucket``) plus the larger of two transient phases that never overlap in time: the
+    LM head and loss (``logits_peak + zero_gathered_head``) and one layer's re-forward and backward
+    (``recompute_peak + attn_buffers + zero_gathered_layer``; the attention scratch is freed after each call, the
+    buffer pool being off by default).
+
+    Not counted: the allocator's fragmentation (``peak_reserved`` above ``peak_allocated``), ZeRO-3's prefetch
+    of the next module's parameters, kernel workspaces; with ``attention="burst"`` the saved attention tensors
+    differ a little (no GQA repeat, fp32 lse) and 16-bit RMSNorm keeps an fp32 copy of its input (about ``2H``
+    elements more per layer in bf16).
     """
     for name, v in (("seq_len", seq_len), ("sp", sp), ("dp", dp), ("dtype_bytes", dtype_bytes),
                     ("micro_batch", micro_batch), ("mlp_tiles", mlp_tiles)):
@@ -105,6 +116,8 @@ def estimate_memory(
         raise ValueError(f"keep_attention_tokens: expected 'all' or 'half', got {keep_attention_tokens!r}")
     if backward not in ("auto", "burst", "ring"):
         raise ValueError(f"backward: expected 'auto', 'burst' or 'ring', got {backward!r}")
+    if isinstance(zero_reduce_bucket, bool) or not isinstance(zero_reduce_bucket, int) or zero_reduce_bucket < 1:
+        raise ValueError(f"zero_reduce_bucket: expected a positive integer (elements), got {zero_reduce_bucket!r}")
     n_off = offloaded_layer_count(offload_checkpoints, cfg.num_layers)  # validates it too
     n_off = n_off if activation_checkpointing else 0
     b = dtype_bytes
@@ -152,9 +165,15 @@ def estimate_memory(
     if offload_optimizer:
         host_opt = out["optimizer"] + p * 4 / (n_ranks if zero_stage >= 2 else 1)
         out["optimizer"] = out["grads"] = 0.0
+    out["zero_bucket"] = zero_reduce_bucket * b if zero_stage >= 2 else 0.0
+    head = v * h
+    per_layer = (p - head * (1 if cfg.tie_embeddings else 2) - h) / layers
+    out["zero_gathered_head"] = 2 * head * b if zero_stage == 3 else 0.0
+    out["zero_gathered_layer"] = 2 * per_layer * b if zero_stage == 3 else 0.0
     out = {k: val / GIB for k, val in out.items()}
-    transient = max(out["logits_peak"], out["recompute_peak"] + out["attn_buffers"])
-    out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "activations", "kept_attention")) + transient
+    transient = max(out["logits_peak"] + out["zero_gathered_head"],
+                    out["recompute_peak"] + out["attn_buffers"] + out["zero_gathered_layer"])
+    out["total"] = sum(out[k] for k in PERSISTENT) + transient
     if n_off:
         out["host_offload"] = host / GIB
     if offload_optimizer:
