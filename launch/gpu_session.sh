@@ -3,7 +3,7 @@
 #   bash launch/gpu_session.sh STAGE[:SECONDS] ...
 # Stages: env tests tests_triton tests_hopper tests_kernels tests_new overhead documents tiles ring ring_sched ring_long kernels
 # equiv attn_mem llama8b train_burst train_ulysses memory calibrate e2e e2e_trainer header kernels_small kernels_before
-# max_logit tile_rates emulate alst_memory launch kernels_softcap emulate_host.
+# max_logit tile_rates emulate alst_memory alst_max launch kernels_softcap emulate_host.
 # Kernel changes, before/after (the same files and options on both trees; run it on each, compare kernels.json and
 # tiles.json): bash launch/gpu_session.sh env tests_kernels:900 kernels:900 tiles:600
 # Full logs go to $OUT (or ./results); the tail of each is printed. Keeps NCCL_NVLS_ENABLE=0.
@@ -189,6 +189,17 @@ write_token_file('$OUT/equiv_tokens.bin', np.random.default_rng(0).integers(0, 1
         ${ALST_METHODS:+--methods $ALST_METHODS} ${ALST_ARGS:-} \
         --steps 2 --timeout ${ALST_RUN_TIMEOUT:-110} --out "$OUT/alst_memory.json" >"$OUT/alst_memory.log" 2>&1
       echo "rc=$?"; grep -vE "^\[|Warning|warn" "$OUT/alst_memory.log" | tail -40 | cut -c1-260 ;;
+    alst_max)  # one ds-burst step at the planner's longest sequence for this card and host (issue 28), the offload
+      # planned the same way (ALST_HOST_FIXED: the process's own host memory in GiB; the rows of 2026-12-08 show 16.7-18)
+      S=$(python3 -c "import sys, torch; sys.path.insert(0, 'launch'); import bench_alst_memory as b
+total = torch.cuda.get_device_properties(0).total_memory / 2**30
+print(b.planned_longest(b.model_shape('llama-3.2-3b', None), 2, total * (1 - b.MARGIN_FRACTION), b.host_total_gib(),
+                        ${ALST_HOST_FIXED:-18})[0])")
+      echo "planned longest sequence: $S"
+      timeout "$limit" python3 launch/bench_alst_memory.py --model llama-3.2-3b --seqs "$S" --methods ds-burst --steps 1 \
+        --timeout $((limit - 10)) --host-fixed-gib "${ALST_HOST_FIXED:-18}" --out "$OUT/alst_max.json" \
+        >"$OUT/alst_max.log" 2>&1
+      echo "rc=$?"; grep -vE "^\[|Warning|warn|BENCH_ALST_RESULT" "$OUT/alst_max.log" | tail -12 | cut -c1-260 ;;
     kernels_softcap)  # softcap against the plain kernel and cuDNN, D=128, 8K and 32K (issue 26)
       timeout "$limit" python3 launch/bench_kernels.py --out "$OUT/kernels_softcap.json" --seqs ${KS_SEQS:-8192 32768} \
         --head-dims 128 --methods ds-burst-triton ds-burst-triton-softcap sdpa-cudnn --iters 3 --hopper-softcap \
