@@ -18,7 +18,9 @@ For every point (P, S, Hkv) it prints and writes (JSON, ``launch/bench_common.py
   caller's ``--layout``, backward "auto"), wall time (CUDA: events around the call, synchronised) and host time
   (the time until the Python call returns, from an idle device: the host's share when it is below the wall time),
   TFLOP/s of the rank's share (``2*S^2*Hq*D / P`` forward, 3.5x that forward+backward), peak memory, the tile calls
-  the kernel ran (counted in one extra untimed call) next to the plan's tile count for that rank;
+  the kernel ran (counted in one extra untimed call) next to the plan's tile count for that rank, and ``launches``:
+  per Hopper kernel, its launches during the timed calls and how many went through the JIT instead of the light
+  launch (:func:`ds_burst.kernels.fast_launch.launch_counts`; empty off Hopper);
 * ``ulysses-rank``: the local attention a DeepSpeed-Ulysses rank runs after its all-to-all (whole sequence ``S``,
   ``Hq/P`` query heads, ``max(Hkv, P)/P`` KV heads, as Ulysses replicates them) with torch SDPA (cuDNN on CUDA, then
   flash; on CPU torch's default CPU op), forward and forward+backward, in the same process;
@@ -197,14 +199,18 @@ def measure(fn: Callable[[], torch.Tensor], grads: list[torch.Tensor], dout: tor
         for t in grads:
             t.grad = None
 
+    from ds_burst.kernels.fast_launch import launch_counts
+
+    before = launch_counts()
     with torch.no_grad():
         fwd, fwd_host = time_rank(fn, device, iters, warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     fwdbwd, fwdbwd_host = time_rank(fb, device, iters, warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    launches = {name: {k: c[k] - before.get(name, {}).get(k, 0) for k in c} for name, c in launch_counts().items()}
     return {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "fwd_host_ms": fwd_host, "fwdbwd_host_ms": fwdbwd_host,
-            "peak_gib": peak}
+            "peak_gib": peak, "launches": {n: c for n, c in launches.items() if c["launches"]}}
 
 
 # ---------------------------------------------------------------------------------------------------------------

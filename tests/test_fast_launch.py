@@ -86,6 +86,9 @@ def test_first_call_jit_then_c_launcher(light: list) -> None:
         48, 9, 0.25, True, 4)  # the arguments, then the constexprs in the kernel's order
     launch((3, 2), _descs(a, b), (out, 48, 9, 0.25), cx)
     assert len(light) == 2  # each descriptor encoded once, then reused
+    assert (launch.launches, launch.jit_launches) == (3, 1)
+    counts = fl.launch_counts()["FakeKernel"]  # every launcher of that name so far, this one's three included
+    assert counts["launches"] >= 3 and counts["launches"] - counts["jit_launches"] >= 2
 
 
 @pytest.mark.parametrize("change", ["int_one", "int_align", "int_64bit", "dtype", "constexpr", "desc_block"])

@@ -144,6 +144,20 @@ def _spec(args: Sequence[Any]) -> tuple:
     return tuple(out)
 
 
+_LAUNCHERS: list[Launcher] = []
+
+
+def launch_counts() -> dict[str, dict[str, int]]:
+    """Per kernel (its function name), how many launches there were and how many of them went through the JIT:
+    benchmarks record it, so that a measurement says whether the light launch ran."""
+    out: dict[str, dict[str, int]] = {}
+    for la in _LAUNCHERS:
+        c = out.setdefault(getattr(la.fn, "__name__", type(la.fn).__name__), {"launches": 0, "jit_launches": 0})
+        c["launches"] += la.launches
+        c["jit_launches"] += la.jit_launches
+    return out
+
+
 class Launcher:
     """Launches of one ``@gluon.jit`` kernel whose parameters are ``n_desc`` TMA descriptors, then run-time
     arguments, then constexprs (see the module docstring)."""
@@ -153,12 +167,16 @@ class Launcher:
         self.options = dict(options or {})
         self._options_key = tuple(sorted(self.options.items()))
         self._variants: dict[tuple, _Variant | None] = {}
+        self.launches = 0
+        """Every launch of this kernel."""
         self.jit_launches = 0
         """Launches that went through the JIT (first calls of a key, and every call where the light path is off)."""
+        _LAUNCHERS.append(self)
 
     def __call__(self, grid: tuple[int, ...], descs: Sequence[Desc], args: Sequence[Any],
                  constexprs: dict[str, Any]) -> None:
         """Launch ``fn[grid](*descs, *args, **constexprs, **options)``."""
+        self.launches += 1
         if not ENABLED or _hooked():
             self._jit(grid, descs, args, constexprs)
             return
