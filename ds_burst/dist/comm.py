@@ -46,10 +46,18 @@ class GroupInfo:
     world: int
 
     def global_rank(self, group_rank: int) -> int:
-        """Global rank of the member at ``group_rank``."""
+        """Global rank of the member at ``group_rank`` (asked of torch once per member: a group's members do not
+        change while it lives)."""
         if self.group is None:
             return group_rank
-        return dist.get_global_rank(self.group, group_rank)
+        known = self.__dict__.get("_global_ranks")
+        if known is None:  # not a field: equality, hashing and repr stay those of (group, rank, world)
+            known = {}
+            object.__setattr__(self, "_global_ranks", known)
+        got = known.get(group_rank)
+        if got is None:
+            got = known[group_rank] = dist.get_global_rank(self.group, group_rank)
+        return got
 
 
 @dataclass(frozen=True)
@@ -255,34 +263,50 @@ class P2PBatch:
 
     Messages between one pair of ranks are matched in queue order (NCCL) and by tag (gloo); callers
     queue them in the same canonical order on both sides. ``step`` (optional) is only used in error
-    messages.
+    messages. ``timeout`` (seconds, ``None``: unbounded) and ``cpu`` (the group runs on a CPU backend) are what
+    :meth:`wait` would otherwise ask :func:`comm_timeout` and :func:`is_cpu_backend` for on every wait: a schedule
+    that makes many batches in one call reads them once (:func:`wait_settings`) and passes them on.
     """
 
-    def __init__(self, info: GroupInfo, phase: str, step: int | None = None) -> None:
+    def __init__(self, info: GroupInfo, phase: str, step: int | None = None, *,
+                 timeout: float | None | object = _UNSET, cpu: bool | None = None) -> None:
         self.info = info
         self.phase = phase
         self.step = step
+        self._timeout = timeout
+        self._cpu = cpu
         self._ops: list[dist.P2POp] = []
-        self._desc: list[str] = []
+        self._desc: list[tuple[str, torch.Tensor, int]] = []  # (kind, tensor, peer): worded only for an error
         self._reqs: list = []
-        self._req_desc: list[str] = []
-        self._tags: dict[tuple[str, int], int] = defaultdict(int)
+        self._req_desc: list = []
+        self._tags: dict[tuple[str, int], int] = {}
 
     def _tag(self, kind: str, peer: int) -> int:
-        n = self._tags[(kind, peer)]
-        self._tags[(kind, peer)] += 1
+        key = (kind, peer)
+        n = self._tags.get(key, 0)
+        self._tags[key] = n + 1
         return n
 
     @staticmethod
     def _what(tensor: torch.Tensor) -> str:
         return f"{str(tensor.dtype).replace('torch.', '')}{list(tensor.shape)}"
 
+    @classmethod
+    def _words(cls, desc: tuple[str, torch.Tensor, int] | list) -> str:
+        """The text of one queued operation, or of a list of them joined (a coalesced request)."""
+        if isinstance(desc, list):
+            return "; ".join(cls._words(d) for d in desc)
+        kind, tensor, peer = desc
+        if kind == "send":
+            return f"send of {cls._what(tensor)} to rank {peer}"
+        return f"receive of {cls._what(tensor)} from rank {peer}"
+
     def send(self, tensor: torch.Tensor, to_rank: int) -> None:
         """Queue sending a contiguous ``tensor`` to group rank ``to_rank``."""
         assert tensor.is_contiguous()
         tag = self._tag("s", to_rank)
         self._ops.append(dist.P2POp(dist.isend, tensor, self.info.global_rank(to_rank), self.info.group, tag))
-        self._desc.append(f"send of {self._what(tensor)} to rank {to_rank}")
+        self._desc.append(("send", tensor, to_rank))
         COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
 
     def recv(self, tensor: torch.Tensor, from_rank: int) -> None:
@@ -290,7 +314,7 @@ class P2PBatch:
         assert tensor.is_contiguous()
         tag = self._tag("r", from_rank)
         self._ops.append(dist.P2POp(dist.irecv, tensor, self.info.global_rank(from_rank), self.info.group, tag))
-        self._desc.append(f"receive of {self._what(tensor)} from rank {from_rank}")
+        self._desc.append(("recv", tensor, from_rank))
 
     def commit(self) -> P2PBatch:
         """Start every queued operation."""
@@ -299,10 +323,10 @@ class P2PBatch:
                 self._reqs = list(dist.batch_isend_irecv(self._ops))
             except RuntimeError as exc:  # gloo: a peer that already closed its connection
                 msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-                raise RuntimeError(f"{self._where()}: starting {'; '.join(self._desc)} failed: {msg}") from exc
+                raise RuntimeError(f"{self._where()}: starting {self._words(self._desc)} failed: {msg}") from exc
             # one request per operation (gloo); a coalesced backend (NCCL) may return one for the batch
             self._req_desc = (self._desc if len(self._reqs) == len(self._desc)
-                              else ["; ".join(self._desc)] * len(self._reqs))
+                              else [self._desc] * len(self._reqs))
             self._ops, self._desc = [], []
         return self
 
@@ -318,9 +342,11 @@ class P2PBatch:
         """
         reqs, descs = self._reqs, self._req_desc
         self._reqs, self._req_desc = [], []
-        timeout = comm_timeout(self.info) if reqs else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cpu = is_cpu_backend(self.info)
+        if not reqs:
+            return
+        timeout = comm_timeout(self.info) if self._timeout is _UNSET else self._timeout
+        deadline = None if timeout is None else time.monotonic() + timeout  # type: ignore[operator]
+        cpu = is_cpu_backend(self.info) if self._cpu is None else self._cpu
         for req, desc in zip(reqs, descs):
             try:
                 _wait_until(req, cpu, deadline)
@@ -328,12 +354,18 @@ class P2PBatch:
                 msg = str(exc)
                 if timeout is not None and _is_timeout(exc):
                     raise CommTimeoutError(
-                        f"{self._where()}: {desc} did not complete within the ds-burst communication timeout "
-                        f"of {timeout:g}s; that peer failed, hangs or is far behind (set {COMM_TIMEOUT_ENV} "
+                        f"{self._where()}: {self._words(desc)} did not complete within the ds-burst communication "
+                        f"timeout of {timeout:g}s; that peer failed, hangs or is far behind (set {COMM_TIMEOUT_ENV} "
                         f"to change the bound)"
                     ) from exc
-                raise RuntimeError(f"{self._where()}: {desc} failed: {msg.splitlines()[0] if msg else exc!r}") \
-                    from exc
+                raise RuntimeError(f"{self._where()}: {self._words(desc)} failed: "
+                                   f"{msg.splitlines()[0] if msg else exc!r}") from exc
+
+
+def wait_settings(info: GroupInfo) -> dict:
+    """``timeout`` and ``cpu`` of :class:`P2PBatch` for ``info``'s group as they stand now (read once per ring call:
+    the environment and :func:`set_comm_timeout` are read here, not on every wait)."""
+    return {"timeout": comm_timeout(info), "cpu": is_cpu_backend(info)}
 
 
 def exchange(info: GroupInfo, phase: str, sends: list[tuple[torch.Tensor, int]],

@@ -16,6 +16,7 @@ No Triton and no direct ``torch.distributed`` calls here: the kernel is a record
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 
 from ds_burst.core.layout import Segment
 from ds_burst.core.step_plan import RingPass, TileOp, mirror, pair_ops
-from ds_burst.dist.comm import GroupInfo, NodeGroups, P2PBatch
+from ds_burst.dist.comm import GroupInfo, NodeGroups, P2PBatch, wait_settings
 from ds_burst.kernels.contract import KernelSpec
 from ds_burst.ring.pool import buffer_pool
 
@@ -46,7 +47,10 @@ class RingSetup:
     nodes: NodeGroups | None = None  # set: run the double ring over these nodes instead of the flat ring
     softcap: float | None = None  # logit softcapping ``softcap * tanh(s / softcap)`` (passed to the kernels when set)
     docs: tuple[int, ...] | None = None  # global document boundaries (packed documents); None: one document
-    _ops: dict[tuple[int, int], list[TileOp]] = field(default_factory=dict, compare=False, repr=False)
+    # built once per pair and kept (not fields of the constructor: ``dataclasses.replace`` starts them afresh)
+    _ops: dict[tuple[int, int], list[TileOp]] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _calls: dict[tuple[str, int, int], list[tuple[TileOp, dict]]] = field(default_factory=dict, init=False,
+                                                                         compare=False, repr=False)
 
     def ops(self, q_owner: int, k_owner: int) -> list[TileOp]:
         """The tiles of queries owned by ``q_owner`` against keys owned by ``k_owner`` (built once per pair)."""
@@ -65,6 +69,55 @@ class RingSetup:
         if self.softcap is not None:
             kw["softcap"] = self.softcap
         return kw
+
+    def calls(self, kind: str, q_owner: int, k_owner: int) -> list[tuple[TileOp, dict]]:
+        """``(tile, keyword arguments)`` of the kernel calls of :meth:`ops` (``kind``: ``"fwd"`` for ``fwd_step``:
+        ``scale`` and :meth:`mask_args`; ``"bwd"`` for ``bwd_step``: ``deterministic`` too), built once per pair
+        from this setup's own fields (frozen), so the ring loop builds no argument dicts. The kernel is not part
+        of them: it is read from the setup at each call. Callers must not change the dicts."""
+        key = (kind, q_owner, k_owner)
+        got = self._calls.get(key)
+        if got is None:
+            if kind not in ("fwd", "bwd"):
+                raise ValueError(f"RingSetup.calls: kind must be 'fwd' or 'bwd', got {kind!r}")
+            extra: dict = {"scale": self.scale}
+            if kind == "bwd":
+                extra["deterministic"] = self.deterministic
+            got = [(op, {**extra, **self.mask_args(op)}) for op in self.ops(q_owner, k_owner)]
+            self._calls[key] = got
+        return got
+
+
+@functools.lru_cache(maxsize=256)
+def ring_schedule(rank: int, world: int, passes: tuple[RingPass, ...]) -> tuple[tuple, ...]:
+    """What :func:`run_ring` does at each step ``c = -1 .. len(steps)`` of ``passes`` on ``rank`` of ``world``, one
+    tuple per step (a pure function of its arguments, cached):
+
+    ``(next_first, recv_from, send_to, acc_from, home_from, owner, acc_to)``: the next step's payload is the
+    caller's own (``next_first``: its pass's first hop) or the one being computed, received from ``recv_from`` and
+    forwarded to ``send_to`` (``None``: no next step); accumulators of this step are received from ``acc_from``
+    (``None``: this step starts them); the accumulators of this rank's own block come home from ``home_from``
+    (``None``: not at this step); ``owner``: the block computed (``None`` at ``c = -1``, the local block, and
+    after the last step); ``acc_to``: where this step's accumulators go next."""
+    steps = [(p, t) for p in passes for t in range(1, p.steps + 1)]
+    out = []
+    for c in range(-1, len(steps) + 1):
+        next_first = recv_from = send_to = acc_from = home_from = owner = acc_to = None
+        if c + 1 < len(steps):
+            p, t = steps[c + 1]
+            next_first = t == 1
+            recv_from, send_to = (rank - p.direction) % world, (rank + p.direction) % world
+        if 0 <= c < len(steps):
+            p, t = steps[c]
+            if t >= 2:
+                acc_from = (rank - p.direction) % world
+            owner = (rank - p.direction * t) % world
+            acc_to = (rank + p.direction) % world if t < p.steps else owner
+        if c >= 1 and steps[c - 1][1] == steps[c - 1][0].steps:
+            p = steps[c - 1][0]
+            home_from = (rank + p.direction * p.steps) % world
+        out.append((next_first, recv_from, send_to, acc_from, home_from, owner, acc_to))
+    return tuple(out)
 
 
 def run_ring(
@@ -87,63 +140,57 @@ def run_ring(
     last transfer and the compute that read them; partials returned by ``compute_remote`` that came from the
     pool go back once they have been sent.
     """
-    rank, world = info.rank, info.world
     pool = buffer_pool()
-    steps = [(p, t) for p in passes for t in range(1, p.steps + 1)]
+    empty_like, give = pool.empty_like, pool.give
+    waits = wait_settings(info)  # the timeout and backend kind, read once for every step's batch
     with_acc = acc_like is not None and on_home is not None
     cur: Tensors | None = None
     acc_out: tuple[Tensors, int] | None = None  # (tensors, destination) produced by the previous step
-    for c in range(-1, len(steps) + 1):
-        batch = P2PBatch(info, phase, step=c + 1)  # errors name the step whose payload is in flight
+    for c, (next_first, recv_from, send_to, acc_from, home_from, owner, acc_to) in enumerate(
+            ring_schedule(info.rank, info.world, tuple(passes)), start=-1):
+        batch = P2PBatch(info, phase, step=c + 1, **waits)  # errors name the step whose payload is in flight
         # 1) payload for the next step, forwarded along its pass
         nxt = None
-        if c + 1 < len(steps):
-            p, t = steps[c + 1]
-            to_send = payload if t == 1 else cur
-            nxt = [pool.empty_like(x) for x in payload]
+        if recv_from is not None:
+            to_send = payload if next_first else cur
+            nxt = [empty_like(x) for x in payload]
             for buf in nxt:
-                batch.recv(buf, (rank - p.direction) % world)
+                batch.recv(buf, recv_from)
             for x in to_send:  # type: ignore[union-attr]
-                batch.send(x, (rank + p.direction) % world)
+                batch.send(x, send_to)
         # 2) accumulators: send the previous step's, receive what this step adds to / what comes home
         acc_in = home = None
         sent_acc = acc_out[0] if (with_acc and acc_out is not None) else []
         if with_acc:
             for x in sent_acc:
                 batch.send(x, acc_out[1])  # type: ignore[index]
-            if 0 <= c < len(steps) and steps[c][1] >= 2:
-                p = steps[c][0]
-                acc_in = [pool.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
+            if acc_from is not None:
+                acc_in = [empty_like(x) for x in acc_like]  # type: ignore[union-attr]
                 for buf in acc_in:
-                    batch.recv(buf, (rank - p.direction) % world)
-            if c >= 1 and steps[c - 1][1] == steps[c - 1][0].steps:
-                p = steps[c - 1][0]
-                home = [pool.empty_like(x) for x in acc_like]  # type: ignore[union-attr]
+                    batch.recv(buf, acc_from)
+            if home_from is not None:
+                home = [empty_like(x) for x in acc_like]  # type: ignore[union-attr]
                 for buf in home:
-                    batch.recv(buf, (rank + p.direction * p.steps) % world)
+                    batch.recv(buf, home_from)
         batch.commit()
         # 3) compute
         part = None
-        owner = rank
         if c == -1:
             compute_local()
-        elif c < len(steps):
-            p, t = steps[c]
-            owner = (rank - p.direction * t) % world
+        elif owner is not None:
             part = compute_remote(cur, owner)  # type: ignore[arg-type]
         batch.wait()
-        pool.give(*sent_acc, *(cur or []))  # sent / computed on and forwarded: done with them
+        give(*sent_acc, *(cur or []))  # sent / computed on and forwarded: done with them
         if with_acc:
             acc_out = None
             if part is not None:
                 if acc_in is not None:
                     for x, y in zip(part, acc_in):
                         x.add_(y)
-                p, t = steps[c]
-                acc_out = (part, (rank + p.direction) % world if t < p.steps else owner)
+                acc_out = (part, acc_to)  # type: ignore[assignment]
             if home is not None:
                 on_home(home)  # type: ignore[misc]
-            pool.give(*(acc_in or []), *(home or []))
+            give(*(acc_in or []), *(home or []))
         cur = nxt
 
 
@@ -183,6 +230,34 @@ def _empty_state(q: torch.Tensor, rows: int, d: int) -> tuple[torch.Tensor, torc
     return out, lse
 
 
+def _cut(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``x[:, lo:hi]``, or ``x`` itself when that is all of it (the same data, shape and strides, without making a
+    view: a tile that covers a whole travelling block costs no slicing)."""
+    return x if lo == 0 and hi == x.shape[1] else x[:, lo:hi]
+
+
+class _Rows:
+    """Views ``[lo, hi)`` of tensors that stay put for a whole ring call (sequence dim 1, or 2 for the
+    ``[B, H, S]`` row statistics), made once per range and reused by every step that reaches it (a range covering
+    a whole tensor gives the tensor itself, as :func:`_cut`)."""
+
+    def __init__(self, *tensors: tuple[torch.Tensor | None, int]) -> None:
+        self._tensors = tensors
+        self._got: dict[tuple[int, int], tuple] = {}
+
+    def __call__(self, lo: int, hi: int) -> tuple:
+        got = self._got.get((lo, hi))
+        if got is None:
+            views = []
+            for x, dim in self._tensors:
+                if x is None or (lo == 0 and hi == x.shape[dim]):
+                    views.append(x)
+                else:
+                    views.append(x[:, lo:hi] if dim == 1 else x[:, :, lo:hi])
+            got = self._got[(lo, hi)] = tuple(views)
+        return got
+
+
 def ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: RingSetup, rows: int | None = None,
     max_rows: torch.Tensor | None = None,
@@ -197,17 +272,19 @@ def ring_forward(
     n = q.shape[1] if rows is None else rows
     out, lse = _empty_state(q, n, v.shape[-1])
     me = setup.info.rank
+    fwd_step = setup.kernel.impl.fwd_step
+    q_rows = _Rows((q, 1), (out, 1), (lse, 2), (max_rows, 2))
 
     def attend(kk: torch.Tensor, vv: torch.Tensor, owner: int) -> None:
-        for op in setup.ops(me, owner):
+        for op, kw in setup.calls("fwd", me, owner):
             q1 = min(op.q1, n)  # clipping the end keeps q_offset (the first query's position) valid
             if op.q0 >= q1:
                 continue
-            extra = {} if max_rows is None else {"max_out": max_rows[:, :, op.q0 : q1]}
-            setup.kernel.impl.fwd_step(
-                q[:, op.q0 : q1], kk[:, op.k0 : op.k1], vv[:, op.k0 : op.k1],
-                out[:, op.q0 : q1], lse[:, :, op.q0 : q1], scale=setup.scale, **setup.mask_args(op), **extra,
-            )
+            qq, oo, ll, mx = q_rows(op.q0, q1)
+            if mx is None:
+                fwd_step(qq, _cut(kk, op.k0, op.k1), _cut(vv, op.k0, op.k1), oo, ll, **kw)
+            else:
+                fwd_step(qq, _cut(kk, op.k0, op.k1), _cut(vv, op.k0, op.k1), oo, ll, **kw, max_out=mx)
 
     def remote(payload: Tensors, owner: int) -> None:
         attend(payload[0], payload[1], owner)
@@ -217,19 +294,29 @@ def ring_forward(
 
 
 def _bwd_tiles(
-    setup: RingSetup, ops: list[TileOp], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
-    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-    out: torch.Tensor | None = None,
+    setup: RingSetup, calls: list[tuple[TileOp, dict]], q_side: Callable[[int, int], tuple],
+    k_side: Callable[[int, int], tuple],
 ) -> None:
-    """Backward of each tile: query-side tensors sliced by ``[q0, q1)``, key-side by ``[k0, k1)`` (``out`` only for
-    kernels whose backward needs it)."""
-    for op in ops:
-        qs, ks = slice(op.q0, op.q1), slice(op.k0, op.k1)
-        setup.kernel.impl.bwd_step(
-            q[:, qs], k[:, ks], v[:, ks], dout[:, qs], lse[:, :, qs], delta[:, :, qs], dq[:, qs], dk[:, ks],
-            dv[:, ks], scale=setup.scale, deterministic=setup.deterministic, out=None if out is None else out[:, qs],
-            **setup.mask_args(op),
-        )
+    """Backward of each tile of ``calls`` (:meth:`RingSetup.calls`): ``q_side(q0, q1)`` gives the query-side tensors
+    ``(q, dout, lse, delta, dq, out)`` of the tile's rows (``out`` ``None`` unless the kernel's backward needs it),
+    ``k_side(k0, k1)`` the key-side ``(k, v, dk, dv)``."""
+    bwd_step = setup.kernel.impl.bwd_step
+    for op, kw in calls:
+        q, dout, lse, delta, dq, out = q_side(op.q0, op.q1)
+        k, v, dk, dv = k_side(op.k0, op.k1)
+        bwd_step(q, k, v, dout, lse, delta, dq, dk, dv, out=out, **kw)
+
+
+def _travelling(*tensors: tuple[torch.Tensor | None, int]) -> Callable[[int, int], tuple]:
+    """The views ``[lo, hi)`` of one step's tensors (a block that travels: new tensors at every step), cut per tile
+    (no cut where a tile covers the whole block)."""
+
+    def views(lo: int, hi: int) -> tuple:
+        return tuple(x if x is None else (_cut(x, lo, hi) if dim == 1 else
+                                          (x if lo == 0 and hi == x.shape[2] else x[:, :, lo:hi]))
+                     for x, dim in tensors)
+
+    return views
 
 
 def _grad_accumulators(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
@@ -250,12 +337,15 @@ def burst_backward(
     """
     me = setup.info.rank
     dq, dk, dv = _grad_accumulators(q, k, v)
+    pool = buffer_pool()
+    k_rows = _Rows((k, 1), (v, 1), (dk, 1), (dv, 1))  # the key side stays: views made once per range
 
     def grads(qq, do, ll, dd, dq_buf, q_owner: int) -> None:
-        _bwd_tiles(setup, setup.ops(q_owner, me), qq, k, v, do, ll, dd, dq_buf, dk, dv)
+        q_side = _travelling((qq, 1), (do, 1), (ll, 2), (dd, 2), (dq_buf, 1), (None, 1))
+        _bwd_tiles(setup, setup.calls("bwd", q_owner, me), q_side, k_rows)
 
     def remote(payload: Tensors, owner: int) -> Tensors:
-        part = buffer_pool().zeros_like(dq)
+        part = pool.zeros_like(dq)
         grads(*payload, part, owner)
         return [part]
 
@@ -278,13 +368,15 @@ def kv_ring_backward(
     pass_out = out is not None and setup.kernel.bwd_needs_out
     me = setup.info.rank
     dq, dk, dv = _grad_accumulators(q, k, v)
+    pool = buffer_pool()
+    # the query side stays: views made once per range
+    q_rows = _Rows((q, 1), (dout, 1), (lse, 2), (delta, 2), (dq, 1), (out if pass_out else None, 1))
 
     def grads(kk, vv, dk_buf, dv_buf, k_owner: int) -> None:
-        _bwd_tiles(setup, setup.ops(me, k_owner), q, kk, vv, dout, lse, delta, dq, dk_buf, dv_buf,
-                   out if pass_out else None)
+        _bwd_tiles(setup, setup.calls("bwd", me, k_owner), q_rows,
+                   _travelling((kk, 1), (vv, 1), (dk_buf, 1), (dv_buf, 1)))
 
     def remote(payload: Tensors, owner: int) -> Tensors:
-        pool = buffer_pool()
         dk_part, dv_part = pool.zeros_like(dk), pool.zeros_like(dv)
         grads(payload[0], payload[1], dk_part, dv_part, owner)
         return [dk_part, dv_part]

@@ -157,6 +157,9 @@ class _NoPool(BufferPool):
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         return torch.empty(tuple(shape), dtype=dtype, device=device)
 
+    def zeros(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)  # one op, not empty + zero_
+
     def owns(self, t: torch.Tensor) -> bool:
         return False
 
