@@ -301,13 +301,14 @@ class P2PBatch:
             return f"send of {cls._what(tensor)} to rank {peer}"
         return f"receive of {cls._what(tensor)} from rank {peer}"
 
-    def send(self, tensor: torch.Tensor, to_rank: int) -> None:
-        """Queue sending a contiguous ``tensor`` to group rank ``to_rank``."""
+    def send(self, tensor: torch.Tensor, to_rank: int, nbytes: int | None = None) -> None:
+        """Queue sending a contiguous ``tensor`` to group rank ``to_rank``; ``nbytes``: what the byte counters count
+        for it (default: the tensor's bytes; a packed block counts its tensors', not the padding between them)."""
         assert tensor.is_contiguous()
         tag = self._tag("s", to_rank)
         self._ops.append(dist.P2POp(dist.isend, tensor, self.info.global_rank(to_rank), self.info.group, tag))
         self._desc.append(("send", tensor, to_rank))
-        COUNTER.add(self.phase, tensor.numel() * tensor.element_size())
+        COUNTER.add(self.phase, tensor.numel() * tensor.element_size() if nbytes is None else nbytes)
 
     def recv(self, tensor: torch.Tensor, from_rank: int) -> None:
         """Queue receiving into a contiguous ``tensor`` from group rank ``from_rank``."""

@@ -9,6 +9,16 @@ passes an *accumulator* (fp32 partial gradients of the travelling owner's tensor
 step behind and, after the pass's last hop, goes straight back to its owner.
 
 Every rank walks the same step list, so sends and receives match on all ranks.
+
+The host work of a step is small and fixed (a step of a short shard runs ~100 us on the GPU): the step list
+(:func:`ring_schedule`) and each tile's kernel arguments (:meth:`RingSetup.calls`) are built once and cached, the
+views of the tensors that stay put are made once per call, and a payload of several tensors travels as one
+*packed* block (:class:`Packing`): at a pass's first hop the owner's tensors go one message each into the views of
+the receiver's block, from the second hop on the block goes as one message, and the accumulators of several
+tensors likewise. The flat ring keeps two payload blocks for the whole call and alternates them. Fewer messages
+and no allocation per step; the kernels see the same tensors (shape, strides, dtype, alignment), so the results
+are bitwise those of one buffer per tensor.
+
 No Triton and no direct ``torch.distributed`` calls here: the kernel is a record of
 :mod:`ds_burst.kernels.registry` (its tile functions and what it declares), messages go through
 :class:`ds_burst.dist.comm.P2PBatch`.
@@ -27,7 +37,7 @@ from ds_burst.core.layout import Segment
 from ds_burst.core.step_plan import RingPass, TileOp, mirror, pair_ops
 from ds_burst.dist.comm import GroupInfo, NodeGroups, P2PBatch, wait_settings
 from ds_burst.kernels.contract import KernelSpec
-from ds_burst.ring.pool import buffer_pool
+from ds_burst.ring.pool import BufferPool, buffer_pool
 
 Tensors = list[torch.Tensor]
 
@@ -120,6 +130,89 @@ def ring_schedule(rank: int, world: int, passes: tuple[RingPass, ...]) -> tuple[
     return tuple(out)
 
 
+#: bytes: each tensor of a packed block starts where a fresh allocation would (the CUDA caching allocator's
+#: alignment), so the kernels see the same alignment as in a buffer of its own
+PACK_ALIGN = 512
+
+
+class Packing:
+    """A payload of several tensors as one block, so that from a pass's second hop on it travels as one message
+    (the first hop sends the owner's own tensors, one message each, into the views of the receiver's block: nothing
+    is copied). Tensors of one dtype share a block of that dtype; mixed dtypes share a byte block. Each view has
+    its tensor's shape, contiguous strides and dtype, and starts on a :data:`PACK_ALIGN`-byte boundary.
+    ``nbytes``: the tensors' bytes (what a packed message counts; the padding between them is not counted)."""
+
+    def __init__(self, payload: Tensors) -> None:
+        dtypes = {x.dtype for x in payload}
+        self.single = len(payload) == 1
+        self.dtype = payload[0].dtype if len(dtypes) == 1 else torch.uint8
+        self.device = payload[0].device
+        self.parts: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]] = []
+        end = 0
+        for x in payload:
+            start = -(-end // PACK_ALIGN) * PACK_ALIGN
+            shape = tuple(x.shape)
+            strides, step = [], 1
+            for n in reversed(shape):
+                strides.append(step)
+                step *= n
+            self.parts.append((x.dtype, shape, tuple(reversed(strides)), start // x.element_size()))
+            end = start + x.numel() * x.element_size()
+        self.numel = -(-end // PACK_ALIGN) * PACK_ALIGN // self.dtype.itemsize
+        self.nbytes = sum(x.numel() * x.element_size() for x in payload)
+
+    def take(self, pool: BufferPool, like: torch.Tensor) -> torch.Tensor:
+        """A receive block (a payload of one tensor: a buffer shaped like it, as without packing)."""
+        if self.single:
+            return pool.empty_like(like)
+        return pool.take((self.numel,), self.dtype, self.device)
+
+    def zeros(self, pool: BufferPool, like: Tensors) -> Tensors:
+        """Zeroed tensors shaped like ``like`` in one block (:class:`Parts`; one tensor: a plain zeroed buffer)."""
+        if self.single:
+            return [pool.zeros_like(like[0])]
+        block = pool.zeros((self.numel,), self.dtype, self.device)
+        parts = Parts(self.views(block))
+        parts.block = block
+        return parts
+
+    def views(self, block: torch.Tensor) -> Tensors:
+        """The payload's tensors inside ``block``."""
+        if self.single:
+            return [block]
+        typed: dict[torch.dtype, torch.Tensor] = {}
+        out = []
+        for dtype, shape, strides, offset in self.parts:
+            t = typed.get(dtype)
+            if t is None:
+                t = typed[dtype] = block if dtype == block.dtype else block.view(dtype)
+            out.append(torch.as_strided(t, shape, strides, t.storage_offset() + offset))
+        return out
+
+
+class Parts(list):
+    """Partial accumulators that are views of one block (:meth:`Packing.zeros`): the flat ring sends, receives and
+    adds them as that block."""
+
+    block: torch.Tensor | None = None
+
+
+def _packed(pool: BufferPool, pack: Packing, parts: Tensors) -> tuple[torch.Tensor, Tensors]:
+    """``(block, views)`` of partials returned by ``compute_remote``: their own block, or (partials of a callback
+    that made them one by one) a copy in a new block, so every rank sends them alike."""
+    if pack.single:
+        return parts[0], parts
+    block = getattr(parts, "block", None)
+    if block is None:
+        block = pack.take(pool, parts[0])
+        views = pack.views(block)
+        for view, x in zip(views, parts):
+            view.copy_(x)
+        pool.give(*parts)  # copied (the copy is ordered before any reuse on this stream)
+        return block, views
+    return block, parts
+
+
 def run_ring(
     info: GroupInfo,
     phase: str,
@@ -136,42 +229,64 @@ def run_ring(
     nothing travels back); ``acc_like`` gives the accumulators' shapes and dtypes; ``on_home(accs)``
     receives this rank's own accumulators after each pass (and must not keep them).
 
-    Receive buffers come from :func:`ds_burst.ring.pool.buffer_pool` and go back after the wait that ends their
-    last transfer and the compute that read them; partials returned by ``compute_remote`` that came from the
-    pool go back once they have been sent.
+    Receive buffers come from :func:`ds_burst.ring.pool.buffer_pool`: the payload's two blocks (alternated) go back
+    after the last step that receives a payload, the accumulators' receive blocks (one for partials, one for those
+    coming home, each reused at every step) at the end; partials returned by ``compute_remote`` go back once they
+    have been sent. Partials of several tensors travel as one block: ``compute_remote`` returns them as views of
+    one (:meth:`Packing.zeros`), or they are copied into one. ``on_home`` must not keep its tensors (their block
+    is received into again).
     """
     pool = buffer_pool()
-    empty_like, give = pool.empty_like, pool.give
+    give = pool.give
     waits = wait_settings(info)  # the timeout and backend kind, read once for every step's batch
+    pack = Packing(payload)
     with_acc = acc_like is not None and on_home is not None
-    cur: Tensors | None = None
-    acc_out: tuple[Tensors, int] | None = None  # (tensors, destination) produced by the previous step
+    acc_pack = Packing(acc_like) if with_acc else None  # type: ignore[arg-type]
+    acc_in_block = home_block = None
+    home_views: Tensors = []
+    # two receive blocks, taken once and alternated: the block received at step c is computed on and forwarded at
+    # step c + 1 and received into again at step c + 2, after the wait that ended its send and behind the compute
+    # that read it on the same stream (the buffer pool's rule); their views are made once
+    blocks: list[tuple[torch.Tensor, Tensors]] = []
+    cur: Tensors | None = None  # the payload computed at this step (views of cur_block)
+    cur_block: torch.Tensor | None = None
+    acc_out: tuple[torch.Tensor, int] | None = None  # (block, destination) of the partials of the previous step
     for c, (next_first, recv_from, send_to, acc_from, home_from, owner, acc_to) in enumerate(
             ring_schedule(info.rank, info.world, tuple(passes)), start=-1):
         batch = P2PBatch(info, phase, step=c + 1, **waits)  # errors name the step whose payload is in flight
-        # 1) payload for the next step, forwarded along its pass
-        nxt = None
+        # 1) payload for the next step, forwarded along its pass: at a pass's first hop the owner's own tensors
+        # (one message each, into the views of the packed block), then the packed block as one message
+        nxt = nxt_block = None
         if recv_from is not None:
-            to_send = payload if next_first else cur
-            nxt = [empty_like(x) for x in payload]
-            for buf in nxt:
-                batch.recv(buf, recv_from)
-            for x in to_send:  # type: ignore[union-attr]
-                batch.send(x, send_to)
-        # 2) accumulators: send the previous step's, receive what this step adds to / what comes home
+            if len(blocks) <= (c + 1) % 2:
+                block = pack.take(pool, payload[0])
+                blocks.append((block, pack.views(block)))
+            nxt_block, nxt = blocks[(c + 1) % 2]
+            if next_first or pack.single:
+                for buf in nxt:
+                    batch.recv(buf, recv_from)
+                for x in payload if next_first else cur:  # type: ignore[union-attr]
+                    batch.send(x, send_to)
+            else:
+                batch.recv(nxt_block, recv_from)
+                batch.send(cur_block, send_to, nbytes=pack.nbytes)  # type: ignore[arg-type]
+        # 2) accumulators: send the previous step's, receive what this step adds to / what comes home (each
+        # kind as one block, received into the same block at every step)
         acc_in = home = None
-        sent_acc = acc_out[0] if (with_acc and acc_out is not None) else []
         if with_acc:
-            for x in sent_acc:
-                batch.send(x, acc_out[1])  # type: ignore[index]
+            if acc_out is not None:
+                batch.send(acc_out[0], acc_out[1], nbytes=acc_pack.nbytes)
             if acc_from is not None:
-                acc_in = [empty_like(x) for x in acc_like]  # type: ignore[union-attr]
-                for buf in acc_in:
-                    batch.recv(buf, acc_from)
+                if acc_in_block is None:
+                    acc_in_block = acc_pack.take(pool, acc_like[0])  # type: ignore[index]
+                acc_in = acc_in_block
+                batch.recv(acc_in, acc_from)
             if home_from is not None:
-                home = [empty_like(x) for x in acc_like]  # type: ignore[union-attr]
-                for buf in home:
-                    batch.recv(buf, home_from)
+                if home_block is None:
+                    home_block = acc_pack.take(pool, acc_like[0])  # type: ignore[index]
+                    home_views = acc_pack.views(home_block)
+                home = home_views
+                batch.recv(home_block, home_from)
         batch.commit()
         # 3) compute
         part = None
@@ -180,18 +295,27 @@ def run_ring(
         elif owner is not None:
             part = compute_remote(cur, owner)  # type: ignore[arg-type]
         batch.wait()
-        give(*sent_acc, *(cur or []))  # sent / computed on and forwarded: done with them
         if with_acc:
+            if acc_out is not None:
+                give(acc_out[0])  # sent: done with it
             acc_out = None
             if part is not None:
-                if acc_in is not None:
-                    for x, y in zip(part, acc_in):
+                block, part = _packed(pool, acc_pack, part)  # type: ignore[arg-type]
+                if acc_in is None:
+                    pass
+                elif acc_pack.dtype != torch.uint8:  # type: ignore[union-attr]
+                    block.add_(acc_in)  # the partials' elements, each added as on its own (and the padding)
+                else:  # several dtypes in a byte block: tensor by tensor
+                    for x, y in zip(part, acc_pack.views(acc_in)):  # type: ignore[union-attr]
                         x.add_(y)
-                acc_out = (part, acc_to)  # type: ignore[assignment]
+                acc_out = (block, acc_to)  # type: ignore[assignment]
             if home is not None:
                 on_home(home)  # type: ignore[misc]
-            give(*(acc_in or []), *(home or []))
-        cur = nxt
+        if nxt is None and blocks:  # no payload arrives any more: its blocks go now, as each block went before
+            give(*(block for block, _ in blocks))
+            blocks.clear()
+        cur, cur_block = nxt, nxt_block
+    give(acc_in_block, home_block)
 
 
 def drive(
@@ -369,6 +493,7 @@ def kv_ring_backward(
     me = setup.info.rank
     dq, dk, dv = _grad_accumulators(q, k, v)
     pool = buffer_pool()
+    parts = Packing([dk, dv])  # the travelling dK, dV partials: one zeroed block per step, one message
     # the query side stays: views made once per range
     q_rows = _Rows((q, 1), (dout, 1), (lse, 2), (delta, 2), (dq, 1), (out if pass_out else None, 1))
 
@@ -377,9 +502,9 @@ def kv_ring_backward(
                    _travelling((kk, 1), (vv, 1), (dk_buf, 1), (dv_buf, 1)))
 
     def remote(payload: Tensors, owner: int) -> Tensors:
-        dk_part, dv_part = pool.zeros_like(dk), pool.zeros_like(dv)
-        grads(payload[0], payload[1], dk_part, dv_part, owner)
-        return [dk_part, dv_part]
+        got = parts.zeros(pool, [dk, dv])
+        grads(payload[0], payload[1], got[0], got[1], owner)
+        return got
 
     def home(accs: Tensors) -> None:
         dk.add_(accs[0])
