@@ -30,6 +30,14 @@ For every point (P, S, Hkv) it prints and writes (JSON, ``launch/bench_common.py
 
 ``--rank`` default: the rank whose queries see the most keys in the plan's compute layout (for causal zigzag all
 ranks are equal: rank 0).
+
+``--host-steps``: only the engine's host cost per ring step, on the CPU, nothing else run: for each ``P`` of
+``--world``, causal and not, backward ``burst`` and ``ring``, rank 0's forward and forward+backward on tiny shards
+(``--host-tokens`` tokens per rank, 1 head, D=16, fp32, kernel ``torch``) with the kernel's tile calls replaced by
+no-ops (``--host-kernel`` keeps them: then the reference kernel's CPU time is in it), median host time of
+``--host-iters`` calls over the tile calls made (``host_us_per_tile``), written to ``--out``::
+
+    python launch/bench_emulate.py --host-steps --world 8 32 --out results/emulate_host_steps.json
 """
 
 from __future__ import annotations
@@ -271,6 +279,96 @@ def ulysses_rank(s: int, world: int, h: int, hkv: int, d: int, dtype: torch.dtyp
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The engine's host cost per ring step (--host-steps)
+
+
+@contextlib.contextmanager
+def null_tiles(plan: object) -> Iterator[None]:
+    """Replace the ``fwd_step`` / ``bwd_step`` calls of ``plan``'s kernel by no-ops while inside (as
+    :func:`count_tiles` swaps the record): what is left of a call is the engine's own host work."""
+    setup = plan.setup  # type: ignore[attr-defined]
+    spec = setup.kernel
+
+    class Impl:
+        def __getattr__(self, name: str) -> object:
+            return getattr(spec.impl, name)
+
+        def fwd_step(self, *a: object, **kw: object) -> None:
+            return None
+
+        def bwd_step(self, *a: object, **kw: object) -> None:
+            return None
+
+    class Spec:
+        impl = Impl()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(spec, name)
+
+    object.__setattr__(setup, "kernel", Spec())
+    try:
+        yield
+    finally:
+        object.__setattr__(setup, "kernel", spec)
+
+
+def host_steps(world: int, causal: bool, backward: str, tokens: int, iters: int, keep_kernel: bool = False
+               ) -> list[dict]:
+    """Rank 0 of an emulated ``world``-rank group on the CPU, tiny shards: host us per tile call of the forward and
+    of forward+backward (median of ``iters`` calls after a warm-up, divided by the tile calls they make)."""
+    import ds_burst
+    from ds_burst.attention.call_plan import PLANS
+
+    emulate_rank(world, 0)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, 1, 16, generator=g, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    fn = lambda: ds_burst.burst_attn_func(q, k, v, causal=causal, layout="zigzag", kernel="torch",
+                                          backward=backward)
+    fn().backward(dout)
+    plan = PLANS.last()
+    with count_tiles(plan) as counts:
+        fn().backward(dout)
+
+    def fb() -> None:
+        fn().backward(dout)
+        q.grad = k.grad = v.grad = None
+
+    rows = []
+    with contextlib.nullcontext() if keep_kernel else null_tiles(plan):
+        for phase, call, tiles in (("fwd", fn, counts["fwd"]), ("fwdbwd", fb, counts["fwd"] + counts["bwd"])):
+            with torch.no_grad() if phase == "fwd" else contextlib.nullcontext():
+                _, host_ms = time_rank(call, torch.device("cpu"), iters, warmup=10)
+            rows.append({"method": "host-steps", "P": world, "rank": 0, "causal": causal, "backward": plan.backward,
+                         "phase": phase, "tokens_per_rank": tokens, "kernel": "torch" if keep_kernel else "none",
+                         "tiles": tiles, "host_us": host_ms * 1e3, "host_us_per_tile": host_ms * 1e3 / tiles})
+    return rows
+
+
+def main_host_steps(args: argparse.Namespace) -> list[dict]:
+    """``--host-steps``: :func:`host_steps` for every ``--world``, causal and not, both backward patterns."""
+    torch.set_flush_denormal(True)
+    rows = []
+    for world in args.world:
+        for backward in ("burst", "ring"):
+            for causal in (True, False):
+                for row in host_steps(world, causal, backward, args.host_tokens, args.host_iters, args.host_kernel):
+                    rows.append(row)
+                    print(f"P={world:3d} {'causal' if causal else 'full':6s} backward={backward:5s} "
+                          f"{row['phase']:6s}: {row['host_us']:8.0f} us host, {row['tiles']:3d} tiles, "
+                          f"{row['host_us_per_tile']:6.1f} us per tile", flush=True)
+    meta = device_meta() | {"command": " ".join(sys.argv), "device": device_name(torch.device("cpu")),
+                            "device_type": "cpu", "emulated": True}
+    write_json(args.out, meta, rows)
+    if dist.is_initialized():
+        from ds_burst.dist.topology import reset_topology
+
+        reset_topology()
+        dist.destroy_process_group()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The cost model
 
 
@@ -424,6 +522,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cost-model rates from `python -m ds_burst.plan calibrate`")
     ap.add_argument("--kernel-bench", metavar="FILE[:METHOD]",
                     help="cost-model kernel rates from a launch/bench_kernels.py JSON")
+    ap.add_argument("--host-steps", action="store_true",
+                    help="only the engine's host us per tile step on the CPU (tiny shards, no-op tiles; see above)")
+    ap.add_argument("--host-tokens", type=int, default=64, help="--host-steps: tokens per rank")
+    ap.add_argument("--host-iters", type=int, default=200, help="--host-steps: timed calls per point")
+    ap.add_argument("--host-kernel", action="store_true",
+                    help="--host-steps: keep the reference kernel's tile calls (their CPU time counts too)")
     args = ap.parse_args(argv)
     if args.rank is not None and not 0 <= args.rank < min(args.world):
         ap.error(f"--rank {args.rank} is not a rank of every --world {args.world}")
@@ -441,6 +545,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows = json.load(f)["rows"]
         print(summary_markdown(rows))
         return rows
+    if args.host_steps:
+        return main_host_steps(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)

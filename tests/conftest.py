@@ -23,6 +23,7 @@ FAST_MODULES = {
     "test_hot_path.py",
     "test_kernel_conformance.py",
     "test_docs.py",
+    "test_ring_host.py",
 }
 FAST_TESTS = (
     "tests/test_core_ring.py::test_float64_matches_reference[causal-zigzag-burst-2-",

@@ -98,6 +98,17 @@ def test_emulated_ranks_run_their_whole_ring(tmp_path):
     assert tiles[2] < tiles[4] < tiles[8], tiles
 
 
+def test_host_steps_mode(tmp_path):
+    """``--host-steps``: one row per (P, mask, backward, phase) with the tile calls the timed calls made (causal
+    zigzag: 3 local tiles and one per other rank; full: one per rank; backward as many again). No timing asserted."""
+    rows = _bench(tmp_path, "host", "--host-steps", "--world", "2", "4", "--host-iters", "2")
+    assert len(rows) == 2 * 2 * 2 * 2
+    for r in rows:
+        fwd = r["P"] + 2 if r["causal"] else r["P"]
+        assert r["tiles"] == (fwd if r["phase"] == "fwd" else 2 * fwd), r
+        assert r["host_us"] > 0 and r["kernel"] == "none" and r["backward"] in ("burst", "ring"), r
+
+
 def _slow_ring_table(path: Path) -> dict:
     """A tile-rates file at this file's head dim whose ring tiles are 100x slower than its whole call."""
     from ds_burst.core.tile_rates import TILE_RATES_FORMAT
