@@ -145,7 +145,8 @@ class Packing:
     def __init__(self, payload: Tensors) -> None:
         dtypes = {x.dtype for x in payload}
         self.single = len(payload) == 1
-        self.dtype = payload[0].dtype if len(dtypes) == 1 else torch.uint8
+        self.mixed = len(dtypes) > 1  # a byte block: its elements are not the tensors' elements
+        self.dtype = torch.uint8 if self.mixed else payload[0].dtype
         self.device = payload[0].device
         self.parts: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]] = []
         end = 0
@@ -303,7 +304,7 @@ def run_ring(
                 block, part = _packed(pool, acc_pack, part)  # type: ignore[arg-type]
                 if acc_in is None:
                     pass
-                elif acc_pack.dtype != torch.uint8:  # type: ignore[union-attr]
+                elif not acc_pack.mixed:  # type: ignore[union-attr]
                     block.add_(acc_in)  # the partials' elements, each added as on its own (and the padding)
                 else:  # several dtypes in a byte block: tensor by tensor
                     for x, y in zip(part, acc_pack.views(acc_in)):  # type: ignore[union-attr]
