@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -29,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ds_burst.core import settings
-import torch.distributed as dist
 
 # ---------------------------------------------------------------------------------------------
 # Groups

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ds_burst.dist.comm import GroupInfo, all_gather_tensor, all_reduce_sum, exchange, resolve_group
 from ds_burst.core.layout import check_layout, chunk_owner, needs_divisor
+from ds_burst.dist.comm import GroupInfo, all_gather_tensor, all_reduce_sum, exchange, resolve_group
 
 
 def relayout(x: torch.Tensor, dim: int, src: str, dst: str, info: GroupInfo, phase: str = "relayout") -> torch.Tensor:
