@@ -99,24 +99,22 @@ def busiest_rank(world: int, seq: int, layout: str, causal: bool = True) -> int:
 
 
 @contextlib.contextmanager
-def count_tiles(plan: object) -> Iterator[dict[str, int]]:
-    """Count the ``fwd_step`` / ``bwd_step`` calls the engine makes on ``plan``'s kernel while inside (the plan's
-    kernel record is swapped for a counting stand-in and put back on exit; for an untimed call only)."""
+def swapped_tiles(plan: object, fwd_step: Callable[..., object], bwd_step: Callable[..., object]) -> Iterator[None]:
+    """Route the ``fwd_step`` / ``bwd_step`` calls the engine makes on ``plan``'s kernel to ``fwd_step`` /
+    ``bwd_step`` (called with the kernel's own function first, then the call's arguments) while inside: the plan's
+    kernel record is swapped for a stand-in and put back on exit; everything else reads through to the kernel."""
     setup = plan.setup  # type: ignore[attr-defined]
     spec = setup.kernel
-    counts = {"fwd": 0, "bwd": 0}
 
     class Impl:
         def __getattr__(self, name: str) -> object:
             return getattr(spec.impl, name)
 
         def fwd_step(self, *a: object, **kw: object) -> object:
-            counts["fwd"] += 1
-            return spec.impl.fwd_step(*a, **kw)
+            return fwd_step(spec.impl.fwd_step, *a, **kw)
 
         def bwd_step(self, *a: object, **kw: object) -> object:
-            counts["bwd"] += 1
-            return spec.impl.bwd_step(*a, **kw)
+            return bwd_step(spec.impl.bwd_step, *a, **kw)
 
     class Spec:
         impl = Impl()
@@ -126,9 +124,25 @@ def count_tiles(plan: object) -> Iterator[dict[str, int]]:
 
     object.__setattr__(setup, "kernel", Spec())
     try:
-        yield counts
+        yield
     finally:
         object.__setattr__(setup, "kernel", spec)
+
+
+@contextlib.contextmanager
+def count_tiles(plan: object) -> Iterator[dict[str, int]]:
+    """Count the ``fwd_step`` / ``bwd_step`` calls the engine makes on ``plan``'s kernel while inside (for an
+    untimed call only)."""
+    counts = {"fwd": 0, "bwd": 0}
+
+    def counted(kind: str) -> Callable[..., object]:
+        def call(real: Callable[..., object], *a: object, **kw: object) -> object:
+            counts[kind] += 1
+            return real(*a, **kw)
+        return call
+
+    with swapped_tiles(plan, counted("fwd"), counted("bwd")):
+        yield counts
 
 
 def _owners(passes: list, me: int, world: int) -> list[int]:
@@ -284,32 +298,13 @@ def ulysses_rank(s: int, world: int, h: int, hkv: int, d: int, dtype: torch.dtyp
 
 @contextlib.contextmanager
 def null_tiles(plan: object) -> Iterator[None]:
-    """Replace the ``fwd_step`` / ``bwd_step`` calls of ``plan``'s kernel by no-ops while inside (as
-    :func:`count_tiles` swaps the record): what is left of a call is the engine's own host work."""
-    setup = plan.setup  # type: ignore[attr-defined]
-    spec = setup.kernel
+    """Replace the ``fwd_step`` / ``bwd_step`` calls of ``plan``'s kernel by no-ops while inside
+    (:func:`swapped_tiles`): what is left of a call is the engine's own host work."""
+    def skip(real: Callable[..., object], *a: object, **kw: object) -> None:
+        return None
 
-    class Impl:
-        def __getattr__(self, name: str) -> object:
-            return getattr(spec.impl, name)
-
-        def fwd_step(self, *a: object, **kw: object) -> None:
-            return None
-
-        def bwd_step(self, *a: object, **kw: object) -> None:
-            return None
-
-    class Spec:
-        impl = Impl()
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(spec, name)
-
-    object.__setattr__(setup, "kernel", Spec())
-    try:
+    with swapped_tiles(plan, skip, skip):
         yield
-    finally:
-        object.__setattr__(setup, "kernel", spec)
 
 
 def host_steps(world: int, causal: bool, backward: str, tokens: int, iters: int, keep_kernel: bool = False
