@@ -302,11 +302,9 @@ def run_ring(
             acc_out = None
             if part is not None:
                 block, part = _packed(pool, acc_pack, part)  # type: ignore[arg-type]
-                if acc_in is None:
-                    pass
-                elif not acc_pack.mixed:  # type: ignore[union-attr]
+                if acc_in is not None and not acc_pack.mixed:  # type: ignore[union-attr]
                     block.add_(acc_in)  # the partials' elements, each added as on its own (and the padding)
-                else:  # several dtypes in a byte block: tensor by tensor
+                elif acc_in is not None:  # several dtypes in a byte block: tensor by tensor
                     for x, y in zip(part, acc_pack.views(acc_in)):  # type: ignore[union-attr]
                         x.add_(y)
                 acc_out = (block, acc_to)  # type: ignore[assignment]
@@ -355,10 +353,13 @@ def _empty_state(q: torch.Tensor, rows: int, d: int) -> tuple[torch.Tensor, torc
     return out, lse
 
 
-def _cut(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``x[:, lo:hi]``, or ``x`` itself when that is all of it (the same data, shape and strides, without making a
-    view: a tile that covers a whole travelling block costs no slicing)."""
-    return x if lo == 0 and hi == x.shape[1] else x[:, lo:hi]
+def _cut(x: torch.Tensor | None, lo: int, hi: int, dim: int = 1) -> torch.Tensor | None:
+    """``x[:, lo:hi]`` (``dim=1``) or ``x[:, :, lo:hi]`` (``dim=2``: the ``[B, H, S]`` row statistics), or ``x``
+    itself when that is all of it (the same data, shape and strides, without making a view: a tile that covers a
+    whole travelling block costs no slicing); ``None`` stays ``None``."""
+    if x is None or (lo == 0 and hi == x.shape[dim]):
+        return x
+    return x[:, lo:hi] if dim == 1 else x[:, :, lo:hi]
 
 
 class _Rows:
@@ -373,13 +374,7 @@ class _Rows:
     def __call__(self, lo: int, hi: int) -> tuple:
         got = self._got.get((lo, hi))
         if got is None:
-            views = []
-            for x, dim in self._tensors:
-                if x is None or (lo == 0 and hi == x.shape[dim]):
-                    views.append(x)
-                else:
-                    views.append(x[:, lo:hi] if dim == 1 else x[:, :, lo:hi])
-            got = self._got[(lo, hi)] = tuple(views)
+            got = self._got[(lo, hi)] = tuple(_cut(x, lo, hi, dim) for x, dim in self._tensors)
         return got
 
 
@@ -437,9 +432,7 @@ def _travelling(*tensors: tuple[torch.Tensor | None, int]) -> Callable[[int, int
     (no cut where a tile covers the whole block)."""
 
     def views(lo: int, hi: int) -> tuple:
-        return tuple(x if x is None else (_cut(x, lo, hi) if dim == 1 else
-                                          (x if lo == 0 and hi == x.shape[2] else x[:, :, lo:hi]))
-                     for x, dim in tensors)
+        return tuple(_cut(x, lo, hi, dim) for x, dim in tensors)
 
     return views
 
