@@ -212,21 +212,16 @@ def offload_plan(shape: dict[str, Any], seq: int, dtype_bytes: int, gpu_budget_g
 def planned_longest(shape: dict[str, Any], dtype_bytes: int, gpu_budget_gib: float, host_budget_gib: float,
                     host_fixed_gib: float, step: int = 1024) -> tuple[int, int | None]:
     """The longest sequence (a multiple of ``step``) for which :func:`offload_plan` finds a fraction, and the
-    layers it offloads there (``None`` when not even ``step`` fits): doubling, then bisection."""
+    layers it offloads there (``None`` when not even ``step`` fits; ``estimate.largest_fitting``'s search: the
+    run's memory options change with the length, so ``estimate.longest_sequence``'s fixed config does not fit)."""
+    from ds_burst.training.estimate import largest_fitting
+
     def layers_at(n: int) -> int | None:
         frac = offload_plan(shape, n * step, dtype_bytes, gpu_budget_gib, host_budget_gib, host_fixed_gib)
         return None if frac is None else offloaded_layers(shape, frac)
 
-    if layers_at(1) is None:
-        return 0, None
-    hi = 2
-    while layers_at(hi) is not None:
-        hi *= 2
-    lo = hi // 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if layers_at(mid) is not None else (lo, mid)
-    return lo * step, layers_at(lo)
+    n = largest_fitting(lambda n: layers_at(n) is not None)
+    return (0, None) if n == 0 else (n * step, layers_at(n))
 
 
 def offloaded_layers(shape: dict[str, Any], fraction: bool | float) -> int:

@@ -5,6 +5,7 @@ attention ring's buffers. Pure arithmetic over the config."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ds_burst.core.cost import choose_backward
@@ -167,9 +168,9 @@ def estimate_memory(
         out["optimizer"] = out["grads"] = 0.0
     out["zero_bucket"] = zero_reduce_bucket * b if zero_stage >= 2 else 0.0
     head = v * h
-    per_layer = (p - head * (1 if cfg.tie_embeddings else 2) - h) / layers
+    layer_params = (p - head * (1 if cfg.tie_embeddings else 2) - h) / layers
     out["zero_gathered_head"] = 2 * head * b if zero_stage == 3 else 0.0
-    out["zero_gathered_layer"] = 2 * per_layer * b if zero_stage == 3 else 0.0
+    out["zero_gathered_layer"] = 2 * layer_params * b if zero_stage == 3 else 0.0
     out = {k: val / GIB for k, val in out.items()}
     transient = max(out["logits_peak"] + out["zero_gathered_head"],
                     out["recompute_peak"] + out["attn_buffers"] + out["zero_gathered_layer"])
@@ -229,6 +230,12 @@ def longest_sequence(cfg: Any, budget_gib: float, sp: int = 1, step: int | None 
         def fits(n: int) -> bool:
             return plan_offload(cfg, n * step, budget_gib, host_budget_gib, host_fixed_gib, ranks_per_host, sp=sp,
                                 **kwargs) is not None
+    return largest_fitting(fits) * step
+
+
+def largest_fitting(fits: Callable[[int], bool]) -> int:
+    """The largest ``n >= 1`` with ``fits(n)``, for a ``fits`` that holds up to some ``n`` and fails beyond it
+    (memory grows with the length); 0 when ``fits(1)`` fails. A doubling search, then bisection."""
     if not fits(1):
         return 0
     hi = 2
@@ -238,7 +245,7 @@ def longest_sequence(cfg: Any, budget_gib: float, sp: int = 1, step: int | None 
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo * step
+    return lo
 
 
 def attention_buffer_bytes(tokens: int, hq: int, hkv: int, head_dim: int, dtype_bytes: int,
